@@ -1,0 +1,306 @@
+"""Recognise an uploaded model file by its content and read its inputs and outputs.
+
+Runs in the API, so it never imports torch and never executes or unpickles anything:
+- ONNX is read with a small streaming protobuf scanner that seeks past weights, so a
+  multi-GB model costs kilobytes of memory; only the graph's input/output records are parsed.
+- TorchScript and torch.export ``.pt2`` files are zip archives; their code and JSON members
+  are read as text, their pickles are only walked opcode by opcode (``pickletools``).
+"""
+
+from __future__ import annotations
+
+import json
+import pickletools
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from core.errors import UnsupportedMedia
+
+ONNX = "onnx"
+TORCHSCRIPT = "torchscript"
+EXPORTED_PROGRAM = "exported_program"
+
+
+@dataclass
+class ModelInfo:
+    format: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def inspect_model(path: Path) -> ModelInfo:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head:
+        raise UnsupportedMedia("the model file is empty", code="empty_file")
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise _pickle_refused("a raw Python pickle")
+    if head[:4] == b"PK\x03\x04":
+        return _inspect_torch_zip(path)
+    return _inspect_onnx(path)
+
+
+def _pickle_refused(what: str) -> UnsupportedMedia:
+    return UnsupportedMedia(
+        f"the file is {what}; cvopt never unpickles uploads. Upload ONNX, a TorchScript file "
+        "(torch.jit.save) or a torch.export archive (torch.export.save, .pt2).",
+        code="pickle_not_allowed",
+    )
+
+
+def _unrecognized() -> UnsupportedMedia:
+    return UnsupportedMedia(
+        "the file is not a recognised model format (expected ONNX, TorchScript or a "
+        "torch.export .pt2 archive)",
+        code="unrecognized_model_format",
+    )
+
+
+# -- ONNX --------------------------------------------------------------------------------------
+
+_ONNX_DTYPES = {
+    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
+    9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16",
+}
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _varint(fh: BinaryIO) -> int | None:
+    shift = result = 0
+    while True:
+        b = fh.read(1)
+        if not b:
+            if shift == 0:
+                return None
+            raise _Corrupt("truncated varint")
+        result |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise _Corrupt("varint too long")
+
+
+def _fields(fh: BinaryIO, end: int):
+    """Yield (field_number, wire_type, payload_offset, payload_length) up to ``end``."""
+    while fh.tell() < end:
+        tag = _varint(fh)
+        if tag is None:
+            raise _Corrupt("truncated message")
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise _Corrupt("field number 0")
+        if wire == 0:
+            _varint(fh)
+            yield number, wire, None, None
+        elif wire == 1:
+            fh.seek(8, 1)
+        elif wire == 5:
+            fh.seek(4, 1)
+        elif wire == 2:
+            length = _varint(fh)
+            if length is None:
+                raise _Corrupt("truncated length")
+            start = fh.tell()
+            if start + length > end:
+                raise _Corrupt("a field runs past the end of the file (truncated upload?)")
+            yield number, wire, start, length
+            fh.seek(start + length)
+        else:
+            raise _Corrupt(f"wire type {wire} is not protobuf")
+    if fh.tell() != end:
+        raise _Corrupt("a field runs past the end of its message")
+
+
+def _tensor_spec(value_info_bytes: bytes) -> dict[str, Any]:
+    import onnx
+
+    vi = onnx.ValueInfoProto.FromString(value_info_bytes)
+    tt = vi.type.tensor_type
+    shape: list[int | str | None] | None = None
+    if tt.HasField("shape"):
+        shape = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                shape.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                shape.append(d.dim_param)
+            else:
+                shape.append(None)
+    return {"name": vi.name, "shape": shape, "dtype": _ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type))}
+
+
+def _inspect_onnx(path: Path) -> ModelInfo:
+    size = path.stat().st_size
+    ir_version = None
+    inputs: list[bytes] = []
+    outputs: list[bytes] = []
+    initializer_names: set[str] = set()
+    node_count = 0
+    saw_graph = False
+    try:
+        with open(path, "rb") as fh:
+            for number, wire, start, length in _fields(fh, size):
+                if number == 1 and wire == 0:
+                    ir_version = True
+                elif number == 7 and wire == 2:
+                    saw_graph = True
+                    fh.seek(start)
+                    for g_num, g_wire, g_start, g_len in _fields(fh, start + length):
+                        if g_wire != 2:
+                            continue
+                        if g_num == 1:
+                            node_count += 1
+                        elif g_num in (11, 12):
+                            here = fh.tell()
+                            fh.seek(g_start)
+                            (inputs if g_num == 11 else outputs).append(fh.read(g_len))
+                            fh.seek(here)
+                        elif g_num == 5:
+                            # TensorProto: read only its name (field 8), seek past the weights.
+                            here = fh.tell()
+                            fh.seek(g_start)
+                            for t_num, t_wire, t_start, t_len in _fields(fh, g_start + g_len):
+                                if t_num == 8 and t_wire == 2:
+                                    inner = fh.tell()
+                                    fh.seek(t_start)
+                                    initializer_names.add(fh.read(t_len).decode("utf-8", "replace"))
+                                    fh.seek(inner)
+                            fh.seek(here)
+    except _Corrupt as exc:
+        if ir_version is None and not saw_graph:
+            raise _unrecognized() from exc
+        raise UnsupportedMedia(f"the ONNX file is corrupt: {exc}", code="corrupt_model") from exc
+    if ir_version is None or not saw_graph or not outputs or node_count == 0:
+        raise _unrecognized()
+    try:
+        in_specs = [_tensor_spec(b) for b in inputs]
+        out_specs = [_tensor_spec(b) for b in outputs]
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise UnsupportedMedia(f"the ONNX graph's inputs are corrupt: {exc}", code="corrupt_model") from exc
+    # Old exporters list initializers among the inputs; they are weights, not inputs.
+    in_specs = [s for s in in_specs if s["name"] not in initializer_names]
+    return ModelInfo(format=ONNX, inputs=in_specs, outputs=out_specs, details={"nodes": node_count})
+
+
+# -- PyTorch zip archives -----------------------------------------------------------------------
+
+# torch/_export/serde/schema.py ScalarType
+_EXPORT_DTYPES = {
+    1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float16", 7: "float32",
+    8: "float64", 12: "bool", 13: "bfloat16",
+}
+
+
+def _inspect_torch_zip(path: Path) -> ModelInfo:
+    try:
+        zf = zipfile.ZipFile(path)
+        names = zf.namelist()
+        bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise UnsupportedMedia(f"the archive is corrupt or truncated: {exc}", code="corrupt_model") from exc
+    if bad is not None:
+        raise UnsupportedMedia(f"the archive member {bad} is corrupt", code="corrupt_model")
+    with zf:
+        model_json = [n for n in names if n.endswith("/models/model.json") or n.endswith("serialized_exported_program.json")]
+        if model_json:
+            return _inspect_exported_program(zf, model_json[0])
+        code_files = [n for n in names if "/code/" in n and n.endswith(".py")]
+        data_pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+        if code_files and data_pkl:
+            return _inspect_torchscript(zf, code_files, data_pkl[0])
+        if data_pkl:
+            raise _pickle_refused("a torch.save checkpoint (a pickle, e.g. a state_dict or a whole module)")
+    raise UnsupportedMedia(
+        "the zip archive is neither TorchScript nor a torch.export .pt2 archive",
+        code="unrecognized_model_format",
+    )
+
+
+def _sym_dim(size: dict[str, Any]) -> int | str | None:
+    if "as_int" in size:
+        return int(size["as_int"])
+    expr = size.get("as_expr") or {}
+    return expr.get("expr_str") or None
+
+
+def _inspect_exported_program(zf: zipfile.ZipFile, member: str) -> ModelInfo:
+    try:
+        doc = json.loads(zf.read(member))
+        gm = doc["graph_module"]
+        graph, signature = gm["graph"], gm["signature"]
+        values = graph["tensor_values"]
+
+        def spec(name: str) -> dict[str, Any]:
+            meta = values.get(name, {})
+            return {
+                "name": name,
+                "shape": [_sym_dim(s) for s in meta.get("sizes", [])] if meta else None,
+                "dtype": _EXPORT_DTYPES.get(meta.get("dtype"), "unknown"),
+            }
+
+        inputs = [
+            spec(s["user_input"]["arg"]["as_tensor"]["name"])
+            for s in signature["input_specs"]
+            if "user_input" in s and "as_tensor" in s["user_input"]["arg"]
+        ]
+        outputs = [
+            spec(s["user_output"]["arg"]["as_tensor"]["name"])
+            for s in signature["output_specs"]
+            if "user_output" in s and "as_tensor" in s["user_output"]["arg"]
+        ]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UnsupportedMedia(
+            f"the .pt2 archive's program description is unreadable: {exc!r}", code="corrupt_model"
+        ) from exc
+    return ModelInfo(
+        format=EXPORTED_PROGRAM,
+        inputs=inputs,
+        outputs=outputs,
+        details={"torch_version": doc.get("torch_version")},
+    )
+
+
+_FORWARD_RE = re.compile(r"def forward\(self(?:: [\w.]+)?,?(?P<args>.*?)\)\s*->", re.S)
+
+
+def _root_class(zf: zipfile.ZipFile, data_pkl: str) -> str | None:
+    """The class of the pickled root module, read from opcodes without unpickling."""
+    strings: list[str] = []
+    for op, arg, _pos in pickletools.genops(zf.read(data_pkl)):
+        if op.name == "GLOBAL" and isinstance(arg, str):
+            return arg.replace(" ", ".")
+        if isinstance(arg, str):
+            strings.append(arg)
+        if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            return f"{strings[-2]}.{strings[-1]}"
+    return None
+
+
+def _inspect_torchscript(zf: zipfile.ZipFile, code_files: list[str], data_pkl: str) -> ModelInfo:
+    try:
+        root = _root_class(zf, data_pkl)
+    except Exception as exc:  # a malformed opcode stream: a corrupt archive
+        raise UnsupportedMedia(f"the TorchScript archive is corrupt: {exc}", code="corrupt_model") from exc
+    args: list[str] = []
+    if root:
+        module, _, cls = root.rpartition(".")
+        candidates = [n for n in code_files if n.endswith("/code/" + module.replace(".", "/") + ".py")]
+        for name in candidates:
+            text = zf.read(name).decode("utf-8", "replace")
+            m = re.search(rf"class {re.escape(cls)}\(.*?(?=\nclass |\Z)", text, re.S)
+            if m and (fm := _FORWARD_RE.search(m.group(0))):
+                args = [a.split(":")[0].strip() for a in fm.group("args").split(",") if ":" in a and "Tensor" in a]
+                break
+    inputs = [{"name": a, "shape": None, "dtype": "float32"} for a in args] or [
+        {"name": "input", "shape": None, "dtype": "float32"}
+    ]
+    # TorchScript keeps no shapes: a job on it must give input_shape.
+    return ModelInfo(format=TORCHSCRIPT, inputs=inputs, outputs=[], details={"root_class": root})

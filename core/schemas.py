@@ -1,0 +1,224 @@
+"""The wire format: one schema family per resource. ORM rows never define it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.models import JobStatus, StepStatus
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = Field(default_factory=dict)
+
+
+class TensorSpec(BaseModel):
+    name: str
+    # None or a string (a symbolic name such as "batch") marks a dimension the file leaves open.
+    shape: list[int | str | None] | None
+    dtype: str
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+class ModelRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    filename: str
+    format: str
+    sha256: str
+    size_bytes: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    created_at: datetime
+
+
+class ModelsRead(BaseModel):
+    data: list[ModelRead]
+    count: int
+
+
+# -- datasets ----------------------------------------------------------------------------------
+
+
+class DatasetRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    filename: str
+    format: str
+    sha256: str
+    size_bytes: int
+    num_samples: int
+    labeled: bool
+    num_classes: int | None
+    class_names: list[str] | None
+    sample_shape: list[int]
+    layout: str
+    created_at: datetime
+
+
+class DatasetsRead(BaseModel):
+    data: list[DatasetRead]
+    count: int
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+
+class Preprocessing(BaseModel):
+    """How dataset images become model inputs. ``.npz`` arrays are taken as model inputs as
+    they are (only cast and, if needed, transposed to the model's layout)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resize: int | None = Field(
+        default=None, gt=0, description="Resize the shorter side to this, then center-crop; "
+        "default: resize straight to the model's input size."
+    )
+    scale: float = Field(default=1 / 255, gt=0, description="Pixel values are multiplied by this first.")
+    mean: list[float] | None = Field(default=None, description="Default: ImageNet for 3 channels, 0 for 1.")
+    std: list[float] | None = Field(default=None, description="Default: ImageNet for 3 channels, 1 for 1.")
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError("std values must be positive")
+        return v
+
+
+class StepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="A registered step, e.g. export_onnx, quantize_int8, benchmark.")
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str
+    preset: str | None = None
+    steps: list[StepSpec | str] | None = Field(default=None, min_length=1, max_length=32)
+    calibration_dataset_id: str | None = None
+    evaluation_dataset_id: str | None = None
+    # One shape for a single-input model, or {input name: shape}.
+    input_shape: list[int] | dict[str, list[int]] | None = None
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    name: str | None = Field(default=None, max_length=200)
+
+    @model_validator(mode="after")
+    def _preset_or_steps(self) -> "JobCreate":
+        if (self.preset is None) == (self.steps is None):
+            raise ValueError("give exactly one of 'preset' or 'steps'")
+        return self
+
+    def step_specs(self) -> list[StepSpec] | None:
+        if self.steps is None:
+            return None
+        return [s if isinstance(s, StepSpec) else StepSpec(name=s) for s in self.steps]
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    step: str | None = None
+
+
+class StepRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    index: int
+    name: str
+    config: dict[str, Any]
+    status: StepStatus
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None = None
+    metrics: dict[str, Any]
+    message: str | None
+    artifact_id: str | None
+
+
+class JobRead(BaseModel):
+    id: str
+    name: str | None
+    status: JobStatus
+    model_id: str
+    preset: str | None
+    calibration_dataset_id: str | None
+    evaluation_dataset_id: str | None
+    queue: str
+    input_spec: list[TensorSpec]
+    preprocessing: dict[str, Any]
+    progress: float
+    current_step: str | None
+    attempts: int
+    cancel_requested: bool
+    steps: list[StepRead]
+    error: JobError | None
+    log_tail: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobsRead(BaseModel):
+    data: list[JobRead]
+    count: int
+
+
+class ArtifactRead(BaseModel):
+    id: str
+    name: str
+    step: str
+    step_index: int
+    format: str
+    size_bytes: int
+    sha256: str
+    meta: dict[str, Any]
+    url: str
+    expires_at: datetime
+
+
+class ArtifactsRead(BaseModel):
+    data: list[ArtifactRead]
+    count: int
+
+
+class ReportEntry(BaseModel):
+    name: str
+    step: str | None = Field(description="The step that made it; null for the original model.")
+    format: str
+    size_bytes: int
+    size_ratio: float = Field(description="size / original size")
+    latency_ms: dict[str, float] | None = Field(description="p50/p90/p99 at batch 1 on the worker")
+    speedup: float | None = Field(description="original p50 / this p50")
+    accuracy: dict[str, float] | None = None
+    fidelity: dict[str, float] | None = None
+
+
+class ReportRead(BaseModel):
+    job_id: str
+    status: JobStatus
+    machine: dict[str, Any] | None
+    entries: list[ReportEntry]
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+class ApiKeyCreated(BaseModel):
+    id: str
+    name: str
+    key: str = Field(description="Shown once; only its hash is stored.")

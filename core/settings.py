@@ -1,0 +1,132 @@
+"""One typed settings object for the API, the worker and the CLI.
+
+Everything comes from the environment (prefix ``CVOPT_``; nested sections use ``__``).
+The defaults are the embedded deployment: a SQLite file, a local storage directory and a
+broker transport that needs no server, all under ``CVOPT_DATA_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "please-change"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CVOPT_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    env: Literal["local", "production"] = "local"
+    data_dir: Path = Path(".cvopt")
+
+    # Empty means "the embedded default under data_dir".
+    database_url: str = ""
+    broker_url: str = ""
+    storage_url: str = ""
+
+    s3_endpoint_url: str | None = None
+    # Host clients use for presigned URLs when it differs from the one the service uses
+    # (compose: the API reaches minio:9000, a laptop reaches localhost:9000).
+    s3_public_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+
+    secret_key: str = ""
+    bootstrap_api_key: str | None = None
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    download_url_ttl_seconds: int = Field(default=900, gt=0, le=7 * 24 * 3600)
+    # Base URL that clients use to reach this API; local download links are built on it.
+    # Empty: taken from the request.
+    public_url: str = ""
+
+    worker_concurrency: int = Field(default=1, ge=1)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    # A running job whose heartbeat is older than this is taken to have lost its worker.
+    stale_after_seconds: float = Field(default=120.0, gt=0)
+    # A queued job that no worker has picked up after this long is sent to the broker again.
+    requeue_after_seconds: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    reaper_interval_seconds: float = Field(default=30.0, gt=0)
+    benchmark_threads: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _production_needs_real_secrets(self) -> "Settings":
+        if self.env == "production":
+            if self.secret_key.strip().lower() in PLACEHOLDER_SECRETS or len(self.secret_key) < 32:
+                raise ValueError(
+                    "CVOPT_SECRET_KEY must be set to a random value of at least 32 characters "
+                    "when CVOPT_ENV=production"
+                )
+            if not self.database_url or not self.broker_url or not self.storage_url:
+                raise ValueError(
+                    "CVOPT_DATABASE_URL, CVOPT_BROKER_URL and CVOPT_STORAGE_URL must be set "
+                    "when CVOPT_ENV=production (the embedded defaults are for one machine)"
+                )
+        return self
+
+    # -- resolved values -------------------------------------------------------------------
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_path / 'cvopt.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{self.data_path / 'objects'}"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_path / "broker"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def upload_tmp_dir(self) -> Path:
+        return self.data_path / "tmp"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.data_path / "work"
+
+    def signing_key(self) -> bytes:
+        """The key for HMAC-signed download URLs.
+
+        Production requires CVOPT_SECRET_KEY (checked at load). Locally an unset key is
+        generated once and kept in the data directory, so URLs survive restarts and the API
+        and the worker agree on it.
+        """
+        if self.secret_key:
+            return self.secret_key.encode()
+        path = self.data_path / "secret_key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process of this deployment made it first
+                pass
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_urlsafe(48))
+        return path.read_text().strip().encode()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

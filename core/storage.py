@@ -1,0 +1,209 @@
+"""The object store: S3 (any S3-compatible server) or a local directory.
+
+Both stream: objects move between a local file and the store in chunks, never whole in memory.
+Local objects are downloaded through HMAC-signed, expiring URLs that the API serves itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote, urlencode, urlparse
+
+from core.errors import NotFound, ServiceUnavailable
+from core.settings import Settings, get_settings
+
+
+@dataclass(frozen=True)
+class SignedUrl:
+    url: str
+    expires_at: datetime
+
+
+class ObjectStore(Protocol):
+    def put_file(self, key: str, path: Path) -> None: ...
+    def get_file(self, key: str, path: Path) -> None: ...
+    def delete(self, key: str) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def download_url(self, key: str, *, filename: str, base_url: str) -> SignedUrl: ...
+    def check(self) -> None: ...
+
+
+def _safe_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+# -- local directory + signed URLs -------------------------------------------------------------
+
+
+def sign_local(key: str, expires: int, signing_key: bytes) -> str:
+    msg = f"{key}\n{expires}".encode()
+    return hmac.new(signing_key, msg, hashlib.sha256).hexdigest()
+
+
+def verify_local(key: str, expires: int, signature: str, signing_key: bytes) -> bool:
+    if expires < int(time.time()):
+        return False
+    return hmac.compare_digest(sign_local(key, expires, signing_key), signature)
+
+
+class LocalStore:
+    def __init__(self, root: Path, *, signing_key: bytes, ttl_seconds: int):
+        self.root = root
+        self.signing_key = signing_key
+        self.ttl_seconds = ttl_seconds
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, key: str) -> Path:
+        return self.root / _safe_key(key)
+
+    def put_file(self, key: str, path: Path) -> None:
+        dest = self.path_for(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # Copy then rename: a reader never sees a half-written object.
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".incoming-")
+        try:
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out, 1024 * 1024)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_file(self, key: str, path: Path) -> None:
+        src = self.path_for(key)
+        if not src.exists():
+            raise NotFound(f"object {key} is missing from storage")
+        shutil.copyfile(src, path)
+
+    def delete(self, key: str) -> None:
+        self.path_for(key).unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self.path_for(key).exists()
+
+    def download_url(self, key: str, *, filename: str, base_url: str) -> SignedUrl:
+        expires = int(time.time()) + self.ttl_seconds
+        sig = sign_local(key, expires, self.signing_key)
+        query = urlencode({"expires": expires, "sig": sig, "filename": filename})
+        url = f"{base_url.rstrip('/')}/files/{quote(key)}?{query}"
+        return SignedUrl(url=url, expires_at=datetime.fromtimestamp(expires, timezone.utc))
+
+    def check(self) -> None:
+        probe = self.root / ".readyz"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ServiceUnavailable(f"storage directory {self.root} is not writable: {exc}") from exc
+
+
+# -- S3 ----------------------------------------------------------------------------------------
+
+
+class S3Store:
+    def __init__(self, bucket: str, prefix: str, settings: Settings):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.ttl_seconds = settings.download_url_ttl_seconds
+        cfg = Config(
+            signature_version="s3v4",
+            retries={"max_attempts": 5, "mode": "standard"},
+            s3={"addressing_style": "path"},
+        )
+        self.client = boto3.client(
+            "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region, config=cfg
+        )
+        public = settings.s3_public_endpoint_url or settings.s3_endpoint_url
+        self.presign_client = (
+            self.client
+            if public == settings.s3_endpoint_url
+            else boto3.client("s3", endpoint_url=public, region_name=settings.s3_region, config=cfg)
+        )
+
+    def _key(self, key: str) -> str:
+        key = _safe_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_file(self, key: str, path: Path) -> None:
+        # upload_file switches to multipart uploads for large files: bounded memory.
+        self.client.upload_file(str(path), self.bucket, self._key(key))
+
+    def get_file(self, key: str, path: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(path))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise NotFound(f"object {key} is missing from storage") from exc
+            raise
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def download_url(self, key: str, *, filename: str, base_url: str) -> SignedUrl:
+        expires_at = datetime.fromtimestamp(int(time.time()) + self.ttl_seconds, timezone.utc)
+        url = self.presign_client.generate_presigned_url(
+            "get_object",
+            Params={
+                "Bucket": self.bucket,
+                "Key": self._key(key),
+                "ResponseContentDisposition": f'attachment; filename="{filename}"',
+            },
+            ExpiresIn=self.ttl_seconds,
+        )
+        return SignedUrl(url=url, expires_at=expires_at)
+
+    def check(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:  # any failure means "not ready"; the message says which
+            raise ServiceUnavailable(f"S3 bucket {self.bucket} is not reachable: {exc}") from exc
+
+
+def make_store(settings: Settings) -> ObjectStore:
+    url = settings.resolved_storage_url
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStore(
+            Path(parsed.path),
+            signing_key=settings.signing_key(),
+            ttl_seconds=settings.download_url_ttl_seconds,
+        )
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"CVOPT_STORAGE_URL {url!r} names no bucket (s3://bucket/prefix)")
+        return S3Store(parsed.netloc, parsed.path, settings)
+    raise ValueError(f"CVOPT_STORAGE_URL {url!r}: scheme must be file:// or s3://")
+
+
+@lru_cache
+def get_store() -> ObjectStore:
+    return make_store(get_settings())
