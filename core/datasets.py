@@ -115,7 +115,8 @@ def list_images(path: Path, fmt: str) -> ImageListing:
     while all(len(d) >= 1 for d in dirs) and len({d[0] for d in dirs}) == 1 and any(len(d) > 1 for d in dirs):
         dirs = [d[1:] for d in dirs]
     depths = {len(d) for d in dirs}
-    if depths == {0}:
+    # Flat, or one folder holding everything (zip -r images.zip images/): no classes.
+    if depths == {0} or (depths == {1} and len({d[0] for d in dirs}) == 1):
         return ImageListing(format=fmt, members=images, labels=None, class_names=None)
     if depths == {1}:
         class_names = sorted({d[0] for d in dirs})
@@ -237,3 +238,33 @@ def inspect_dataset(path: Path) -> DatasetInfo:
         sample_shape=[first.height, first.width, channels],
         layout="HWC",
     )
+
+
+def model_layout(shape: list[int]) -> str:
+    """NCHW or NHWC for an image model's 4-D input; raw for anything else."""
+    if len(shape) == 4 and shape[1] in (1, 3):
+        return "NCHW"
+    if len(shape) == 4 and shape[3] in (1, 3):
+        return "NHWC"
+    return "raw"
+
+
+def dataset_fit_error(*, layout: str, sample_shape: list[int], input_shape: list[int]) -> str | None:
+    """Why this dataset cannot feed a model input of ``input_shape``, or None if it can."""
+    m_layout = model_layout(input_shape)
+    if layout == "HWC":
+        if m_layout == "raw":
+            return f"image datasets need a 4-D image input (N,C,H,W or N,H,W,C); the model takes {input_shape}"
+        return None  # images are resized and converted to the model's channels
+    if m_layout == "raw" or layout == "raw":
+        if list(sample_shape) != list(input_shape[1:]):
+            return f"samples of shape {sample_shape} do not match the model input {input_shape}"
+        return None
+    chw = sample_shape if layout == "NCHW" else [sample_shape[2], sample_shape[0], sample_shape[1]]
+    m_chw = input_shape[1:] if m_layout == "NCHW" else [input_shape[3], input_shape[1], input_shape[2]]
+    if list(chw) != list(m_chw):
+        return (
+            f"samples of shape {sample_shape} ({layout}) do not match the model input "
+            f"{input_shape} ({m_layout}); .npz arrays are not resized"
+        )
+    return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from core.settings import Settings, get_settings
 
@@ -28,7 +28,7 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
-        task_queues=[Queue(q, routing_key=q) for q in QUEUES],
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
         task_default_queue="cpu",
         # Steps are idempotent (deterministic artifact keys), so a task is acknowledged only
         # after it ran, and a task whose worker died is delivered again.

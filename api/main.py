@@ -1,0 +1,56 @@
+"""The FastAPI app. The current API version is served under /v1 and, as an alias hidden from
+the schema, at the root: one router mounted twice."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from sqlalchemy import select
+
+from api.errors import install_error_handlers
+from api.routes import datasets, jobs, models, system
+from core.db import session_scope
+from core.models import ApiKey
+from core.settings import get_settings
+
+log = logging.getLogger("cvopt.api")
+
+
+def ensure_bootstrap_key() -> None:
+    from api.deps import hash_key
+
+    key = get_settings().bootstrap_api_key
+    if not key:
+        return
+    with session_scope() as session:
+        if session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key))) is None:
+            session.add(ApiKey(name="bootstrap", prefix=key[:8], key_hash=hash_key(key)))
+            log.info("created the bootstrap API key")
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI):
+    ensure_bootstrap_key()
+    yield
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="cvopt",
+        version="1",
+        summary="Optimize computer-vision models: prune, quantize, export, benchmark.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    v1 = APIRouter()
+    for module in (models, datasets, jobs):
+        v1.include_router(module.router)
+    app.include_router(v1, prefix="/v1")
+    app.include_router(v1, include_in_schema=False)
+    app.include_router(system.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+
+from api import services
+from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep
+from api.uploads import multipart_openapi, receive_upload
+from core.models import Dataset
+from core.schemas import DatasetRead, DatasetsRead
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetRead,
+    openapi_extra=multipart_openapi(
+        "A zip or tar of images (one folder per class = labeled, flat = unlabeled) or an .npz with x and optional y"
+    ),
+)
+async def upload_dataset(request: Request, _key: CurrentKey, session: SessionDep, store: StoreDep,
+                         settings: SettingsDep) -> DatasetRead:
+    upload = await receive_upload(request, file_field="file", max_bytes=settings.max_upload_bytes,
+                                  tmp_dir=settings.upload_tmp_dir)
+    try:
+        def create() -> DatasetRead:
+            dataset = services.create_dataset(
+                session=session, store=store, path=upload.path, filename=upload.filename,
+                sha256=upload.sha256, size_bytes=upload.size_bytes, name=upload.fields.get("name"),
+            )
+            session.commit()
+            return DatasetRead.model_validate(dataset)
+
+        return await run_in_threadpool(create)
+    finally:
+        upload.discard()
+
+
+@router.get("", response_model=DatasetsRead)
+def list_datasets(_key: CurrentKey, session: SessionDep, limit: int = 50, offset: int = 0) -> DatasetsRead:
+    limit = max(1, min(limit, 500))
+    live = Dataset.deleted_at.is_(None)
+    rows = session.scalars(select(Dataset).where(live).order_by(Dataset.created_at.desc()).limit(limit).offset(max(offset, 0))).all()
+    count = session.scalar(select(func.count()).select_from(Dataset).where(live)) or 0
+    return DatasetsRead(data=[DatasetRead.model_validate(r) for r in rows], count=count)
+
+
+@router.get("/{dataset_id}", response_model=DatasetRead)
+def read_dataset(dataset_id: str, _key: CurrentKey, session: SessionDep) -> DatasetRead:
+    return DatasetRead.model_validate(services.get_dataset(session=session, dataset_id=dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(dataset_id: str, _key: CurrentKey, session: SessionDep, store: StoreDep) -> Response:
+    services.delete_dataset(session=session, store=store, dataset_id=dataset_id)
+    session.commit()
+    return Response(status_code=204)

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from api import services
+from api.deps import BaseUrlDep, CurrentKey, SessionDep, StoreDep
+from core.models import JobStatus
+from core.queue import enqueue_job
+from core.schemas import ArtifactsRead, JobCreate, JobRead, JobsRead, ReportRead
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+log = logging.getLogger("cvopt.api")
+
+
+@router.post("", status_code=202, response_model=JobRead)
+def create_job(job_in: JobCreate, request: Request, response: Response, _key: CurrentKey,
+               session: SessionDep) -> JobRead:
+    """Validate the recipe, write the job, then queue its id. A recipe that cannot run is a 422
+    here, before anything is queued."""
+    job = services.create_job(session=session, job_in=job_in)
+    session.commit()
+    try:
+        enqueue_job(job.id, job.queue)
+    except Exception:  # the broker is down: the job is safe in the database, the reaper re-sends it
+        log.exception("could not queue job %s now; the reaper will send it", job.id)
+    response.headers["Location"] = str(request.url_for("read_job", job_id=job.id).path)
+    return services.job_to_read(job)
+
+
+@router.get("", response_model=JobsRead)
+def list_jobs(_key: CurrentKey, session: SessionDep, status: JobStatus | None = None,
+              limit: Annotated[int, Query(ge=1, le=500)] = 50,
+              offset: Annotated[int, Query(ge=0)] = 0) -> JobsRead:
+    rows, count = services.list_jobs(session=session, status=status, limit=limit, offset=offset)
+    return JobsRead(data=[services.job_to_read(j) for j in rows], count=count)
+
+
+@router.get("/{job_id}", response_model=JobRead)
+def read_job(job_id: str, _key: CurrentKey, session: SessionDep) -> JobRead:
+    return services.job_to_read(services.get_job(session=session, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobRead)
+def cancel_job(job_id: str, _key: CurrentKey, session: SessionDep) -> JobRead:
+    job = services.cancel_job(session=session, job_id=job_id)
+    session.commit()
+    return services.job_to_read(job)
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactsRead)
+def list_artifacts(job_id: str, _key: CurrentKey, session: SessionDep, store: StoreDep,
+                   base_url: BaseUrlDep) -> ArtifactsRead:
+    job = services.get_job(session=session, job_id=job_id)
+    data = services.list_artifacts(session=session, store=store, job=job, base_url=base_url)
+    return ArtifactsRead(data=data, count=len(data))
+
+
+@router.get("/{job_id}/report", response_model=ReportRead)
+def read_report(job_id: str, _key: CurrentKey, session: SessionDep) -> ReportRead:
+    return services.build_report(session=session, job=services.get_job(session=session, job_id=job_id))

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+
+from api import services
+from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep
+from api.uploads import multipart_openapi, receive_upload
+from core.models import Model
+from core.schemas import ModelRead, ModelsRead
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelRead,
+    openapi_extra=multipart_openapi("ONNX, TorchScript (torch.jit.save) or torch.export .pt2"),
+)
+async def upload_model(request: Request, _key: CurrentKey, session: SessionDep, store: StoreDep,
+                       settings: SettingsDep) -> ModelRead:
+    """Stream a model file to storage; its format and inputs/outputs are read from its content."""
+    upload = await receive_upload(request, file_field="file", max_bytes=settings.max_upload_bytes,
+                                  tmp_dir=settings.upload_tmp_dir)
+    try:
+        def create() -> ModelRead:
+            model = services.create_model(
+                session=session, store=store, path=upload.path, filename=upload.filename,
+                sha256=upload.sha256, size_bytes=upload.size_bytes, name=upload.fields.get("name"),
+            )
+            session.commit()
+            return ModelRead.model_validate(model)
+
+        return await run_in_threadpool(create)
+    finally:
+        upload.discard()
+
+
+@router.get("", response_model=ModelsRead)
+def list_models(_key: CurrentKey, session: SessionDep, limit: int = 50, offset: int = 0) -> ModelsRead:
+    limit = max(1, min(limit, 500))
+    live = Model.deleted_at.is_(None)
+    rows = session.scalars(select(Model).where(live).order_by(Model.created_at.desc()).limit(limit).offset(max(offset, 0))).all()
+    count = session.scalar(select(func.count()).select_from(Model).where(live)) or 0
+    return ModelsRead(data=[ModelRead.model_validate(r) for r in rows], count=count)
+
+
+@router.get("/{model_id}", response_model=ModelRead)
+def read_model(model_id: str, _key: CurrentKey, session: SessionDep) -> ModelRead:
+    return ModelRead.model_validate(services.get_model(session=session, model_id=model_id))
+
+
+@router.delete("/{model_id}", status_code=204)
+def delete_model(model_id: str, _key: CurrentKey, session: SessionDep, store: StoreDep) -> Response:
+    services.delete_model(session=session, store=store, model_id=model_id)
+    session.commit()
+    return Response(status_code=204)

@@ -1,0 +1,255 @@
+"""Service functions: keyword-only, typed, the session passed in. The route owns the commit."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core.datasets import inspect_dataset
+from core.errors import Conflict, InvalidInput, NotFound
+from core.model_formats import inspect_model
+from core.models import Artifact, Dataset, Job, JobStatus, JobStep, Model, StepStatus, new_id, utcnow
+from core.schemas import (
+    ArtifactRead, JobCreate, JobError, JobRead, ReportEntry, ReportRead, StepRead, TensorSpec,
+)
+from core.storage import ObjectStore
+from worker.recipes import DatasetFacts, plan_job, resolve_steps
+
+log = logging.getLogger("cvopt.api")
+
+
+def _store_then_add(*, session: Session, store: ObjectStore, key: str, path: Path, row) -> None:
+    """Put the object, then add the row; if the row cannot be written, remove the object."""
+    store.put_file(key, path)
+    try:
+        session.add(row)
+        session.flush()
+    except BaseException:
+        store.delete(key)
+        raise
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def create_model(*, session: Session, store: ObjectStore, path: Path, filename: str, sha256: str,
+                 size_bytes: int, name: str | None) -> Model:
+    info = inspect_model(path)  # 415 for random bytes, truncated files and pickles
+    model_id = new_id()
+    key = f"models/{model_id}/{filename}"
+    row = Model(
+        id=model_id, name=name or filename, filename=filename, format=info.format, sha256=sha256,
+        size_bytes=size_bytes, storage_key=key, inputs=info.inputs, outputs=info.outputs,
+    )
+    _store_then_add(session=session, store=store, key=key, path=path, row=row)
+    return row
+
+
+def get_model(*, session: Session, model_id: str) -> Model:
+    model = session.get(Model, model_id)
+    if model is None or model.deleted_at is not None:
+        raise NotFound(f"model {model_id} not found", code="model_not_found", details={"model_id": model_id})
+    return model
+
+
+def delete_model(*, session: Session, store: ObjectStore, model_id: str) -> None:
+    model = get_model(session=session, model_id=model_id)
+    active = session.scalar(
+        select(func.count()).select_from(Job)
+        .where(Job.model_id == model_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
+    )
+    if active:
+        raise Conflict(
+            f"model {model_id} has {active} queued or running jobs; cancel them first",
+            code="model_in_use", details={"active_jobs": active},
+        )
+    model.deleted_at = utcnow()
+    session.flush()
+    store.delete(model.storage_key)
+
+
+# -- datasets ----------------------------------------------------------------------------------
+
+
+def create_dataset(*, session: Session, store: ObjectStore, path: Path, filename: str, sha256: str,
+                   size_bytes: int, name: str | None) -> Dataset:
+    info = inspect_dataset(path)
+    dataset_id = new_id()
+    key = f"datasets/{dataset_id}/{filename}"
+    row = Dataset(
+        id=dataset_id, name=name or filename, filename=filename, format=info.format, sha256=sha256,
+        size_bytes=size_bytes, storage_key=key, num_samples=info.num_samples, labeled=info.labeled,
+        num_classes=info.num_classes, class_names=info.class_names, sample_shape=info.sample_shape,
+        layout=info.layout,
+    )
+    _store_then_add(session=session, store=store, key=key, path=path, row=row)
+    return row
+
+
+def get_dataset(*, session: Session, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.deleted_at is not None:
+        raise NotFound(f"dataset {dataset_id} not found", code="dataset_not_found", details={"dataset_id": dataset_id})
+    return dataset
+
+
+def delete_dataset(*, session: Session, store: ObjectStore, dataset_id: str) -> None:
+    dataset = get_dataset(session=session, dataset_id=dataset_id)
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(
+            (Job.calibration_dataset_id == dataset_id) | (Job.evaluation_dataset_id == dataset_id),
+            Job.status.in_([JobStatus.queued, JobStatus.running]),
+        )
+    )
+    if active:
+        raise Conflict(f"dataset {dataset_id} is used by {active} active jobs", code="dataset_in_use")
+    dataset.deleted_at = utcnow()
+    session.flush()
+    store.delete(dataset.storage_key)
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+
+def create_job(*, session: Session, job_in: JobCreate) -> Job:
+    """Validate the recipe against the model and datasets and write the job; nothing is queued
+    here (the route commits first, then sends the id to the broker)."""
+    model = session.get(Model, job_in.model_id)
+    if model is None:
+        raise InvalidInput(f"model {job_in.model_id} not found", code="model_not_found",
+                           details={"model_id": job_in.model_id})
+    if model.deleted_at is not None:
+        raise InvalidInput(f"model {job_in.model_id} was deleted", code="model_deleted",
+                           details={"model_id": job_in.model_id})
+
+    def facts(dataset_id: str | None, role: str) -> DatasetFacts | None:
+        if dataset_id is None:
+            return None
+        ds = session.get(Dataset, dataset_id)
+        if ds is None or ds.deleted_at is not None:
+            raise InvalidInput(f"{role} dataset {dataset_id} not found", code="dataset_not_found",
+                               details={f"{role}_dataset_id": dataset_id})
+        return DatasetFacts(id=ds.id, layout=ds.layout, sample_shape=list(ds.sample_shape))
+
+    steps = resolve_steps(preset=job_in.preset, steps=job_in.step_specs())
+    plan = plan_job(
+        model_format=model.format, model_inputs=list(model.inputs), steps=steps,
+        input_shape=job_in.input_shape,
+        calibration=facts(job_in.calibration_dataset_id, "calibration"),
+        evaluation=facts(job_in.evaluation_dataset_id, "evaluation"),
+    )
+    job = Job(
+        id=new_id(), name=job_in.name, status=JobStatus.queued, model_id=model.id,
+        calibration_dataset_id=job_in.calibration_dataset_id,
+        evaluation_dataset_id=job_in.evaluation_dataset_id, preset=job_in.preset, queue=plan.queue,
+        input_spec=plan.input_spec, preprocessing=job_in.preprocessing.model_dump(mode="json"),
+        progress=0.0, attempts=0, cancel_requested=False, enqueued_at=utcnow(),
+        steps=[
+            JobStep(index=i, name=s.name, config=s.config, status=StepStatus.pending, metrics={})
+            for i, s in enumerate(plan.steps)
+        ],
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(*, session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found", code="job_not_found", details={"job_id": job_id})
+    return job
+
+
+def list_jobs(*, session: Session, status: JobStatus | None, limit: int, offset: int) -> tuple[list[Job], int]:
+    query = select(Job)
+    count_query = select(func.count()).select_from(Job)
+    if status is not None:
+        query = query.where(Job.status == status)
+        count_query = count_query.where(Job.status == status)
+    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+    return list(rows), session.scalar(count_query) or 0
+
+
+def cancel_job(*, session: Session, job_id: str) -> Job:
+    job = get_job(session=session, job_id=job_id)
+    if job.status.terminal:
+        raise Conflict(f"job {job_id} already ended ({job.status.value})", code="job_finished",
+                       details={"status": job.status.value})
+    job.cancel_requested = True
+    if job.status == JobStatus.queued:
+        # Nobody runs it yet: end it now; a worker that receives its id later skips it.
+        job.status = JobStatus.cancelled
+        job.finished_at = utcnow()
+        for step in job.steps:
+            step.status = StepStatus.skipped
+    session.flush()
+    return job
+
+
+def job_to_read(job: Job) -> JobRead:
+    steps = []
+    for st in job.steps:
+        read = StepRead.model_validate(st)
+        if st.started_at and st.finished_at:
+            read.duration_s = round((st.finished_at - st.started_at).total_seconds(), 3)
+        steps.append(read)
+    error = None
+    if job.error_code:
+        error = JobError(code=job.error_code, message=job.error_message or "", step=job.error_step)
+    return JobRead(
+        id=job.id, name=job.name, status=job.status, model_id=job.model_id, preset=job.preset,
+        calibration_dataset_id=job.calibration_dataset_id, evaluation_dataset_id=job.evaluation_dataset_id,
+        queue=job.queue, input_spec=[TensorSpec(**s) for s in job.input_spec], preprocessing=job.preprocessing,
+        progress=job.progress, current_step=job.current_step, attempts=job.attempts,
+        cancel_requested=job.cancel_requested, steps=steps, error=error, log_tail=job.log_tail,
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+    )
+
+
+def list_artifacts(*, session: Session, store: ObjectStore, job: Job, base_url: str) -> list[ArtifactRead]:
+    rows = session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.step_index)).all()
+    out = []
+    for row in rows:
+        signed = store.download_url(row.storage_key, filename=row.name, base_url=base_url)
+        out.append(ArtifactRead(
+            id=row.id, name=row.name, step=row.step, step_index=row.step_index, format=row.format,
+            size_bytes=row.size_bytes, sha256=row.sha256, meta=row.meta, url=signed.url,
+            expires_at=signed.expires_at,
+        ))
+    return out
+
+
+def build_report(*, session: Session, job: Job) -> ReportRead:
+    """Each artifact against the original, from the benchmark and evaluate steps' metrics."""
+
+    def last_metrics(step_name: str) -> dict:
+        done = [s for s in job.steps if s.name == step_name and s.status == StepStatus.succeeded]
+        return done[-1].metrics if done else {}
+
+    bench, evaluation = last_metrics("benchmark"), last_metrics("evaluate")
+    bench_by_name = {r["artifact"]: r for r in bench.get("results", [])}
+    eval_by_name = {r["artifact"]: r for r in evaluation.get("results", [])}
+    original_size = job.model.size_bytes
+    rows = [(job.model.filename, None, job.model.format, original_size)]
+    artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.step_index))
+    rows += [(a.name, a.step, a.format, a.size_bytes) for a in artifacts]
+    entries: list[ReportEntry] = []
+    base_p50 = None
+    for name, step, fmt, size in rows:
+        lat = bench_by_name.get(name, {}).get("latency", {}).get("1") or {}
+        latency = {k: lat[k] for k in ("p50_ms", "p90_ms", "p99_ms")} if "p50_ms" in lat else None
+        if step is None and latency:
+            base_p50 = latency["p50_ms"]
+        e = eval_by_name.get(name, {})
+        entries.append(ReportEntry(
+            name=name, step=step, format=fmt, size_bytes=size,
+            size_ratio=size / original_size if original_size else 1.0, latency_ms=latency,
+            speedup=(base_p50 / latency["p50_ms"]) if base_p50 and latency else None,
+            accuracy=e.get("accuracy"),
+            fidelity={k: float(v) for k, v in e["fidelity"].items()} if "fidelity" in e else None,
+        ))
+    return ReportRead(job_id=job.id, status=job.status, machine=bench.get("machine"), entries=entries)

@@ -1,0 +1,176 @@
+"""Stream a multipart upload to a temporary file, hashing and counting on the way.
+
+The body is parsed as it arrives (python-multipart's push parser): memory stays at one chunk
+whatever the file's size, and the size limit is enforced while streaming, before the whole
+body has been read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from core.errors import InvalidInput, PayloadTooLarge
+
+MAX_TEXT_FIELD = 4096
+
+
+@dataclass
+class Upload:
+    path: Path
+    filename: str
+    size_bytes: int
+    sha256: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _safe_filename(name: str) -> str:
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "upload"
+    return name[:200]
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the upload exceeds the limit of {limit} bytes (CVOPT_MAX_UPLOAD_BYTES)",
+        code="upload_too_large",
+        details={"max_upload_bytes": limit},
+    )
+
+
+async def receive_upload(request: Request, *, file_field: str, max_bytes: int, tmp_dir: Path) -> Upload:
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data" or b"boundary" not in params:
+        raise InvalidInput(
+            f"send the file as multipart/form-data in the field {file_field!r}", code="multipart_required"
+        )
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > max_bytes + 64 * 1024:
+        raise _too_large(max_bytes)
+
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
+    out = os.fdopen(fd, "wb")
+    state = {"headers": {}, "header_field": b"", "header_value": b"", "name": None, "filename": None, "text": None}
+    digest = hashlib.sha256()
+    fields: dict[str, str] = {}
+    got_file = {"size": 0, "seen": False, "filename": ""}
+    errors: list[Exception] = []
+
+    def on_part_begin() -> None:
+        state["headers"] = {}
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["header_field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["header_value"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["header_field"].lower()] = state["header_value"]
+        state["header_field"] = state["header_value"] = b""
+
+    def on_headers_finished() -> None:
+        _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        state["name"] = disp.get(b"name", b"").decode("utf-8", "replace")
+        filename = disp.get(b"filename")
+        state["filename"] = filename.decode("utf-8", "replace") if filename is not None else None
+        state["text"] = None if state["name"] == file_field else bytearray()
+        if state["name"] == file_field:
+            if got_file["seen"]:
+                errors.append(InvalidInput(f"send one file in {file_field!r}", code="multiple_files"))
+            got_file["seen"] = True
+            got_file["filename"] = state["filename"] or "upload"
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if errors:
+            return
+        chunk = data[start:end]
+        if state["text"] is None:
+            got_file["size"] += len(chunk)
+            if got_file["size"] > max_bytes:
+                errors.append(_too_large(max_bytes))
+                return
+            digest.update(chunk)
+            out.write(chunk)
+        else:
+            state["text"] += chunk
+            if len(state["text"]) > MAX_TEXT_FIELD:
+                errors.append(InvalidInput(f"form field {state['name']!r} is too long", code="field_too_long"))
+
+    def on_part_end() -> None:
+        if state["text"] is not None and state["name"]:
+            fields[state["name"]] = bytes(state["text"]).decode("utf-8", "replace")
+
+    parser = MultipartParser(
+        params[b"boundary"],
+        callbacks={
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
+    try:
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+                if errors:
+                    raise errors[0]
+            parser.finalize()
+        except (PayloadTooLarge, InvalidInput):
+            raise
+        except Exception as exc:  # python-multipart's parse errors
+            raise InvalidInput(f"the multipart body is malformed: {exc}", code="malformed_multipart") from exc
+        finally:
+            out.close()
+        if errors:
+            raise errors[0]
+        if not got_file["seen"]:
+            raise InvalidInput(f"no file in the multipart field {file_field!r}", code="file_required")
+        if got_file["size"] == 0:
+            raise InvalidInput("the uploaded file is empty", code="empty_file")
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return Upload(
+        path=Path(tmp_name),
+        filename=_safe_filename(got_file["filename"]),
+        size_bytes=got_file["size"],
+        sha256=digest.hexdigest(),
+        fields=fields,
+    )
+
+
+def multipart_openapi(description: str) -> dict:
+    """The request body for docs: the route reads the stream itself, so FastAPI can't infer it."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary", "description": description},
+                            "name": {"type": "string", "description": "A display name (default: the file name)."},
+                        },
+                    }
+                }
+            },
+        }
+    }

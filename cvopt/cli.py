@@ -1,0 +1,186 @@
+"""The ``cvopt`` command: serve (embedded or API-only), worker, migrate, keys."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import click
+
+log = logging.getLogger("cvopt.cli")
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group()
+def main() -> None:
+    """cvopt: optimize computer-vision models for deployment."""
+
+
+@main.command()
+def migrate() -> None:
+    """Wait for the database, then bring its schema to the latest revision."""
+    from core.migrate import upgrade
+    from core.settings import get_settings
+
+    _setup_logging()
+    upgrade(get_settings().resolved_database_url)
+    click.echo("database schema is up to date")
+
+
+class _EmbeddedWorker:
+    """A real Celery worker process beside the API, restarted if it dies."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._supervise, name="embedded-worker", daemon=True)
+
+    def _spawn(self) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "cvopt.cli", "worker", "--queues", "cpu,gpu"]
+        return subprocess.Popen(cmd, env=os.environ.copy())
+
+    def _supervise(self) -> None:
+        while not self.stopping.is_set():
+            self.proc = self._spawn()
+            code = self.proc.wait()
+            if self.stopping.is_set():
+                return
+            log.error("the embedded worker exited with %s; restarting it", code)
+            time.sleep(2)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        proc = self.proc
+        if proc and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", "api_workers", default=1, show_default=True, type=int, help="API processes.")
+@click.option("--worker/--no-worker", "with_worker", default=None,
+              help="Start a Celery worker beside the API (default: only with the embedded broker).")
+@click.option("--migrate/--no-migrate", "run_migrations", default=None,
+              help="Upgrade the schema first (default: only with the embedded SQLite database).")
+def serve(host: str, port: int, api_workers: int, with_worker: bool | None, run_migrations: bool | None) -> None:
+    """Serve the API; in embedded mode (the defaults) also a worker, on SQLite and local storage."""
+    import uvicorn
+
+    from core.migrate import upgrade
+    from core.settings import get_settings
+
+    _setup_logging()
+    settings = get_settings()
+    os.environ["CVOPT_DATA_DIR"] = str(settings.data_path)  # the worker child resolves the same dir
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    settings.signing_key()  # create the local secret once, before two processes race for it
+    if run_migrations if run_migrations is not None else settings.resolved_database_url.startswith("sqlite"):
+        upgrade(settings.resolved_database_url)
+    worker = None
+    if with_worker if with_worker is not None else settings.is_embedded_broker:
+        worker = _EmbeddedWorker()
+        worker.start()
+    try:
+        uvicorn.run("api.main:app", host=host, port=port, workers=api_workers, log_level="info",
+                    access_log=False)
+    finally:
+        if worker:
+            worker.stop()
+
+
+@main.command()
+@click.option("--queues", default="cpu", show_default=True, help="Comma-separated: cpu, gpu.")
+@click.option("--concurrency", type=int, default=None, help="Jobs at once (default CVOPT_WORKER_CONCURRENCY).")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(queues: str, concurrency: int | None, loglevel: str) -> None:
+    """Run a Celery worker that executes jobs from the given queues."""
+    from core.queue import QUEUES
+    from core.settings import get_settings
+    from worker.celery_app import app
+
+    _setup_logging(loglevel)
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = set(names) - set(QUEUES)
+    if unknown or not names:
+        raise click.BadParameter(f"queues must be among {QUEUES}", param_hint="--queues")
+    settings = get_settings()
+    argv = [
+        "worker", "--queues", ",".join(names), "--loglevel", loglevel,
+        "--concurrency", str(concurrency or settings.worker_concurrency), "-O", "fair",
+        # Gossip and mingle only slow start-up here; remote control (inspect ping) stays on.
+        "--without-gossip", "--without-mingle",
+    ]
+    if settings.is_embedded_broker:
+        argv.append("--without-heartbeat")
+    app.worker_main(argv)
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys."""
+
+
+@keys.command("create")
+@click.option("--name", default="default", show_default=True)
+def keys_create(name: str) -> None:
+    """Create an API key and print it (only its hash is stored)."""
+    from api.deps import hash_key
+    from core.db import session_scope
+    from core.models import ApiKey
+
+    key = "cvopt_" + secrets.token_urlsafe(32)
+    with session_scope() as session:
+        row = ApiKey(name=name, prefix=key[:12], key_hash=hash_key(key))
+        session.add(row)
+        session.flush()
+        key_id = row.id
+    click.echo(key)
+    click.echo(f"(id {key_id}; store it now: it cannot be shown again)", err=True)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import ApiKey
+
+    with session_scope() as session:
+        for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
+            state = "revoked" if row.revoked_at else "active"
+            click.echo(f"{row.id}  {row.prefix}…  {row.name}  {state}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    from core.db import session_scope
+    from core.models import ApiKey, utcnow
+
+    with session_scope() as session:
+        row = session.get(ApiKey, key_id)
+        if row is None:
+            raise click.ClickException(f"no key {key_id}")
+        row.revoked_at = row.revoked_at or utcnow()
+    click.echo(f"revoked {key_id}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The pass contract.
+
+A pass turns (input artifact, typed config, work dir) into (new artifact, metrics). It never
+mutates its input and never touches the database or the object store: the runner owns
+ordering, progress, caching, uploads and errors. Importing a pass module must stay cheap
+(the API imports the registry to validate recipes): heavy libraries are imported in ``run``.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from core.schemas import Preprocessing
+
+# Artifact formats that passes accept and produce.
+ONNX = "onnx"
+TORCHSCRIPT = "torchscript"
+EXPORTED_PROGRAM = "exported_program"
+TORCH_FORMATS = frozenset({TORCHSCRIPT, EXPORTED_PROGRAM})
+ALL_MODEL_FORMATS = frozenset({ONNX, TORCHSCRIPT, EXPORTED_PROGRAM})
+
+# What a pass may need from the job, checked at POST /v1/jobs.
+NEEDS_CALIBRATION = "calibration_dataset"
+NEEDS_DATASET = "dataset"  # evaluation dataset, or the calibration one
+
+
+class PassConfig(BaseModel):
+    """Base for every pass's config: unknown keys are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    name: str
+    format: str
+    path: Path
+    step: str | None = None  # None: the original upload
+    step_index: int | None = None
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    path: Path
+    format: str  # zip | tar | npz
+    labeled: bool
+    num_samples: int
+    layout: str
+    sample_shape: list[int]
+
+
+@dataclass
+class PassContext:
+    work_dir: Path
+    original: ArtifactRef
+    # Every artifact made by earlier steps, in order (analysis passes measure them all).
+    artifacts: list[ArtifactRef]
+    # [{"name", "shape" (all concrete), "dtype"}]
+    input_spec: list[dict[str, Any]]
+    preprocessing: Preprocessing
+    calibration_dataset: DatasetRef | None = None
+    evaluation_dataset: DatasetRef | None = None
+    threads: int = 1
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("cvopt.pass"))
+    report_progress: Callable[[float], None] = lambda fraction: None
+    check_cancelled: Callable[[], None] = lambda: None
+
+
+@dataclass
+class PassResult:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    # None for analysis passes (benchmark, evaluate): the chain's current artifact stays.
+    artifact: Path | None = None
+    format: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass(ABC):
+    """Subclasses register themselves by ``name``; one module per pass in worker/passes/."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    accepts: ClassVar[frozenset[str]]
+    # The format it produces; None for analysis passes that leave the chain's artifact as is.
+    produces: ClassVar[str | None]
+    needs: ClassVar[frozenset[str]] = frozenset()
+    queue: ClassVar[str] = "cpu"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            from worker.passes.registry import register
+
+            register(cls)
+
+    def output_format(self, input_format: str) -> str:
+        return self.produces or input_format
+
+    @abstractmethod
+    def run(self, ctx: PassContext, source: ArtifactRef, config: PassConfig) -> PassResult: ...

@@ -1,0 +1,122 @@
+"""benchmark: file size, parameter count and CPU latency (p50/p90/p99) of the original and of
+every artifact made so far, timed round-robin so that all variants see the same machine noise."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+from pydantic import Field
+
+from worker.passes.base import ALL_MODEL_FORMATS, ONNX, ArtifactRef, Pass, PassConfig, PassContext, PassResult
+
+
+class BenchmarkConfig(PassConfig):
+    batch_sizes: list[int] = Field(default=[1], min_length=1, max_length=4, description="Batch 1 is latency; a larger one is throughput.")
+    warmup: int = Field(default=5, ge=0, le=1000)
+    runs: int = Field(default=50, ge=5, le=10_000)
+    max_seconds: float = Field(default=60.0, gt=0, description="Time budget for all timed runs of one batch size.")
+
+
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    arr = np.asarray(samples_ms)
+    return {
+        "p50_ms": float(np.percentile(arr, 50)),
+        "p90_ms": float(np.percentile(arr, 90)),
+        "p99_ms": float(np.percentile(arr, 99)),
+        "mean_ms": float(arr.mean()),
+        "runs": len(samples_ms),
+    }
+
+
+def parameter_count(ref: ArtifactRef) -> int | None:
+    import numpy as np
+
+    if ref.format == ONNX:
+        import onnx
+
+        model = onnx.load(str(ref.path))
+        return int(sum(np.prod(t.dims) for t in model.graph.initializer))
+    return None
+
+
+def machine_info(threads: int) -> dict:
+    import onnxruntime
+
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+class Benchmark(Pass):
+    name = "benchmark"
+    description = "Size and CPU latency of the original and every artifact so far."
+    Config = BenchmarkConfig
+    accepts = ALL_MODEL_FORMATS
+    produces = None
+
+    def run(self, ctx: PassContext, source: ArtifactRef, config: BenchmarkConfig) -> PassResult:
+        from worker.runtime import load_runner, sample_feeds
+
+        variants = [ctx.original, *ctx.artifacts]
+        runners = [load_runner(v, threads=ctx.threads) for v in variants]
+        results = [
+            {
+                "artifact": v.name,
+                "step": v.step,
+                "format": v.format,
+                "size_bytes": v.path.stat().st_size,
+                "parameters": parameter_count(v),
+                "latency": {},
+            }
+            for v in variants
+        ]
+        for b_index, batch in enumerate(config.batch_sizes):
+            feeds = sample_feeds(ctx.input_spec, batch=batch)
+            usable = []
+            for i, run in enumerate(runners):
+                try:
+                    for _ in range(config.warmup):
+                        run(feeds)
+                    usable.append(i)
+                except Exception as exc:  # e.g. a model whose batch is fixed at 1
+                    results[i]["latency"][str(batch)] = {"error": str(exc).splitlines()[0][:300]}
+            samples: dict[int, list[float]] = {i: [] for i in usable}
+            deadline = time.perf_counter() + config.max_seconds
+            for r in range(config.runs):
+                ctx.check_cancelled()
+                for i in usable:
+                    t0 = time.perf_counter()
+                    runners[i](feeds)
+                    samples[i].append((time.perf_counter() - t0) * 1000)
+                ctx.report_progress((b_index + (r + 1) / config.runs) / len(config.batch_sizes))
+                if time.perf_counter() > deadline and r >= 4:
+                    break
+            for i in usable:
+                stats = percentiles(samples[i])
+                stats["images_per_s"] = batch * 1000 / stats["mean_ms"]
+                results[i]["latency"][str(batch)] = stats
+        baseline = results[0]["latency"].get("1", {}).get("p50_ms")
+        for res in results:
+            p50 = res["latency"].get("1", {}).get("p50_ms")
+            res["speedup_vs_original"] = baseline / p50 if baseline and p50 else None
+            res["size_ratio"] = res["size_bytes"] / results[0]["size_bytes"]
+        return PassResult(
+            metrics={"results": results, "machine": machine_info(ctx.threads)}
+        )
+

@@ -1,0 +1,141 @@
+"""export_onnx: PyTorch (.pt2 ExportedProgram or TorchScript) to ONNX; ONNX uploads are
+simplified. The result is checked against the original on sample inputs before it is kept."""
+
+from __future__ import annotations
+
+import shutil
+
+from pydantic import Field
+
+from core.errors import PassError
+from worker.passes.base import (
+    ALL_MODEL_FORMATS, EXPORTED_PROGRAM, ONNX, TORCHSCRIPT, ArtifactRef, Pass, PassConfig,
+    PassContext, PassResult,
+)
+
+
+class ExportOnnxConfig(PassConfig):
+    opset: int = Field(default=17, ge=13, le=21, description="ONNX opset of the exported graph.")
+    dynamic_batch: bool = Field(default=True, description="Leave the batch dimension open.")
+    simplify: bool = Field(default=True, description="Run onnxslim (constant folding, fusions).")
+    tolerance: float = Field(
+        default=1e-3, gt=0, description="Largest accepted |ONNX - original| relative to max |original|."
+    )
+
+
+def _relative_error(reference, candidate) -> float:
+    import numpy as np
+
+    worst = 0.0
+    for ref, out in zip(reference, candidate, strict=True):
+        if ref.shape != out.shape:
+            return float("inf")
+        scale = max(float(np.abs(ref).max()), 1e-6)
+        worst = max(worst, float(np.abs(ref.astype(np.float64) - out).max()) / scale)
+    return worst
+
+
+class ExportOnnx(Pass):
+    name = "export_onnx"
+    description = "Export to ONNX (or simplify an ONNX upload) and check it against the original."
+    Config = ExportOnnxConfig
+    accepts = ALL_MODEL_FORMATS
+    produces = ONNX
+
+    def run(self, ctx: PassContext, source: ArtifactRef, config: ExportOnnxConfig) -> PassResult:
+        import onnx
+
+        from worker.runtime import load_runner, sample_feeds
+
+        out = ctx.work_dir / "model.onnx"
+        metrics: dict = {"opset": config.opset}
+        if source.format == ONNX:
+            shutil.copyfile(source.path, out)
+        elif source.format == TORCHSCRIPT:
+            self._from_torchscript(ctx, source, config, out)
+        elif source.format == EXPORTED_PROGRAM:
+            metrics["dynamic_batch"] = self._from_exported_program(ctx, source, config, out)
+        ctx.report_progress(0.5)
+
+        model = onnx.load(str(out))
+        metrics["nodes_before_simplify"] = len(model.graph.node)
+        if config.simplify:
+            import onnxslim
+
+            try:
+                model = onnxslim.slim(model)
+            except Exception as exc:  # onnxslim raises bare Exceptions on graphs it cannot handle
+                ctx.log.warning("onnxslim could not simplify the graph, keeping it as is: %s", exc)
+            else:
+                onnx.save(model, str(out))
+        metrics["nodes"] = len(model.graph.node)
+        try:
+            onnx.checker.check_model(str(out))
+        except onnx.checker.ValidationError as exc:
+            raise PassError(f"the exported ONNX model is invalid: {exc}", code="invalid_onnx") from exc
+
+        feeds = sample_feeds(ctx.input_spec)
+        reference = load_runner(source, threads=ctx.threads)(feeds)
+        exported = load_runner(ArtifactRef("model.onnx", ONNX, out), threads=ctx.threads)(feeds)
+        error = _relative_error(reference, exported)
+        metrics["max_relative_error"] = error
+        if not error <= config.tolerance:
+            raise PassError(
+                f"the ONNX model disagrees with the original (relative error {error:.3g} > "
+                f"{config.tolerance}); an operator may be exported wrongly",
+                code="export_mismatch",
+                details={"max_relative_error": error},
+            )
+        return PassResult(artifact=out, format=ONNX, metrics=metrics)
+
+    def _from_torchscript(self, ctx, source, config, out) -> None:
+        import torch
+
+        from worker.runtime import sample_feeds
+
+        module = torch.jit.load(str(source.path), map_location="cpu").eval()
+        feeds = sample_feeds(ctx.input_spec)
+        names = list(feeds)
+        args = tuple(torch.from_numpy(v) for v in feeds.values())
+        dynamic_axes = {n: {0: "batch"} for n in names} if config.dynamic_batch else None
+        try:
+            # TorchScript can only go through the TorchScript-based exporter.
+            torch.onnx.export(
+                module, args, str(out), dynamo=False, opset_version=config.opset,
+                input_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+            )
+        except Exception as exc:  # the exporter raises many types for unsupported operators
+            raise PassError(f"ONNX export of the TorchScript model failed: {exc}", code="export_failed") from exc
+
+    def _from_exported_program(self, ctx, source, config, out) -> bool:
+        import torch
+
+        from worker.runtime import sample_feeds
+
+        program = torch.export.load(str(source.path))
+        dynamic = False
+        if config.dynamic_batch:
+            # The upload fixes the batch (users often export with batch 1): re-export its graph
+            # with an open batch dimension; keep the fixed one if the graph specialised on it.
+            feeds = sample_feeds(ctx.input_spec, batch=2)
+            args = tuple(torch.from_numpy(v) for v in feeds.values())
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            try:
+                # The unflattened module guards the traced shapes; re-export without them.
+                module = program.module(check_guards=False)
+                program = torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args))
+                dynamic = True
+            except Exception as exc:  # torch.export raises several error types here
+                ctx.log.warning("keeping the upload's fixed batch size: %s", str(exc).splitlines()[0])
+        try:
+            torch.onnx.export(program, (), str(out), dynamo=True, opset_version=max(config.opset, 18),
+                              optimize=True, verbose=False)
+        except Exception as exc:
+            raise PassError(f"ONNX export of the ExportedProgram failed: {exc}", code="export_failed") from exc
+        if config.opset < 18:
+            import onnx
+            from onnx import version_converter
+
+            model = version_converter.convert_version(onnx.load(str(out)), config.opset)
+            onnx.save(model, str(out))
+        return dynamic

@@ -1,0 +1,186 @@
+"""Recipes: presets, and the checks that make a recipe runnable before anything is queued.
+
+Pure Python over the pass registry (no heavy imports): the API calls ``plan_job`` at
+POST /v1/jobs and answers 422 with what is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from core.datasets import dataset_fit_error
+from core.errors import InvalidInput
+from core.schemas import StepSpec
+from worker.passes.base import NEEDS_CALIBRATION, NEEDS_DATASET
+from worker.passes.registry import get_pass
+
+PRESETS: dict[str, list[StepSpec]] = {
+    "onnx": [StepSpec(name="export_onnx"), StepSpec(name="benchmark")],
+    "onnx-int8": [
+        StepSpec(name="export_onnx"),
+        StepSpec(name="quantize_int8"),
+        StepSpec(name="benchmark"),
+        StepSpec(name="evaluate"),
+    ],
+}
+
+
+@dataclass
+class PlannedStep:
+    name: str
+    config: dict[str, Any]
+
+
+@dataclass
+class JobPlan:
+    steps: list[PlannedStep]
+    queue: str
+    input_spec: list[dict[str, Any]]
+
+
+@dataclass
+class DatasetFacts:
+    id: str
+    layout: str
+    sample_shape: list[int]
+
+
+def resolve_steps(*, preset: str | None, steps: list[StepSpec] | None) -> list[StepSpec]:
+    if preset is not None:
+        if preset not in PRESETS:
+            raise InvalidInput(
+                f"unknown preset {preset!r}", code="unknown_preset", details={"presets": sorted(PRESETS)}
+            )
+        return list(PRESETS[preset])
+    assert steps is not None
+    return steps
+
+
+def resolve_input_spec(
+    model_inputs: list[dict[str, Any]], input_shape: list[int] | dict[str, list[int]] | None
+) -> list[dict[str, Any]]:
+    """Every input with a concrete shape: the file's fixed dims, an open batch taken as 1, and
+    the job's ``input_shape`` for the rest. A conflict or a gap is a 422 naming the input."""
+    if isinstance(input_shape, list):
+        if len(model_inputs) != 1:
+            raise InvalidInput(
+                "the model has several inputs: give input_shape as {input name: shape}",
+                code="input_shape_required",
+                details={"inputs": [i["name"] for i in model_inputs]},
+            )
+        given = {model_inputs[0]["name"]: input_shape}
+    else:
+        given = dict(input_shape or {})
+    unknown = set(given) - {i["name"] for i in model_inputs}
+    if unknown:
+        raise InvalidInput(
+            f"input_shape names inputs the model does not have: {sorted(unknown)}",
+            code="shape_mismatch",
+            details={"inputs": [i["name"] for i in model_inputs]},
+        )
+    resolved = []
+    for spec in model_inputs:
+        name, file_shape = spec["name"], spec.get("shape")
+        shape = given.get(name)
+        if shape is not None:
+            if any(d <= 0 for d in shape):
+                raise InvalidInput(f"input_shape for {name!r} must be positive, got {shape}", code="shape_mismatch")
+            if file_shape is not None:
+                if len(file_shape) != len(shape) or any(
+                    isinstance(f, int) and f != s for f, s in zip(file_shape, shape)
+                ):
+                    raise InvalidInput(
+                        f"input_shape {shape} for {name!r} does not match the model's {file_shape}",
+                        code="shape_mismatch",
+                        details={"input": name, "model_shape": file_shape, "input_shape": shape},
+                    )
+        elif file_shape is None:
+            raise InvalidInput(
+                f"the model file does not record the shape of input {name!r} (TorchScript keeps "
+                "none): give input_shape, e.g. [1, 3, 224, 224]",
+                code="input_shape_required",
+                details={"input": name},
+            )
+        else:
+            open_dims = [i for i, d in enumerate(file_shape) if not isinstance(d, int)]
+            if any(i != 0 for i in open_dims):
+                raise InvalidInput(
+                    f"input {name!r} has open dimensions {file_shape}: give input_shape",
+                    code="input_shape_required",
+                    details={"input": name, "model_shape": file_shape},
+                )
+            shape = [1 if not isinstance(d, int) else d for d in file_shape]
+        resolved.append({"name": name, "shape": [int(d) for d in shape], "dtype": spec.get("dtype", "float32")})
+    return resolved
+
+
+def plan_job(
+    *,
+    model_format: str,
+    model_inputs: list[dict[str, Any]],
+    steps: list[StepSpec],
+    input_shape: list[int] | dict[str, list[int]] | None,
+    calibration: DatasetFacts | None,
+    evaluation: DatasetFacts | None,
+) -> JobPlan:
+    current = model_format
+    planned: list[PlannedStep] = []
+    queue = "cpu"
+    for index, spec in enumerate(steps):
+        cls = get_pass(spec.name)
+        if current not in cls.accepts:
+            raise InvalidInput(
+                f"step {index} ({spec.name}) takes {sorted(cls.accepts)} but the step before it "
+                f"leaves a {current} model",
+                code="steps_do_not_chain",
+                details={"index": index, "step": spec.name, "input_format": current, "accepts": sorted(cls.accepts)},
+            )
+        try:
+            config = cls.Config.model_validate(spec.config)
+        except ValidationError as exc:
+            raise InvalidInput(
+                f"invalid config for step {index} ({spec.name})",
+                code="invalid_step_config",
+                details={
+                    "index": index,
+                    "step": spec.name,
+                    "errors": [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()],
+                },
+            ) from None
+        if NEEDS_CALIBRATION in cls.needs and calibration is None:
+            raise InvalidInput(
+                f"step {spec.name} needs calibration_dataset_id (a few hundred representative images)",
+                code="calibration_dataset_required",
+                details={"step": spec.name},
+            )
+        if NEEDS_DATASET in cls.needs and calibration is None and evaluation is None:
+            raise InvalidInput(
+                f"step {spec.name} needs evaluation_dataset_id or calibration_dataset_id",
+                code="dataset_required",
+                details={"step": spec.name},
+            )
+        if cls.queue == "gpu":
+            queue = "gpu"
+        planned.append(PlannedStep(name=spec.name, config=config.model_dump(mode="json")))
+        current = cls().output_format(current)
+
+    input_spec = resolve_input_spec(model_inputs, input_shape)
+    for role, facts in (("calibration", calibration), ("evaluation", evaluation)):
+        if facts is None:
+            continue
+        if len(input_spec) != 1:
+            raise InvalidInput(
+                "datasets can feed single-input models only", code="shape_mismatch",
+                details={"inputs": [s["name"] for s in input_spec]},
+            )
+        problem = dataset_fit_error(layout=facts.layout, sample_shape=facts.sample_shape, input_shape=input_spec[0]["shape"])
+        if problem:
+            raise InvalidInput(
+                f"the {role} dataset does not fit the model: {problem}",
+                code="shape_mismatch",
+                details={"dataset_id": facts.id, "input": input_spec[0]},
+            )
+    return JobPlan(steps=planned, queue=queue, input_spec=input_spec)

@@ -1,0 +1,451 @@
+"""The pipeline runner: claims a job, runs its steps (passes) in order, uploads artifacts under
+deterministic keys, records progress, heartbeat and metrics, and always ends the job
+``succeeded``, ``failed`` (step, reason, log tail) or ``cancelled``.
+
+Re-runs are safe: an artifact's key is the sha256 of everything that determines it, and a
+step whose result is already in the store is reused instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.errors import CvoptError, JobCancelled, NotFound
+from core.models import Artifact, Dataset, Job, JobStatus, JobStep, StepStatus, utcnow
+from core.queue import enqueue_job
+from core.schemas import Preprocessing
+from core.settings import Settings
+from core.storage import ObjectStore
+from worker.passes.base import ArtifactRef, DatasetRef, PassContext, PassResult
+from worker.passes.registry import get_pass
+
+log = logging.getLogger("cvopt.runner")
+
+FILE_EXTENSIONS = {"onnx": ".onnx", "torchscript": ".ts.pt", "exported_program": ".pt2"}
+LOG_TAIL_CHARS = 4000
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def canonical_digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _LogTail(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: collections.deque[str] = collections.deque(maxlen=200)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)[-LOG_TAIL_CHARS:]
+
+
+class _Heartbeat(threading.Thread):
+    """Writes heartbeat and progress while a step runs; notices a cancel request."""
+
+    def __init__(self, job_id: str, sessions: sessionmaker[Session], interval: float) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.job_id, self.sessions, self.interval = job_id, sessions, interval
+        self.progress = 0.0
+        self.cancelled = threading.Event()
+        self.stopped = threading.Event()
+
+    def beat(self) -> None:
+        with self.sessions() as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.status == JobStatus.running)
+                .values(heartbeat_at=utcnow(), progress=self.progress)
+            )
+            cancel = s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
+            s.commit()
+        if cancel:
+            self.cancelled.set()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.beat()
+            except Exception:  # a database blip must not kill the job; the next beat retries
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+
+@dataclass
+class _Claim:
+    job_id: str
+    attempt: int
+
+
+class JobRunner:
+    def __init__(self, *, settings: Settings, store: ObjectStore, sessions: sessionmaker[Session]) -> None:
+        self.settings, self.store, self.sessions = settings, store, sessions
+        self.me = worker_identity()
+
+    # -- claiming ------------------------------------------------------------------------------
+
+    def _claim(self, job_id: str) -> _Claim | None:
+        with self.sessions() as s:
+            job = s.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+            if job is None:
+                log.warning("job %s does not exist; dropping its message", job_id)
+                return None
+            if job.status.terminal:
+                return None
+            now = utcnow()
+            if job.cancel_requested:
+                self._finish_cancelled(job)
+                s.commit()
+                return None
+            if (
+                job.status == JobStatus.running
+                and job.heartbeat_at is not None
+                and now - job.heartbeat_at < timedelta(seconds=self.settings.stale_after_seconds)
+            ):
+                log.info("job %s is running on %s; ignoring a duplicate delivery", job_id, job.worker)
+                return None
+            if job.attempts >= self.settings.max_attempts:
+                job.status = JobStatus.failed
+                job.error_code = "too_many_attempts"
+                job.error_message = (
+                    f"the job was started {job.attempts} times and its worker was lost each time "
+                    "(killed, out of memory, or restarted)"
+                )
+                job.error_step = job.current_step
+                job.finished_at = now
+                s.commit()
+                return None
+            job.status = JobStatus.running
+            job.attempts += 1
+            job.worker = self.me
+            job.heartbeat_at = now
+            job.started_at = job.started_at or now
+            s.commit()
+            return _Claim(job_id=job_id, attempt=job.attempts)
+
+    @staticmethod
+    def _finish_cancelled(job: Job) -> None:
+        job.status = JobStatus.cancelled
+        job.finished_at = utcnow()
+        job.current_step = None
+        for step in job.steps:
+            if step.status in (StepStatus.pending, StepStatus.running):
+                step.status = StepStatus.skipped
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self, job_id: str) -> None:
+        claim = self._claim(job_id)
+        if claim is None:
+            return
+        work = self.settings.work_dir / job_id / f"attempt-{claim.attempt}"
+        work.mkdir(parents=True, exist_ok=True)
+        tail = _LogTail()
+        cvopt_logger = logging.getLogger("cvopt")
+        cvopt_logger.addHandler(tail)
+        heartbeat = _Heartbeat(job_id, self.sessions, self.settings.heartbeat_seconds)
+        heartbeat.start()
+        try:
+            self._run_steps(job_id, work, heartbeat, tail)
+        finally:
+            heartbeat.stopped.set()
+            heartbeat.join(timeout=5)
+            cvopt_logger.removeHandler(tail)
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _fetch(self, key: str, dest: Path) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.store.get_file(key, dest)
+        return dest
+
+    def _dataset_ref(self, dataset: Dataset | None, work: Path, role: str) -> DatasetRef | None:
+        if dataset is None:
+            return None
+        path = self._fetch(dataset.storage_key, work / "inputs" / f"{role}.{dataset.format}")
+        return DatasetRef(
+            path=path, format=dataset.format, labeled=dataset.labeled, num_samples=dataset.num_samples,
+            layout=dataset.layout, sample_shape=list(dataset.sample_shape),
+        )
+
+    def _run_steps(self, job_id: str, work: Path, heartbeat: _Heartbeat, tail: _LogTail) -> None:
+        with self.sessions() as s:
+            job = s.get(Job, job_id)
+            model = job.model
+            calibration = s.get(Dataset, job.calibration_dataset_id) if job.calibration_dataset_id else None
+            evaluation = s.get(Dataset, job.evaluation_dataset_id) if job.evaluation_dataset_id else None
+            steps = [(st.id, st.index, st.name, dict(st.config), st.status) for st in job.steps]
+            input_spec = list(job.input_spec)
+            preprocessing = Preprocessing.model_validate(job.preprocessing or {})
+            dataset_digests = {
+                "calibration": calibration.sha256 if calibration else None,
+                "evaluation": evaluation.sha256 if evaluation else None,
+            }
+            model_key, model_format, model_sha = model.storage_key, model.format, model.sha256
+            model_name = model.filename
+
+        current_step: str | None = None
+        try:
+            original_path = self._fetch(model_key, work / "inputs" / f"original{FILE_EXTENSIONS.get(model_format, '')}")
+            original = ArtifactRef(name=model_name, format=model_format, path=original_path)
+            calibration_ref = self._dataset_ref(calibration, work, "calibration")
+            evaluation_ref = self._dataset_ref(evaluation, work, "evaluation")
+
+            chain = original
+            chain_sha = model_sha
+            artifacts: list[ArtifactRef] = []
+            total = len(steps)
+            for step_id, index, name, config_dict, status in steps:
+                current_step = name
+                if heartbeat.cancelled.is_set():
+                    raise JobCancelled()
+                cls = get_pass(name)
+                config = cls.Config.model_validate(config_dict)
+                step_dir = work / f"{index:02d}-{name}"
+                step_dir.mkdir(parents=True, exist_ok=True)
+                self._mark_step_running(job_id, step_id, name, index / total)
+                heartbeat.progress = index / total
+
+                def report(fraction: float, _i=index) -> None:
+                    heartbeat.progress = (_i + min(max(fraction, 0.0), 1.0)) / total
+
+                def check_cancelled() -> None:
+                    if heartbeat.cancelled.is_set():
+                        raise JobCancelled()
+
+                ctx = PassContext(
+                    work_dir=step_dir, original=original, artifacts=list(artifacts), input_spec=input_spec,
+                    preprocessing=preprocessing, calibration_dataset=calibration_ref,
+                    evaluation_dataset=evaluation_ref, threads=self.settings.benchmark_threads,
+                    log=logging.getLogger(f"cvopt.pass.{name}"), report_progress=report,
+                    check_cancelled=check_cancelled,
+                )
+                started = time.perf_counter()
+                log.info("job %s: step %d %s started", job_id, index, name)
+                cache_key = None
+                if cls.produces is not None:
+                    cache_key = "artifacts/" + canonical_digest({
+                        "pass": name,
+                        "pass_version": getattr(cls, "version", 1),
+                        "config": config.model_dump(mode="json"),
+                        "input_sha256": chain_sha,
+                        "input_spec": input_spec,
+                        "preprocessing": preprocessing.model_dump(mode="json"),
+                        "datasets": dataset_digests,
+                    })
+                result, cached = self._cached_result(cache_key, step_dir) if cache_key else (None, False)
+                if result is None:
+                    result = cls().run(ctx, chain, config)
+                duration = time.perf_counter() - started
+                artifact_ref = None
+                if result.artifact is not None:
+                    fmt = result.format or cls().output_format(chain.format)
+                    filename = f"{index:02d}-{name}{FILE_EXTENSIONS.get(fmt, '')}"
+                    artifact_ref = ArtifactRef(name=filename, format=fmt, path=result.artifact, step=name, step_index=index)
+                    chain_sha = self._record_artifact(job_id, step_id, index, name, artifact_ref, cache_key, result, cached)
+                    chain = artifact_ref
+                    artifacts.append(artifact_ref)
+                metrics = dict(result.metrics, duration_s=round(duration, 3), cached=cached)
+                self._mark_step_done(job_id, step_id, metrics)
+                log.info("job %s: step %d %s finished in %.2fs", job_id, index, name, duration)
+            self._finish(job_id, JobStatus.succeeded, tail=tail)
+        except JobCancelled:
+            log.info("job %s cancelled during %s", job_id, current_step)
+            with self.sessions() as s:
+                job = s.get(Job, job_id)
+                self._finish_cancelled(job)
+                job.log_tail = tail.text()
+                s.commit()
+        except CvoptError as exc:
+            log.warning("job %s failed at %s: %s", job_id, current_step, exc.message)
+            self._finish(job_id, JobStatus.failed, tail=tail, step=current_step, code=exc.code, message=exc.message)
+        except MemoryError:
+            self._finish(
+                job_id, JobStatus.failed, tail=tail, step=current_step, code="out_of_memory",
+                message=f"out of memory at step {current_step}",
+            )
+        except Exception as exc:
+            # A bug or an unexpected library error: the job still ends failed with a reason,
+            # and the exception goes on to the worker's log and Celery.
+            log.exception("job %s crashed at %s", job_id, current_step)
+            first_line = (str(exc).strip().splitlines() or [""])[0][:500]
+            self._finish(
+                job_id, JobStatus.failed, tail=tail, step=current_step, code="internal_error",
+                message=f"step {current_step} crashed: {type(exc).__name__}: {first_line}",
+                extra_log=traceback.format_exc(),
+            )
+            raise
+
+    # -- the store as a cache --------------------------------------------------------------------
+
+    def _cached_result(self, cache_key: str, step_dir: Path) -> tuple[PassResult | None, bool]:
+        manifest_key = f"{cache_key}/result.json"
+        try:
+            manifest_path = self._fetch(manifest_key, step_dir / "cached-result.json")
+        except NotFound:
+            return None, False
+        manifest = json.loads(manifest_path.read_text())
+        artifact = self._fetch(f"{cache_key}/{manifest['file']}", step_dir / manifest["file"])
+        if sha256_file(artifact) != manifest["sha256"]:
+            log.warning("cached artifact %s is corrupt; recomputing", cache_key)
+            return None, False
+        return PassResult(metrics=manifest["metrics"], artifact=artifact, format=manifest["format"], meta=manifest["meta"]), True
+
+    def _record_artifact(self, job_id, step_id, index, name, ref: ArtifactRef, cache_key, result: PassResult, cached) -> str:
+        digest = sha256_file(ref.path)
+        size = ref.path.stat().st_size
+        stored_name = "artifact" + FILE_EXTENSIONS.get(ref.format, "")
+        file_key = f"{cache_key}/{stored_name}"
+        if not cached:
+            self.store.put_file(file_key, ref.path)
+            manifest = ref.path.parent / "result.json"
+            manifest.write_text(json.dumps(_json_safe({
+                "file": stored_name, "sha256": digest, "format": ref.format,
+                "metrics": result.metrics, "meta": result.meta,
+            })))
+            # The manifest goes last: its presence means the artifact is whole.
+            self.store.put_file(f"{cache_key}/result.json", manifest)
+        with self.sessions() as s:
+            existing = s.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.step_index == index))
+            if existing is None:
+                existing = Artifact(job_id=job_id, step_index=index)
+                s.add(existing)
+            existing.step, existing.name, existing.format = name, ref.name, ref.format
+            existing.storage_key, existing.sha256, existing.size_bytes = file_key, digest, size
+            existing.meta = dict(result.meta)
+            s.flush()
+            s.execute(update(JobStep).where(JobStep.id == step_id).values(artifact_id=existing.id))
+            s.commit()
+        return digest
+
+    # -- row updates -----------------------------------------------------------------------------
+
+    def _mark_step_running(self, job_id: str, step_id: str, name: str, progress: float) -> None:
+        with self.sessions() as s:
+            s.execute(
+                update(JobStep).where(JobStep.id == step_id)
+                .values(status=StepStatus.running, started_at=utcnow(), finished_at=None, message=None)
+            )
+            s.execute(
+                update(Job).where(Job.id == job_id)
+                .values(current_step=name, progress=progress, heartbeat_at=utcnow())
+            )
+            s.commit()
+
+    def _mark_step_done(self, job_id: str, step_id: str, metrics: dict[str, Any]) -> None:
+        with self.sessions() as s:
+            s.execute(
+                update(JobStep).where(JobStep.id == step_id)
+                .values(status=StepStatus.succeeded, finished_at=utcnow(), metrics=_json_safe(metrics))
+            )
+            s.commit()
+
+    def _finish(
+        self, job_id: str, status: JobStatus, *, tail: _LogTail, step: str | None = None,
+        code: str | None = None, message: str | None = None, extra_log: str | None = None,
+    ) -> None:
+        with self.sessions() as s:
+            job = s.get(Job, job_id)
+            job.status = status
+            job.finished_at = utcnow()
+            job.log_tail = ((tail.text() + "\n" + (extra_log or "")).strip())[-LOG_TAIL_CHARS:]
+            if status == JobStatus.succeeded:
+                job.progress = 1.0
+                job.current_step = None
+            else:
+                job.error_code, job.error_message, job.error_step = code, message, step
+                for st in job.steps:
+                    if st.name == step and st.status == StepStatus.running:
+                        st.status = StepStatus.failed
+                        st.finished_at = utcnow()
+                        st.message = message
+                    elif st.status in (StepStatus.pending, StepStatus.running):
+                        st.status = StepStatus.skipped
+            s.commit()
+
+
+def _json_safe(value: Any) -> Any:
+    """Metrics go into JSON columns: infinities (a perfect SNR) become strings."""
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return str(value)
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# -- the reaper ----------------------------------------------------------------------------------
+
+
+def reap_stale_jobs(*, settings: Settings, sessions: sessionmaker[Session], celery=None) -> dict[str, int]:
+    """Re-queue running jobs whose worker went silent and queued jobs nobody picked up.
+
+    The broker only carries ids; this makes the database the source of truth again after a
+    worker died or the broker lost its queue. Bounded: a job past max_attempts fails.
+    """
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.stale_after_seconds)
+    forgotten = now - timedelta(seconds=settings.requeue_after_seconds)
+    requeue: list[tuple[str, str]] = []
+    failed = 0
+    with sessions() as s:
+        rows = s.scalars(
+            select(Job)
+            .where(
+                ((Job.status == JobStatus.running) & (Job.heartbeat_at < stale))
+                | ((Job.status == JobStatus.queued) & (Job.enqueued_at < forgotten))
+            )
+            .with_for_update(skip_locked=True)
+            .limit(100)
+        ).all()
+        for job in rows:
+            if job.status == JobStatus.running and job.attempts >= settings.max_attempts:
+                job.status = JobStatus.failed
+                job.error_code = "too_many_attempts"
+                job.error_step = job.current_step
+                job.error_message = (
+                    f"the worker running step {job.current_step} stopped answering "
+                    f"{job.attempts} times (killed, out of memory, or restarted)"
+                )
+                job.finished_at = now
+                failed += 1
+                continue
+            job.status = JobStatus.queued
+            job.enqueued_at = now
+            requeue.append((job.id, job.queue))
+        s.commit()
+    for job_id, queue in requeue:
+        log.warning("re-queueing job %s", job_id)
+        enqueue_job(job_id, queue, celery=celery)
+    return {"requeued": len(requeue), "failed": failed}
