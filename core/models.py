@@ -152,7 +152,7 @@ class Job(Base):
     steps: Mapped[list["JobStep"]] = relationship(
         back_populates="job", order_by="JobStep.index", cascade="all, delete-orphan", lazy="selectin"
     )
-    model: Mapped[Model] = relationship(lazy="joined")
+    model: Mapped[Model] = relationship(lazy="select")
 
 
 class JobStep(Base):

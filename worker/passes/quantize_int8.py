@@ -105,8 +105,9 @@ class QuantizeInt8(Pass):
             extra_options={
                 "ActivationSymmetric": config.symmetric_activations,
                 "CalibPercentile": config.percentile,
-                # Merge ranges every few batches instead of keeping every activation.
-                "CalibMaxIntermediateOutputs": 4,
+                # Not CalibMaxIntermediateOutputs: ORT 1.32 drops (not merges) what it collected
+                # when that cap is reached. MinMax keeps only per-batch min/max; entropy and
+                # percentile keep activations, so their sample count is what bounds memory.
             },
         )
         if reader.seen == 0:

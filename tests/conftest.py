@@ -1,0 +1,243 @@
+"""Fixtures for the real parts: Postgres, Redis, an S3-speaking server (moto), a Celery
+worker process and the API process, plus a small CNN trained on real digit images.
+
+Postgres and Redis are the machine's (127.0.0.1:5432 and :6379; .ci/run starts them);
+each test session gets its own database and Redis db number."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests import digits
+
+PG_ADMIN_URL = os.environ.get("CVOPT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("CVOPT_TEST_REDIS", "redis://127.0.0.1:6379/11")
+API_KEY = "cvopt_test_" + uuid.uuid4().hex
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- trained model and datasets ------------------------------------------------------------------
+
+
+@dataclass
+class DigitAssets:
+    x: object
+    y: object
+    models: dict[str, Path]
+    calibration_npz: Path
+    labeled_npz: Path
+    labeled_zip: Path
+    unlabeled_zip: Path
+
+
+@pytest.fixture(scope="session")
+def digit_assets(tmp_path_factory) -> DigitAssets:
+    root = tmp_path_factory.mktemp("digits")
+    net = digits.train_digit_net()
+    x, y = digits.load_digits_arrays()
+    return DigitAssets(
+        x=x, y=y,
+        models=digits.save_model_files(net, root / "models"),
+        calibration_npz=digits.write_npz(root / "calibration.npz", x[:256]),
+        labeled_npz=digits.write_npz(root / "eval.npz", x[1500:], y[1500:]),
+        labeled_zip=digits.write_image_zip(root / "eval.zip", x[1500:], y[1500:]),
+        unlabeled_zip=digits.write_image_zip(root / "calibration.zip", x[:200], None),
+    )
+
+
+# -- services ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    import psycopg
+
+    name = f"cvopt_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def migrated_pg(pg_url):
+    from core.migrate import upgrade
+
+    upgrade(pg_url)
+    return pg_url
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 in server mode: a real HTTP server speaking the S3 protocol."""
+    import boto3
+
+    port = free_port()
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(endpoint + "/moto-api/", proc=proc)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket="cvopt-test")
+        yield S3Server(endpoint=endpoint, bucket="cvopt-test", env={
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        })
+    finally:
+        stop(proc)
+        log.close()
+
+
+# -- the distributed stack: API process + Celery worker process ---------------------------------
+
+
+@dataclass
+class Stack:
+    base_url: str
+    env: dict[str, str]
+    api_key: str
+    client: httpx.Client
+    logs: Path
+
+    def wait_for_job(self, job_id: str, timeout: float = 240) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.client.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(0.3)
+        raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
+
+
+def _start_stack(env: dict[str, str], tmp: Path, *, with_worker: bool, embedded: bool = False):
+    port = free_port()
+    logs = tmp / "logs"
+    logs.mkdir(exist_ok=True)
+    procs = []
+    api_log = open(logs / "api.log", "wb")
+    cmd = [str(VENV_BIN / "cvopt"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if not embedded:
+        cmd += ["--no-worker", "--migrate"]
+    api = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=api_log, stderr=subprocess.STDOUT)
+    procs.append(api)
+    if with_worker:
+        worker_log = open(logs / "worker.log", "wb")
+        procs.append(subprocess.Popen([str(VENV_BIN / "cvopt"), "worker", "--queues", "cpu"], env=env, cwd=tmp,
+                                      stdout=worker_log, stderr=subprocess.STDOUT))
+    base = f"http://127.0.0.1:{port}"
+    wait_for_http(base + "/healthz", timeout=90, proc=api)
+    return base, procs, logs
+
+
+def stack_env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CVOPT_")}
+    env.update({
+        "CVOPT_DATA_DIR": str(tmp / "data"),
+        "CVOPT_BOOTSTRAP_API_KEY": API_KEY,
+        "CVOPT_SECRET_KEY": "test-secret-" + "x" * 40,
+        "CVOPT_HEARTBEAT_SECONDS": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, migrated_pg, redis_url, s3_server):
+    tmp = tmp_path_factory.mktemp("stack")
+    env = stack_env(
+        tmp,
+        CVOPT_DATABASE_URL=migrated_pg,
+        CVOPT_BROKER_URL=redis_url,
+        CVOPT_STORAGE_URL=f"s3://{s3_server.bucket}/cvopt",
+        CVOPT_S3_ENDPOINT_URL=s3_server.endpoint,
+        CVOPT_MAX_UPLOAD_BYTES=str(8 * 1024 * 1024),
+        **s3_server.env,
+    )
+    base, procs, logs = _start_stack(env, tmp, with_worker=True)
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    try:
+        yield Stack(base_url=base, env=env, api_key=API_KEY, client=client, logs=logs)
+    finally:
+        client.close()
+        for p in procs:
+            stop(p)
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory):
+    """`cvopt serve` on its embedded defaults: SQLite, local storage, filesystem broker and a
+    real Celery worker process started by the command itself."""
+    tmp = tmp_path_factory.mktemp("embedded")
+    env = stack_env(tmp)
+    env.pop("CVOPT_SECRET_KEY")  # embedded mode makes and keeps its own
+    base, procs, logs = _start_stack(env, tmp, with_worker=False, embedded=True)
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    try:
+        yield Stack(base_url=base, env=env, api_key=API_KEY, client=client, logs=logs)
+    finally:
+        client.close()
+        for p in procs:
+            stop(p)
