@@ -94,4 +94,9 @@ def test_onnx_int8_in_embedded_mode_through_cvopt_serve(embedded, digit_assets, 
     job = run_onnx_int8(embedded, digit_assets, tmp_path, model_file=digit_assets.models["torchscript"],
                         job_route="/jobs", input_shape=[1, 1, 8, 8])
     artifacts = embedded.client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
-    assert artifacts[0]["url"].startswith(embedded.base_url + "/files/")
+    url = artifacts[0]["url"]
+    assert url.startswith(embedded.base_url + "/files/")
+    tampered = httpx.get(url.replace("sig=", "sig=0"))
+    assert tampered.status_code == 401 and tampered.json()["code"] == "invalid_signature"
+    other_object = httpx.get(url.replace("/files/artifacts/", "/files/artifacts/0"))
+    assert other_object.status_code == 401

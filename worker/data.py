@@ -112,4 +112,5 @@ def _npz_batches(dataset, shape, layout, dtype, batch_size, total):
                     x = x.transpose(0, 2, 3, 1)
                 elif dataset.layout == "NHWC" and layout == "NCHW":
                     x = x.transpose(0, 3, 1, 2)
-                yield np.ascontiguousarray(x, dtype=dtype), (y[start : start + n] if y is not None else None)
+                # A copy: frombuffer views are read-only, and runtimes may want to write.
+                yield np.array(x, dtype=dtype, order="C"), (y[start : start + n] if y is not None else None)

@@ -1,0 +1,77 @@
+"""The pass registry (one source of truth), recipe planning, and the API's import hygiene."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import worker.passes
+from core.errors import InvalidInput
+from core.schemas import StepSpec
+from worker.passes.base import Pass
+from worker.passes.registry import REGISTRY
+from worker.recipes import PRESETS, DatasetFacts, plan_job, resolve_input_spec
+
+
+def test_every_pass_module_registers_exactly_one_pass():
+    infrastructure = {"base", "registry"}
+    modules = [m.name for m in pkgutil.iter_modules(worker.passes.__path__) if m.name not in infrastructure]
+    found = {}
+    for name in modules:
+        module = importlib.import_module(f"worker.passes.{name}")
+        classes = [v for v in vars(module).values()
+                   if isinstance(v, type) and issubclass(v, Pass) and v.__module__ == module.__name__]
+        assert len(classes) == 1, f"{name} defines {classes}"
+        found[classes[0].name] = classes[0]
+    assert found == REGISTRY
+
+
+def test_every_preset_plans_on_a_pytorch_upload():
+    inputs = [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+    facts = DatasetFacts(id="d", layout="NCHW", sample_shape=[1, 8, 8])
+    for name, steps in PRESETS.items():
+        plan = plan_job(model_format="exported_program", model_inputs=inputs, steps=steps, input_shape=None,
+                        calibration=facts, evaluation=None)
+        assert [s.name for s in plan.steps] == [s.name for s in steps], name
+        assert plan.queue == "cpu"
+
+
+def test_step_configs_are_filled_with_defaults():
+    plan = plan_job(model_format="onnx", model_inputs=[{"name": "x", "shape": ["n", 3, 4, 4], "dtype": "float32"}],
+                    steps=[StepSpec(name="export_onnx", config={"opset": 15})], input_shape=None,
+                    calibration=None, evaluation=None)
+    assert plan.steps[0].config == {"opset": 15, "dynamic_batch": True, "simplify": True, "tolerance": 1e-3}
+    assert plan.input_spec == [{"name": "x", "shape": [1, 3, 4, 4], "dtype": "float32"}]
+
+
+def test_open_spatial_dims_need_an_input_shape():
+    inputs = [{"name": "x", "shape": ["n", 3, "h", "w"], "dtype": "float32"}]
+    with pytest.raises(InvalidInput) as err:
+        resolve_input_spec(inputs, None)
+    assert err.value.code == "input_shape_required"
+    assert resolve_input_spec(inputs, [2, 3, 64, 48])[0]["shape"] == [2, 3, 64, 48]
+    assert resolve_input_spec(inputs, {"x": [1, 3, 8, 8]})[0]["shape"] == [1, 3, 8, 8]
+
+
+def test_several_inputs_need_named_shapes():
+    inputs = [{"name": "a", "shape": None, "dtype": "float32"}, {"name": "b", "shape": None, "dtype": "float32"}]
+    with pytest.raises(InvalidInput) as err:
+        resolve_input_spec(inputs, [1, 3])
+    assert err.value.code == "input_shape_required"
+    with pytest.raises(InvalidInput) as err:
+        resolve_input_spec(inputs, {"a": [1], "c": [2]})
+    assert err.value.code == "shape_mismatch"
+
+
+def test_the_api_never_imports_torch_or_onnxruntime():
+    code = (
+        "import sys; import api.main; "
+        "heavy = [m for m in ('torch', 'onnxruntime', 'tensorflow', 'tensorrt', 'onnxscript') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,138 @@
+"""The runner's claim and the reaper, on Postgres, each test inside a transaction that is
+rolled back (the code under test commits to savepoints)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import redis
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+
+from core.models import Job, JobStatus, JobStep, Model, StepStatus, new_id, utcnow
+from core.queue import make_celery
+from core.settings import Settings
+from worker.runner import JobRunner, reap_stale_jobs
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def engine(migrated_pg):
+    engine = create_engine(migrated_pg)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine):
+    conn = engine.connect()
+    outer = conn.begin()
+    factory = sessionmaker(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    yield factory
+    outer.rollback()
+    conn.close()
+
+
+@pytest.fixture
+def broker(redis_url):
+    url = redis_url.rsplit("/", 1)[0] + "/12"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url, client
+    client.flushdb()
+
+
+def settings_for(broker_url: str, **kw) -> Settings:
+    return Settings(broker_url=broker_url, database_url="postgresql+psycopg://unused", storage_url="file:///tmp/unused",
+                    stale_after_seconds=60, requeue_after_seconds=300, max_attempts=3, **kw)
+
+
+def make_job(session, *, status: JobStatus, heartbeat_age: float | None = None, enqueued_age: float = 0,
+             attempts: int = 0, cancel_requested: bool = False) -> Job:
+    model = Model(id=new_id(), name="m", filename="m.onnx", format="onnx", sha256="0" * 64, size_bytes=1,
+                  storage_key="models/x/m.onnx", inputs=[], outputs=[])
+    now = utcnow()
+    job = Job(
+        id=new_id(), status=status, model_id=model.id, queue="cpu", input_spec=[], preprocessing={},
+        attempts=attempts, cancel_requested=cancel_requested, current_step="export_onnx",
+        heartbeat_at=None if heartbeat_age is None else now - timedelta(seconds=heartbeat_age),
+        enqueued_at=now - timedelta(seconds=enqueued_age), progress=0.0,
+        steps=[JobStep(index=0, name="export_onnx", config={}, status=StepStatus.pending, metrics={})],
+    )
+    session.add_all([model, job])
+    session.commit()
+    return job
+
+
+def queued_ids(client) -> list[str]:
+    import json
+
+    return [json.loads(m)["headers"]["argsrepr"] for m in client.lrange("cpu", 0, -1)]
+
+
+def test_reaper_requeues_a_job_whose_worker_went_silent(sessions, broker):
+    url, client = broker
+    with sessions() as s:
+        silent = make_job(s, status=JobStatus.running, heartbeat_age=600, attempts=1)
+        alive = make_job(s, status=JobStatus.running, heartbeat_age=5, attempts=1)
+    counts = reap_stale_jobs(settings=settings_for(url), sessions=sessions, celery=make_celery(settings_for(url)))
+    assert counts == {"requeued": 1, "failed": 0}
+    with sessions() as s:
+        assert s.get(Job, silent.id).status == JobStatus.queued
+        assert s.get(Job, alive.id).status == JobStatus.running
+    assert queued_ids(client) == [repr([silent.id])]
+
+
+def test_reaper_resends_a_queued_job_the_broker_lost(sessions, broker):
+    url, client = broker
+    with sessions() as s:
+        lost = make_job(s, status=JobStatus.queued, enqueued_age=3600)
+        fresh = make_job(s, status=JobStatus.queued, enqueued_age=1)
+    reap_stale_jobs(settings=settings_for(url), sessions=sessions, celery=make_celery(settings_for(url)))
+    assert queued_ids(client) == [repr([lost.id])]
+    with sessions() as s:
+        assert s.get(Job, fresh.id).status == JobStatus.queued
+
+
+def test_reaper_fails_a_job_after_max_attempts(sessions, broker):
+    url, client = broker
+    with sessions() as s:
+        doomed = make_job(s, status=JobStatus.running, heartbeat_age=600, attempts=3)
+    counts = reap_stale_jobs(settings=settings_for(url), sessions=sessions, celery=make_celery(settings_for(url)))
+    assert counts == {"requeued": 0, "failed": 1}
+    with sessions() as s:
+        job = s.get(Job, doomed.id)
+        assert job.status == JobStatus.failed and job.error_code == "too_many_attempts"
+        assert job.error_step == "export_onnx" and "3 times" in job.error_message
+    assert client.llen("cpu") == 0
+
+
+def test_a_duplicate_delivery_of_a_running_job_is_ignored(sessions, broker, tmp_path):
+    url, _ = broker
+    runner = JobRunner(settings=settings_for(url), store=None, sessions=sessions)
+    with sessions() as s:
+        busy = make_job(s, status=JobStatus.running, heartbeat_age=2, attempts=1)
+    assert runner._claim(busy.id) is None
+    with sessions() as s:
+        assert s.get(Job, busy.id).attempts == 1
+
+
+def test_claiming_a_cancelled_or_exhausted_job_ends_it(sessions, broker):
+    url, _ = broker
+    runner = JobRunner(settings=settings_for(url), store=None, sessions=sessions)
+    with sessions() as s:
+        cancelled = make_job(s, status=JobStatus.queued, cancel_requested=True)
+        exhausted = make_job(s, status=JobStatus.queued, attempts=3)
+        fine = make_job(s, status=JobStatus.queued)
+    assert runner._claim(cancelled.id) is None
+    assert runner._claim(exhausted.id) is None
+    claim = runner._claim(fine.id)
+    assert claim is not None and claim.attempt == 1
+    with sessions() as s:
+        assert s.get(Job, cancelled.id).status == JobStatus.cancelled
+        assert s.get(Job, cancelled.id).steps[0].status == StepStatus.skipped
+        assert s.get(Job, exhausted.id).status == JobStatus.failed
+        claimed = s.get(Job, fine.id)
+        assert claimed.status == JobStatus.running and claimed.worker == runner.me and claimed.heartbeat_at
