@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import AsyncIterator
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy import select
@@ -17,7 +17,15 @@ from core.settings import Settings, get_settings
 from core.storage import ObjectStore, get_store
 
 
-def get_session() -> Iterator[Session]:
+async def get_session() -> AsyncIterator[Session]:
+    """A session per request, without a thread of its own.
+
+    Making one does no I/O, so this runs on the event loop. Each sync dependency and the route
+    run in separate thread-pool hops; a connection held across hops can deadlock the pool under
+    load (requests holding connections while waiting for a thread, threads waiting for a
+    connection). So every hop ends its transaction (current_key commits after its lookup,
+    routes commit or only read), and the close here is then a no-op or a quick rollback.
+    """
     session = get_sessionmaker()()
     try:
         yield session
@@ -25,9 +33,28 @@ def get_session() -> Iterator[Session]:
         session.close()
 
 
+async def _store() -> ObjectStore:
+    # async: FastAPI runs sync dependencies in the thread pool; these are cached lookups and
+    # not worth a thread hop on every request.
+    return get_store()
+
+
+async def _settings() -> Settings:
+    return get_settings()
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
-StoreDep = Annotated[ObjectStore, Depends(get_store)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+T = TypeVar("T")
+
+
+def released(session: Session, value: T) -> T:
+    """Return ``value`` after ending the session's transaction: a sync route's response is
+    validated in another thread-pool hop, which must not wait while holding a connection."""
+    session.commit()
+    return value
+StoreDep = Annotated[ObjectStore, Depends(_store)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
 def hash_key(key: str) -> str:
@@ -41,6 +68,7 @@ def current_key(request: Request, session: SessionDep) -> ApiKey:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send the API key as 'Authorization: Bearer <key>'", code="missing_api_key")
     key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token.strip())))
+    session.commit()  # give the connection back before the route's own hop
     if key is None or key.revoked_at is not None:
         raise Unauthorized("the API key is not valid", code="invalid_api_key")
     return key
@@ -49,7 +77,7 @@ def current_key(request: Request, session: SessionDep) -> ApiKey:
 CurrentKey = Annotated[ApiKey, Depends(current_key)]
 
 
-def public_base_url(request: Request, settings: SettingsDep) -> str:
+async def public_base_url(request: Request, settings: SettingsDep) -> str:
     return settings.public_url or str(request.base_url)
 
 

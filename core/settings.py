@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     # Empty: taken from the request.
     public_url: str = ""
 
+    api_threads: int = Field(default=4, ge=1, le=256)
     worker_concurrency: int = Field(default=1, ge=1)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     # A running job whose heartbeat is older than this is taken to have lost its worker.

@@ -5,7 +5,7 @@ from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from api import services
-from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep
+from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep, released
 from api.uploads import multipart_openapi, receive_upload
 from core.models import Dataset
 from core.schemas import DatasetRead, DatasetsRead
@@ -45,12 +45,12 @@ def list_datasets(_key: CurrentKey, session: SessionDep, limit: int = 50, offset
     live = Dataset.deleted_at.is_(None)
     rows = session.scalars(select(Dataset).where(live).order_by(Dataset.created_at.desc()).limit(limit).offset(max(offset, 0))).all()
     count = session.scalar(select(func.count()).select_from(Dataset).where(live)) or 0
-    return DatasetsRead(data=[DatasetRead.model_validate(r) for r in rows], count=count)
+    return released(session, DatasetsRead(data=[DatasetRead.model_validate(r) for r in rows], count=count))
 
 
 @router.get("/{dataset_id}", response_model=DatasetRead)
 def read_dataset(dataset_id: str, _key: CurrentKey, session: SessionDep) -> DatasetRead:
-    return DatasetRead.model_validate(services.get_dataset(session=session, dataset_id=dataset_id))
+    return released(session, DatasetRead.model_validate(services.get_dataset(session=session, dataset_id=dataset_id)))
 
 
 @router.delete("/{dataset_id}", status_code=204)

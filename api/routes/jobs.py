@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from api import services
-from api.deps import BaseUrlDep, CurrentKey, SessionDep, StoreDep
+from api.deps import BaseUrlDep, CurrentKey, SessionDep, StoreDep, released
 from core.models import JobStatus
 from core.queue import enqueue_job
 from core.schemas import ArtifactsRead, JobCreate, JobRead, JobsRead, ReportRead
@@ -35,12 +35,12 @@ def list_jobs(_key: CurrentKey, session: SessionDep, status: JobStatus | None = 
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
               offset: Annotated[int, Query(ge=0)] = 0) -> JobsRead:
     rows, count = services.list_jobs(session=session, status=status, limit=limit, offset=offset)
-    return JobsRead(data=[services.job_to_read(j) for j in rows], count=count)
+    return released(session, JobsRead(data=[services.job_to_read(j) for j in rows], count=count))
 
 
 @router.get("/{job_id}", response_model=JobRead)
 def read_job(job_id: str, _key: CurrentKey, session: SessionDep) -> JobRead:
-    return services.job_to_read(services.get_job(session=session, job_id=job_id))
+    return released(session, services.job_to_read(services.get_job(session=session, job_id=job_id)))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
@@ -55,9 +55,9 @@ def list_artifacts(job_id: str, _key: CurrentKey, session: SessionDep, store: St
                    base_url: BaseUrlDep) -> ArtifactsRead:
     job = services.get_job(session=session, job_id=job_id)
     data = services.list_artifacts(session=session, store=store, job=job, base_url=base_url)
-    return ArtifactsRead(data=data, count=len(data))
+    return released(session, ArtifactsRead(data=data, count=len(data)))
 
 
 @router.get("/{job_id}/report", response_model=ReportRead)
 def read_report(job_id: str, _key: CurrentKey, session: SessionDep) -> ReportRead:
-    return services.build_report(session=session, job=services.get_job(session=session, job_id=job_id))
+    return released(session, services.build_report(session=session, job=services.get_job(session=session, job_id=job_id)))

@@ -5,7 +5,7 @@ from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from api import services
-from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep
+from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep, released
 from api.uploads import multipart_openapi, receive_upload
 from core.models import Model
 from core.schemas import ModelRead, ModelsRead
@@ -44,12 +44,12 @@ def list_models(_key: CurrentKey, session: SessionDep, limit: int = 50, offset: 
     live = Model.deleted_at.is_(None)
     rows = session.scalars(select(Model).where(live).order_by(Model.created_at.desc()).limit(limit).offset(max(offset, 0))).all()
     count = session.scalar(select(func.count()).select_from(Model).where(live)) or 0
-    return ModelsRead(data=[ModelRead.model_validate(r) for r in rows], count=count)
+    return released(session, ModelsRead(data=[ModelRead.model_validate(r) for r in rows], count=count))
 
 
 @router.get("/{model_id}", response_model=ModelRead)
 def read_model(model_id: str, _key: CurrentKey, session: SessionDep) -> ModelRead:
-    return ModelRead.model_validate(services.get_model(session=session, model_id=model_id))
+    return released(session, ModelRead.model_validate(services.get_model(session=session, model_id=model_id)))
 
 
 @router.delete("/{model_id}", status_code=204)
