@@ -8,12 +8,30 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api.uploads import Upload
 from core.datasets import inspect_dataset
 from core.errors import Conflict, InvalidInput, NotFound
 from core.model_formats import inspect_model
-from core.models import Artifact, Dataset, Job, JobStatus, JobStep, Model, StepStatus, new_id, utcnow
+from core.models import (
+    Artifact,
+    Dataset,
+    Job,
+    JobStatus,
+    JobStep,
+    Model,
+    StepStatus,
+    new_id,
+    utcnow,
+)
 from core.schemas import (
-    ArtifactRead, JobCreate, JobError, JobRead, ReportEntry, ReportRead, StepRead, TensorSpec,
+    ArtifactRead,
+    JobCreate,
+    JobError,
+    JobRead,
+    ReportEntry,
+    ReportRead,
+    StepRead,
+    TensorSpec,
 )
 from core.storage import ObjectStore
 from worker.recipes import DatasetFacts, plan_job, resolve_steps
@@ -32,19 +50,32 @@ def _store_then_add(*, session: Session, store: ObjectStore, key: str, path: Pat
         raise
 
 
+def _soft_delete(*, session: Session, store: ObjectStore, row: Model | Dataset, active_jobs: int, code: str) -> None:
+    """Hide the row (jobs keep their history) and remove its object, unless a job still needs it."""
+    if active_jobs:
+        raise Conflict(
+            f"{row.__tablename__[:-1]} {row.id} is used by {active_jobs} queued or running jobs; "
+            "cancel them first",
+            code=code, details={"active_jobs": active_jobs},
+        )
+    row.deleted_at = utcnow()
+    session.flush()
+    store.delete(row.storage_key)
+
+
 # -- models ------------------------------------------------------------------------------------
 
 
-def create_model(*, session: Session, store: ObjectStore, path: Path, filename: str, sha256: str,
-                 size_bytes: int, name: str | None) -> Model:
-    info = inspect_model(path)  # 415 for random bytes, truncated files and pickles
+def create_model(*, session: Session, store: ObjectStore, upload: Upload) -> Model:
+    info = inspect_model(upload.path)  # 415 for random bytes, truncated files and pickles
     model_id = new_id()
-    key = f"models/{model_id}/{filename}"
+    key = f"models/{model_id}/{upload.filename}"
     row = Model(
-        id=model_id, name=name or filename, filename=filename, format=info.format, sha256=sha256,
-        size_bytes=size_bytes, storage_key=key, inputs=info.inputs, outputs=info.outputs,
+        id=model_id, name=upload.fields.get("name") or upload.filename, filename=upload.filename,
+        format=info.format, sha256=upload.sha256, size_bytes=upload.size_bytes, storage_key=key,
+        inputs=info.inputs, outputs=info.outputs,
     )
-    _store_then_add(session=session, store=store, key=key, path=path, row=row)
+    _store_then_add(session=session, store=store, key=key, path=upload.path, row=row)
     return row
 
 
@@ -61,31 +92,24 @@ def delete_model(*, session: Session, store: ObjectStore, model_id: str) -> None
         select(func.count()).select_from(Job)
         .where(Job.model_id == model_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
     )
-    if active:
-        raise Conflict(
-            f"model {model_id} has {active} queued or running jobs; cancel them first",
-            code="model_in_use", details={"active_jobs": active},
-        )
-    model.deleted_at = utcnow()
-    session.flush()
-    store.delete(model.storage_key)
+    _soft_delete(session=session, store=store, row=model, active_jobs=active, code="model_in_use")
 
 
 # -- datasets ----------------------------------------------------------------------------------
 
 
-def create_dataset(*, session: Session, store: ObjectStore, path: Path, filename: str, sha256: str,
-                   size_bytes: int, name: str | None) -> Dataset:
-    info = inspect_dataset(path)
+def create_dataset(*, session: Session, store: ObjectStore, upload: Upload) -> Dataset:
+    info = inspect_dataset(upload.path)
     dataset_id = new_id()
-    key = f"datasets/{dataset_id}/{filename}"
+    key = f"datasets/{dataset_id}/{upload.filename}"
     row = Dataset(
-        id=dataset_id, name=name or filename, filename=filename, format=info.format, sha256=sha256,
-        size_bytes=size_bytes, storage_key=key, num_samples=info.num_samples, labeled=info.labeled,
+        id=dataset_id, name=upload.fields.get("name") or upload.filename, filename=upload.filename,
+        format=info.format, sha256=upload.sha256, size_bytes=upload.size_bytes, storage_key=key,
+        num_samples=info.num_samples, labeled=info.labeled,
         num_classes=info.num_classes, class_names=info.class_names, sample_shape=info.sample_shape,
         layout=info.layout,
     )
-    _store_then_add(session=session, store=store, key=key, path=path, row=row)
+    _store_then_add(session=session, store=store, key=key, path=upload.path, row=row)
     return row
 
 
@@ -104,11 +128,7 @@ def delete_dataset(*, session: Session, store: ObjectStore, dataset_id: str) -> 
             Job.status.in_([JobStatus.queued, JobStatus.running]),
         )
     )
-    if active:
-        raise Conflict(f"dataset {dataset_id} is used by {active} active jobs", code="dataset_in_use")
-    dataset.deleted_at = utcnow()
-    session.flush()
-    store.delete(dataset.storage_key)
+    _soft_delete(session=session, store=store, row=dataset, active_jobs=active, code="dataset_in_use")
 
 
 # -- jobs --------------------------------------------------------------------------------------

@@ -11,13 +11,17 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 
 from core.errors import InvalidInput, PayloadTooLarge
+from core.settings import Settings
 
 MAX_TEXT_FIELD = 4096
 
@@ -153,6 +157,20 @@ async def receive_upload(request: Request, *, file_field: str, max_bytes: int, t
         sha256=digest.hexdigest(),
         fields=fields,
     )
+
+
+T = TypeVar("T")
+
+
+async def handle_upload(request: Request, settings: Settings, create: Callable[[Upload], T]) -> T:
+    """Receive the ``file`` field, hand it to ``create`` (in a thread: it inspects and stores
+    it), and remove the temporary file whatever happens."""
+    upload = await receive_upload(request, file_field="file", max_bytes=settings.max_upload_bytes,
+                                  tmp_dir=settings.upload_tmp_dir)
+    try:
+        return await run_in_threadpool(create, upload)
+    finally:
+        upload.discard()
 
 
 def multipart_openapi(description: str) -> dict:

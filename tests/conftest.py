@@ -191,6 +191,17 @@ def _start_stack(env: dict[str, str], tmp: Path, *, with_worker: bool, embedded:
     return base, procs, logs
 
 
+def _running_stack(env: dict[str, str], tmp: Path, **kw):
+    base, procs, logs = _start_stack(env, tmp, **kw)
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    try:
+        yield Stack(base_url=base, env=env, api_key=API_KEY, client=client, logs=logs)
+    finally:
+        client.close()
+        for p in procs:
+            stop(p)
+
+
 def stack_env(tmp: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CVOPT_")}
     env.update({
@@ -216,14 +227,7 @@ def stack(tmp_path_factory, migrated_pg, redis_url, s3_server):
         CVOPT_MAX_UPLOAD_BYTES=str(8 * 1024 * 1024),
         **s3_server.env,
     )
-    base, procs, logs = _start_stack(env, tmp, with_worker=True)
-    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
-    try:
-        yield Stack(base_url=base, env=env, api_key=API_KEY, client=client, logs=logs)
-    finally:
-        client.close()
-        for p in procs:
-            stop(p)
+    yield from _running_stack(env, tmp, with_worker=True)
 
 
 @pytest.fixture(scope="session")
@@ -233,11 +237,4 @@ def embedded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("embedded")
     env = stack_env(tmp)
     env.pop("CVOPT_SECRET_KEY")  # embedded mode makes and keeps its own
-    base, procs, logs = _start_stack(env, tmp, with_worker=False, embedded=True)
-    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
-    try:
-        yield Stack(base_url=base, env=env, api_key=API_KEY, client=client, logs=logs)
-    finally:
-        client.close()
-        for p in procs:
-            stop(p)
+    yield from _running_stack(env, tmp, with_worker=False, embedded=True)

@@ -8,7 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from core.datasets import decode_image, list_images, model_layout, open_archive, read_member
+from core.datasets import (
+    decode_image,
+    list_images,
+    model_layout,
+    open_archive,
+    read_member,
+)
 from core.errors import PassError
 from core.schemas import Preprocessing
 from worker.passes.base import DatasetRef

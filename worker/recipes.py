@@ -90,7 +90,7 @@ def resolve_input_spec(
                 raise InvalidInput(f"input_shape for {name!r} must be positive, got {shape}", code="shape_mismatch")
             if file_shape is not None:
                 if len(file_shape) != len(shape) or any(
-                    isinstance(f, int) and f != s for f, s in zip(file_shape, shape)
+                    isinstance(f, int) and f != s for f, s in zip(file_shape, shape, strict=False)
                 ):
                     raise InvalidInput(
                         f"input_shape {shape} for {name!r} does not match the model's {file_shape}",

@@ -202,7 +202,7 @@ class JobRunner:
             model = job.model
             calibration = s.get(Dataset, job.calibration_dataset_id) if job.calibration_dataset_id else None
             evaluation = s.get(Dataset, job.evaluation_dataset_id) if job.evaluation_dataset_id else None
-            steps = [(st.id, st.index, st.name, dict(st.config), st.status) for st in job.steps]
+            steps = [(st.id, st.index, st.name, dict(st.config)) for st in job.steps]
             input_spec = list(job.input_spec)
             preprocessing = Preprocessing.model_validate(job.preprocessing or {})
             dataset_digests = {
@@ -223,7 +223,7 @@ class JobRunner:
             chain_sha = model_sha
             artifacts: list[ArtifactRef] = []
             total = len(steps)
-            for step_id, index, name, config_dict, status in steps:
+            for step_id, index, name, config_dict in steps:
                 current_step = name
                 if heartbeat.cancelled.is_set():
                     raise JobCancelled()

@@ -2,11 +2,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
-from starlette.concurrency import run_in_threadpool
 
 from api import services
 from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep, released
-from api.uploads import multipart_openapi, receive_upload
+from api.uploads import Upload, handle_upload, multipart_openapi
 from core.models import Dataset
 from core.schemas import DatasetRead, DatasetsRead
 
@@ -23,20 +22,12 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 )
 async def upload_dataset(request: Request, _key: CurrentKey, session: SessionDep, store: StoreDep,
                          settings: SettingsDep) -> DatasetRead:
-    upload = await receive_upload(request, file_field="file", max_bytes=settings.max_upload_bytes,
-                                  tmp_dir=settings.upload_tmp_dir)
-    try:
-        def create() -> DatasetRead:
-            dataset = services.create_dataset(
-                session=session, store=store, path=upload.path, filename=upload.filename,
-                sha256=upload.sha256, size_bytes=upload.size_bytes, name=upload.fields.get("name"),
-            )
-            session.commit()
-            return DatasetRead.model_validate(dataset)
+    def create(upload: Upload) -> DatasetRead:
+        dataset = services.create_dataset(session=session, store=store, upload=upload)
+        session.commit()
+        return DatasetRead.model_validate(dataset)
 
-        return await run_in_threadpool(create)
-    finally:
-        upload.discard()
+    return await handle_upload(request, settings, create)
 
 
 @router.get("", response_model=DatasetsRead)

@@ -2,11 +2,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
-from starlette.concurrency import run_in_threadpool
 
 from api import services
 from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep, released
-from api.uploads import multipart_openapi, receive_upload
+from api.uploads import Upload, handle_upload, multipart_openapi
 from core.models import Model
 from core.schemas import ModelRead, ModelsRead
 
@@ -22,20 +21,13 @@ router = APIRouter(prefix="/models", tags=["models"])
 async def upload_model(request: Request, _key: CurrentKey, session: SessionDep, store: StoreDep,
                        settings: SettingsDep) -> ModelRead:
     """Stream a model file to storage; its format and inputs/outputs are read from its content."""
-    upload = await receive_upload(request, file_field="file", max_bytes=settings.max_upload_bytes,
-                                  tmp_dir=settings.upload_tmp_dir)
-    try:
-        def create() -> ModelRead:
-            model = services.create_model(
-                session=session, store=store, path=upload.path, filename=upload.filename,
-                sha256=upload.sha256, size_bytes=upload.size_bytes, name=upload.fields.get("name"),
-            )
-            session.commit()
-            return ModelRead.model_validate(model)
 
-        return await run_in_threadpool(create)
-    finally:
-        upload.discard()
+    def create(upload: Upload) -> ModelRead:
+        model = services.create_model(session=session, store=store, upload=upload)
+        session.commit()
+        return ModelRead.model_validate(model)
+
+    return await handle_upload(request, settings, create)
 
 
 @router.get("", response_model=ModelsRead)

@@ -9,7 +9,15 @@ import time
 
 from pydantic import Field
 
-from worker.passes.base import ALL_MODEL_FORMATS, ONNX, ArtifactRef, Pass, PassConfig, PassContext, PassResult
+from worker.passes.base import (
+    ALL_MODEL_FORMATS,
+    ONNX,
+    ArtifactRef,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+)
 
 
 class BenchmarkConfig(PassConfig):

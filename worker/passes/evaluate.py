@@ -8,7 +8,13 @@ from pydantic import Field
 
 from core.errors import PassError
 from worker.passes.base import (
-    ALL_MODEL_FORMATS, NEEDS_DATASET, ArtifactRef, Pass, PassConfig, PassContext, PassResult,
+    ALL_MODEL_FORMATS,
+    NEEDS_DATASET,
+    ArtifactRef,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
 )
 
 
@@ -64,7 +70,7 @@ class _Tally:
                 "top1_agreement": self.agree / self.n,
                 "cosine": self.cos_sum / self.n,
                 "snr_db": snr(self.signal, self.noise),
-                "worst_channel_snr_db": min(snr(s, n) for s, n in zip(self.chan_signal, self.chan_noise)),
+                "worst_channel_snr_db": min(snr(s, n) for s, n in zip(self.chan_signal, self.chan_noise, strict=False)),
             },
         }
         if labeled:
@@ -105,7 +111,7 @@ class Evaluate(Pass):
         for x, labels in iter_batches(dataset, spec, ctx.preprocessing, batch_size=batch_size, limit=total):
             ctx.check_cancelled()
             reference = None
-            for runner, tally in zip(runners, tallies):
+            for runner, tally in zip(runners, tallies, strict=False):
                 out = runner(x)
                 reference = out if reference is None else reference
                 tally.add(out, reference, labels)
@@ -116,7 +122,7 @@ class Evaluate(Pass):
                 "dataset": used,
                 "results": [
                     {"artifact": v.name, "step": v.step, **t.result(dataset.labeled)}
-                    for v, t in zip(variants, tallies)
+                    for v, t in zip(variants, tallies, strict=False)
                 ],
             }
         )

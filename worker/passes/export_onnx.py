@@ -9,8 +9,15 @@ from pydantic import Field
 
 from core.errors import PassError
 from worker.passes.base import (
-    ALL_MODEL_FORMATS, EXPORTED_PROGRAM, ONNX, TORCHSCRIPT, ArtifactRef, Pass, PassConfig,
-    PassContext, PassResult,
+    ALL_MODEL_FORMATS,
+    EXPORTED_PROGRAM,
+    ONNX,
+    TORCHSCRIPT,
+    ArtifactRef,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
 )
 
 

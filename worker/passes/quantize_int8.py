@@ -8,7 +8,15 @@ from typing import Literal
 from pydantic import Field
 
 from core.errors import PassError
-from worker.passes.base import NEEDS_CALIBRATION, ONNX, ArtifactRef, Pass, PassConfig, PassContext, PassResult
+from worker.passes.base import (
+    NEEDS_CALIBRATION,
+    ONNX,
+    ArtifactRef,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+)
 
 
 class QuantizeInt8Config(PassConfig):
@@ -35,7 +43,13 @@ class QuantizeInt8(Pass):
 
     def run(self, ctx: PassContext, source: ArtifactRef, config: QuantizeInt8Config) -> PassResult:
         import onnx
-        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         from worker.data import iter_batches
