@@ -152,11 +152,13 @@ def create_job(*, session: Session, job_in: JobCreate) -> Job:
         if ds is None or ds.deleted_at is not None:
             raise InvalidInput(f"{role} dataset {dataset_id} not found", code="dataset_not_found",
                                details={f"{role}_dataset_id": dataset_id})
-        return DatasetFacts(id=ds.id, layout=ds.layout, sample_shape=list(ds.sample_shape))
+        return DatasetFacts(id=ds.id, layout=ds.layout, sample_shape=list(ds.sample_shape),
+                            num_classes=ds.num_classes if ds.labeled else None)
 
-    steps = resolve_steps(preset=job_in.preset, steps=job_in.step_specs())
+    has_dataset = bool(job_in.calibration_dataset_id or job_in.evaluation_dataset_id)
+    steps = resolve_steps(preset=job_in.preset, steps=job_in.step_specs(), has_dataset=has_dataset)
     plan = plan_job(
-        model_format=model.format, model_inputs=list(model.inputs), steps=steps,
+        model_format=model.format, model_inputs=list(model.inputs), model_outputs=list(model.outputs), steps=steps,
         input_shape=job_in.input_shape,
         calibration=facts(job_in.calibration_dataset_id, "calibration"),
         evaluation=facts(job_in.evaluation_dataset_id, "evaluation"),

@@ -156,6 +156,8 @@ def test_recipes_that_cannot_run_are_422_and_queue_nothing(stack, digit_assets, 
     ts_model = upload(client, "/v1/models", digit_assets.models["torchscript"])
     big = upload(client, "/v1/datasets", digit_assets.labeled_zip)  # images: fine for any size
     wrong_shape = client.post("/v1/datasets", files={"file": ("w.npz", _npz(x=np.zeros((4, 1, 16, 16), np.float32)))}).json()
+    many_classes = client.post("/v1/datasets", files={"file": ("c.npz", _npz(
+        x=np.zeros((12, 1, 8, 8), np.float32), y=np.arange(12, dtype=np.int64)))}).json()
     deleted = upload(client, "/v1/models", digit_assets.models["onnx"])
     assert client.delete(f"/v1/models/{deleted['id']}").status_code == 204
     m = digits_model["id"]
@@ -174,6 +176,7 @@ def test_recipes_that_cannot_run_are_422_and_queue_nothing(stack, digit_assets, 
         ({"model_id": m, "preset": "onnx-int8", "calibration_dataset_id": "0" * 32}, "dataset_not_found"),
         ({"model_id": deleted["id"], "preset": "onnx"}, "model_deleted"),
         ({"model_id": "0" * 32, "preset": "onnx"}, "model_not_found"),
+        ({"model_id": m, "preset": "onnx-fp16", "evaluation_dataset_id": many_classes["id"]}, "classes_mismatch"),
     ]
     jobs_before = client.get("/v1/jobs").json()["count"]
     for payload, code in cases:
@@ -256,3 +259,16 @@ def test_v1_and_the_root_alias_are_one_router_with_one_schema(stack):
     paths = httpx.get(stack.base_url + "/openapi.json").json()["paths"]
     assert "/v1/jobs" in paths and "/jobs" not in paths
     assert stack.client.get("/jobs").json().keys() == stack.client.get("/v1/jobs").json().keys()
+
+
+def test_fp16_preset_without_a_dataset_skips_evaluation(stack, digits_model):
+    resp = stack.client.post("/v1/jobs", json={"model_id": digits_model["id"], "preset": "onnx-fp16"})
+    assert resp.status_code == 202, resp.text
+    assert [s["name"] for s in resp.json()["steps"]] == ["export_onnx", "convert_fp16", "benchmark"]
+    job = stack.wait_for_job(resp.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    artifacts = stack.client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+    fp32, fp16 = artifacts
+    assert fp16["step"] == "convert_fp16" and fp16["size_bytes"] < 0.6 * fp32["size_bytes"]
+    report = stack.client.get(f"/v1/jobs/{job['id']}/report").json()
+    assert [e["step"] for e in report["entries"]] == [None, "export_onnx", "convert_fp16"]

@@ -127,3 +127,52 @@ def test_evaluate_reports_accuracy_and_fidelity(exported, digit_assets, tmp_path
     onnx_fidelity = rows["digits.onnx"]["fidelity"]
     assert onnx_fidelity["top1_agreement"] == 1.0 and onnx_fidelity["cosine"] > 0.9999
     assert onnx_fidelity["snr_db"] > 60 and onnx_fidelity["worst_channel_snr_db"] > 50
+
+
+def overflowing_model(path: Path) -> Path:
+    """x * 1e5 -> relu -> / 1e5 + x: exact in FP32, inf in plain FP16."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Mul", ["x", "big"], ["y"], name="scale_up"),
+        helper.make_node("Relu", ["y"], ["r"], name="relu"),
+        helper.make_node("Div", ["r", "big"], ["z"], name="scale_down"),
+        helper.make_node("Add", ["z", "x"], ["out"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes, "overflow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [numpy_helper.from_array(np.array(1e5, np.float32), "big")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_fp16_keeps_overflowing_nodes_in_fp32(tmp_path, digit_assets):
+    source = ArtifactRef("overflow.onnx", "onnx", overflowing_model(tmp_path / "overflow.onnx"))
+    ctx = context(tmp_path, source, calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256))
+    result = run_pass("convert_fp16", ctx, source)
+    assert set(result.metrics["kept_fp32"]) == {"scale_up", "relu", "scale_down"}
+    assert result.metrics["overflow_checked_on"] == "dataset"
+    x = digit_assets.x[:16]
+    out = ort.InferenceSession(str(result.artifact), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.isfinite(out).all() and np.abs(out - 2 * x).max() < 1e-2
+    # The node that does not overflow runs in FP16.
+    model = onnx.load(str(result.artifact))
+    add = next(n for n in model.graph.node if n.name == "add")
+    casts = {n.output[0]: n for n in model.graph.node if n.op_type == "Cast"}
+    assert all(i in casts for i in add.input)
+
+
+def test_fp16_digits_model_halves_and_agrees(exported, digit_assets, tmp_path):
+    ctx = context(tmp_path, exported)
+    result = run_pass("convert_fp16", ctx, exported)
+    assert result.metrics["kept_fp32"] == {} and result.metrics["overflow_checked_on"] == "random"
+    model = onnx.load(str(result.artifact))
+    assert {t.data_type for t in model.graph.initializer if len(t.dims) > 1} == {onnx.TensorProto.FLOAT16}
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert result.artifact.stat().st_size < 0.6 * exported.path.stat().st_size
+    x = digit_assets.x[1500:]
+    fp32 = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    fp16 = ort.InferenceSession(str(result.artifact), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert (fp32.argmax(1) == fp16.argmax(1)).mean() >= 0.99

@@ -19,6 +19,12 @@ from worker.passes.registry import get_pass
 
 PRESETS: dict[str, list[StepSpec]] = {
     "onnx": [StepSpec(name="export_onnx"), StepSpec(name="benchmark")],
+    "onnx-fp16": [
+        StepSpec(name="export_onnx"),
+        StepSpec(name="convert_fp16"),
+        StepSpec(name="benchmark"),
+        StepSpec(name="evaluate"),
+    ],
     "onnx-int8": [
         StepSpec(name="export_onnx"),
         StepSpec(name="quantize_int8"),
@@ -46,15 +52,18 @@ class DatasetFacts:
     id: str
     layout: str
     sample_shape: list[int]
+    num_classes: int | None = None
 
 
-def resolve_steps(*, preset: str | None, steps: list[StepSpec] | None) -> list[StepSpec]:
+def resolve_steps(*, preset: str | None, steps: list[StepSpec] | None, has_dataset: bool = True) -> list[StepSpec]:
+    """The job's steps. A preset's steps that need a dataset (evaluate) are left out when the
+    job gives none; explicit steps are taken as written and checked by plan_job."""
     if preset is not None:
         if preset not in PRESETS:
             raise InvalidInput(
                 f"unknown preset {preset!r}", code="unknown_preset", details={"presets": sorted(PRESETS)}
             )
-        return list(PRESETS[preset])
+        return [s for s in PRESETS[preset] if has_dataset or NEEDS_DATASET not in get_pass(s.name).needs]
     assert steps is not None
     return steps
 
@@ -90,7 +99,7 @@ def resolve_input_spec(
                 raise InvalidInput(f"input_shape for {name!r} must be positive, got {shape}", code="shape_mismatch")
             if file_shape is not None:
                 if len(file_shape) != len(shape) or any(
-                    isinstance(f, int) and f != s for f, s in zip(file_shape, shape, strict=False)
+                    isinstance(f, int) and f != s for f, s in zip(file_shape, shape, strict=True)
                 ):
                     raise InvalidInput(
                         f"input_shape {shape} for {name!r} does not match the model's {file_shape}",
@@ -121,6 +130,7 @@ def plan_job(
     *,
     model_format: str,
     model_inputs: list[dict[str, Any]],
+    model_outputs: list[dict[str, Any]] | None = None,
     steps: list[StepSpec],
     input_shape: list[int] | dict[str, list[int]] | None,
     calibration: DatasetFacts | None,
@@ -183,4 +193,20 @@ def plan_job(
                 code="shape_mismatch",
                 details={"dataset_id": facts.id, "input": input_spec[0]},
             )
+    _check_classes(evaluation, model_outputs or [])
     return JobPlan(steps=planned, queue=queue, input_spec=input_spec)
+
+
+def _check_classes(evaluation: DatasetFacts | None, outputs: list[dict[str, Any]]) -> None:
+    """A labeled evaluation set with more classes than the model scores cannot be evaluated."""
+    if evaluation is None or not evaluation.num_classes or not outputs:
+        return
+    shape = outputs[0].get("shape") or []
+    scores = shape[-1] if shape and isinstance(shape[-1], int) else None
+    if scores is not None and evaluation.num_classes > scores:
+        raise InvalidInput(
+            f"the evaluation dataset has {evaluation.num_classes} classes but the model's output "
+            f"{outputs[0]['name']!r} scores {scores}",
+            code="classes_mismatch",
+            details={"dataset_id": evaluation.id, "dataset_classes": evaluation.num_classes, "model_classes": scores},
+        )

@@ -70,7 +70,7 @@ class _Tally:
                 "top1_agreement": self.agree / self.n,
                 "cosine": self.cos_sum / self.n,
                 "snr_db": snr(self.signal, self.noise),
-                "worst_channel_snr_db": min(snr(s, n) for s, n in zip(self.chan_signal, self.chan_noise, strict=False)),
+                "worst_channel_snr_db": min(snr(s, n) for s, n in zip(self.chan_signal, self.chan_noise, strict=True)),
             },
         }
         if labeled:
@@ -111,8 +111,14 @@ class Evaluate(Pass):
         for x, labels in iter_batches(dataset, spec, ctx.preprocessing, batch_size=batch_size, limit=total):
             ctx.check_cancelled()
             reference = None
-            for runner, tally in zip(runners, tallies, strict=False):
+            for runner, tally in zip(runners, tallies, strict=True):
                 out = runner(x)
+                if labels is not None and out.ndim >= 2 and labels.size and labels.max() >= out.shape[1]:
+                    raise PassError(
+                        f"the dataset has labels up to {int(labels.max())} but the model scores "
+                        f"{out.shape[1]} classes",
+                        code="classes_mismatch",
+                    )
                 reference = out if reference is None else reference
                 tally.add(out, reference, labels)
             seen += len(x)
@@ -122,7 +128,7 @@ class Evaluate(Pass):
                 "dataset": used,
                 "results": [
                     {"artifact": v.name, "step": v.step, **t.result(dataset.labeled)}
-                    for v, t in zip(variants, tallies, strict=False)
+                    for v, t in zip(variants, tallies, strict=True)
                 ],
             }
         )
