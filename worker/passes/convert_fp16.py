@@ -8,7 +8,14 @@ from __future__ import annotations
 from pydantic import Field
 
 from core.errors import PassError
-from worker.passes.base import ONNX, ArtifactRef, Pass, PassConfig, PassContext, PassResult
+from worker.passes.base import (
+    ONNX,
+    ArtifactRef,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+)
 
 FP16_MAX = 65504.0
 
@@ -110,7 +117,10 @@ class ConvertFp16(Pass):
 
     def run(self, ctx: PassContext, source: ArtifactRef, config: ConvertFp16Config) -> PassResult:
         import onnx
-        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+        from onnxruntime.transformers.float16 import (
+            DEFAULT_OP_BLOCK_LIST,
+            convert_float_to_float16,
+        )
 
         from worker.data import iter_batches
         from worker.runtime import sample_feeds
