@@ -76,9 +76,12 @@ def digit_assets(tmp_path_factory) -> DigitAssets:
     root = tmp_path_factory.mktemp("digits")
     net = digits.train_digit_net()
     x, y = digits.load_digits_arrays()
+    models = digits.save_model_files(net, root / "models")
+    outlier = digits.save_model_files(digits.with_outlier_feature(net), root / "outlier")
+    models.update({"outlier_onnx": outlier["onnx"], "outlier_pt2": outlier["pt2"]})
     return DigitAssets(
         x=x, y=y,
-        models=digits.save_model_files(net, root / "models"),
+        models=models,
         calibration_npz=digits.write_npz(root / "calibration.npz", x[:256]),
         labeled_npz=digits.write_npz(root / "eval.npz", x[1500:], y[1500:]),
         labeled_zip=digits.write_image_zip(root / "eval.zip", x[1500:], y[1500:]),

@@ -103,3 +103,34 @@ def write_image_zip(path: Path, x: np.ndarray, y: np.ndarray | None) -> Path:
             name = f"digits/{y[i]}/{i:05d}.png" if y is not None else f"{i:05d}.png"
             zf.writestr(name, buf.getvalue())
     return path
+
+
+def with_outlier_feature(net, factor: float = 1e4):
+    """The same function, but one feature feeding the classifier is scaled up by ``factor`` (and
+    the classifier's weights for it scaled down): exact in FP32, while per-tensor INT8 of that
+    activation zeroes every other feature. The shape of a detector head that concatenates pixel
+    boxes with 0..1 scores."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    net = copy.deepcopy(net)
+
+    class Outlier(nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
+            scale = torch.ones(inner.head.in_features)
+            scale[0] = factor
+            self.register_buffer("scale", scale)
+            with torch.no_grad():
+                inner.head.weight[:, 0] /= factor
+
+        def forward(self, image):
+            i = self.inner
+            features = i.block(i.down(i.stem(image))).flatten(1)
+            # Keep the feature from being zero after ReLU so it really dominates the range.
+            return i.head((features + 1.0) * self.scale) - i.head.weight @ self.scale
+
+    return Outlier(net).eval()

@@ -272,3 +272,25 @@ def test_fp16_preset_without_a_dataset_skips_evaluation(stack, digits_model):
     assert fp16["step"] == "convert_fp16" and fp16["size_bytes"] < 0.6 * fp32["size_bytes"]
     report = stack.client.get(f"/v1/jobs/{job['id']}/report").json()
     assert [e["step"] for e in report["entries"]] == [None, "export_onnx", "convert_fp16"]
+
+
+def test_int8_auto_rescues_accuracy_and_reports_layers_kept_in_float(stack, digit_assets, calibration):
+    model = upload(stack.client, "/v1/models", digit_assets.models["outlier_pt2"])
+    evaluation = upload(stack.client, "/v1/datasets", digit_assets.labeled_npz)
+    resp = stack.client.post("/v1/jobs", json={
+        "model_id": model["id"], "preset": "onnx-int8-auto", "calibration_dataset_id": calibration["id"],
+        "evaluation_dataset_id": evaluation["id"],
+    })
+    assert resp.status_code == 202, resp.text
+    job = stack.wait_for_job(resp.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    quantize = next(s for s in job["steps"] if s["name"] == "quantize_int8")
+    fallback = quantize["metrics"]["fallback"]
+    assert fallback["tolerance_met"] and fallback["attempts"][0]["drop"] > 0.3
+    assert any(layer["op_type"] == "Mul" for layer in fallback["kept_float"])
+    speed = quantize["metrics"]["speed_search"]
+    if speed["candidates"][speed["chosen"]]["p50_ms"] > speed["fp32_p50_ms"]:
+        assert "slower than the FP32 graph" in quantize["message"]
+    report = stack.client.get(f"/v1/jobs/{job['id']}/report").json()
+    entries = {e["step"]: e for e in report["entries"]}
+    assert entries["quantize_int8"]["accuracy"]["top1"] >= entries[None]["accuracy"]["top1"] - 0.01

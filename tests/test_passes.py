@@ -25,7 +25,7 @@ def npz_ref(path: Path, labeled: bool, n: int) -> DatasetRef:
 
 def context(tmp_path: Path, original: ArtifactRef, artifacts=(), **kw) -> PassContext:
     work = tmp_path / "work"
-    work.mkdir(exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     return PassContext(work_dir=work, original=original, artifacts=list(artifacts), input_spec=SPEC,
                        preprocessing=PREP, **kw)
 
@@ -176,3 +176,44 @@ def test_fp16_digits_model_halves_and_agrees(exported, digit_assets, tmp_path):
     fp32 = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     fp16 = ort.InferenceSession(str(result.artifact), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     assert (fp32.argmax(1) == fp16.argmax(1)).mean() >= 0.99
+
+
+def test_per_layer_fallback_rescues_a_model_that_plain_int8_breaks(digit_assets, tmp_path):
+    source = ArtifactRef("outlier.onnx", "onnx", digit_assets.models["outlier_onnx"])
+    x, y = digit_assets.x[1500:], digit_assets.y[1500:]
+    fp32 = ort.InferenceSession(str(source.path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    fp32_acc = (fp32.argmax(1) == y).mean()
+    calibration = npz_ref(digit_assets.calibration_npz, False, 256)
+
+    plain = run_pass("quantize_int8", context(tmp_path / "plain", source, calibration_dataset=calibration), source)
+    plain_out = ort.InferenceSession(str(plain.artifact), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert (plain_out.argmax(1) == y).mean() < fp32_acc - 0.3  # plain INT8 collapses
+
+    ctx = context(tmp_path / "auto", source, calibration_dataset=calibration,
+                  evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297))
+    result = run_pass("quantize_int8", ctx, source, max_accuracy_drop=0.01)
+    fallback = result.metrics["fallback"]
+    assert fallback["tolerance_met"] and fallback["metric"] == "accuracy"
+    assert fallback["attempts"][0]["drop"] > 0.3 and fallback["attempts"][-1]["drop"] <= 0.01
+    out = ort.InferenceSession(str(result.artifact), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert (out.argmax(1) == y).mean() >= fp32_acc - 0.01
+    kept = {layer["node"]: layer for layer in fallback["kept_float"]}
+    # The outlier multiply: fine as a whole tensor, ruined per channel. The report says so.
+    mul = next(layer for layer in kept.values() if layer["op_type"] == "Mul")
+    assert mul["snr_db"] > 30 and mul["worst_channel_snr_db"] < 10 and "worst output channel" in mul["reason"]
+    assert result.metrics["quantize_linear_nodes"] > 0  # the rest stays INT8
+    assert len(kept) < len(onnx.load(str(source.path)).graph.node)
+
+
+def test_speed_search_times_candidates_against_fp32_and_says_when_int8_is_slower(exported, digit_assets, tmp_path):
+    ctx = context(tmp_path, exported, calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256))
+    result = run_pass("quantize_int8", ctx, exported, max_accuracy_drop=0.02, search_speed=True)
+    search = result.metrics["speed_search"]
+    assert set(search["candidates"]) >= {"qdq", "qdq_weighted_only"}
+    assert search["chosen"] in search["candidates"] and search["fp32_p50_ms"] > 0
+    chosen = search["candidates"][search["chosen"]]
+    assert chosen["drop"] <= 0.02
+    ok = [c for c in search["candidates"].values() if c["drop"] <= 0.02]
+    assert chosen["p50_ms"] == min(c["p50_ms"] for c in ok)
+    # Honest either way: a slower INT8 result carries a warning naming both timings.
+    assert ("warning" in result.metrics) == (chosen["p50_ms"] > search["fp32_p50_ms"])

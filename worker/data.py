@@ -51,25 +51,29 @@ def iter_batches(
     *,
     batch_size: int,
     limit: int | None = None,
+    offset: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """Yield (inputs, labels or None) with inputs shaped like ``input_spec`` but batch_size rows."""
+    """Yield (inputs, labels or None) with inputs shaped like ``input_spec`` but batch_size rows:
+    ``limit`` samples from sample ``offset`` on."""
     shape = [int(d) for d in input_spec["shape"]]
     dtype = NP_DTYPES.get(input_spec.get("dtype", "float32"), np.float32)
     layout = model_layout(shape)
-    total = dataset.num_samples if limit is None else min(limit, dataset.num_samples)
+    available = max(dataset.num_samples - offset, 0)
+    total = available if limit is None else min(limit, available)
     if dataset.format == "npz":
-        yield from _npz_batches(dataset, shape, layout, dtype, batch_size, total)
+        yield from _npz_batches(dataset, shape, layout, dtype, batch_size, offset, total)
     else:
-        yield from _image_batches(dataset, shape, layout, dtype, prep, batch_size, total)
+        yield from _image_batches(dataset, shape, layout, dtype, prep, batch_size, offset, total)
 
 
-def _image_batches(dataset, shape, layout, dtype, prep, batch_size, total):
+def _image_batches(dataset, shape, layout, dtype, prep, batch_size, offset, total):
     if layout == "NCHW":
         channels, height, width = shape[1:]
     else:
         height, width, channels = shape[1:]
     listing = list_images(dataset.path, dataset.format)
-    members = listing.members[:total]
+    members = listing.members[offset : offset + total]
+    labels_all = listing.labels[offset : offset + total] if listing.labels is not None else None
     with open_archive(dataset.path, dataset.format) as handle:
         for start in range(0, len(members), batch_size):
             names = members[start : start + batch_size]
@@ -79,8 +83,8 @@ def _image_batches(dataset, shape, layout, dtype, prep, batch_size, total):
                 arr = _image_to_array(img, height=height, width=width, channels=channels, prep=prep)
                 arrays.append(arr.transpose(2, 0, 1) if layout == "NCHW" else arr)
             labels = None
-            if listing.labels is not None:
-                labels = np.asarray(listing.labels[start : start + batch_size], dtype=np.int64)
+            if labels_all is not None:
+                labels = np.asarray(labels_all[start : start + batch_size], dtype=np.int64)
             yield np.stack(arrays).astype(dtype, copy=False), labels
 
 
@@ -99,7 +103,7 @@ def _read_npy_rows(zf: zipfile.ZipFile, member: str):
     return shape, dtype, fh
 
 
-def _npz_batches(dataset, shape, layout, dtype, batch_size, total):
+def _npz_batches(dataset, shape, layout, dtype, batch_size, offset, total):
     with zipfile.ZipFile(dataset.path) as zf:
         x_shape, x_dtype, xf = _read_npy_rows(zf, "x.npy")
         y = None
@@ -108,6 +112,9 @@ def _npz_batches(dataset, shape, layout, dtype, batch_size, total):
                 y = np.asarray(npz["y"], dtype=np.int64)
         row = int(np.prod(x_shape[1:])) * x_dtype.itemsize
         with xf:
+            if offset:
+                xf.seek(xf.tell() + offset * row)
+                y = y[offset:] if y is not None else None
             for start in range(0, total, batch_size):
                 n = min(batch_size, total - start)
                 buf = xf.read(row * n)

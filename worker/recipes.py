@@ -25,6 +25,12 @@ PRESETS: dict[str, list[StepSpec]] = {
         StepSpec(name="benchmark"),
         StepSpec(name="evaluate"),
     ],
+    "onnx-int8-auto": [
+        StepSpec(name="export_onnx"),
+        StepSpec(name="quantize_int8", config={"max_accuracy_drop": 0.01, "search_speed": True}),
+        StepSpec(name="benchmark"),
+        StepSpec(name="evaluate"),
+    ],
     "onnx-int8": [
         StepSpec(name="export_onnx"),
         StepSpec(name="quantize_int8"),

@@ -274,7 +274,7 @@ class JobRunner:
                     chain = artifact_ref
                     artifacts.append(artifact_ref)
                 metrics = dict(result.metrics, duration_s=round(duration, 3), cached=cached)
-                self._mark_step_done(job_id, step_id, metrics)
+                self._mark_step_done(job_id, step_id, metrics, message=result.metrics.get("warning"))
                 log.info("job %s: step %d %s finished in %.2fs", job_id, index, name, duration)
             self._finish(job_id, JobStatus.succeeded, tail=tail)
         except JobCancelled:
@@ -360,11 +360,11 @@ class JobRunner:
             )
             s.commit()
 
-    def _mark_step_done(self, job_id: str, step_id: str, metrics: dict[str, Any]) -> None:
+    def _mark_step_done(self, job_id: str, step_id: str, metrics: dict[str, Any], message: str | None) -> None:
         with self.sessions() as s:
             s.execute(
                 update(JobStep).where(JobStep.id == step_id)
-                .values(status=StepStatus.succeeded, finished_at=utcnow(), metrics=_json_safe(metrics))
+                .values(status=StepStatus.succeeded, finished_at=utcnow(), metrics=_json_safe(metrics), message=message)
             )
             s.commit()
 

@@ -40,6 +40,24 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
+def time_interleaved(models: dict, feeds: dict, *, runs: int, threads: int, warmup: int = 5) -> dict[str, dict]:
+    """p50/p90/p99 of ONNX models on the same inputs, timed round-robin (one call of each per
+    round) so that every variant sees the same machine noise."""
+    from worker.runtime import load_runner
+
+    runners = {label: load_runner(ArtifactRef(label, ONNX, path), threads=threads) for label, path in models.items()}
+    for run in runners.values():
+        for _ in range(warmup):
+            run(feeds)
+    samples: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(runs):
+        for label, run in runners.items():
+            t0 = time.perf_counter()
+            run(feeds)
+            samples[label].append((time.perf_counter() - t0) * 1000)
+    return {label: percentiles(values) for label, values in samples.items()}
+
+
 def parameter_count(ref: ArtifactRef) -> int | None:
     import numpy as np
 
