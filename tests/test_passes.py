@@ -217,3 +217,42 @@ def test_speed_search_times_candidates_against_fp32_and_says_when_int8_is_slower
     assert chosen["p50_ms"] == min(c["p50_ms"] for c in ok)
     # Honest either way: a slower INT8 result carries a warning naming both timings.
     assert ("warning" in result.metrics) == (chosen["p50_ms"] > search["fp32_p50_ms"])
+
+
+def constant_weight_model(path: Path) -> Path:
+    """A conv net whose weights sit in Constant nodes, as some exporters write them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "w")
+    fc = numpy_helper.from_array(rng.standard_normal((10, 8)).astype(np.float32), "fc")
+    nodes = [
+        helper.make_node("Constant", [], ["w"], value=w, name="w_const"),
+        helper.make_node("Constant", [], ["fc"], value=fc, name="fc_const"),
+        helper.make_node("Conv", ["image", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1, name="gemm"),
+    ]
+    graph = helper.make_graph(
+        nodes, "constants", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_weights_in_constant_nodes_become_initializers_and_quantize_per_channel(tmp_path, digit_assets):
+    source = ArtifactRef("c.onnx", "onnx", constant_weight_model(tmp_path / "c.onnx"))
+    exported = run_pass("export_onnx", context(tmp_path / "e", source), source)
+    model = onnx.load(str(exported.artifact))
+    assert exported.metrics["constants_to_initializers"] == 2
+    assert not [n for n in model.graph.node if n.op_type == "Constant"]
+    ref = ArtifactRef("e.onnx", "onnx", exported.artifact)
+    ctx = context(tmp_path / "q", ref, calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256))
+    quantized = onnx.load(str(run_pass("quantize_int8", ctx, ref).artifact))
+    weight_dq = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w")]
+    assert weight_dq, "the conv weight was not quantized"
+    scale = next(t for t in quantized.graph.initializer if t.name == weight_dq[0].input[1])
+    assert list(scale.dims) == [8]  # one scale per output channel

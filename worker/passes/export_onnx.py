@@ -30,6 +30,27 @@ class ExportOnnxConfig(PassConfig):
     )
 
 
+def constants_to_initializers(model) -> int:
+    """Move tensors held by Constant nodes into initializers. Some exporters put every weight
+    in a Constant node; quantizers (and per-channel scales) only look at initializers."""
+    from onnx import numpy_helper
+
+    moved, keep = 0, []
+    initializer_names = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        value = next((a for a in node.attribute if a.name == "value" and a.t is not None and a.HasField("t")), None)
+        if node.op_type == "Constant" and value is not None and node.output[0] not in initializer_names:
+            tensor = numpy_helper.from_array(numpy_helper.to_array(value.t), node.output[0])
+            model.graph.initializer.append(tensor)
+            moved += 1
+        else:
+            keep.append(node)
+    if moved:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return moved
+
+
 def _relative_error(reference, candidate) -> float:
     import numpy as np
 
@@ -65,6 +86,7 @@ class ExportOnnx(Pass):
         ctx.report_progress(0.5)
 
         model = onnx.load(str(out))
+        metrics["constants_to_initializers"] = constants_to_initializers(model)
         metrics["nodes_before_simplify"] = len(model.graph.node)
         if config.simplify:
             import onnxslim
@@ -73,8 +95,7 @@ class ExportOnnx(Pass):
                 model = onnxslim.slim(model)
             except Exception as exc:  # onnxslim raises bare Exceptions on graphs it cannot handle
                 ctx.log.warning("onnxslim could not simplify the graph, keeping it as is: %s", exc)
-            else:
-                onnx.save(model, str(out))
+        onnx.save(model, str(out))
         metrics["nodes"] = len(model.graph.node)
         try:
             onnx.checker.check_model(str(out))
