@@ -67,13 +67,14 @@ def _soft_delete(*, session: Session, store: ObjectStore, row: Model | Dataset, 
 
 
 def create_model(*, session: Session, store: ObjectStore, upload: Upload) -> Model:
-    info = inspect_model(upload.path)  # 415 for random bytes, truncated files and pickles
+    # 415 for random bytes, truncated files and pickles (a state_dict only with an architecture)
+    info = inspect_model(upload.path, architecture=upload.fields.get("architecture") or None)
     model_id = new_id()
     key = f"models/{model_id}/{upload.filename}"
     row = Model(
         id=model_id, name=upload.fields.get("name") or upload.filename, filename=upload.filename,
         format=info.format, sha256=upload.sha256, size_bytes=upload.size_bytes, storage_key=key,
-        inputs=info.inputs, outputs=info.outputs,
+        inputs=info.inputs, outputs=info.outputs, details=info.details,
     )
     _store_then_add(session=session, store=store, key=key, path=upload.path, row=row)
     return row
@@ -159,6 +160,7 @@ def create_job(*, session: Session, job_in: JobCreate) -> Job:
     steps = resolve_steps(preset=job_in.preset, steps=job_in.step_specs(), has_dataset=has_dataset)
     plan = plan_job(
         model_format=model.format, model_inputs=list(model.inputs), model_outputs=list(model.outputs), steps=steps,
+        default_input_shape=(model.details or {}).get("default_input_shape"),
         input_shape=job_in.input_shape,
         calibration=facts(job_in.calibration_dataset_id, "calibration"),
         evaluation=facts(job_in.evaluation_dataset_id, "evaluation"),

@@ -186,6 +186,10 @@ def multipart_openapi(description: str) -> dict:
                         "properties": {
                             "file": {"type": "string", "format": "binary", "description": description},
                             "name": {"type": "string", "description": "A display name (default: the file name)."},
+                            "architecture": {
+                                "type": "string",
+                                "description": "Models only: the torchvision architecture of a state_dict upload (e.g. resnet18).",
+                            },
                         },
                     }
                 }

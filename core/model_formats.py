@@ -17,11 +17,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from core.errors import UnsupportedMedia
+from core.errors import InvalidInput, UnsupportedMedia
 
 ONNX = "onnx"
 TORCHSCRIPT = "torchscript"
 EXPORTED_PROGRAM = "exported_program"
+STATE_DICT = "state_dict"
+
+# torchvision classification architectures a state_dict upload may name, with the input size
+# each was trained at (the job's input_shape may choose another the architecture accepts).
+# Kept here as data, so the API needs no torchvision; a test checks them against torchvision.
+TORCHVISION_ARCHITECTURES: dict[str, int] = {
+    **{f"resnet{d}": 224 for d in (18, 34, 50, 101, 152)},
+    "resnext50_32x4d": 224, "resnext101_32x8d": 224, "wide_resnet50_2": 224, "wide_resnet101_2": 224,
+    "mobilenet_v2": 224, "mobilenet_v3_small": 224, "mobilenet_v3_large": 224,
+    **{f"efficientnet_b{i}": 224 for i in range(8)},
+    "efficientnet_v2_s": 224, "efficientnet_v2_m": 224, "efficientnet_v2_l": 224,
+    **{f"densenet{d}": 224 for d in (121, 161, 169, 201)},
+    "shufflenet_v2_x0_5": 224, "shufflenet_v2_x1_0": 224, "shufflenet_v2_x1_5": 224, "shufflenet_v2_x2_0": 224,
+    "squeezenet1_0": 224, "squeezenet1_1": 224, "mnasnet0_5": 224, "mnasnet1_0": 224,
+    "regnet_y_400mf": 224, "regnet_y_800mf": 224, "regnet_x_400mf": 224,
+    "convnext_tiny": 224, "convnext_small": 224, "vgg11": 224, "vgg16": 224, "alexnet": 224,
+    "googlenet": 224, "inception_v3": 299,
+}
+# Everything a plain (or checkpoint-wrapped) state_dict pickle refers to. Anything else in the
+# pickle's opcodes means it would run other code when loaded: refused, never loaded.
+STATE_DICT_GLOBALS = {
+    "collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
+    "torch.FloatStorage", "torch.HalfStorage", "torch.BFloat16Storage", "torch.DoubleStorage",
+    "torch.LongStorage", "torch.IntStorage", "torch.ShortStorage", "torch.CharStorage",
+    "torch.ByteStorage", "torch.BoolStorage",
+}
 
 
 @dataclass
@@ -32,7 +58,15 @@ class ModelInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def inspect_model(path: Path) -> ModelInfo:
+def inspect_model(path: Path, *, architecture: str | None = None) -> ModelInfo:
+    """``architecture``: a torchvision architecture name, which makes a state_dict upload
+    acceptable (its weights alone say nothing about the graph)."""
+    if architecture is not None and architecture not in TORCHVISION_ARCHITECTURES:
+        raise InvalidInput(
+            f"unknown architecture {architecture!r}",
+            code="unknown_architecture",
+            details={"architectures": sorted(TORCHVISION_ARCHITECTURES)},
+        )
     with open(path, "rb") as fh:
         head = fh.read(8)
     if not head:
@@ -40,7 +74,7 @@ def inspect_model(path: Path) -> ModelInfo:
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         raise _pickle_refused("a raw Python pickle")
     if head[:4] == b"PK\x03\x04":
-        return _inspect_torch_zip(path)
+        return _inspect_torch_zip(path, architecture)
     return _inspect_onnx(path)
 
 
@@ -199,7 +233,7 @@ _EXPORT_DTYPES = {
 }
 
 
-def _inspect_torch_zip(path: Path) -> ModelInfo:
+def _inspect_torch_zip(path: Path, architecture: str | None = None) -> ModelInfo:
     try:
         zf = zipfile.ZipFile(path)
         names = zf.namelist()
@@ -216,8 +250,13 @@ def _inspect_torch_zip(path: Path) -> ModelInfo:
         data_pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
         if code_files and data_pkl:
             return _inspect_torchscript(zf, code_files, data_pkl[0])
+        if data_pkl and architecture is not None:
+            return _inspect_state_dict(zf, data_pkl[0], architecture)
         if data_pkl:
-            raise _pickle_refused("a torch.save checkpoint (a pickle, e.g. a state_dict or a whole module)")
+            raise _pickle_refused(
+                "a torch.save checkpoint (a pickle, e.g. a state_dict or a whole module); a state_dict "
+                "of a torchvision architecture is accepted with the form field 'architecture'"
+            )
     raise UnsupportedMedia(
         "the zip archive is neither TorchScript nor a torch.export .pt2 archive",
         code="unrecognized_model_format",
@@ -265,6 +304,42 @@ def _inspect_exported_program(zf: zipfile.ZipFile, member: str) -> ModelInfo:
         inputs=inputs,
         outputs=outputs,
         details={"torch_version": doc.get("torch_version")},
+    )
+
+
+def _pickle_globals(data: bytes) -> set[str]:
+    """The classes and functions a pickle would import, read from its opcodes (not run)."""
+    found, strings = set(), []
+    for op, arg, _pos in pickletools.genops(data):
+        if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+            found.add(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            found.add(f"{strings[-2]}.{strings[-1]}" if len(strings) >= 2 else "?")
+        if isinstance(arg, str):
+            strings.append(arg)
+    return found
+
+
+def _inspect_state_dict(zf: zipfile.ZipFile, data_pkl: str, architecture: str) -> ModelInfo:
+    try:
+        used = _pickle_globals(zf.read(data_pkl))
+    except Exception as exc:  # a malformed opcode stream
+        raise UnsupportedMedia(f"the checkpoint's pickle is corrupt: {exc}", code="corrupt_model") from exc
+    foreign = sorted(used - STATE_DICT_GLOBALS)
+    if foreign:
+        raise UnsupportedMedia(
+            "the checkpoint is not a plain state_dict: its pickle refers to "
+            + ", ".join(foreign[:5]) + "; it is refused and never loaded",
+            code="pickle_not_allowed",
+            details={"globals": foreign[:20]},
+        )
+    size = TORCHVISION_ARCHITECTURES[architecture]
+    return ModelInfo(
+        format=STATE_DICT,
+        # torchvision models name their input x; the exported graph keeps that name.
+        inputs=[{"name": "x", "shape": ["batch", 3, "height", "width"], "dtype": "float32"}],
+        outputs=[],
+        details={"architecture": architecture, "default_input_shape": [1, 3, size, size]},
     )
 
 

@@ -105,6 +105,8 @@ class Model(Base):
     storage_key: Mapped[str] = mapped_column(String(512))
     inputs: Mapped[list[Any]] = mapped_column(JSON, default=list)
     outputs: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # What the file alone does not say: e.g. a state_dict's architecture and default input shape.
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)
     deleted_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
 

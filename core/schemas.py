@@ -37,6 +37,7 @@ class ModelRead(BaseModel):
     size_bytes: int
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    details: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime
 
 

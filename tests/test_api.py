@@ -294,3 +294,33 @@ def test_int8_auto_rescues_accuracy_and_reports_layers_kept_in_float(stack, digi
     report = stack.client.get(f"/v1/jobs/{job['id']}/report").json()
     entries = {e["step"]: e for e in report["entries"]}
     assert entries["quantize_int8"]["accuracy"]["top1"] >= entries[None]["accuracy"]["top1"] - 0.01
+
+
+def test_a_torchvision_state_dict_upload_exports_and_runs(stack, tmp_path):
+    """A checkpoint dict wrapping the weights, as training scripts save it; 7 classes."""
+    import onnxruntime as ort
+    import torch
+    import torchvision
+
+    net = torchvision.models.mobilenet_v3_small(num_classes=7).eval()
+    path = tmp_path / "mobilenet.pt"
+    torch.save({"state_dict": net.state_dict(), "epoch": 12}, path)
+    assert_error(post_file(stack.client, "/v1/models", "mobilenet.pt", path.read_bytes()), 415, "pickle_not_allowed")
+    with open(path, "rb") as fh:
+        resp = stack.client.post("/v1/models", files={"file": ("mobilenet.pt", fh)},
+                                 data={"architecture": "mobilenet_v3_small"})
+    assert resp.status_code == 201, resp.text
+    model = resp.json()
+    assert model["format"] == "state_dict" and model["details"]["architecture"] == "mobilenet_v3_small"
+    job = stack.client.post("/v1/jobs", json={"model_id": model["id"], "preset": "onnx", "input_shape": [1, 3, 64, 64]})
+    assert job.status_code == 202, job.text
+    job = stack.wait_for_job(job.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    artifact = stack.client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"][0]
+    onnx_path = tmp_path / "r.onnx"
+    onnx_path.write_bytes(httpx.get(artifact["url"]).content)
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    assert got.shape == (2, 7) and np.abs(got - want).max() < 1e-3

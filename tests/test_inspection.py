@@ -141,3 +141,44 @@ def test_model_layout():
     assert model_layout([1, 3, 224, 224]) == "NCHW"
     assert model_layout([1, 224, 224, 3]) == "NHWC"
     assert model_layout([1, 10]) == "raw"
+
+
+@pytest.fixture(scope="module")
+def resnet_state_dict(tmp_path_factory):
+    import torch
+    import torchvision
+
+    path = tmp_path_factory.mktemp("sd") / "resnet18_10.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    return path
+
+
+def test_a_state_dict_is_accepted_only_with_an_architecture(resnet_state_dict):
+    with pytest.raises(UnsupportedMedia) as err:
+        inspect_model(resnet_state_dict)
+    assert err.value.code == "pickle_not_allowed" and "architecture" in err.value.message
+    info = inspect_model(resnet_state_dict, architecture="resnet18")
+    assert info.format == "state_dict"
+    assert info.details == {"architecture": "resnet18", "default_input_shape": [1, 3, 224, 224]}
+    with pytest.raises(InvalidInput) as err:
+        inspect_model(resnet_state_dict, architecture="resnet19")
+    assert err.value.code == "unknown_architecture"
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_even_with_an_architecture(tmp_path):
+    import torch
+
+    path = tmp_path / "evil.pt"
+    torch.save({"weights": Boom()}, path)
+    with pytest.raises(UnsupportedMedia) as err:
+        inspect_model(path, architecture="resnet18")
+    assert err.value.code == "pickle_not_allowed"
+    assert any(g.endswith(".exec") for g in err.value.details["globals"])
+
+
+def test_every_listed_architecture_exists_in_torchvision():
+    import torchvision
+
+    from core.model_formats import TORCHVISION_ARCHITECTURES
+
+    assert set(TORCHVISION_ARCHITECTURES) <= set(torchvision.models.list_models(module=torchvision.models))

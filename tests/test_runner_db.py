@@ -136,3 +136,11 @@ def test_claiming_a_cancelled_or_exhausted_job_ends_it(sessions, broker):
         assert s.get(Job, exhausted.id).status == JobStatus.failed
         claimed = s.get(Job, fine.id)
         assert claimed.status == JobStatus.running and claimed.worker == runner.me and claimed.heartbeat_at
+
+
+def test_the_migrations_match_the_models(migrated_pg):
+    from alembic import command
+
+    from core.migrate import alembic_config
+
+    command.check(alembic_config(migrated_pg))  # raises when a model change has no migration

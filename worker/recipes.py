@@ -75,10 +75,14 @@ def resolve_steps(*, preset: str | None, steps: list[StepSpec] | None, has_datas
 
 
 def resolve_input_spec(
-    model_inputs: list[dict[str, Any]], input_shape: list[int] | dict[str, list[int]] | None
+    model_inputs: list[dict[str, Any]],
+    input_shape: list[int] | dict[str, list[int]] | None,
+    default_input_shape: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Every input with a concrete shape: the file's fixed dims, an open batch taken as 1, and
     the job's ``input_shape`` for the rest. A conflict or a gap is a 422 naming the input."""
+    if input_shape is None and default_input_shape and len(model_inputs) == 1:
+        input_shape = default_input_shape
     if isinstance(input_shape, list):
         if len(model_inputs) != 1:
             raise InvalidInput(
@@ -141,6 +145,7 @@ def plan_job(
     input_shape: list[int] | dict[str, list[int]] | None,
     calibration: DatasetFacts | None,
     evaluation: DatasetFacts | None,
+    default_input_shape: list[int] | None = None,
 ) -> JobPlan:
     current = model_format
     planned: list[PlannedStep] = []
@@ -183,7 +188,7 @@ def plan_job(
         planned.append(PlannedStep(name=spec.name, config=config.model_dump(mode="json")))
         current = cls().output_format(current)
 
-    input_spec = resolve_input_spec(model_inputs, input_shape)
+    input_spec = resolve_input_spec(model_inputs, input_shape, default_input_shape)
     for role, facts in (("calibration", calibration), ("evaluation", evaluation)):
         if facts is None:
             continue

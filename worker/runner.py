@@ -37,7 +37,7 @@ from worker.passes.registry import get_pass
 
 log = logging.getLogger("cvopt.runner")
 
-FILE_EXTENSIONS = {"onnx": ".onnx", "torchscript": ".ts.pt", "exported_program": ".pt2"}
+FILE_EXTENSIONS = {"onnx": ".onnx", "torchscript": ".ts.pt", "exported_program": ".pt2", "state_dict": ".pt"}
 LOG_TAIL_CHARS = 4000
 
 
@@ -210,12 +210,12 @@ class JobRunner:
                 "evaluation": evaluation.sha256 if evaluation else None,
             }
             model_key, model_format, model_sha = model.storage_key, model.format, model.sha256
-            model_name = model.filename
+            model_name, model_details = model.filename, dict(model.details or {})
 
         current_step: str | None = None
         try:
             original_path = self._fetch(model_key, work / "inputs" / f"original{FILE_EXTENSIONS.get(model_format, '')}")
-            original = ArtifactRef(name=model_name, format=model_format, path=original_path)
+            original = ArtifactRef(name=model_name, format=model_format, path=original_path, meta=model_details)
             calibration_ref = self._dataset_ref(calibration, work, "calibration")
             evaluation_ref = self._dataset_ref(evaluation, work, "evaluation")
 

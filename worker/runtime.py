@@ -7,7 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from worker.passes.base import EXPORTED_PROGRAM, ONNX, TORCHSCRIPT, ArtifactRef
+from worker.passes.base import (
+    EXPORTED_PROGRAM,
+    ONNX,
+    STATE_DICT,
+    TORCHSCRIPT,
+    ArtifactRef,
+)
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
@@ -43,6 +49,10 @@ def load_runner(ref: ArtifactRef, *, threads: int = 1) -> Runner:
         module = torch.jit.load(str(ref.path), map_location="cpu").eval()
     elif ref.format == EXPORTED_PROGRAM:
         module = torch.export.load(str(ref.path)).module()
+    elif ref.format == STATE_DICT:
+        from worker.torch_models import module_from_state_dict
+
+        module = module_from_state_dict(ref)
     else:
         raise ValueError(f"no CPU runtime for format {ref.format}")
 

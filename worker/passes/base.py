@@ -23,8 +23,9 @@ from core.schemas import Preprocessing
 ONNX = "onnx"
 TORCHSCRIPT = "torchscript"
 EXPORTED_PROGRAM = "exported_program"
-TORCH_FORMATS = frozenset({TORCHSCRIPT, EXPORTED_PROGRAM})
-ALL_MODEL_FORMATS = frozenset({ONNX, TORCHSCRIPT, EXPORTED_PROGRAM})
+STATE_DICT = "state_dict"  # weights of a named torchvision architecture (ArtifactRef.meta)
+TORCH_FORMATS = frozenset({TORCHSCRIPT, EXPORTED_PROGRAM, STATE_DICT})
+ALL_MODEL_FORMATS = frozenset({ONNX, TORCHSCRIPT, EXPORTED_PROGRAM, STATE_DICT})
 
 # What a pass may need from the job, checked at POST /v1/jobs.
 NEEDS_CALIBRATION = "calibration_dataset"
@@ -44,6 +45,7 @@ class ArtifactRef:
     path: Path
     step: str | None = None  # None: the original upload
     step_index: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

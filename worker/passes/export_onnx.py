@@ -1,4 +1,4 @@
-"""export_onnx: PyTorch (.pt2 ExportedProgram or TorchScript) to ONNX; ONNX uploads are
+"""export_onnx: PyTorch (.pt2 ExportedProgram, TorchScript, or a torchvision state_dict) to ONNX; ONNX uploads are
 simplified. The result is checked against the original on sample inputs before it is kept."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from worker.passes.base import (
     ALL_MODEL_FORMATS,
     EXPORTED_PROGRAM,
     ONNX,
+    STATE_DICT,
     TORCHSCRIPT,
     ArtifactRef,
     Pass,
@@ -81,11 +82,12 @@ class ExportOnnx(Pass):
             shutil.copyfile(source.path, out)
         elif source.format == TORCHSCRIPT:
             self._from_torchscript(ctx, source, config, out)
-        elif source.format == EXPORTED_PROGRAM:
+        elif source.format in (EXPORTED_PROGRAM, STATE_DICT):
             metrics["dynamic_batch"] = self._from_exported_program(ctx, source, config, out)
         ctx.report_progress(0.5)
 
         model = onnx.load(str(out))
+        metrics["opset"] = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
         metrics["constants_to_initializers"] = constants_to_initializers(model)
         metrics["nodes_before_simplify"] = len(model.graph.node)
         if config.simplify:
@@ -140,7 +142,13 @@ class ExportOnnx(Pass):
 
         from worker.runtime import sample_feeds
 
-        program = torch.export.load(str(source.path))
+        if source.format == STATE_DICT:
+            from worker.torch_models import module_from_state_dict
+
+            example = tuple(torch.from_numpy(v) for v in sample_feeds(ctx.input_spec).values())
+            program = torch.export.export(module_from_state_dict(source), example)
+        else:
+            program = torch.export.load(str(source.path))
         dynamic = False
         if config.dynamic_batch:
             # The upload fixes the batch (users often export with batch 1): re-export its graph
@@ -161,9 +169,17 @@ class ExportOnnx(Pass):
         except Exception as exc:
             raise PassError(f"ONNX export of the ExportedProgram failed: {exc}", code="export_failed") from exc
         if config.opset < 18:
+            # The torch.export-based exporter writes opset 18+; ONNX's version converter brings
+            # most graphs down, but not all (ReduceMean's axes, say): then opset 18 is kept.
             import onnx
             from onnx import version_converter
 
-            model = version_converter.convert_version(onnx.load(str(out)), config.opset)
-            onnx.save(model, str(out))
+            try:
+                model = version_converter.convert_version(onnx.load(str(out)), config.opset)
+                onnx.checker.check_model(model)
+            except Exception as exc:  # the converter raises RuntimeError, the checker ValidationError
+                ctx.log.warning("kept opset 18: conversion to opset %d failed: %s", config.opset,
+                                str(exc).splitlines()[0][:200])
+            else:
+                onnx.save(model, str(out))
         return dynamic
