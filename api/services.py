@@ -264,7 +264,13 @@ def build_report(*, session: Session, job: Job) -> ReportRead:
     entries: list[ReportEntry] = []
     base_p50 = None
     for name, step, fmt, size in rows:
-        lat = bench_by_name.get(name, {}).get("latency", {}).get("1") or {}
+        measured = bench_by_name.get(name, {})
+        lat = measured.get("latency", {}).get("1") or {}
+        batches = sorted((int(b), v) for b, v in measured.get("latency", {}).items() if "images_per_s" in v)
+        throughput = None
+        if batches and batches[-1][0] > 1:
+            batch, stats = batches[-1]
+            throughput = {"batch": batch, "images_per_s": stats["images_per_s"], "p50_ms": stats["p50_ms"]}
         latency = {k: lat[k] for k in ("p50_ms", "p90_ms", "p99_ms")} if "p50_ms" in lat else None
         if step is None and latency:
             base_p50 = latency["p50_ms"]
@@ -273,6 +279,7 @@ def build_report(*, session: Session, job: Job) -> ReportRead:
             name=name, step=step, format=fmt, size_bytes=size,
             size_ratio=size / original_size if original_size else 1.0, latency_ms=latency,
             speedup=(base_p50 / latency["p50_ms"]) if base_p50 and latency else None,
+            throughput=throughput, memory_mib=measured.get("memory_mib"),
             accuracy=e.get("accuracy"),
             fidelity={k: float(v) for k, v in e["fidelity"].items()} if "fidelity" in e else None,
         ))

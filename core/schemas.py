@@ -205,6 +205,10 @@ class ReportEntry(BaseModel):
     size_ratio: float = Field(description="size / original size")
     latency_ms: dict[str, float] | None = Field(description="p50/p90/p99 at batch 1 on the worker")
     speedup: float | None = Field(description="original p50 / this p50")
+    throughput: dict[str, float] | None = Field(
+        default=None, description="images/s at the largest benchmarked batch: {batch, images_per_s, p50_ms}"
+    )
+    memory_mib: float | None = Field(default=None, description="worker memory added by loading and running it")
     accuracy: dict[str, float] | None = None
     fidelity: dict[str, float] | None = None
 

@@ -227,7 +227,7 @@ def stack(tmp_path_factory, migrated_pg, redis_url, s3_server):
         CVOPT_BROKER_URL=redis_url,
         CVOPT_STORAGE_URL=f"s3://{s3_server.bucket}/cvopt",
         CVOPT_S3_ENDPOINT_URL=s3_server.endpoint,
-        CVOPT_MAX_UPLOAD_BYTES=str(8 * 1024 * 1024),
+        CVOPT_MAX_UPLOAD_BYTES=str(64 * 1024 * 1024),
         **s3_server.env,
     )
     yield from _running_stack(env, tmp, with_worker=True)

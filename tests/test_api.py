@@ -324,3 +324,30 @@ def test_a_torchvision_state_dict_upload_exports_and_runs(stack, tmp_path):
     with torch.no_grad():
         want = net(torch.from_numpy(x)).numpy()
     assert got.shape == (2, 7) and np.abs(got - want).max() < 1e-3
+
+
+def test_torch_int8_preset_on_a_resnet18_state_dict(stack, digit_assets, tmp_path):
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    with open(path, "rb") as fh:
+        model = stack.client.post("/v1/models", files={"file": ("resnet18.pt", fh)},
+                                  data={"architecture": "resnet18"}).json()
+    images = np.repeat(np.kron(digit_assets.x[:64], np.ones((1, 1, 4, 4), np.float32)), 3, axis=1)
+    calibration = stack.client.post("/v1/datasets", files={"file": ("c.npz", _npz(x=images))}).json()
+    assert calibration["sample_shape"] == [3, 32, 32]
+    resp = stack.client.post("/v1/jobs", json={
+        "model_id": model["id"], "preset": "torch-int8", "calibration_dataset_id": calibration["id"],
+        "input_shape": [1, 3, 32, 32],
+    })
+    assert resp.status_code == 202, resp.text
+    job = stack.wait_for_job(resp.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    artifact = stack.client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"][0]
+    assert artifact["format"] == "torchscript" and artifact["size_bytes"] < 0.3 * path.stat().st_size
+    report = stack.client.get(f"/v1/jobs/{job['id']}/report").json()
+    int8 = next(e for e in report["entries"] if e["step"] == "quantize_int8_torch")
+    assert int8["latency_ms"]["p50_ms"] > 0 and int8["fidelity"]["cosine"] > 0.98

@@ -256,3 +256,28 @@ def test_weights_in_constant_nodes_become_initializers_and_quantize_per_channel(
     assert weight_dq, "the conv weight was not quantized"
     scale = next(t for t in quantized.graph.initializer if t.name == weight_dq[0].input[1])
     assert list(scale.dims) == [8]  # one scale per output channel
+
+
+def test_pytorch_int8_path_on_a_torchvision_state_dict(digit_assets, tmp_path):
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    path = tmp_path / "resnet18.pt"
+    torch.save(net.state_dict(), path)
+    source = ArtifactRef("resnet18.pt", "state_dict", path, meta={"architecture": "resnet18"})
+    images = np.repeat(np.kron(digit_assets.x[:96], np.ones((1, 1, 4, 4), np.float32)), 3, axis=1)  # 3x32x32
+    np.savez(tmp_path / "cal.npz", x=images[:64])
+    spec = [{"name": "x", "shape": [1, 3, 32, 32], "dtype": "float32"}]
+    ctx = PassContext(work_dir=tmp_path, original=source, artifacts=[], input_spec=spec, preprocessing=PREP,
+                      calibration_dataset=DatasetRef(tmp_path / "cal.npz", "npz", False, 64, "NCHW", [3, 32, 32]))
+    result = run_pass("quantize_int8_torch", ctx, source, num_calibration_samples=64)
+    assert result.format == "torchscript" and result.metrics["quantized_modules"] >= 20
+    assert result.artifact.stat().st_size < 0.3 * path.stat().st_size
+    quantized = torch.jit.load(str(result.artifact))
+    x = torch.from_numpy(images[64:])
+    with torch.inference_mode():
+        want, got = net(x), quantized(x)
+    cosine = torch.nn.functional.cosine_similarity(want, got, dim=1).mean().item()
+    assert cosine > 0.98, cosine

@@ -30,12 +30,13 @@ def test_every_pass_module_registers_exactly_one_pass():
     assert found == REGISTRY
 
 
-def test_every_preset_plans_on_a_pytorch_upload():
-    inputs = [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+def test_every_preset_plans_on_a_torchvision_state_dict_upload():
+    inputs = [{"name": "x", "shape": ["batch", 1, "height", "width"], "dtype": "float32"}]
     facts = DatasetFacts(id="d", layout="NCHW", sample_shape=[1, 8, 8])
     for name, steps in PRESETS.items():
-        plan = plan_job(model_format="exported_program", model_inputs=inputs, steps=steps, input_shape=None,
-                        calibration=facts, evaluation=None)
+        plan = plan_job(model_format="state_dict", model_inputs=inputs, steps=steps, input_shape=None,
+                        calibration=facts, evaluation=None, default_input_shape=[1, 1, 8, 8])
+        assert plan.input_spec[0]["shape"] == [1, 1, 8, 8]
         assert [s.name for s in plan.steps] == [s.name for s in steps], name
         assert plan.queue == "cpu"
 

@@ -31,6 +31,11 @@ PRESETS: dict[str, list[StepSpec]] = {
         StepSpec(name="benchmark"),
         StepSpec(name="evaluate"),
     ],
+    "torch-int8": [
+        StepSpec(name="quantize_int8_torch"),
+        StepSpec(name="benchmark"),
+        StepSpec(name="evaluate"),
+    ],
     "onnx-int8": [
         StepSpec(name="export_onnx"),
         StepSpec(name="quantize_int8"),

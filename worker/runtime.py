@@ -46,7 +46,11 @@ def load_runner(ref: ArtifactRef, *, threads: int = 1) -> Runner:
 
     torch.set_num_threads(threads)
     if ref.format == TORCHSCRIPT:
-        module = torch.jit.load(str(ref.path), map_location="cpu").eval()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+            module = torch.jit.load(str(ref.path), map_location="cpu").eval()
     elif ref.format == EXPORTED_PROGRAM:
         module = torch.export.load(str(ref.path)).module()
     elif ref.format == STATE_DICT:

@@ -1,5 +1,12 @@
 """One module per pass. Importing this package registers them all (and imports no heavy
 library: torch, onnxruntime and friends are imported inside each pass's run())."""
 
-from worker.passes import benchmark, convert_fp16, evaluate, export_onnx, quantize_int8  # noqa: F401
+from worker.passes import (  # noqa: F401
+    benchmark,
+    convert_fp16,
+    evaluate,
+    export_onnx,
+    quantize_int8,
+    quantize_int8_torch,
+)
 from worker.passes.registry import REGISTRY, get_pass  # noqa: F401

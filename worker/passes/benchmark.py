@@ -21,7 +21,7 @@ from worker.passes.base import (
 
 
 class BenchmarkConfig(PassConfig):
-    batch_sizes: list[int] = Field(default=[1], min_length=1, max_length=4, description="Batch 1 is latency; a larger one is throughput.")
+    batch_sizes: list[int] = Field(default=[1, 8], min_length=1, max_length=4, description="Batch 1 is latency; a larger one is throughput.")
     warmup: int = Field(default=5, ge=0, le=1000)
     runs: int = Field(default=50, ge=5, le=10_000)
     max_seconds: float = Field(default=60.0, gt=0, description="Time budget for all timed runs of one batch size.")
@@ -69,6 +69,14 @@ def parameter_count(ref: ArtifactRef) -> int | None:
     return None
 
 
+def _rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
 def machine_info(threads: int) -> dict:
     import onnxruntime
 
@@ -100,7 +108,17 @@ class Benchmark(Pass):
         from worker.runtime import load_runner, sample_feeds
 
         variants = [ctx.original, *ctx.artifacts]
-        runners = [load_runner(v, threads=ctx.threads) for v in variants]
+        runners, memory = [], []
+        first_feeds = sample_feeds(ctx.input_spec)
+        for v in variants:
+            before = _rss_mib()
+            run = load_runner(v, threads=ctx.threads)
+            try:
+                run(first_feeds)
+            except Exception:  # reported below with the batch it failed at
+                pass
+            runners.append(run)
+            memory.append(round(_rss_mib() - before, 1))
         results = [
             {
                 "artifact": v.name,
@@ -108,9 +126,13 @@ class Benchmark(Pass):
                 "format": v.format,
                 "size_bytes": v.path.stat().st_size,
                 "parameters": parameter_count(v),
+                # Resident memory that loading and one batch-1 run added to the worker (in-process,
+                # so approximate: memory freed by an earlier variant can be reused).
+                "memory_mib": mem,
+                "threads": ctx.threads,
                 "latency": {},
             }
-            for v in variants
+            for v, mem in zip(variants, memory, strict=True)
         ]
         for b_index, batch in enumerate(config.batch_sizes):
             feeds = sample_feeds(ctx.input_spec, batch=batch)

@@ -37,6 +37,11 @@ class QuantizeInt8Config(PassConfig):
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["int8", "uint8"] = "int8"
     symmetric_activations: bool = False
+    reduce_range: bool | None = Field(
+        default=None,
+        description="7-bit weights. Default: on for u8 activations with s8 weights on x86 CPUs without VNNI, "
+        "whose u8s8 kernels saturate with full 8-bit weights (measured: 12 points of accuracy lost).",
+    )
     percentile: float = Field(default=99.999, gt=90, le=100)
     op_types: list[str] | None = Field(default=None, description="Only quantize these op types (default: all supported).")
     exclude_nodes: list[str] = Field(default_factory=list, description="Node names to keep in float.")
@@ -59,6 +64,20 @@ class _Validation:
     batches: list  # model-input arrays
     labels: object  # np.ndarray or None
     source: str
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (int8 dot products without 16-bit intermediate saturation)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686"):
+        return True  # not x86: the u8s8 saturation problem is x86's
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def _stride(batches: int) -> int:
@@ -153,6 +172,9 @@ class QuantizeInt8(Pass):
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         reader = Reader()
         ranges = ctx.work_dir / "calibration.json"
+        reduce_range = config.reduce_range
+        if reduce_range is None:
+            reduce_range = (config.activation_type, config.weight_type) == ("uint8", "int8") and not cpu_has_vnni()
 
         def quantize(exclude: list[str], out: Path, *, fmt=QuantFormat.QDQ, op_types=config.op_types) -> Path:
             quantize_static(
@@ -161,6 +183,7 @@ class QuantizeInt8(Pass):
                 reader if not ranges.exists() else None,
                 quant_format=fmt,
                 per_channel=config.per_channel,
+                reduce_range=reduce_range,
                 activation_type=qtype[config.activation_type],
                 weight_type=qtype[config.weight_type],
                 calibrate_method=method,
@@ -190,6 +213,7 @@ class QuantizeInt8(Pass):
             "activation_type": config.activation_type,
             "weight_type": config.weight_type,
             "per_channel": config.per_channel,
+            "reduce_range": reduce_range,
             "quant_format": "QDQ",
         }
         if config.max_accuracy_drop is not None or config.search_speed:
