@@ -137,8 +137,13 @@ def measure(runners: dict, x: np.ndarray, *, rounds: int, calls: int) -> dict[st
     return {k: statistics.median(v) for k, v in per_round.items()}
 
 
-def predictions(run, x: np.ndarray, batch: int = 8) -> np.ndarray:
-    return np.concatenate([run(x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)])
+def outputs(run, x: np.ndarray, batch: int = 8) -> np.ndarray:
+    return np.concatenate([run(x[i : i + batch]) for i in range(0, len(x), batch)]).astype(np.float64)
+
+
+def snr_db(reference: np.ndarray, got: np.ndarray) -> float:
+    noise = float(((reference - got) ** 2).sum())
+    return float("inf") if noise == 0 else 10 * np.log10(float((reference**2).sum()) / noise)
 
 
 def bench_model(name: str, module, input_shape, calib_x, eval_x, eval_y, work: Path, threads: int, rounds: int):
@@ -182,13 +187,14 @@ def bench_model(name: str, module, input_shape, calib_x, eval_x, eval_y, work: P
     sizes = {"torch eager FP32": base_size, **{k: v.stat().st_size for k, v in artifacts.items()}}
     lat1 = measure(runners, eval_x[:1], rounds=rounds, calls=20)
     lat8 = measure(runners, eval_x[:8], rounds=rounds, calls=5)
-    reference = predictions(runners["torch eager FP32"], eval_x)
+    reference = outputs(runners["torch eager FP32"], eval_x)
     rows = []
     for label, run in runners.items():
-        pred = predictions(run, eval_x)
-        quality = float((pred == eval_y).mean()) if eval_y is not None else float((pred == reference).mean())
+        out = outputs(run, eval_x)
+        pred = out.argmax(1)
+        quality = float((pred == eval_y).mean()) if eval_y is not None else float((pred == reference.argmax(1)).mean())
         rows.append((label, sizes[label] / base_size, lat1[label] / lat1["torch eager FP32"],
-                     lat8[label] / lat8["torch eager FP32"], quality, lat1[label], lat8[label]))
+                     lat8[label] / lat8["torch eager FP32"], quality, snr_db(reference, out), lat1[label], lat8[label]))
     ort_fp32 = "ORT FP32 (cvopt export_onnx)"
     return rows, lat8[ort_fp32], auto_metrics
 
@@ -227,10 +233,10 @@ def main() -> None:
         chosen = auto.get("speed_search", {}).get("chosen")
         kept = len(auto.get("fallback", {}).get("kept_float", []))
         print(f"\n{name} ({quality}; auto chose {chosen}, {kept} layers kept in float; {time.time() - t0:.0f}s)")
-        print(f"| variant | size | latency b1 | latency b8 | {quality} | b1 ms | b8 ms |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for label, size, r1, r8, q, ms1, ms8 in rows:
-            print(f"| {label} | {size:.2f}x | {r1:.2f}x | {r8:.2f}x | {q:.3f} | {ms1:.2f} | {ms8:.2f} |")
+        print(f"| variant | size | latency b1 | latency b8 | {quality} | logits SNR dB | b1 ms | b8 ms |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for label, size, r1, r8, q, snr, ms1, ms8 in rows:
+            print(f"| {label} | {size:.2f}x | {r1:.2f}x | {r8:.2f}x | {q:.3f} | {snr:.1f} | {ms1:.2f} | {ms8:.2f} |")
 
 
 if __name__ == "__main__":

@@ -281,3 +281,15 @@ def test_pytorch_int8_path_on_a_torchvision_state_dict(digit_assets, tmp_path):
         want, got = net(x), quantized(x)
     cosine = torch.nn.functional.cosine_similarity(want, got, dim=1).mean().item()
     assert cosine > 0.98, cosine
+
+
+def test_dynamic_int8_needs_no_calibration(exported, tmp_path):
+    from worker.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
+
+    config = QuantizeInt8Config(mode="dynamic")
+    assert QuantizeInt8().requirements(config) == frozenset()
+    result = run_pass("quantize_int8", context(tmp_path, exported), exported, mode="dynamic")
+    assert result.metrics["mode"] == "dynamic" and result.metrics["quantized_nodes"] > 0
+    out = ort.InferenceSession(str(result.artifact), providers=["CPUExecutionProvider"]).run(
+        None, {"image": np.zeros((2, 1, 8, 8), np.float32)})[0]
+    assert out.shape == (2, 10)

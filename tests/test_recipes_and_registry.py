@@ -76,3 +76,15 @@ def test_the_api_never_imports_torch_or_onnxruntime():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dynamic_int8_plans_without_a_calibration_dataset():
+    inputs = [{"name": "x", "shape": [1, 16], "dtype": "float32"}]
+    steps = [StepSpec(name="quantize_int8", config={"mode": "dynamic"})]
+    plan = plan_job(model_format="onnx", model_inputs=inputs, steps=steps, input_shape=None,
+                    calibration=None, evaluation=None)
+    assert plan.steps[0].config["mode"] == "dynamic"
+    with pytest.raises(InvalidInput) as err:
+        plan_job(model_format="onnx", model_inputs=inputs, steps=[StepSpec(name="quantize_int8")],
+                 input_shape=None, calibration=None, evaluation=None)
+    assert err.value.code == "calibration_dataset_required"

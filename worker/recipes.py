@@ -176,13 +176,14 @@ def plan_job(
                     "errors": [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()],
                 },
             ) from None
-        if NEEDS_CALIBRATION in cls.needs and calibration is None:
+        needs = cls().requirements(config)
+        if NEEDS_CALIBRATION in needs and calibration is None:
             raise InvalidInput(
                 f"step {spec.name} needs calibration_dataset_id (a few hundred representative images)",
                 code="calibration_dataset_required",
                 details={"step": spec.name},
             )
-        if NEEDS_DATASET in cls.needs and calibration is None and evaluation is None:
+        if NEEDS_DATASET in needs and calibration is None and evaluation is None:
             raise InvalidInput(
                 f"step {spec.name} needs evaluation_dataset_id or calibration_dataset_id",
                 code="dataset_required",

@@ -106,5 +106,9 @@ class Pass(ABC):
     def output_format(self, input_format: str) -> str:
         return self.produces or input_format
 
+    def requirements(self, config: PassConfig) -> frozenset[str]:
+        """What this step needs from the job with this config (checked at POST /v1/jobs)."""
+        return self.needs
+
     @abstractmethod
     def run(self, ctx: PassContext, source: ArtifactRef, config: PassConfig) -> PassResult: ...

@@ -29,6 +29,11 @@ from worker.passes.base import (
 
 
 class QuantizeInt8Config(PassConfig):
+    mode: Literal["static", "dynamic"] = Field(
+        default="static",
+        description="dynamic: weights INT8 ahead of time, activations quantized at run time (no calibration "
+        "dataset; suits Linear/MatMul-heavy models, little gain for convolutions).",
+    )
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     num_calibration_samples: int = Field(default=256, ge=1, le=100_000)
     batch_size: int = Field(default=16, ge=1, le=1024, description="Calibration batch (models with an open batch axis).")
@@ -95,7 +100,27 @@ class QuantizeInt8(Pass):
     needs = frozenset({NEEDS_CALIBRATION})
     version = 2
 
+    def requirements(self, config: QuantizeInt8Config) -> frozenset[str]:
+        return frozenset() if config.mode == "dynamic" else self.needs
+
+    def _dynamic(self, ctx: PassContext, source: ArtifactRef, config: QuantizeInt8Config) -> PassResult:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        out = ctx.work_dir / "model.int8.dynamic.onnx"
+        quantize_dynamic(
+            str(source.path), str(out), per_channel=config.per_channel,
+            weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[config.weight_type],
+            op_types_to_quantize=config.op_types, nodes_to_exclude=config.exclude_nodes,
+        )
+        quantized = sum(_count(out, op) for op in ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul"))
+        if quantized == 0:
+            raise PassError("nothing in the model could be quantized dynamically", code="nothing_quantized")
+        return PassResult(artifact=out, format=ONNX, metrics={"mode": "dynamic", "quantized_nodes": quantized,
+                                                              "weight_type": config.weight_type})
+
     def run(self, ctx: PassContext, source: ArtifactRef, config: QuantizeInt8Config) -> PassResult:
+        if config.mode == "dynamic":
+            return self._dynamic(ctx, source, config)
         import onnx
         from onnxruntime.quantization import (
             CalibrationDataReader,
