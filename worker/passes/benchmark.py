@@ -40,22 +40,30 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
-def time_interleaved(models: dict, feeds: dict, *, runs: int, threads: int, warmup: int = 5) -> dict[str, dict]:
-    """p50/p90/p99 of ONNX models on the same inputs, timed round-robin (one call of each per
-    round) so that every variant sees the same machine noise."""
+def time_interleaved(models: dict, feeds: dict, *, runs: int, threads: int, warmup: int = 5,
+                     budget_s: float = 20.0) -> dict[str, dict]:
+    """ONNX models on the same inputs, timed round-robin (a block of calls of each per round)
+    so that every variant sees the same machine noise; ``p50_ms`` is the median over rounds of
+    each round's mean, which short calls need to be stable."""
     from worker.runtime import load_runner
 
     runners = {label: load_runner(ArtifactRef(label, ONNX, path), threads=threads) for label, path in models.items()}
     for run in runners.values():
         for _ in range(warmup):
             run(feeds)
+    t0 = time.perf_counter()
+    for run in runners.values():
+        run(feeds)
+    one_round = max(time.perf_counter() - t0, 1e-6)
+    calls = max(1, min(20, int(budget_s / runs / one_round)))
     samples: dict[str, list[float]] = {label: [] for label in runners}
     for _ in range(runs):
         for label, run in runners.items():
             t0 = time.perf_counter()
-            run(feeds)
-            samples[label].append((time.perf_counter() - t0) * 1000)
-    return {label: percentiles(values) for label, values in samples.items()}
+            for _ in range(calls):
+                run(feeds)
+            samples[label].append((time.perf_counter() - t0) * 1000 / calls)
+    return {label: dict(percentiles(values), calls_per_round=calls) for label, values in samples.items()}
 
 
 def parameter_count(ref: ArtifactRef) -> int | None:

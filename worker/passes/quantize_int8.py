@@ -281,7 +281,7 @@ class QuantizeInt8(Pass):
             score = float((pred == val.labels).mean()) if val.labels is not None else float((pred == reference).mean())
             results[label] = {"drop": baseline - score, "size_bytes": path.stat().st_size}
         feeds = {name: val.batches[0][:1] if len(val.batches[0]) >= 1 else val.batches[0]}
-        timings = time_interleaved({"fp32": prepared, **candidates}, feeds, runs=40, threads=ctx.threads)
+        timings = time_interleaved({"fp32": prepared, **candidates}, feeds, runs=9, threads=ctx.threads)
         for label in candidates:
             results[label]["p50_ms"] = timings[label]["p50_ms"]
         fp32_p50 = timings["fp32"]["p50_ms"]
