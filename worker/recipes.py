@@ -36,6 +36,21 @@ PRESETS: dict[str, list[StepSpec]] = {
         StepSpec(name="benchmark"),
         StepSpec(name="evaluate"),
     ],
+    "prune50-distill": [
+        StepSpec(name="prune_structured", config={"target_ratio": 0.5}),
+        StepSpec(name="distill"),
+        StepSpec(name="export_onnx"),
+        StepSpec(name="benchmark"),
+        StepSpec(name="evaluate"),
+    ],
+    "prune50-distill-int8": [
+        StepSpec(name="prune_structured", config={"target_ratio": 0.5}),
+        StepSpec(name="distill"),
+        StepSpec(name="export_onnx"),
+        StepSpec(name="quantize_int8"),
+        StepSpec(name="benchmark"),
+        StepSpec(name="evaluate"),
+    ],
     "onnx-int8": [
         StepSpec(name="export_onnx"),
         StepSpec(name="quantize_int8"),

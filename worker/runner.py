@@ -269,7 +269,8 @@ class JobRunner:
                 if result.artifact is not None:
                     fmt = result.format or cls().output_format(chain.format)
                     filename = f"{index:02d}-{name}{FILE_EXTENSIONS.get(fmt, '')}"
-                    artifact_ref = ArtifactRef(name=filename, format=fmt, path=result.artifact, step=name, step_index=index)
+                    artifact_ref = ArtifactRef(name=filename, format=fmt, path=result.artifact, step=name,
+                                               step_index=index, meta=dict(result.meta))
                     chain_sha = self._record_artifact(job_id, step_id, index, name, artifact_ref, cache_key, result, cached)
                     chain = artifact_ref
                     artifacts.append(artifact_ref)

@@ -6,6 +6,43 @@ from __future__ import annotations
 from core.errors import PassError
 from worker.passes.base import ArtifactRef
 
+# Module attributes that define tensor shapes; a pruned model records them beside its weights
+# (plain ints, so the file still loads with weights_only=True).
+SHAPE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features")
+
+
+def save_module(module, path) -> None:
+    """Weights plus the shape attributes of every module: enough to rebuild a pruned
+    torchvision model from its architecture, without pickling any class."""
+    import torch
+
+    attributes = {}
+    for name, sub in module.named_modules():
+        found = {a: getattr(sub, a) for a in SHAPE_ATTRIBUTES if isinstance(getattr(sub, a, None), int)}
+        if found:
+            attributes[name] = found
+    torch.save({"state_dict": module.state_dict(), "module_attributes": attributes}, str(path))
+
+
+def _reshape_to(module, state: dict, attributes: dict) -> None:
+    """Give a freshly built model the pruned shapes recorded by save_module."""
+    import torch
+
+    modules = dict(module.named_modules())
+    for name, attrs in attributes.items():
+        if name in modules:
+            for attr, value in attrs.items():
+                setattr(modules[name], attr, int(value))
+    for key, tensor in state.items():
+        owner, _, leaf = key.rpartition(".")
+        sub = modules.get(owner)
+        current = getattr(sub, leaf, None) if sub is not None else None
+        if current is not None and current.shape != tensor.shape:
+            if isinstance(current, torch.nn.Parameter):
+                setattr(sub, leaf, torch.nn.Parameter(torch.empty_like(tensor)))
+            else:
+                sub.register_buffer(leaf, torch.empty_like(tensor))
+
 
 def _state_dict(obj):
     """A plain state_dict, or one wrapped the way training scripts save checkpoints."""
@@ -23,9 +60,11 @@ def module_from_state_dict(ref: ArtifactRef):
     if not architecture:
         raise PassError("a state_dict upload needs its architecture", code="architecture_required")
     try:
-        state = _state_dict(torch.load(str(ref.path), map_location="cpu", weights_only=True))
+        blob = torch.load(str(ref.path), map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses anything but tensors and plain containers
         raise PassError(f"the state_dict could not be read as weights only: {exc}", code="invalid_state_dict") from exc
+    state = _state_dict(blob)
+    attributes = blob.get("module_attributes") if isinstance(blob, dict) else None
     if not isinstance(state, dict) or not state:
         raise PassError("the checkpoint holds no state_dict", code="invalid_state_dict")
     # The classifier's weight has one row (or 1x1 filter) per class: torchvision names it fc,
@@ -38,6 +77,8 @@ def module_from_state_dict(ref: ArtifactRef):
         kwargs["aux_logits"] = any("aux" in k.lower() for k in state)
         kwargs["init_weights"] = False
     module = torchvision.models.get_model(architecture, weights=None, **kwargs)
+    if attributes:
+        _reshape_to(module, state, attributes)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -4,8 +4,11 @@ library: torch, onnxruntime and friends are imported inside each pass's run())."
 from worker.passes import (  # noqa: F401
     benchmark,
     convert_fp16,
+    distill,
     evaluate,
     export_onnx,
+    finetune,
+    prune_structured,
     quantize_int8,
     quantize_int8_torch,
 )
