@@ -157,7 +157,8 @@ def create_job(*, session: Session, job_in: JobCreate) -> Job:
                             num_classes=ds.num_classes if ds.labeled else None)
 
     has_dataset = bool(job_in.calibration_dataset_id or job_in.evaluation_dataset_id)
-    steps = resolve_steps(preset=job_in.preset, steps=job_in.step_specs(), has_dataset=has_dataset)
+    steps = resolve_steps(preset=job_in.preset, steps=job_in.step_specs(), has_dataset=has_dataset,
+                          overrides=job_in.overrides)
     plan = plan_job(
         model_format=model.format, model_inputs=list(model.inputs), model_outputs=list(model.outputs), steps=steps,
         default_input_shape=(model.details or {}).get("default_input_shape"),

@@ -116,12 +116,17 @@ class JobCreate(BaseModel):
     # One shape for a single-input model, or {input name: shape}.
     input_shape: list[int] | dict[str, list[int]] | None = None
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    overrides: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="With a preset: config changes by step name, e.g. {\"distill\": {\"epochs\": 10}}."
+    )
     name: str | None = Field(default=None, max_length=200)
 
     @model_validator(mode="after")
     def _preset_or_steps(self) -> "JobCreate":
         if (self.preset is None) == (self.steps is None):
             raise ValueError("give exactly one of 'preset' or 'steps'")
+        if self.overrides is not None and self.preset is None:
+            raise ValueError("overrides apply to a preset's steps; with steps, give each step's config")
         return self
 
     def step_specs(self) -> list[StepSpec] | None:

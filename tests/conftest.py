@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests import digits
@@ -87,6 +88,33 @@ def digit_assets(tmp_path_factory) -> DigitAssets:
         labeled_zip=digits.write_image_zip(root / "eval.zip", x[1500:], y[1500:]),
         unlabeled_zip=digits.write_image_zip(root / "calibration.zip", x[:200], None),
     )
+
+
+@pytest.fixture(scope="session")
+def digit_teacher(tmp_path_factory, digit_assets):
+    """ResNet-18 trained on the digits (upscaled to 32x32 RGB), saved as a state_dict."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("teacher")
+    images = np.repeat(np.kron(digit_assets.x, np.ones((1, 1, 4, 4), np.float32)), 3, axis=1)
+    net = torchvision.models.resnet18(num_classes=10)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    x, y = torch.from_numpy(images[:1200]), torch.from_numpy(digit_assets.y[:1200])
+    for _ in range(5):
+        net.train()
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    net.eval()
+    torch.save(net.state_dict(), root / "teacher.pt")
+    np.savez(root / "train.npz", x=images[:1200])  # unlabeled: what most users have
+    np.savez(root / "train_labeled.npz", x=images[:1200], y=digit_assets.y[:1200])
+    return root, images[1500:], digit_assets.y[1500:]
 
 
 # -- services ------------------------------------------------------------------------------------

@@ -351,3 +351,33 @@ def test_torch_int8_preset_on_a_resnet18_state_dict(stack, digit_assets, tmp_pat
     report = stack.client.get(f"/v1/jobs/{job['id']}/report").json()
     int8 = next(e for e in report["entries"] if e["step"] == "quantize_int8_torch")
     assert int8["latency_ms"]["p50_ms"] > 0 and int8["fidelity"]["cosine"] > 0.98
+
+
+def test_prune50_distill_int8_preset_on_a_trained_resnet18(stack, digit_teacher):
+    root, test_x, test_y = digit_teacher
+    with open(root / "teacher.pt", "rb") as fh:
+        model = stack.client.post("/v1/models", files={"file": ("teacher.pt", fh)},
+                                  data={"architecture": "resnet18"}).json()
+    with open(root / "train.npz", "rb") as fh:
+        train = stack.client.post("/v1/datasets", files={"file": ("train.npz", fh)}).json()
+    evaluation = stack.client.post("/v1/datasets", files={"file": ("test.npz", _npz(x=test_x, y=test_y))}).json()
+    resp = stack.client.post("/v1/jobs", json={
+        "model_id": model["id"], "preset": "prune50-distill-int8", "calibration_dataset_id": train["id"],
+        "evaluation_dataset_id": evaluation["id"], "input_shape": [1, 3, 32, 32],
+        "preprocessing": {"mean": [0, 0, 0], "std": [1, 1, 1]}, "overrides": {"distill": {"epochs": 2}},
+    })
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["steps"][1]["config"]["epochs"] == 2
+    job = stack.wait_for_job(resp.json()["id"], timeout=600)
+    assert job["status"] == "succeeded", job["error"]
+    steps = {s["name"]: s for s in job["steps"]}
+    assert abs(steps["prune_structured"]["metrics"]["parameters_ratio"] - 0.5) < 0.03
+    assert steps["distill"]["metrics"]["validation_best"] >= steps["distill"]["metrics"]["validation_before"]
+    report = stack.client.get(f"/v1/jobs/{job['id']}/report").json()
+    entries = {e["step"]: e for e in report["entries"]}
+    assert set(entries) == {None, "prune_structured", "distill", "export_onnx", "quantize_int8"}
+    assert entries["quantize_int8"]["size_ratio"] < 0.2
+    assert entries["quantize_int8"]["accuracy"]["top1"] > entries["prune_structured"]["accuracy"]["top1"]
+    bad = stack.client.post("/v1/jobs", json={"model_id": model["id"], "preset": "prune50-distill",
+                                              "calibration_dataset_id": train["id"], "overrides": {"sharpen": {}}})
+    assert_error(bad, 422, "unknown_step")

@@ -52,33 +52,6 @@ def test_half_the_parameters_removed_and_the_result_still_exports(architecture, 
     assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max())
 
 
-@pytest.fixture(scope="module")
-def digit_teacher(tmp_path_factory, digit_assets):
-    """ResNet-18 trained on the digits (upscaled to 32x32 RGB), saved as a state_dict."""
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("teacher")
-    images = np.repeat(np.kron(digit_assets.x, np.ones((1, 1, 4, 4), np.float32)), 3, axis=1)
-    net = torchvision.models.resnet18(num_classes=10)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
-    x, y = torch.from_numpy(images[:1200]), torch.from_numpy(digit_assets.y[:1200])
-    for _ in range(3):
-        net.train()
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    net.eval()
-    torch.save(net.state_dict(), root / "teacher.pt")
-    np.savez(root / "train.npz", x=images[:1200])  # unlabeled: what most users have
-    np.savez(root / "train_labeled.npz", x=images[:1200], y=digit_assets.y[:1200])
-    return root, images[1500:], digit_assets.y[1500:]
-
-
 def accuracy(ref: ArtifactRef, x, y) -> float:
     import torch
 
@@ -92,7 +65,7 @@ def test_label_free_distillation_recovers_a_pruned_models_accuracy(digit_teacher
     root, test_x, test_y = digit_teacher
     teacher = ArtifactRef("teacher.pt", "state_dict", root / "teacher.pt", meta={"architecture": "resnet18"})
     teacher_acc = accuracy(teacher, test_x, test_y)
-    assert teacher_acc > 0.85, teacher_acc
+    assert teacher_acc > 0.8, teacher_acc
     _, pruned = run_pass("prune_structured", tmp_path / "prune", teacher, config={"target_ratio": 0.7})
     pruned_acc = accuracy(pruned, test_x, test_y)
     train = DatasetRef(root / "train.npz", "npz", False, 1200, "NCHW", [3, 32, 32])
@@ -121,3 +94,35 @@ def test_finetune_needs_labels_and_uses_them(digit_teacher, tmp_path):
                              config={"epochs": 2})
     assert result.metrics["validation_metric"] == "accuracy" and result.metrics["alpha"] == 0.0
     assert accuracy(tuned, test_x, test_y) > accuracy(pruned, test_x, test_y)
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"sparsity": 0.6, "scope": "global"}, 0.6),
+    ({"sparsity": 0.5, "scope": "layer"}, 0.5),
+    ({"pattern": "2:4"}, 0.5),
+])
+def test_unstructured_pruning_reports_sparsity_honestly(config, expected, tmp_path):
+    import torch
+    import torchvision
+
+    from worker.torch_models import module_from_state_dict
+
+    torch.manual_seed(0)
+    path = tmp_path / "r.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    source = ArtifactRef(path.name, "state_dict", path, meta={"architecture": "resnet18"})
+    result, sparse = run_pass("prune_unstructured", tmp_path / "u", source, config=config)
+    m = result.metrics
+    module = module_from_state_dict(sparse)
+    convs = [(n, c) for n, c in module.named_modules() if isinstance(c, torch.nn.Conv2d)]
+    assert float((convs[0][1].weight == 0).float().mean()) == 0.0  # the first conv stays dense
+    pruned = torch.cat([c.weight.detach().flatten() for _, c in convs[1:]])  # the classifier stays dense too
+    assert abs(float((pruned == 0).float().mean()) - expected) < 0.01
+    if config.get("scope") == "layer" or "pattern" in config:
+        assert all(abs(s - expected) < 0.02 for s in m["sparsity_per_layer"].values())
+    if "pattern" in config:
+        w = convs[5][1].weight.detach().reshape(convs[5][1].weight.shape[0], -1)
+        assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+    assert abs(m["size_bytes"] - path.stat().st_size) < 0.01 * path.stat().st_size  # dense size unchanged
+    assert m["gzip_bytes"] < 0.85 * m["original_gzip_bytes"]
+    assert "no speed-up" in m["note"]

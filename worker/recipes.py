@@ -81,7 +81,10 @@ class DatasetFacts:
     num_classes: int | None = None
 
 
-def resolve_steps(*, preset: str | None, steps: list[StepSpec] | None, has_dataset: bool = True) -> list[StepSpec]:
+def resolve_steps(
+    *, preset: str | None, steps: list[StepSpec] | None, has_dataset: bool = True,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> list[StepSpec]:
     """The job's steps. A preset's steps that need a dataset (evaluate) are left out when the
     job gives none; explicit steps are taken as written and checked by plan_job."""
     if preset is not None:
@@ -89,7 +92,17 @@ def resolve_steps(*, preset: str | None, steps: list[StepSpec] | None, has_datas
             raise InvalidInput(
                 f"unknown preset {preset!r}", code="unknown_preset", details={"presets": sorted(PRESETS)}
             )
-        return [s for s in PRESETS[preset] if has_dataset or NEEDS_DATASET not in get_pass(s.name).needs]
+        chosen = [s for s in PRESETS[preset] if has_dataset or NEEDS_DATASET not in get_pass(s.name).needs]
+        unknown = set(overrides or {}) - {s.name for s in chosen}
+        if unknown:
+            raise InvalidInput(
+                f"overrides name steps that preset {preset!r} does not run: {sorted(unknown)}",
+                code="unknown_step",
+                details={"steps": [s.name for s in chosen]},
+            )
+        return [
+            StepSpec(name=s.name, config={**s.config, **(overrides or {}).get(s.name, {})}) for s in chosen
+        ]
     assert steps is not None
     return steps
 

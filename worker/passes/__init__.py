@@ -9,6 +9,7 @@ from worker.passes import (  # noqa: F401
     export_onnx,
     finetune,
     prune_structured,
+    prune_unstructured,
     quantize_int8,
     quantize_int8_torch,
 )
