@@ -142,7 +142,7 @@ class Distill(Pass):
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                total_loss += float(loss) * len(idx)
+                total_loss += float(loss.detach()) * len(idx)
             scheduler.step()
             score = validate()
             history.append({"epoch": epoch, "loss": total_loss / max(len(perm), 1), "validation": score})
