@@ -375,7 +375,8 @@ def test_prune50_distill_int8_preset_on_a_trained_resnet18(stack, digit_teacher)
     assert steps["distill"]["metrics"]["validation_best"] >= steps["distill"]["metrics"]["validation_before"]
     report = stack.client.get(f"/v1/jobs/{job['id']}/report").json()
     entries = {e["step"]: e for e in report["entries"]}
-    assert set(entries) == {None, "prune_structured", "distill", "export_onnx", "quantize_int8"}
+    assert set(entries) == {None, "prune_structured", "distill", "export_pt2", "export_onnx", "quantize_int8"}
+    assert entries["export_pt2"]["format"] == "exported_program"
     assert entries["quantize_int8"]["size_ratio"] < 0.2
     assert entries["quantize_int8"]["accuracy"]["top1"] > entries["prune_structured"]["accuracy"]["top1"]
     bad = stack.client.post("/v1/jobs", json={"model_id": model["id"], "preset": "prune50-distill",

@@ -39,6 +39,7 @@ PRESETS: dict[str, list[StepSpec]] = {
     "prune50-distill": [
         StepSpec(name="prune_structured", config={"target_ratio": 0.5}),
         StepSpec(name="distill"),
+        StepSpec(name="export_pt2"),
         StepSpec(name="export_onnx"),
         StepSpec(name="benchmark"),
         StepSpec(name="evaluate"),
@@ -46,6 +47,7 @@ PRESETS: dict[str, list[StepSpec]] = {
     "prune50-distill-int8": [
         StepSpec(name="prune_structured", config={"target_ratio": 0.5}),
         StepSpec(name="distill"),
+        StepSpec(name="export_pt2"),
         StepSpec(name="export_onnx"),
         StepSpec(name="quantize_int8"),
         StepSpec(name="benchmark"),

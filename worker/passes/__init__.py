@@ -7,6 +7,7 @@ from worker.passes import (  # noqa: F401
     distill,
     evaluate,
     export_onnx,
+    export_pt2,
     finetune,
     prune_structured,
     prune_unstructured,

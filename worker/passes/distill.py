@@ -99,10 +99,17 @@ class Distill(Pass):
         n_val = max(1, int(len(x_all) * config.validation_fraction))
         order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(config.seed))
         val_idx, train_idx = order[:n_val], order[n_val:]
+        # On a GPU worker, train there; the images stay on the CPU and move a batch at a time.
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         teacher = teacher_module(ctx.original) if config.alpha > 0 or labels is None else None
+        if teacher is not None and device.type == "cuda" and isinstance(teacher, torch.nn.Module):
+            teacher = teacher.to(device)
         with torch.inference_mode():
-            soft = torch.cat([teacher(x_all[i : i + 256]) for i in range(0, len(x_all), 256)]) if teacher else None
-        student = module_from_state_dict(source)
+            soft = (
+                torch.cat([teacher(x_all[i : i + 256].to(device)).cpu() for i in range(0, len(x_all), 256)])
+                if teacher is not None else None
+            )
+        student = module_from_state_dict(source).to(device)
         optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=1e-4)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
         generator = torch.Generator().manual_seed(config.seed)
@@ -111,7 +118,8 @@ class Distill(Pass):
         def validate() -> float:
             student.eval()
             with torch.inference_mode():
-                pred = torch.cat([student(x_all[val_idx[i : i + 256]]) for i in range(0, n_val, 256)]).argmax(1)
+                pred = torch.cat([student(x_all[val_idx[i : i + 256]].to(device)).cpu()
+                                  for i in range(0, n_val, 256)]).argmax(1)
             target = labels[val_idx] if labels is not None else soft[val_idx].argmax(1)
             return float((pred == target).float().mean())
 
@@ -129,16 +137,17 @@ class Distill(Pass):
                 x = x_all[idx]
                 if config.augmentation:
                     x = _augment(x, generator)
+                x = x.to(device)
                 out = student(x)
-                loss = torch.zeros(())
+                loss = torch.zeros((), device=device)
                 if config.alpha > 0:
                     with torch.no_grad():
-                        t_out = teacher(x) if config.augmentation else soft[idx]
+                        t_out = teacher(x) if config.augmentation else soft[idx].to(device)
                     loss = loss + config.alpha * F.kl_div(
                         F.log_softmax(out / T, dim=1), F.softmax(t_out / T, dim=1), reduction="batchmean"
                     ) * T * T
                 if beta > 0:
-                    loss = loss + beta * F.cross_entropy(out, labels[idx])
+                    loss = loss + beta * F.cross_entropy(out, labels[idx].to(device))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -151,7 +160,7 @@ class Distill(Pass):
                 best = (score, copy.deepcopy(student.state_dict()), epoch)
             ctx.report_progress(epoch / config.epochs)
         student.load_state_dict(best[1])
-        student.eval()
+        student = student.cpu().eval()
         out_path = ctx.work_dir / f"model.{self.name}.pt"
         save_module(student, out_path)
         return PassResult(
@@ -162,7 +171,7 @@ class Distill(Pass):
                 "validation_metric": "accuracy" if labels is not None else "top1_agreement_with_teacher",
                 "validation_before": history[0]["validation"], "validation_best": best[0], "best_epoch": best[2],
                 "epochs": history, "train_samples": len(train_idx), "validation_samples": n_val,
-                "alpha": config.alpha, "beta": beta, "temperature": T,
+                "alpha": config.alpha, "beta": beta, "temperature": T, "device": device.type,
             },
         )
 

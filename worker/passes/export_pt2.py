@@ -1,0 +1,62 @@
+"""export_pt2: a PyTorch model made of weights (a torchvision state_dict, pruned or distilled)
+into a whole torch.export ExportedProgram (.pt2) that loads anywhere with torch.export.load,
+without torchvision or this service's code, with an open batch axis where the graph allows."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from core.errors import PassError
+from worker.passes.base import (
+    EXPORTED_PROGRAM,
+    STATE_DICT,
+    ArtifactRef,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+)
+
+
+class ExportPt2Config(PassConfig):
+    dynamic_batch: bool = Field(default=True, description="Leave the batch dimension open.")
+
+
+class ExportPt2(Pass):
+    name = "export_pt2"
+    description = "Save a weights-only PyTorch model as a whole ExportedProgram (.pt2)."
+    Config = ExportPt2Config
+    accepts = frozenset({STATE_DICT})
+    produces = EXPORTED_PROGRAM
+
+    def run(self, ctx: PassContext, source: ArtifactRef, config: ExportPt2Config) -> PassResult:
+        import torch
+
+        from worker.runtime import sample_feeds
+        from worker.torch_models import module_from_state_dict
+
+        module = module_from_state_dict(source)
+        example = tuple(torch.from_numpy(v) for v in sample_feeds(ctx.input_spec, batch=2).values())
+        dynamic = False
+        program = None
+        if config.dynamic_batch:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            try:
+                program = torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
+                dynamic = True
+            except Exception as exc:  # the graph specialised on the batch size
+                ctx.log.warning("keeping a fixed batch: %s", str(exc).splitlines()[0])
+        if program is None:
+            try:
+                program = torch.export.export(module, tuple(torch.from_numpy(v) for v in sample_feeds(ctx.input_spec).values()))
+            except Exception as exc:  # torch.export raises several types for unsupported code
+                raise PassError(f"torch.export failed: {str(exc).splitlines()[0]}", code="export_failed") from exc
+        out = ctx.work_dir / "model.pt2"
+        torch.export.save(program, str(out))
+        with torch.no_grad():
+            want = module(*example)
+            got = torch.export.load(str(out)).module()(*example)
+        error = float((want - got).abs().max())
+        if error > 1e-4 * max(1.0, float(want.abs().max())):
+            raise PassError(f"the exported program disagrees with the model (max error {error:.3g})", code="export_mismatch")
+        return PassResult(artifact=out, format=EXPORTED_PROGRAM, metrics={"dynamic_batch": dynamic, "max_abs_error": error})
