@@ -23,7 +23,7 @@ import pytest
 from tests import digits
 
 PG_ADMIN_URL = os.environ.get("CVOPT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("CVOPT_TEST_REDIS", "redis://127.0.0.1:6379/11")
+REDIS_SERVER = os.environ.get("CVOPT_TEST_REDIS", "redis://127.0.0.1:6379")
 API_KEY = "cvopt_test_" + uuid.uuid4().hex
 VENV_BIN = Path(sys.executable).parent
 
@@ -141,14 +141,32 @@ def migrated_pg(pg_url):
     return pg_url
 
 
-@pytest.fixture(scope="session")
-def redis_url():
+def claim_redis_db() -> str:
+    """A Redis database number no other test session on this machine is using: two sessions
+    sharing one would consume each other's job messages."""
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield REDIS_URL
-    client.flushdb()
+    for db in range(1, 16):
+        client = redis.Redis.from_url(f"{REDIS_SERVER}/{db}")
+        if client.set("cvopt:test-session", str(os.getpid()), nx=True, ex=6 * 3600):
+            for key in client.scan_iter():
+                if key != b"cvopt:test-session":
+                    client.delete(key)
+            return f"{REDIS_SERVER}/{db}"
+    raise RuntimeError("every Redis database 1-15 is claimed by another test session")
+
+
+def release_redis_db(url: str) -> None:
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    url = claim_redis_db()
+    yield url
+    release_redis_db(url)
 
 
 @dataclass

@@ -35,13 +35,21 @@ def sessions(engine):
     conn.close()
 
 
+@pytest.fixture(scope="module")
+def broker_url():
+    from tests.conftest import claim_redis_db, release_redis_db
+
+    url = claim_redis_db()
+    yield url
+    release_redis_db(url)
+
+
 @pytest.fixture
-def broker(redis_url):
-    url = redis_url.rsplit("/", 1)[0] + "/12"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url, client
-    client.flushdb()
+def broker(broker_url):
+    client = redis.Redis.from_url(broker_url)
+    client.delete("cpu", "gpu")
+    yield broker_url, client
+    client.delete("cpu", "gpu")
 
 
 def settings_for(broker_url: str, **kw) -> Settings:
