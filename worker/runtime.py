@@ -67,6 +67,13 @@ def load_runner(ref: ArtifactRef, *, threads: int = 1) -> Runner:
     return run_torch
 
 
+def sample_tensors(input_spec: list[dict[str, Any]], *, batch: int | None = None) -> tuple:
+    """sample_feeds as a tuple of torch tensors, in input order (example args for torch)."""
+    import torch
+
+    return tuple(torch.from_numpy(v) for v in sample_feeds(input_spec, batch=batch).values())
+
+
 def sample_feeds(input_spec: list[dict[str, Any]], *, batch: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs for every model input (the batch dimension replaced when given)."""
     from worker.data import NP_DTYPES

@@ -44,6 +44,22 @@ def _reshape_to(module, state: dict, attributes: dict) -> None:
                 sub.register_buffer(leaf, torch.empty_like(tensor))
 
 
+def export_open_batch(module, input_spec, log):
+    """torch.export the module with an open batch axis; (program, True). When the graph
+    specialised on the batch size (or the module guards it), (None, False)."""
+    import torch
+
+    from worker.runtime import sample_tensors
+
+    args = sample_tensors(input_spec, batch=2)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        return torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args)), True
+    except Exception as exc:  # torch.export raises several error types here
+        log.warning("keeping a fixed batch size: %s", str(exc).splitlines()[0])
+        return None, False
+
+
 def _state_dict(obj):
     """A plain state_dict, or one wrapped the way training scripts save checkpoints."""
     for key in ("state_dict", "model_state_dict", "model"):

@@ -140,29 +140,23 @@ class ExportOnnx(Pass):
     def _from_exported_program(self, ctx, source, config, out) -> bool:
         import torch
 
-        from worker.runtime import sample_feeds
+        from worker.runtime import sample_tensors
+        from worker.torch_models import export_open_batch, module_from_state_dict
 
         if source.format == STATE_DICT:
-            from worker.torch_models import module_from_state_dict
-
-            example = tuple(torch.from_numpy(v) for v in sample_feeds(ctx.input_spec).values())
-            program = torch.export.export(module_from_state_dict(source), example)
+            module = module_from_state_dict(source)
+            program = None
         else:
+            # The upload fixes the batch (users often export with batch 1); its unflattened
+            # module guards the traced shapes, so it is re-exported without them.
             program = torch.export.load(str(source.path))
+            module = program.module(check_guards=False)
         dynamic = False
         if config.dynamic_batch:
-            # The upload fixes the batch (users often export with batch 1): re-export its graph
-            # with an open batch dimension; keep the fixed one if the graph specialised on it.
-            feeds = sample_feeds(ctx.input_spec, batch=2)
-            args = tuple(torch.from_numpy(v) for v in feeds.values())
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            try:
-                # The unflattened module guards the traced shapes; re-export without them.
-                module = program.module(check_guards=False)
-                program = torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args))
-                dynamic = True
-            except Exception as exc:  # torch.export raises several error types here
-                ctx.log.warning("keeping the upload's fixed batch size: %s", str(exc).splitlines()[0])
+            opened, dynamic = export_open_batch(module, ctx.input_spec, ctx.log)
+            program = opened or program
+        if program is None:
+            program = torch.export.export(module, sample_tensors(ctx.input_spec))
         try:
             torch.onnx.export(program, (), str(out), dynamo=True, opset_version=max(config.opset, 18),
                               optimize=True, verbose=False)

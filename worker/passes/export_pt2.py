@@ -32,23 +32,16 @@ class ExportPt2(Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: ExportPt2Config) -> PassResult:
         import torch
 
-        from worker.runtime import sample_feeds
-        from worker.torch_models import module_from_state_dict
+        from worker.runtime import sample_tensors
+        from worker.torch_models import export_open_batch, module_from_state_dict
 
         module = module_from_state_dict(source)
-        example = tuple(torch.from_numpy(v) for v in sample_feeds(ctx.input_spec, batch=2).values())
-        dynamic = False
-        program = None
-        if config.dynamic_batch:
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            try:
-                program = torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
-                dynamic = True
-            except Exception as exc:  # the graph specialised on the batch size
-                ctx.log.warning("keeping a fixed batch: %s", str(exc).splitlines()[0])
+        example = sample_tensors(ctx.input_spec, batch=2)
+        program, dynamic = export_open_batch(module, ctx.input_spec, ctx.log) if config.dynamic_batch else (None, False)
         if program is None:
+            example = sample_tensors(ctx.input_spec)
             try:
-                program = torch.export.export(module, tuple(torch.from_numpy(v) for v in sample_feeds(ctx.input_spec).values()))
+                program = torch.export.export(module, example)
             except Exception as exc:  # torch.export raises several types for unsupported code
                 raise PassError(f"torch.export failed: {str(exc).splitlines()[0]}", code="export_failed") from exc
         out = ctx.work_dir / "model.pt2"

@@ -112,13 +112,11 @@ class PruneStructured(Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: PruneStructuredConfig) -> PassResult:
         import copy
 
-        import torch
-
-        from worker.runtime import sample_feeds
+        from worker.runtime import sample_tensors
         from worker.torch_models import module_from_state_dict, save_module
 
         original = module_from_state_dict(source)
-        example = tuple(torch.from_numpy(v) for v in sample_feeds(ctx.input_spec).values())
+        example = sample_tensors(ctx.input_spec)
         macs0, params0 = measure(original, example)
         base = params0 if config.target == "params" else macs0
         wanted = base * (1 - config.target_ratio)

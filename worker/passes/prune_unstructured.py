@@ -41,6 +41,12 @@ def _prunable(module, protect: list[str] | None):
     ]
 
 
+def _threshold(magnitudes, sparsity: float):
+    """The magnitude at or below which ``sparsity`` of the weights fall."""
+    k = int(sparsity * magnitudes.numel())
+    return magnitudes.kthvalue(k).values if k > 0 else magnitudes.min() - 1
+
+
 def _two_of_four(weight):
     """Keep the 2 largest of every 4 consecutive input weights."""
     import torch
@@ -77,17 +83,13 @@ class PruneUnstructured(Pass):
             if config.pattern == "2:4":
                 masks = {name: _two_of_four(m.weight) for name, m in layers}
             elif config.scope == "global":
-                magnitudes = torch.cat([m.weight.detach().abs().flatten() for _, m in layers])
-                k = int(config.sparsity * magnitudes.numel())
-                threshold = magnitudes.kthvalue(max(k, 1)).values if k > 0 else magnitudes.min() - 1
+                threshold = _threshold(torch.cat([m.weight.detach().abs().flatten() for _, m in layers]), config.sparsity)
                 masks = {name: m.weight.detach().abs() > threshold for name, m in layers}
             else:
-                masks = {}
-                for name, m in layers:
-                    w = m.weight.detach().abs().flatten()
-                    k = int(config.sparsity * w.numel())
-                    threshold = w.kthvalue(max(k, 1)).values if k > 0 else w.min() - 1
-                    masks[name] = m.weight.detach().abs() > threshold
+                masks = {
+                    name: m.weight.detach().abs() > _threshold(m.weight.detach().abs().flatten(), config.sparsity)
+                    for name, m in layers
+                }
             for name, m in layers:
                 m.weight.mul_(masks[name])
         per_layer = {

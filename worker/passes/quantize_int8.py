@@ -69,6 +69,14 @@ class _Validation:
     batches: list  # model-input arrays
     labels: object  # np.ndarray or None
     source: str
+    input_name: str
+    reference: object  # the FP32 graph's top-1 on the batches
+
+    def quality(self, path: Path) -> float:
+        """Accuracy with labels, else top-1 agreement with the FP32 graph."""
+        pred = _predict(path, self.input_name, self.batches)
+        target = self.labels if self.labels is not None else self.reference
+        return float((pred == target).mean())
 
 
 def cpu_has_vnni() -> bool:
@@ -242,7 +250,7 @@ class QuantizeInt8(Pass):
             "quant_format": "QDQ",
         }
         if config.max_accuracy_drop is not None or config.search_speed:
-            val = self._validation(ctx, config, spec, batch_size)
+            val = self._validation(ctx, config, spec, batch_size, prepared)
             out, metrics["fallback"] = self._fallback(ctx, config, prepared, out, quantize, spec, batch_size, val)
             if config.search_speed:
                 out, metrics["speed_search"] = self._search_speed(ctx, config, prepared, out, quantize, spec, val, metrics["fallback"])
@@ -273,13 +281,11 @@ class QuantizeInt8(Pass):
                 kept, ctx.work_dir / "model.int8.weighted.onnx", op_types=["Conv", "Gemm", "MatMul"]
             )
         name = spec["name"]
-        reference = _predict(prepared, name, val.batches)
         baseline = fallback["fp32"]
-        results = {}
-        for label, path in candidates.items():
-            pred = _predict(path, name, val.batches)
-            score = float((pred == val.labels).mean()) if val.labels is not None else float((pred == reference).mean())
-            results[label] = {"drop": baseline - score, "size_bytes": path.stat().st_size}
+        results = {
+            label: {"drop": baseline - val.quality(path), "size_bytes": path.stat().st_size}
+            for label, path in candidates.items()
+        }
         feeds = {name: val.batches[0][:1] if len(val.batches[0]) >= 1 else val.batches[0]}
         timings = time_interleaved({"fp32": prepared, **candidates}, feeds, runs=9, threads=ctx.threads)
         for label in candidates:
@@ -302,7 +308,8 @@ class QuantizeInt8(Pass):
 
     # -- per-layer fallback ------------------------------------------------------------------------
 
-    def _validation(self, ctx: PassContext, config: QuantizeInt8Config, spec: dict, batch_size: int) -> _Validation:
+    def _validation(self, ctx: PassContext, config: QuantizeInt8Config, spec: dict, batch_size: int,
+                    prepared: Path) -> _Validation:
         import numpy as np
 
         from worker.data import iter_batches
@@ -314,17 +321,15 @@ class QuantizeInt8(Pass):
             batches.append(x)
             labels.append(y)
         has_labels = dataset.labeled and all(y is not None for y in labels)
-        return _Validation(batches=batches, labels=np.concatenate(labels) if has_labels else None, source=source)
+        return _Validation(
+            batches=batches, labels=np.concatenate(labels) if has_labels else None, source=source,
+            input_name=spec["name"], reference=_predict(prepared, spec["name"], batches),
+        )
 
     def _fallback(self, ctx, config, prepared: Path, full: Path, quantize, spec, batch_size, val: _Validation):
         name = spec["name"]
-        reference = _predict(prepared, name, val.batches)
-
-        def quality(path: Path) -> float:
-            pred = _predict(path, name, val.batches)
-            return float((pred == val.labels).mean()) if val.labels is not None else float((pred == reference).mean())
-
-        baseline = float((reference == val.labels).mean()) if val.labels is not None else 1.0
+        quality = val.quality
+        baseline = float((val.reference == val.labels).mean()) if val.labels is not None else 1.0
         metric = "accuracy" if val.labels is not None else "top1_agreement"
         report = {
             "metric": metric, "validated_on": val.source, "samples": int(sum(len(b) for b in val.batches)),

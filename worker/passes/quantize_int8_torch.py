@@ -48,14 +48,14 @@ class QuantizeInt8Torch(Pass):
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
         from worker.data import iter_batches
-        from worker.runtime import sample_feeds
+        from worker.runtime import sample_tensors
         from worker.torch_models import module_from_state_dict
 
         if ctx.calibration_dataset is None:
             raise PassError("quantize_int8_torch needs a calibration dataset", code="calibration_dataset_required")
         torch.backends.quantized.engine = config.backend
         module = module_from_state_dict(source)
-        example = tuple(torch.from_numpy(v) for v in sample_feeds(ctx.input_spec).values())
+        example = sample_tensors(ctx.input_spec)
         seen = 0
         total = min(config.num_calibration_samples, ctx.calibration_dataset.num_samples)
         with warnings.catch_warnings():
