@@ -53,6 +53,16 @@ PRESETS: dict[str, list[StepSpec]] = {
         StepSpec(name="benchmark"),
         StepSpec(name="evaluate"),
     ],
+    "tflite-fp16": [
+        StepSpec(name="convert_tflite", config={"precision": "fp16"}),
+        StepSpec(name="benchmark", config={"batch_sizes": [1]}),
+        StepSpec(name="evaluate"),
+    ],
+    "tflite-int8": [
+        StepSpec(name="convert_tflite", config={"precision": "int8"}),
+        StepSpec(name="benchmark", config={"batch_sizes": [1]}),
+        StepSpec(name="evaluate"),
+    ],
     "onnx-int8": [
         StepSpec(name="export_onnx"),
         StepSpec(name="quantize_int8"),
@@ -188,9 +198,11 @@ def plan_job(
     for index, spec in enumerate(steps):
         cls = get_pass(spec.name)
         if current not in cls.accepts:
+            hint = cls.format_hints.get(current)
+            before = "the step before it leaves" if index else "the upload is"
             raise InvalidInput(
-                f"step {index} ({spec.name}) takes {sorted(cls.accepts)} but the step before it "
-                f"leaves a {current} model",
+                f"step {index} ({spec.name}) takes {sorted(cls.accepts)} but {before} a {current} model"
+                + (f": {hint}" if hint else ""),
                 code="steps_do_not_chain",
                 details={"index": index, "step": spec.name, "input_format": current, "accepts": sorted(cls.accepts)},
             )

@@ -37,7 +37,10 @@ from worker.passes.registry import get_pass
 
 log = logging.getLogger("cvopt.runner")
 
-FILE_EXTENSIONS = {"onnx": ".onnx", "torchscript": ".ts.pt", "exported_program": ".pt2", "state_dict": ".pt"}
+FILE_EXTENSIONS = {
+    "onnx": ".onnx", "torchscript": ".ts.pt", "exported_program": ".pt2", "state_dict": ".pt",
+    "tflite": ".tflite", "tensorrt_engine": ".engine", "aoti_package": ".aoti.pt2",
+}
 LOG_TAIL_CHARS = 4000
 
 

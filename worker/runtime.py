@@ -7,13 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.passes.base import (
-    EXPORTED_PROGRAM,
-    ONNX,
-    STATE_DICT,
-    TORCHSCRIPT,
-    ArtifactRef,
-)
+from worker.passes.base import ONNX, TFLITE, ArtifactRef
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
@@ -41,24 +35,17 @@ def load_runner(ref: ArtifactRef, *, threads: int = 1) -> Runner:
             return session.run(output_names, feeds)
 
         return run_onnx
+    if ref.format == TFLITE:
+        from worker.litert import TfliteRunner
+
+        return TfliteRunner(ref.path, threads=threads, layout=ref.meta.get("io_layout", "nchw"))
 
     import torch
 
     torch.set_num_threads(threads)
-    if ref.format == TORCHSCRIPT:
-        import warnings
+    from worker.torch_models import load_module
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
-            module = torch.jit.load(str(ref.path), map_location="cpu").eval()
-    elif ref.format == EXPORTED_PROGRAM:
-        module = torch.export.load(str(ref.path)).module()
-    elif ref.format == STATE_DICT:
-        from worker.torch_models import module_from_state_dict
-
-        module = module_from_state_dict(ref)
-    else:
-        raise ValueError(f"no CPU runtime for format {ref.format}")
+    module = load_module(ref)
 
     def run_torch(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         with torch.inference_mode():
@@ -87,3 +74,20 @@ def sample_feeds(input_spec: list[dict[str, Any]], *, batch: int | None = None, 
         dtype = NP_DTYPES.get(spec.get("dtype", "float32"), np.float32)
         feeds[spec["name"]] = rng.standard_normal(shape).astype(dtype)
     return feeds
+
+
+def runtime_info(ref: ArtifactRef, *, threads: int = 1) -> dict[str, Any]:
+    """Which runtime measures this artifact, for the report."""
+    if ref.format == ONNX:
+        import onnxruntime
+
+        return {"name": "onnxruntime", "version": onnxruntime.__version__, "provider": "CPUExecutionProvider"}
+    if ref.format == TFLITE:
+        from importlib.metadata import version
+
+        from worker.litert import delegate_coverage
+
+        return {"name": "litert", "version": version("ai-edge-litert"), **delegate_coverage(ref.path, threads)}
+    import torch
+
+    return {"name": "torch", "version": torch.__version__, "device": "cpu"}

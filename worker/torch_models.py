@@ -105,3 +105,22 @@ def module_from_state_dict(ref: ArtifactRef):
             details={"architecture": architecture},
         ) from exc
     return module.float().eval()
+
+
+def load_module(ref: ArtifactRef):
+    """Any PyTorch artifact as a module in eval mode, on the CPU."""
+    import warnings
+
+    import torch
+
+    from worker.passes.base import EXPORTED_PROGRAM, STATE_DICT, TORCHSCRIPT
+
+    if ref.format == STATE_DICT:
+        return module_from_state_dict(ref)
+    if ref.format == EXPORTED_PROGRAM:
+        return torch.export.load(str(ref.path)).module()
+    if ref.format == TORCHSCRIPT:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+            return torch.jit.load(str(ref.path), map_location="cpu").eval()
+    raise PassError(f"{ref.format} is not a PyTorch model", code="unsupported_model")

@@ -4,6 +4,7 @@ library: torch, onnxruntime and friends are imported inside each pass's run())."
 from worker.passes import (  # noqa: F401
     benchmark,
     convert_fp16,
+    convert_tflite,
     distill,
     evaluate,
     export_onnx,

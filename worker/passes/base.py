@@ -26,6 +26,13 @@ EXPORTED_PROGRAM = "exported_program"
 STATE_DICT = "state_dict"  # weights of a named torchvision architecture (ArtifactRef.meta)
 TORCH_FORMATS = frozenset({TORCHSCRIPT, EXPORTED_PROGRAM, STATE_DICT})
 ALL_MODEL_FORMATS = frozenset({ONNX, TORCHSCRIPT, EXPORTED_PROGRAM, STATE_DICT})
+# Deployment artifacts: made by the target steps, never uploaded, and the end of a chain
+# (only the measuring steps take them).
+TFLITE = "tflite"  # LiteRT flatbuffer (convert_tflite)
+TENSORRT_ENGINE = "tensorrt_engine"  # serialized TensorRT engine for one GPU kind (build_tensorrt)
+AOTI_PACKAGE = "aoti_package"  # AOTInductor-compiled .pt2 package (compile_gpu)
+DEPLOY_FORMATS = frozenset({TFLITE, TENSORRT_ENGINE, AOTI_PACKAGE})
+MEASURABLE_FORMATS = ALL_MODEL_FORMATS | DEPLOY_FORMATS
 
 # What a pass may need from the job, checked at POST /v1/jobs.
 NEEDS_CALIBRATION = "calibration_dataset"
@@ -95,6 +102,8 @@ class Pass(ABC):
     produces: ClassVar[str | None]
     needs: ClassVar[frozenset[str]] = frozenset()
     queue: ClassVar[str] = "cpu"
+    # For input formats it does not accept: what the user should do instead (shown in the 422).
+    format_hints: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -10,7 +10,7 @@ import time
 from pydantic import Field
 
 from worker.passes.base import (
-    ALL_MODEL_FORMATS,
+    MEASURABLE_FORMATS,
     ONNX,
     ArtifactRef,
     Pass,
@@ -109,11 +109,11 @@ class Benchmark(Pass):
     name = "benchmark"
     description = "Size and CPU latency of the original and every artifact so far."
     Config = BenchmarkConfig
-    accepts = ALL_MODEL_FORMATS
+    accepts = MEASURABLE_FORMATS
     produces = None
 
     def run(self, ctx: PassContext, source: ArtifactRef, config: BenchmarkConfig) -> PassResult:
-        from worker.runtime import load_runner, sample_feeds
+        from worker.runtime import load_runner, runtime_info, sample_feeds
 
         variants = [ctx.original, *ctx.artifacts]
         runners, memory = [], []
@@ -138,6 +138,7 @@ class Benchmark(Pass):
                 # so approximate: memory freed by an earlier variant can be reused).
                 "memory_mib": mem,
                 "threads": ctx.threads,
+                "runtime": runtime_info(v, threads=ctx.threads),
                 "latency": {},
             }
             for v, mem in zip(variants, memory, strict=True)

@@ -36,23 +36,6 @@ class DistillConfig(PassConfig):
     seed: int = 0
 
 
-def teacher_module(ref: ArtifactRef):
-    """The original model as a torch module, to produce soft targets."""
-    import torch
-
-    from worker.passes.base import EXPORTED_PROGRAM, STATE_DICT, TORCHSCRIPT
-
-    if ref.format == STATE_DICT:
-        from worker.torch_models import module_from_state_dict
-
-        return module_from_state_dict(ref)
-    if ref.format == EXPORTED_PROGRAM:
-        return torch.export.load(str(ref.path)).module()
-    if ref.format == TORCHSCRIPT:
-        return torch.jit.load(str(ref.path), map_location="cpu").eval()
-    raise PassError(f"distillation needs a PyTorch teacher, not {ref.format}", code="unsupported_teacher")
-
-
 def _augment(x, generator):
     import torch
 
@@ -78,7 +61,7 @@ class Distill(Pass):
         import torch.nn.functional as F
 
         from worker.data import iter_batches
-        from worker.torch_models import module_from_state_dict, save_module
+        from worker.torch_models import load_module, module_from_state_dict, save_module
 
         dataset = ctx.calibration_dataset
         if dataset is None:
@@ -101,7 +84,7 @@ class Distill(Pass):
         val_idx, train_idx = order[:n_val], order[n_val:]
         # On a GPU worker, train there; the images stay on the CPU and move a batch at a time.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        teacher = teacher_module(ctx.original) if config.alpha > 0 or labels is None else None
+        teacher = load_module(ctx.original) if config.alpha > 0 or labels is None else None
         if teacher is not None and device.type == "cuda" and isinstance(teacher, torch.nn.Module):
             teacher = teacher.to(device)
         with torch.inference_mode():

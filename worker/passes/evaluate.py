@@ -8,7 +8,7 @@ from pydantic import Field
 
 from core.errors import PassError
 from worker.passes.base import (
-    ALL_MODEL_FORMATS,
+    MEASURABLE_FORMATS,
     NEEDS_DATASET,
     ArtifactRef,
     Pass,
@@ -23,7 +23,7 @@ class EvaluateConfig(PassConfig):
     batch_size: int = Field(default=32, ge=1, le=1024)
 
 
-class _Tally:
+class Tally:
     """Running sums, so evaluation memory does not grow with the dataset."""
 
     def __init__(self) -> None:
@@ -82,7 +82,7 @@ class Evaluate(Pass):
     name = "evaluate"
     description = "Accuracy (with labels) and fidelity to the original of every artifact so far."
     Config = EvaluateConfig
-    accepts = ALL_MODEL_FORMATS
+    accepts = MEASURABLE_FORMATS
     produces = None
     needs = frozenset({NEEDS_DATASET})
 
@@ -102,7 +102,7 @@ class Evaluate(Pass):
         batch_size = config.batch_size - config.batch_size % fixed or fixed
         variants = [ctx.original, *ctx.artifacts]
         runners = [_BatchAdapter(load_runner(v, threads=ctx.threads), spec["name"], fixed) for v in variants]
-        tallies = [_Tally() for _ in variants]
+        tallies = [Tally() for _ in variants]
         total = min(config.max_samples, dataset.num_samples)
         total -= total % batch_size
         if total == 0:

@@ -1,0 +1,129 @@
+"""convert_tflite on the trained digit CNN: each precision is converted by litert-torch, run in
+the LiteRT interpreter (XNNPACK) and measured against the original on held-out digits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.errors import InvalidInput
+from core.schemas import StepSpec
+from tests.test_passes import SPEC, context, keep, npz_ref, run_pass
+from worker.litert import TfliteRunner, io_details
+from worker.passes.base import ArtifactRef
+from worker.recipes import plan_job, resolve_steps
+
+
+@pytest.fixture(scope="module")
+def original(digit_assets) -> ArtifactRef:
+    return ArtifactRef("digits.pt2", "exported_program", digit_assets.models["pt2"])
+
+
+def accuracy(runner, digit_assets, n: int = 200) -> float:
+    x, y = digit_assets.x[1500 : 1500 + n], digit_assets.y[1500 : 1500 + n]
+    logits = np.concatenate([runner({"image": x[i : i + 1]})[0] for i in range(n)])
+    return float((logits.argmax(1) == y).mean())
+
+
+@pytest.fixture(scope="module")
+def original_accuracy(original, digit_assets) -> float:
+    from worker.runtime import load_runner
+
+    return accuracy(load_runner(original), digit_assets)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_each_precision_runs_in_the_interpreter_and_keeps_accuracy(
+    precision, original, original_accuracy, digit_assets, tmp_path
+):
+    ctx = context(tmp_path, original, calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256),
+                  evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297))
+    result = run_pass("convert_tflite", ctx, original, precision=precision, num_calibration_samples=128)
+    assert result.format == "tflite"
+    assert result.artifact.read_bytes()[4:8] == b"TFL3"  # the flatbuffer's file identifier
+    verification = result.metrics["verification"]
+    assert verification["inputs"] == "dataset" and verification["samples"] >= 32
+    assert verification["worst_channel_snr_db"] >= verification["min_snr_db"]
+    coverage = result.metrics["interpreter"]
+    assert coverage["delegate"] == "XNNPACK" and coverage["ops_delegated"] > 0
+    assert coverage["ops_delegated"] + coverage["ops_fallback"] == coverage["ops"]
+
+    runner = TfliteRunner(result.artifact)
+    got = accuracy(runner, digit_assets)
+    assert got >= original_accuracy - (0.02 if precision == "int8" else 0.005)
+    io = io_details(result.artifact)
+    if precision == "int8":
+        # Full integer: int8 in, int8 out, with the scale a phone app quantizes its pixels by.
+        assert io["inputs"][0]["dtype"] == "int8" and io["inputs"][0]["quantization"]["scale"] > 0
+        assert result.metrics["calibration_samples"] == 128
+    else:
+        assert io["inputs"][0]["dtype"] == "float32"
+
+
+def test_sizes_follow_the_precision(original, digit_assets, tmp_path):
+    sizes = {}
+    for precision in ("fp32", "fp16", "int8"):
+        ctx = context(tmp_path / precision, original,
+                      calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256))
+        sizes[precision] = run_pass("convert_tflite", ctx, original, precision=precision).metrics["size_bytes"]
+    assert sizes["fp16"] < 0.6 * sizes["fp32"]
+    assert sizes["int8"] < 0.4 * sizes["fp32"]
+
+
+def test_channels_last_io_takes_nhwc_and_the_runner_transposes(original, digit_assets, tmp_path):
+    result = run_pass("convert_tflite", context(tmp_path, original), original, io_layout="nhwc")
+    assert io_details(result.artifact)["inputs"][0]["shape"] == [1, 8, 8, 1]
+    assert result.metrics["verification"]["inputs"] == "random"
+    x = digit_assets.x[1500:1501]
+    nchw = TfliteRunner(result.artifact, layout="nhwc")({"image": x})[0]
+    from worker.runtime import load_runner
+
+    np.testing.assert_allclose(nchw, load_runner(original)({"image": x})[0], rtol=1e-3, atol=1e-3)
+
+
+def test_a_larger_batch_is_resized_or_refused_cleanly(original, digit_assets, tmp_path):
+    result = run_pass("convert_tflite", context(tmp_path, original), original)
+    runner = TfliteRunner(result.artifact)
+    x = digit_assets.x[1500:1508]
+    try:
+        out = runner({"image": x})[0]
+        assert out.shape == (8, 10)
+    except (RuntimeError, ValueError):
+        pass  # the graph keeps its batch; the runner must still serve batch 1 afterwards
+    assert runner({"image": x[:1]})[0].shape == (1, 10)
+
+
+def test_benchmark_and_evaluate_measure_the_tflite_artifact(original, digit_assets, tmp_path):
+    ctx = context(tmp_path, original, calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256))
+    result = run_pass("convert_tflite", ctx, original, precision="int8")
+    tflite = keep(result, tmp_path, "digits.int8.tflite", "convert_tflite")
+    tflite = ArtifactRef(tflite.name, tflite.format, tflite.path, step=tflite.step, meta=dict(result.meta))
+    ctx = context(tmp_path / "measure", original, artifacts=[tflite],
+                  evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297))
+    bench = run_pass("benchmark", ctx, tflite, batch_sizes=[1], runs=10, warmup=2)
+    rows = {r["artifact"]: r for r in bench.metrics["results"]}
+    assert rows["digits.int8.tflite"]["latency"]["1"]["p50_ms"] > 0
+    assert rows["digits.int8.tflite"]["runtime"]["name"] == "litert"
+    assert rows["digits.int8.tflite"]["runtime"]["delegate"] == "XNNPACK"
+    evaluation = run_pass("evaluate", ctx, tflite, batch_size=16)
+    scores = {r["artifact"]: r for r in evaluation.metrics["results"]}
+    assert scores["digits.int8.tflite"]["accuracy"]["top1"] >= scores["digits.pt2"]["accuracy"]["top1"] - 0.02
+    assert scores["digits.int8.tflite"]["fidelity"]["top1_agreement"] > 0.95
+
+
+def test_onnx_and_torchscript_uploads_get_a_422_that_names_the_route():
+    steps = resolve_steps(preset="tflite-fp16", steps=None)
+    for fmt, words in (("onnx", "upload the PyTorch model"), ("torchscript", "torch.export.save")):
+        with pytest.raises(InvalidInput) as err:
+            plan_job(model_format=fmt, model_inputs=SPEC, steps=steps, input_shape=None,
+                     calibration=None, evaluation=None)
+        assert err.value.code == "steps_do_not_chain"
+        assert words in err.value.message
+
+
+def test_int8_without_calibration_is_refused_before_queueing():
+    with pytest.raises(InvalidInput) as err:
+        plan_job(model_format="exported_program", model_inputs=SPEC,
+                 steps=[StepSpec(name="convert_tflite", config={"precision": "int8"})],
+                 input_shape=None, calibration=None, evaluation=None)
+    assert err.value.code == "calibration_dataset_required"

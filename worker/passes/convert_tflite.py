@@ -1,0 +1,230 @@
+"""convert_tflite: a PyTorch model into a ``.tflite`` for Android/iOS, through litert-torch.
+
+- ``fp32``: the model as is.
+- ``fp16``: FP32 compute with FP16 weights (half the file; GPU delegates and ARM CPUs with FP16
+  arithmetic run them natively), by ai-edge-quantizer's weight-only float casting.
+- ``int8``: full integer: PT2E static quantization (litert-torch's quantizer: symmetric int8
+  weights, per channel by default, int8 activations) calibrated on the job's calibration set;
+  the model's inputs and outputs become int8 with a scale and zero point, as phone runtimes
+  expect.
+
+Nothing is handed back unverified: the converted model is loaded in the LiteRT interpreter with
+its default XNNPACK delegate, run on real images from the job (or random inputs without a
+dataset) and compared with the model it was converted from, output channel by output channel.
+The step reports how much of the graph XNNPACK took and which op types fell back.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field
+
+from core.errors import PassError
+from worker.passes.base import (
+    EXPORTED_PROGRAM,
+    NEEDS_CALIBRATION,
+    ONNX,
+    STATE_DICT,
+    TFLITE,
+    TORCHSCRIPT,
+    ArtifactRef,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+)
+
+# The weakest output channel's SNR (dB) a conversion must keep against its source.
+DEFAULT_MIN_SNR_DB = {"fp32": 50.0, "fp16": 30.0, "int8": 12.0}
+
+
+class ConvertTfliteConfig(PassConfig):
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    per_channel: bool = Field(default=True, description="int8: one weight scale per output channel.")
+    num_calibration_samples: int = Field(default=256, ge=1, le=100_000)
+    batch_size: int = Field(default=16, ge=1, le=1024, description="Calibration batch size.")
+    io_layout: Literal["nchw", "nhwc"] = Field(
+        default="nchw", description="nhwc: image inputs channels-last, as Android camera pipelines hand them over."
+    )
+    min_snr_db: float | None = Field(
+        default=None, description="Fidelity floor (worst output channel's SNR, dB); default by precision: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_MIN_SNR_DB.items()),
+    )
+    verify_samples: int = Field(default=32, ge=1, le=1024)
+
+
+class ConvertTflite(Pass):
+    name = "convert_tflite"
+    description = "PyTorch model to a verified .tflite (FP32, FP16 weights, or full INT8) for phones."
+    Config = ConvertTfliteConfig
+    accepts = frozenset({EXPORTED_PROGRAM, STATE_DICT})
+    produces = TFLITE
+    format_hints = {
+        ONNX: "ONNX to TFLite has no converter here that reliably gives a .tflite that runs: upload "
+        "the PyTorch model instead (a torch.export .pt2, or a torchvision state_dict with its architecture)",
+        TORCHSCRIPT: "litert-torch converts torch.export programs, not TorchScript: upload the model "
+        "saved with torch.export.save (.pt2)",
+    }
+
+    def requirements(self, config: ConvertTfliteConfig) -> frozenset[str]:
+        return frozenset({NEEDS_CALIBRATION}) if config.precision == "int8" else frozenset()
+
+    def run(self, ctx: PassContext, source: ArtifactRef, config: ConvertTfliteConfig) -> PassResult:
+        os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+        import litert_torch
+
+        from worker.litert import TfliteRunner, delegate_coverage, io_details
+        from worker.runtime import sample_tensors
+        from worker.torch_models import load_module
+
+        if len(ctx.input_spec) != 1:
+            raise PassError("TFLite conversion takes single-input models", code="unsupported_model")
+        module = load_module(source)
+        args = sample_tensors(ctx.input_spec)
+        target = ctx.work_dir / f"model.{config.precision}.tflite"
+        convert_module = litert_torch.to_channel_last_io(module, args=[0]) if config.io_layout == "nhwc" else module
+        convert_args = tuple(a.permute(0, 2, 3, 1).contiguous() for a in args) if config.io_layout == "nhwc" else args
+        calibration_samples = 0
+        try:
+            if config.precision == "int8":
+                edge, calibration_samples = self._int8(ctx, config, convert_module, convert_args)
+            else:
+                edge = litert_torch.convert(convert_module, convert_args)
+            ctx.report_progress(0.6)
+            if config.precision == "fp16":
+                float_path = ctx.work_dir / "model.fp32.tflite"
+                edge.export(str(float_path))
+                _cast_weights_fp16(float_path, target)
+            else:
+                edge.export(str(target))
+        except PassError:
+            raise
+        except Exception as exc:  # litert-torch raises many types for ops it cannot lower
+            raise PassError(
+                f"litert-torch could not convert the model: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:400]}",
+                code="conversion_failed",
+            ) from exc
+        ctx.check_cancelled()
+
+        # Verify in the interpreter a phone would use, against the model converted.
+        runner = TfliteRunner(target, threads=ctx.threads, layout=config.io_layout)
+        floor = config.min_snr_db if config.min_snr_db is not None else DEFAULT_MIN_SNR_DB[config.precision]
+        fidelity = _compare(ctx, config, module, runner, args)
+        ctx.report_progress(0.9)
+        if fidelity["worst_channel_snr_db"] < floor:
+            raise PassError(
+                f"the {config.precision} .tflite does not match the model it was converted from: worst "
+                f"output channel SNR {fidelity['worst_channel_snr_db']:.1f} dB < {floor:g} dB "
+                f"(top-1 agreement {fidelity['top1_agreement']:.3f})",
+                code="tflite_mismatch",
+                details=fidelity,
+            )
+        coverage = delegate_coverage(target, ctx.threads)
+        io = io_details(target)
+        metrics = {
+            "precision": config.precision,
+            "io_layout": config.io_layout,
+            "size_bytes": target.stat().st_size,
+            "verification": dict(fidelity, min_snr_db=floor),
+            "interpreter": coverage,
+            "io": io,
+        }
+        if calibration_samples:
+            metrics["calibration_samples"] = calibration_samples
+        if coverage["ops_fallback"]:
+            metrics["warning"] = (
+                f"{coverage['ops_fallback']} of {coverage['ops']} ops run outside XNNPACK "
+                f"({', '.join(coverage['fallback_op_types'])})"
+            )
+        return PassResult(
+            artifact=target, format=TFLITE, metrics=metrics,
+            meta={"precision": config.precision, "io_layout": config.io_layout, "runtime": "litert"},
+        )
+
+    def _int8(self, ctx: PassContext, config: ConvertTfliteConfig, module, args):
+        import litert_torch
+        import torch
+        from litert_torch.quantize import pt2e_quantizer
+        from litert_torch.quantize.quant_config import QuantConfig
+        from torchao.quantization.pt2e import quantize_pt2e
+
+        from worker.data import iter_batches
+
+        quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+            pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=config.per_channel)
+        )
+        fixed = int(ctx.input_spec[0]["shape"][0])
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        try:
+            graph = torch.export.export(module, args, dynamic_shapes=({0: batch},)).module()
+            step = config.batch_size
+        except Exception:  # the batch is baked into the graph: calibrate at its own batch size
+            graph = torch.export.export(module, args).module()
+            step = fixed
+        prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
+        dataset = ctx.calibration_dataset
+        total = min(config.num_calibration_samples, dataset.num_samples)
+        total -= total % step
+        if total == 0:
+            raise PassError(
+                f"the calibration dataset has fewer than {step} samples", code="dataset_too_small"
+            )
+        seen = 0
+        with torch.no_grad():
+            for x, _ in iter_batches(dataset, ctx.input_spec[0], ctx.preprocessing, batch_size=step, limit=total):
+                ctx.check_cancelled()
+                tensor = torch.from_numpy(x)
+                if config.io_layout == "nhwc":
+                    tensor = tensor.permute(0, 2, 3, 1).contiguous()
+                prepared(tensor)
+                seen += len(x)
+                ctx.report_progress(0.4 * seen / total)
+        converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+        return litert_torch.convert(converted, args, quant_config=QuantConfig(pt2e_quantizer=quantizer)), seen
+
+
+def _cast_weights_fp16(source, target) -> None:
+    from ai_edge_quantizer import qtyping, quantizer, recipe_manager
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    recipe = recipe_manager.RecipeManager()
+    recipe.add_weight_only_config(
+        regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=16,
+        algorithm_key=AlgorithmName.FLOAT_CASTING,
+    )
+    result = quantizer.Quantizer(str(source), recipe.get_quantization_recipe()).quantize(enable_progress_report=False)
+    result.export_model(str(target), overwrite=True)
+
+
+def _compare(ctx: PassContext, config: ConvertTfliteConfig, module, runner, args) -> dict:
+    """Top-1 agreement and the worst output channel's SNR of the .tflite against the module, on
+    the job's images when it has any (random inputs otherwise)."""
+    import numpy as np
+    import torch
+
+    from worker.data import iter_batches
+    from worker.passes.evaluate import Tally
+
+    spec = ctx.input_spec[0]
+    fixed = int(spec["shape"][0])
+    dataset = ctx.evaluation_dataset or ctx.calibration_dataset
+    if dataset is not None:
+        total = min(config.verify_samples, dataset.num_samples)
+        total = max(fixed, total - total % fixed)
+        batches = (x for x, _ in iter_batches(dataset, spec, ctx.preprocessing, batch_size=fixed, limit=total))
+        source = "dataset"
+    else:
+        rng = np.random.default_rng(0)
+        count = max(1, config.verify_samples // fixed)
+        batches = (rng.standard_normal(tuple(args[0].shape)).astype(np.float32) for _ in range(count))
+        source = "random"
+    tally = Tally()
+    with torch.no_grad():
+        for x in batches:
+            want = module(torch.from_numpy(x))
+            want = (want[0] if isinstance(want, (tuple, list)) else want).numpy()
+            got = runner({spec["name"]: x})[0]
+            tally.add(got, want, None)
+    return {"inputs": source, "samples": tally.n, **tally.result(False)["fidelity"]}
