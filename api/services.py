@@ -280,7 +280,7 @@ def build_report(*, session: Session, job: Job) -> ReportRead:
             name=name, step=step, format=fmt, size_bytes=size,
             size_ratio=size / original_size if original_size else 1.0, latency_ms=latency,
             speedup=(base_p50 / latency["p50_ms"]) if base_p50 and latency else None,
-            throughput=throughput, memory_mib=measured.get("memory_mib"),
+            throughput=throughput, memory_mib=measured.get("memory_mib"), runtime=measured.get("runtime"),
             accuracy=e.get("accuracy"),
             fidelity={k: float(v) for k, v in e["fidelity"].items()} if "fidelity" in e else None,
         ))

@@ -214,6 +214,11 @@ class ReportEntry(BaseModel):
         default=None, description="images/s at the largest benchmarked batch: {batch, images_per_s, p50_ms}"
     )
     memory_mib: float | None = Field(default=None, description="worker memory added by loading and running it")
+    runtime: dict[str, Any] | None = Field(
+        default=None,
+        description="what measured it: onnxruntime, torch, litert (with its delegate and the ops that fell "
+        "back to the interpreter), tensorrt or torch on cuda (with the GPU's name)",
+    )
     accuracy: dict[str, float] | None = None
     fidelity: dict[str, float] | None = None
 

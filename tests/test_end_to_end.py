@@ -1,6 +1,8 @@
 """Upload a small CNN and a calibration set, run preset onnx-int8, poll to succeeded, download
 the INT8 artifact through its URL with plain HTTP, and check it against the original:
-once on Postgres + Redis + an S3 server + a Celery worker process, once through `cvopt serve`."""
+once on Postgres + Redis + an S3 server + a Celery worker process, once through `cvopt serve`.
+Then the phone targets: tflite-int8 and tflite-fp16 through the API, each .tflite downloaded and
+run in the LiteRT interpreter against the original."""
 
 from __future__ import annotations
 
@@ -100,3 +102,45 @@ def test_onnx_int8_in_embedded_mode_through_cvopt_serve(embedded, digit_assets, 
     assert tampered.status_code == 401 and tampered.json()["code"] == "invalid_signature"
     other_object = httpx.get(url.replace("/files/artifacts/", "/files/artifacts/0"))
     assert other_object.status_code == 401
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("preset", ["tflite-int8", "tflite-fp16"])
+def test_tflite_presets_end_to_end(preset, stack, digit_assets, tmp_path):
+    from worker.litert import TfliteRunner
+
+    client = stack.client
+    model = upload(client, "/v1/models", digit_assets.models["pt2"], name="digits")
+    calibration = upload(client, "/v1/datasets", digit_assets.calibration_npz)
+    evaluation = upload(client, "/v1/datasets", digit_assets.labeled_npz)
+    resp = client.post("/v1/jobs", json={
+        "model_id": model["id"], "preset": preset, "calibration_dataset_id": calibration["id"],
+        "evaluation_dataset_id": evaluation["id"], "preprocessing": {"mean": [0.0], "std": [1.0]},
+    })
+    assert resp.status_code == 202, resp.text
+    job = stack.wait_for_job(resp.json()["id"])
+    assert job["status"] == "succeeded", (job["error"], job["log_tail"])
+    convert = job["steps"][0]
+    assert convert["name"] == "convert_tflite"
+    assert convert["metrics"]["verification"]["worst_channel_snr_db"] >= convert["metrics"]["verification"]["min_snr_db"]
+
+    (artifact,) = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+    assert artifact["format"] == "tflite" and artifact["name"].endswith(".tflite")
+    download = httpx.get(artifact["url"], timeout=60)
+    assert hashlib.sha256(download.content).hexdigest() == artifact["sha256"]
+    path = tmp_path / artifact["name"]
+    path.write_bytes(download.content)
+    runner = TfliteRunner(path)
+    x = digit_assets.x[1500:1600]
+    tflite_top1 = np.concatenate([runner({"image": x[i : i + 1]})[0] for i in range(len(x))]).argmax(1)
+    original = ort.InferenceSession(str(digit_assets.models["onnx"]), providers=["CPUExecutionProvider"])
+    agreement = (tflite_top1 == original.run(None, {"image": x})[0].argmax(1)).mean()
+    assert agreement >= (0.95 if preset == "tflite-int8" else 0.99), agreement
+
+    report = client.get(f"/v1/jobs/{job['id']}/report").json()
+    entries = {e["step"]: e for e in report["entries"]}
+    assert entries["convert_tflite"]["runtime"]["name"] == "litert"
+    assert entries["convert_tflite"]["runtime"]["delegate"] == "XNNPACK"
+    assert entries[None]["runtime"]["name"] == "torch"
+    assert entries["convert_tflite"]["size_ratio"] < (0.4 if preset == "tflite-int8" else 0.6)
+    assert entries["convert_tflite"]["accuracy"]["top1"] >= entries[None]["accuracy"]["top1"] - 0.02
