@@ -34,6 +34,7 @@ from core.schemas import (
     TensorSpec,
 )
 from core.storage import ObjectStore
+from core.workers import waiting_for
 from worker.recipes import DatasetFacts, plan_job, resolve_steps
 
 log = logging.getLogger("cvopt.api")
@@ -173,7 +174,7 @@ def create_job(*, session: Session, job_in: JobCreate) -> Job:
         input_spec=plan.input_spec, preprocessing=job_in.preprocessing.model_dump(mode="json"),
         progress=0.0, attempts=0, cancel_requested=False, enqueued_at=utcnow(),
         steps=[
-            JobStep(index=i, name=s.name, config=s.config, status=StepStatus.pending, metrics={})
+            JobStep(index=i, name=s.name, config=s.config, queue=s.queue, status=StepStatus.pending, metrics={})
             for i, s in enumerate(plan.steps)
         ],
     )
@@ -215,7 +216,9 @@ def cancel_job(*, session: Session, job_id: str) -> Job:
     return job
 
 
-def job_to_read(job: Job) -> JobRead:
+def job_to_read(job: Job, live_queues: set[str] | None = None) -> JobRead:
+    """``live_queues``: the queues live workers consume; a queued job on another queue says
+    what it waits for."""
     steps = []
     for st in job.steps:
         read = StepRead.model_validate(st)
@@ -232,6 +235,11 @@ def job_to_read(job: Job) -> JobRead:
         progress=job.progress, current_step=job.current_step, attempts=job.attempts,
         cancel_requested=job.cancel_requested, steps=steps, error=error, log_tail=job.log_tail,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        waiting_for=(
+            waiting_for(job.queue)
+            if job.status == JobStatus.queued and live_queues is not None and job.queue not in live_queues
+            else None
+        ),
     )
 
 

@@ -143,7 +143,8 @@ class Job(Base):
     calibration_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
     evaluation_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
     preset: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    queue: Mapped[str] = mapped_column(String(16))
+    # The queue the job waits on or runs from: cpu, gpu, or gpu.<kind> (one GPU model).
+    queue: Mapped[str] = mapped_column(String(64))
     # The resolved input spec: [{"name", "shape", "dtype"}] with every dimension concrete.
     input_spec: Mapped[list[Any]] = mapped_column(JSON)
     preprocessing: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -176,6 +177,9 @@ class JobStep(Base):
     index: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(64))
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Where the step must run (null: any worker of the job's queue); a step for another GPU
+    # kind hands the job over to that kind's queue.
+    queue: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[StepStatus] = mapped_column(
         Enum(StepStatus, name="step_status", native_enum=False, length=16)
     )
@@ -202,3 +206,18 @@ class Artifact(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+
+class Worker(Base):
+    """A live worker process and the queues it consumes, refreshed while it runs. A job whose
+    queue no live worker consumes says what it waits for, and fails after a timeout."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    # {"name", "kind", "compute_capability", "memory_gib", "cuda", "tensorrt"} on GPU workers.
+    gpu: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)

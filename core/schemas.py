@@ -147,6 +147,7 @@ class StepRead(BaseModel):
     index: int
     name: str
     config: dict[str, Any]
+    queue: str | None = Field(default=None, description="Where the step must run, when not the job's queue.")
     status: StepStatus
     started_at: datetime | None
     finished_at: datetime | None
@@ -177,6 +178,11 @@ class JobRead(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    waiting_for: str | None = Field(
+        default=None,
+        description="A queued job that no live worker can take says what it waits for, e.g. \"gpu worker\"; "
+        "it fails after CVOPT_NO_WORKER_TIMEOUT_SECONDS.",
+    )
 
 
 class JobsRead(BaseModel):

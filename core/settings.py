@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     reaper_interval_seconds: float = Field(default=30.0, gt=0)
+    # A queued job whose queue no live worker consumes (a GPU job with no GPU worker up) fails
+    # after this long, saying what it waited for, instead of waiting forever.
+    no_worker_timeout_seconds: float = Field(default=1800.0, gt=0)
+    # This GPU worker's kind, the queue suffix jobs target it by (gpu.<kind>). Empty: derived
+    # from the GPU's name, e.g. "NVIDIA H100 80GB HBM3" -> "h100".
+    gpu_kind: str = Field(default="", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$|^$")
     benchmark_threads: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")

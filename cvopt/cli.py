@@ -106,21 +106,53 @@ def serve(host: str, port: int, api_workers: int, with_worker: bool | None, run_
 
 
 @main.command()
-@click.option("--queues", default="cpu", show_default=True, help="Comma-separated: cpu, gpu.")
+@click.option("--queues", default="cpu", show_default=True,
+              help="Comma-separated: cpu, gpu (any GPU job), gpu.<kind> (jobs for one GPU kind).")
 @click.option("--concurrency", type=int, default=None, help="Jobs at once (default CVOPT_WORKER_CONCURRENCY).")
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(queues: str, concurrency: int | None, loglevel: str) -> None:
-    """Run a Celery worker that executes jobs from the given queues."""
-    from core.queue import QUEUES
+    """Run a Celery worker that executes jobs from the given queues.
+
+    GPU queues are taken only where torch sees a CUDA device; a GPU worker also consumes
+    gpu.<kind> for its own GPU (CVOPT_GPU_KIND, or derived from the GPU's name)."""
+    import json
+    import re
+
     from core.settings import get_settings
-    from worker.celery_app import app
+    from core.workers import (
+        CPU_QUEUE,
+        GPU_KIND_PATTERN,
+        GPU_QUEUE,
+        gpu_queue,
+        is_gpu_queue,
+    )
 
     _setup_logging(loglevel)
-    names = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = set(names) - set(QUEUES)
-    if unknown or not names:
-        raise click.BadParameter(f"queues must be among {QUEUES}", param_hint="--queues")
     settings = get_settings()
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    bad = [q for q in names if q not in (CPU_QUEUE, GPU_QUEUE)
+           and not (is_gpu_queue(q) and re.match(GPU_KIND_PATTERN, q.split(".", 1)[1]))]
+    if bad or not names:
+        raise click.BadParameter(f"queues are cpu, gpu or gpu.<kind>; got {bad or queues!r}", param_hint="--queues")
+    gpu = None
+    if any(is_gpu_queue(q) for q in names):
+        from worker.devices import detect_gpu
+
+        gpu = detect_gpu(settings.gpu_kind)
+        if gpu is None:
+            log.warning("no CUDA device here: not consuming %s", [q for q in names if is_gpu_queue(q)])
+            names = [q for q in names if not is_gpu_queue(q)]
+            if not names:
+                raise click.ClickException("only GPU queues were asked for and torch sees no CUDA device")
+        else:
+            own = gpu_queue(gpu["kind"])
+            names = list(dict.fromkeys([*names, GPU_QUEUE, own]))
+            log.info("GPU %s (%s): consuming %s", gpu["name"], gpu["kind"], names)
+    # The Celery app reads these when the worker is ready, to announce itself (core.workers).
+    os.environ["CVOPT_WORKER_QUEUES"] = ",".join(names)
+    os.environ["CVOPT_WORKER_GPU"] = json.dumps(gpu)
+    from worker.celery_app import app
+
     argv = [
         "worker", "--queues", ",".join(names), "--loglevel", loglevel,
         "--concurrency", str(concurrency or settings.worker_concurrency), "-O", "fair",

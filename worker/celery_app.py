@@ -5,8 +5,12 @@ Run with ``cvopt worker --queues cpu,gpu`` (or ``celery -A worker.celery_app wor
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import threading
+import time
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
@@ -18,6 +22,27 @@ app.conf.include = ["worker.tasks"]
 
 log = logging.getLogger("cvopt.worker")
 _reaper_stop = threading.Event()
+_WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_queues() -> list[str]:
+    """The queues this worker process consumes (set by ``cvopt worker``; plain ``celery worker``
+    falls back to what the app was told to consume)."""
+    named = os.environ.get("CVOPT_WORKER_QUEUES")
+    if named:
+        return [q for q in named.split(",") if q]
+    consumed = getattr(app.amqp.queues, "consume_from", None) or {}
+    return sorted(consumed) or ["cpu"]
+
+
+def _announce() -> None:
+    """Say (again) that this worker is alive and what it consumes."""
+    from core.db import get_sessionmaker
+    from core.workers import heartbeat
+
+    gpu = json.loads(os.environ.get("CVOPT_WORKER_GPU") or "null")
+    with get_sessionmaker()() as session:
+        heartbeat(session, worker_id=_WORKER_ID, hostname=socket.gethostname(), queues=worker_queues(), gpu=gpu)
 
 
 def _reaper_loop() -> None:
@@ -25,8 +50,15 @@ def _reaper_loop() -> None:
     from worker.runner import reap_stale_jobs
 
     settings = get_settings()
-    while not _reaper_stop.wait(settings.reaper_interval_seconds):
+    # Announce often enough that the API never sees a live worker as gone.
+    interval = min(settings.reaper_interval_seconds, settings.stale_after_seconds / 4)
+    last_reap = 0.0
+    while not _reaper_stop.wait(interval):
         try:
+            _announce()
+            if time.monotonic() - last_reap < settings.reaper_interval_seconds:
+                continue
+            last_reap = time.monotonic()
             counts = reap_stale_jobs(settings=settings, sessions=get_sessionmaker(), celery=app)
             if any(counts.values()):
                 log.warning("reaper: %s", counts)
@@ -36,12 +68,24 @@ def _reaper_loop() -> None:
 
 @worker_ready.connect
 def _start_reaper(**_kwargs) -> None:
+    try:
+        _announce()
+    except Exception:
+        log.warning("could not announce this worker yet", exc_info=True)
     threading.Thread(target=_reaper_loop, name="cvopt-reaper", daemon=True).start()
 
 
 @worker_shutdown.connect
 def _stop_reaper(**_kwargs) -> None:
     _reaper_stop.set()
+    try:
+        from core.db import get_sessionmaker
+        from core.workers import forget
+
+        with get_sessionmaker()() as session:
+            forget(session, _WORKER_ID)
+    except Exception:  # the database may be down; the row goes stale by itself
+        log.warning("could not deregister this worker", exc_info=True)
 
 
 @worker_process_init.connect

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from core.datasets import dataset_fit_error
 from core.errors import InvalidInput
 from core.schemas import StepSpec
-from worker.passes.base import NEEDS_CALIBRATION, NEEDS_DATASET
+from worker.passes.base import DEPLOY_FORMATS, NEEDS_CALIBRATION, NEEDS_DATASET
 from worker.passes.registry import get_pass
 
 PRESETS: dict[str, list[StepSpec]] = {
@@ -63,6 +63,28 @@ PRESETS: dict[str, list[StepSpec]] = {
         StepSpec(name="benchmark", config={"batch_sizes": [1]}),
         StepSpec(name="evaluate"),
     ],
+    # GPU targets (gpu queue). TensorRT INT8 takes explicit quantization: symmetric int8 Q/DQ
+    # (zero points 0) with per-channel weights, which is what its Q/DQ fusions expect.
+    "tensorrt-fp16": [
+        StepSpec(name="export_onnx"),
+        StepSpec(name="build_tensorrt", config={"precision": "fp16"}),
+        StepSpec(name="benchmark", config={"batch_sizes": [1, 32]}),
+        StepSpec(name="evaluate"),
+    ],
+    "tensorrt-int8": [
+        StepSpec(name="export_onnx"),
+        StepSpec(name="quantize_int8", config={
+            "activation_type": "int8", "symmetric_activations": True, "reduce_range": False, "per_channel": True,
+        }),
+        StepSpec(name="build_tensorrt", config={"precision": "int8"}),
+        StepSpec(name="benchmark", config={"batch_sizes": [1, 32]}),
+        StepSpec(name="evaluate"),
+    ],
+    "gpu-fp16": [
+        StepSpec(name="compile_gpu", config={"precision": "fp16"}),
+        StepSpec(name="benchmark", config={"batch_sizes": [1, 32]}),
+        StepSpec(name="evaluate"),
+    ],
     "onnx-int8": [
         StepSpec(name="export_onnx"),
         StepSpec(name="quantize_int8"),
@@ -76,6 +98,7 @@ PRESETS: dict[str, list[StepSpec]] = {
 class PlannedStep:
     name: str
     config: dict[str, Any]
+    queue: str = "cpu"
 
 
 @dataclass
@@ -231,10 +254,16 @@ def plan_job(
                 code="dataset_required",
                 details={"step": spec.name},
             )
-        if cls.queue == "gpu":
-            queue = "gpu"
-        planned.append(PlannedStep(name=spec.name, config=config.model_dump(mode="json")))
-        current = cls().output_format(current)
+        step_queue = cls().step_queue(config)
+        if queue == "cpu" and step_queue != "cpu":
+            # The job starts where its first GPU step must run (GPU workers run the CPU steps
+            # before it too); a later step for another GPU kind hands the job over.
+            queue = step_queue
+        planned.append(PlannedStep(name=spec.name, config=config.model_dump(mode="json"), queue=step_queue))
+        if cls.produces not in DEPLOY_FORMATS:
+            # A deployment artifact (engine, .tflite, package) ends its branch: the next
+            # producing step (an engine for another GPU kind) starts from the same model.
+            current = cls().output_format(current)
 
     input_spec = resolve_input_spec(model_inputs, input_shape, default_input_shape)
     for role, facts in (("calibration", calibration), ("evaluation", evaluation)):

@@ -32,7 +32,14 @@ from core.queue import enqueue_job
 from core.schemas import Preprocessing
 from core.settings import Settings
 from core.storage import ObjectStore
-from worker.passes.base import ArtifactRef, DatasetRef, PassContext, PassResult
+from core.workers import is_gpu_queue, live_queues, waiting_for
+from worker.passes.base import (
+    DEPLOY_FORMATS,
+    ArtifactRef,
+    DatasetRef,
+    PassContext,
+    PassResult,
+)
 from worker.passes.registry import get_pass
 
 log = logging.getLogger("cvopt.runner")
@@ -110,9 +117,28 @@ class _Claim:
 
 
 class JobRunner:
-    def __init__(self, *, settings: Settings, store: ObjectStore, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, *, settings: Settings, store: ObjectStore, sessions: sessionmaker[Session],
+                 queues: list[str] | None = None) -> None:
         self.settings, self.store, self.sessions = settings, store, sessions
         self.me = worker_identity()
+        # The queues this worker consumes (None: it runs every step it is given).
+        self.queues = set(queues) if queues is not None else None
+
+    def _can_run(self, queue: str | None) -> bool:
+        return self.queues is None or queue in (None, "cpu") or queue in self.queues
+
+    def _hand_over(self, job_id: str, queue: str, step: str) -> None:
+        """The next step must run elsewhere (an engine for another GPU kind): queue the job
+        there. The worker that takes it replays the steps before from the artifact cache and
+        skips the measurements already made."""
+        with self.sessions() as s:
+            job = s.get(Job, job_id)
+            job.status, job.queue, job.enqueued_at = JobStatus.queued, queue, utcnow()
+            job.worker, job.current_step = None, None
+            job.attempts = max(0, job.attempts - 1)  # moving on is not a failed attempt
+            s.commit()
+        log.info("job %s: step %s runs on queue %s; handing the job over", job_id, step, queue)
+        enqueue_job(job_id, queue)
 
     # -- claiming ------------------------------------------------------------------------------
 
@@ -190,6 +216,13 @@ class JobRunner:
         self.store.get_file(key, dest)
         return dest
 
+    def _fetch_shared(self, key: str, dest: Path) -> bool:
+        try:
+            self._fetch(key, dest)
+            return True
+        except NotFound:
+            return False
+
     def _dataset_ref(self, dataset: Dataset | None, work: Path, role: str) -> DatasetRef | None:
         if dataset is None:
             return None
@@ -205,7 +238,7 @@ class JobRunner:
             model = job.model
             calibration = s.get(Dataset, job.calibration_dataset_id) if job.calibration_dataset_id else None
             evaluation = s.get(Dataset, job.evaluation_dataset_id) if job.evaluation_dataset_id else None
-            steps = [(st.id, st.index, st.name, dict(st.config)) for st in job.steps]
+            steps = [(st.id, st.index, st.name, dict(st.config), st.queue, st.status) for st in job.steps]
             input_spec = list(job.input_spec)
             preprocessing = Preprocessing.model_validate(job.preprocessing or {})
             dataset_digests = {
@@ -226,11 +259,16 @@ class JobRunner:
             chain_sha = model_sha
             artifacts: list[ArtifactRef] = []
             total = len(steps)
-            for step_id, index, name, config_dict in steps:
+            for step_id, index, name, config_dict, step_queue, step_status in steps:
                 current_step = name
                 if heartbeat.cancelled.is_set():
                     raise JobCancelled()
                 cls = get_pass(name)
+                if step_status == StepStatus.succeeded and cls.produces is None:
+                    continue  # measured before a hand-over or a lost worker; its metrics stand
+                if not self._can_run(step_queue):
+                    self._hand_over(job_id, step_queue, name)
+                    return
                 config = cls.Config.model_validate(config_dict)
                 step_dir = work / f"{index:02d}-{name}"
                 step_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +287,8 @@ class JobRunner:
                     preprocessing=preprocessing, calibration_dataset=calibration_ref,
                     evaluation_dataset=evaluation_ref, threads=self.settings.benchmark_threads,
                     log=logging.getLogger(f"cvopt.pass.{name}"), report_progress=report,
-                    check_cancelled=check_cancelled,
+                    check_cancelled=check_cancelled, fetch_shared=self._fetch_shared,
+                    store_shared=self.store.put_file,
                 )
                 started = time.perf_counter()
                 log.info("job %s: step %d %s started", job_id, index, name)
@@ -274,8 +313,9 @@ class JobRunner:
                     filename = f"{index:02d}-{name}{FILE_EXTENSIONS.get(fmt, '')}"
                     artifact_ref = ArtifactRef(name=filename, format=fmt, path=result.artifact, step=name,
                                                step_index=index, meta=dict(result.meta))
-                    chain_sha = self._record_artifact(job_id, step_id, index, name, artifact_ref, cache_key, result, cached)
-                    chain = artifact_ref
+                    digest = self._record_artifact(job_id, step_id, index, name, artifact_ref, cache_key, result, cached)
+                    if cls.produces not in DEPLOY_FORMATS:  # deployment artifacts end their branch
+                        chain, chain_sha = artifact_ref, digest
                     artifacts.append(artifact_ref)
                 metrics = dict(result.metrics, duration_s=round(duration, 3), cached=cached)
                 self._mark_step_done(job_id, step_id, metrics, message=result.metrics.get("warning"))
@@ -421,9 +461,33 @@ def reap_stale_jobs(*, settings: Settings, sessions: sessionmaker[Session], cele
     now = utcnow()
     stale = now - timedelta(seconds=settings.stale_after_seconds)
     forgotten = now - timedelta(seconds=settings.requeue_after_seconds)
+    abandoned = now - timedelta(seconds=settings.no_worker_timeout_seconds)
     requeue: list[tuple[str, str]] = []
     failed = 0
     with sessions() as s:
+        live = live_queues(s, settings)
+        # Queued jobs on a queue that no live worker consumes (a GPU job and no GPU worker up):
+        # re-sending them would only pile messages up; past the timeout they fail saying why.
+        for job in s.scalars(
+            select(Job)
+            .where(Job.status == JobStatus.queued, Job.queue.not_in(live or {""}), Job.enqueued_at < abandoned)
+            .with_for_update(skip_locked=True)
+            .limit(100)
+        ).all():
+            job.status = JobStatus.failed
+            job.error_code = "no_worker"
+            job.error_step = next((st.name for st in job.steps if st.status == StepStatus.pending), None)
+            job.error_message = (
+                f"no {waiting_for(job.queue)} was alive to take this job for "
+                f"{settings.no_worker_timeout_seconds:.0f} s (queue {job.queue!r}); start one with "
+                f"`cvopt worker --queues {job.queue}` on a machine that has "
+                + ("an NVIDIA GPU" if is_gpu_queue(job.queue) else "the worker extras")
+            )
+            job.finished_at = now
+            for st in job.steps:
+                if st.status == StepStatus.pending:
+                    st.status = StepStatus.skipped
+            failed += 1
         rows = s.scalars(
             select(Job)
             .where(
@@ -445,6 +509,8 @@ def reap_stale_jobs(*, settings: Settings, sessions: sessionmaker[Session], cele
                 job.finished_at = now
                 failed += 1
                 continue
+            if job.status == JobStatus.queued and job.queue not in live:
+                continue  # nobody could take it; the original message waits in the broker
             job.status = JobStatus.queued
             job.enqueued_at = now
             requeue.append((job.id, job.queue))

@@ -8,13 +8,13 @@ from core.db import get_sessionmaker
 from core.queue import RUN_JOB_TASK
 from core.settings import get_settings
 from core.storage import get_store
-from worker.celery_app import app
+from worker.celery_app import app, worker_queues
 from worker.runner import JobRunner
 
 
 @lru_cache
 def _runner() -> JobRunner:
-    return JobRunner(settings=get_settings(), store=get_store(), sessions=get_sessionmaker())
+    return JobRunner(settings=get_settings(), store=get_store(), sessions=get_sessionmaker(), queues=worker_queues())
 
 
 # acks_late (set on the app): the message is acknowledged after the job ran, so a worker that

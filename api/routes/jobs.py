@@ -10,6 +10,8 @@ from api.deps import BaseUrlDep, CurrentKey, SessionDep, StoreDep, released
 from core.models import JobStatus
 from core.queue import enqueue_job
 from core.schemas import ArtifactsRead, JobCreate, JobRead, JobsRead, ReportRead
+from core.settings import get_settings
+from core.workers import live_queues
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 log = logging.getLogger("cvopt.api")
@@ -35,12 +37,14 @@ def list_jobs(_key: CurrentKey, session: SessionDep, status: JobStatus | None = 
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
               offset: Annotated[int, Query(ge=0)] = 0) -> JobsRead:
     rows, count = services.list_jobs(session=session, status=status, limit=limit, offset=offset)
-    return released(session, JobsRead(data=[services.job_to_read(j) for j in rows], count=count))
+    live = live_queues(session, get_settings())
+    return released(session, JobsRead(data=[services.job_to_read(j, live) for j in rows], count=count))
 
 
 @router.get("/{job_id}", response_model=JobRead)
 def read_job(job_id: str, _key: CurrentKey, session: SessionDep) -> JobRead:
-    return released(session, services.job_to_read(services.get_job(session=session, job_id=job_id)))
+    job = services.get_job(session=session, job_id=job_id)
+    return released(session, services.job_to_read(job, live_queues(session, get_settings())))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)

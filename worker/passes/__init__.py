@@ -3,6 +3,8 @@ library: torch, onnxruntime and friends are imported inside each pass's run())."
 
 from worker.passes import (  # noqa: F401
     benchmark,
+    build_tensorrt,
+    compile_gpu,
     convert_fp16,
     convert_tflite,
     distill,

@@ -80,6 +80,10 @@ class PassContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("cvopt.pass"))
     report_progress: Callable[[float], None] = lambda fraction: None
     check_cancelled: Callable[[], None] = lambda: None
+    # Files shared across jobs in the object store (a TensorRT timing cache per GPU and version):
+    # fetch_shared(key, dest) -> found?, store_shared(key, path). None outside the runner.
+    fetch_shared: Callable[[str, Path], bool] | None = None
+    store_shared: Callable[[str, Path], None] | None = None
 
 
 @dataclass
@@ -114,6 +118,10 @@ class Pass(ABC):
 
     def output_format(self, input_format: str) -> str:
         return self.produces or input_format
+
+    def step_queue(self, config: PassConfig) -> str:
+        """Where this step must run: cpu (any worker), gpu (any GPU worker) or gpu.<kind>."""
+        return self.queue
 
     def requirements(self, config: PassConfig) -> frozenset[str]:
         """What this step needs from the job with this config (checked at POST /v1/jobs)."""

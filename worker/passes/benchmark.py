@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from typing import Literal
 
 from pydantic import Field
 
@@ -25,6 +26,11 @@ class BenchmarkConfig(PassConfig):
     warmup: int = Field(default=5, ge=0, le=1000)
     runs: int = Field(default=50, ge=5, le=10_000)
     max_seconds: float = Field(default=60.0, gt=0, description="Time budget for all timed runs of one batch size.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Where PyTorch models run: auto = the GPU on GPU workers (GPU artifacts are compared with the "
+        "original in FP32 on the same GPU), else the CPU. ONNX and TFLite run on the CPU.",
+    )
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -113,14 +119,23 @@ class Benchmark(Pass):
     produces = None
 
     def run(self, ctx: PassContext, source: ArtifactRef, config: BenchmarkConfig) -> PassResult:
-        from worker.runtime import load_runner, runtime_info, sample_feeds
+        from worker.runtime import (
+            gpu_available,
+            load_runner,
+            not_runnable_here,
+            runtime_info,
+            sample_feeds,
+        )
 
-        variants = [ctx.original, *ctx.artifacts]
+        device = config.device if config.device != "auto" else ("cuda" if gpu_available() else "cpu")
+        all_variants = [ctx.original, *ctx.artifacts]
+        skipped = {v.name: reason for v in all_variants if (reason := not_runnable_here(v))}
+        variants = [v for v in all_variants if v.name not in skipped]
         runners, memory = [], []
         first_feeds = sample_feeds(ctx.input_spec)
         for v in variants:
             before = _rss_mib()
-            run = load_runner(v, threads=ctx.threads)
+            run = load_runner(v, threads=ctx.threads, device=device)
             try:
                 run(first_feeds)
             except Exception:  # reported below with the batch it failed at
@@ -138,7 +153,7 @@ class Benchmark(Pass):
                 # so approximate: memory freed by an earlier variant can be reused).
                 "memory_mib": mem,
                 "threads": ctx.threads,
-                "runtime": runtime_info(v, threads=ctx.threads),
+                "runtime": runtime_info(v, threads=ctx.threads, device=device),
                 "latency": {},
             }
             for v, mem in zip(variants, memory, strict=True)
@@ -154,10 +169,14 @@ class Benchmark(Pass):
                 except Exception as exc:  # e.g. a model whose batch is fixed at 1
                     results[i]["latency"][str(batch)] = {"error": str(exc).splitlines()[0][:300]}
             samples: dict[int, list[float]] = {i: [] for i in usable}
+            # GPU runners time themselves with CUDA events, one variant after the other.
+            for i in [i for i in usable if getattr(runners[i], "time_ms", None)]:
+                samples[i] = runners[i].time_ms(feeds, runs=config.runs, warmup=config.warmup)
+            usable_cpu = [i for i in usable if not samples[i]]
             deadline = time.perf_counter() + config.max_seconds
-            for r in range(config.runs):
+            for r in range(config.runs if usable_cpu else 0):
                 ctx.check_cancelled()
-                for i in usable:
+                for i in usable_cpu:
                     t0 = time.perf_counter()
                     runners[i](feeds)
                     samples[i].append((time.perf_counter() - t0) * 1000)
@@ -168,11 +187,17 @@ class Benchmark(Pass):
                 stats = percentiles(samples[i])
                 stats["images_per_s"] = batch * 1000 / stats["mean_ms"]
                 results[i]["latency"][str(batch)] = stats
+        results += [
+            {"artifact": name, "step": next(v.step for v in all_variants if v.name == name),
+             "format": next(v.format for v in all_variants if v.name == name), "skipped": reason, "latency": {}}
+            for name, reason in skipped.items()
+        ]
         baseline = results[0]["latency"].get("1", {}).get("p50_ms")
         for res in results:
             p50 = res["latency"].get("1", {}).get("p50_ms")
             res["speedup_vs_original"] = baseline / p50 if baseline and p50 else None
-            res["size_ratio"] = res["size_bytes"] / results[0]["size_bytes"]
+            if "size_bytes" in res:
+                res["size_ratio"] = res["size_bytes"] / results[0]["size_bytes"]
         return PassResult(
             metrics={"results": results, "machine": machine_info(ctx.threads)}
         )

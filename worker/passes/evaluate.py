@@ -100,7 +100,10 @@ class Evaluate(Pass):
         spec = ctx.input_spec[0]
         fixed = int(spec["shape"][0])
         batch_size = config.batch_size - config.batch_size % fixed or fixed
-        variants = [ctx.original, *ctx.artifacts]
+        from worker.runtime import not_runnable_here
+
+        skipped = {v.name: reason for v in [ctx.original, *ctx.artifacts] if (reason := not_runnable_here(v))}
+        variants = [v for v in [ctx.original, *ctx.artifacts] if v.name not in skipped]
         runners = [_BatchAdapter(load_runner(v, threads=ctx.threads), spec["name"], fixed) for v in variants]
         tallies = [Tally() for _ in variants]
         total = min(config.max_samples, dataset.num_samples)
@@ -129,7 +132,7 @@ class Evaluate(Pass):
                 "results": [
                     {"artifact": v.name, "step": v.step, **t.result(dataset.labeled)}
                     for v, t in zip(variants, tallies, strict=True)
-                ],
+                ] + [{"artifact": name, "skipped": reason} for name, reason in skipped.items()],
             }
         )
 
