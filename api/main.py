@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy import select
 
 from api.errors import install_error_handlers
-from api.routes import datasets, jobs, models, system
+from api.routes import datasets, jobs, models, system, workers
 from core.db import session_scope
 from core.models import ApiKey
 from core.settings import get_settings
@@ -50,7 +50,7 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     v1 = APIRouter()
-    for module in (models, datasets, jobs):
+    for module in (models, datasets, jobs, workers):
         v1.include_router(module.router)
     app.include_router(v1, prefix="/v1")
     app.include_router(v1, include_in_schema=False)

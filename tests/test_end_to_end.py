@@ -144,3 +144,20 @@ def test_tflite_presets_end_to_end(preset, stack, digit_assets, tmp_path):
     assert entries[None]["runtime"]["name"] == "torch"
     assert entries["convert_tflite"]["size_ratio"] < (0.4 if preset == "tflite-int8" else 0.6)
     assert entries["convert_tflite"]["accuracy"]["top1"] >= entries[None]["accuracy"]["top1"] - 0.02
+
+
+@pytest.mark.integration
+def test_a_gpu_job_on_a_cpu_only_deployment_says_it_waits_for_a_gpu_worker(stack, digit_assets):
+    client = stack.client
+    workers = client.get("/v1/workers").json()["data"]
+    assert workers and all(w["queues"] == ["cpu"] and w["gpu"] is None for w in workers)
+    model = upload(client, "/v1/models", digit_assets.models["pt2"], name="digits")
+    resp = client.post("/v1/jobs", json={"model_id": model["id"], "preset": "gpu-fp16"})
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    assert job["queue"] == "gpu" and job["steps"][0]["queue"] == "gpu"
+    job = client.get(f"/v1/jobs/{job['id']}").json()
+    assert job["status"] == "queued" and job["waiting_for"] == "gpu worker"
+    listed = client.get("/v1/jobs", params={"status": "queued"}).json()["data"]
+    assert any(j["id"] == job["id"] and j["waiting_for"] == "gpu worker" for j in listed)
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"

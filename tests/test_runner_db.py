@@ -10,7 +10,16 @@ import redis
 from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
 
-from core.models import Job, JobStatus, JobStep, Model, StepStatus, new_id, utcnow
+from core.models import (
+    Job,
+    JobStatus,
+    JobStep,
+    Model,
+    StepStatus,
+    Worker,
+    new_id,
+    utcnow,
+)
 from core.queue import make_celery
 from core.settings import Settings
 from worker.runner import JobRunner, reap_stale_jobs
@@ -47,9 +56,9 @@ def broker_url():
 @pytest.fixture
 def broker(broker_url):
     client = redis.Redis.from_url(broker_url)
-    client.delete("cpu", "gpu")
+    client.delete("cpu", "gpu", "gpu.l4")
     yield broker_url, client
-    client.delete("cpu", "gpu")
+    client.delete("cpu", "gpu", "gpu.l4")
 
 
 def settings_for(broker_url: str, **kw) -> Settings:
@@ -58,26 +67,35 @@ def settings_for(broker_url: str, **kw) -> Settings:
 
 
 def make_job(session, *, status: JobStatus, heartbeat_age: float | None = None, enqueued_age: float = 0,
-             attempts: int = 0, cancel_requested: bool = False) -> Job:
+             attempts: int = 0, cancel_requested: bool = False, queue: str = "cpu",
+             steps: list[JobStep] | None = None) -> Job:
     model = Model(id=new_id(), name="m", filename="m.onnx", format="onnx", sha256="0" * 64, size_bytes=1,
                   storage_key="models/x/m.onnx", inputs=[], outputs=[])
     now = utcnow()
     job = Job(
-        id=new_id(), status=status, model_id=model.id, queue="cpu", input_spec=[], preprocessing={},
+        id=new_id(), status=status, model_id=model.id, queue=queue, input_spec=[], preprocessing={},
         attempts=attempts, cancel_requested=cancel_requested, current_step="export_onnx",
         heartbeat_at=None if heartbeat_age is None else now - timedelta(seconds=heartbeat_age),
         enqueued_at=now - timedelta(seconds=enqueued_age), progress=0.0,
-        steps=[JobStep(index=0, name="export_onnx", config={}, status=StepStatus.pending, metrics={})],
+        steps=steps or [JobStep(index=0, name="export_onnx", config={}, status=StepStatus.pending, metrics={})],
     )
     session.add_all([model, job])
     session.commit()
     return job
 
 
-def queued_ids(client) -> list[str]:
+def queued_ids(client, queue: str = "cpu") -> list[str]:
     import json
 
-    return [json.loads(m)["headers"]["argsrepr"] for m in client.lrange("cpu", 0, -1)]
+    return [json.loads(m)["headers"]["argsrepr"] for m in client.lrange(queue, 0, -1)]
+
+
+@pytest.fixture(autouse=True)
+def cpu_worker_alive(sessions):
+    """A live CPU worker, as in every deployment whose reaper runs (the reaper runs in workers)."""
+    with sessions() as s:
+        s.add(Worker(id=f"test:{new_id()}", hostname="test", queues=["cpu"], gpu=None))
+        s.commit()
 
 
 def test_reaper_requeues_a_job_whose_worker_went_silent(sessions, broker):
@@ -144,6 +162,60 @@ def test_claiming_a_cancelled_or_exhausted_job_ends_it(sessions, broker):
         assert s.get(Job, exhausted.id).status == JobStatus.failed
         claimed = s.get(Job, fine.id)
         assert claimed.status == JobStatus.running and claimed.worker == runner.me and claimed.heartbeat_at
+
+
+def test_a_gpu_job_with_no_gpu_worker_waits_visibly_then_fails_with_the_reason(sessions, broker):
+    from api.services import job_to_read
+    from core.workers import live_queues
+
+    url, client = broker
+    settings = settings_for(url, no_worker_timeout_seconds=600)
+    with sessions() as s:
+        young = make_job(s, status=JobStatus.queued, queue="gpu", enqueued_age=400)
+        old = make_job(s, status=JobStatus.queued, queue="gpu", enqueued_age=700)
+    counts = reap_stale_jobs(settings=settings, sessions=sessions, celery=make_celery(settings))
+    assert counts == {"requeued": 0, "failed": 1}
+    assert client.llen("gpu") == 0  # nobody consumes it: re-sending would only pile up messages
+    with sessions() as s:
+        live = live_queues(s, settings)
+        assert live == {"cpu"}
+        waiting = job_to_read(s.get(Job, young.id), live)
+        assert waiting.status == JobStatus.queued and waiting.waiting_for == "gpu worker"
+        failed = s.get(Job, old.id)
+        assert failed.status == JobStatus.failed and failed.error_code == "no_worker"
+        assert "no gpu worker was alive" in failed.error_message and "600 s" in failed.error_message
+        assert failed.error_step == "export_onnx" and failed.steps[0].status == StepStatus.skipped
+        # A GPU worker comes up: the job no longer waits for one.
+        s.add(Worker(id="gpu-box:1", hostname="gpu-box", queues=["gpu", "gpu.h100"], gpu={"name": "NVIDIA H100"}))
+        s.commit()
+        assert job_to_read(s.get(Job, young.id), live_queues(s, settings)).waiting_for is None
+
+
+def test_a_step_for_another_gpu_kind_hands_the_job_over(sessions, broker, tmp_path):
+    from core.storage import LocalStore
+
+    url, client = broker
+    settings = settings_for(url, data_dir=tmp_path / "data")
+    store = LocalStore(tmp_path / "store", signing_key=b"k" * 32, ttl_seconds=60)
+    model_file = tmp_path / "m.onnx"
+    model_file.write_bytes(b"not needed before the hand-over")
+    store.put_file("models/x/m.onnx", model_file)
+    with sessions() as s:
+        job = make_job(s, status=JobStatus.queued, queue="gpu.h100", steps=[
+            JobStep(index=0, name="benchmark", config={}, status=StepStatus.succeeded, metrics={"done": 1}),
+            JobStep(index=1, name="build_tensorrt", config={"gpu_kind": "l4"}, queue="gpu.l4",
+                    status=StepStatus.pending, metrics={}),
+        ])
+    runner = JobRunner(settings=settings, store=store, sessions=sessions, queues=["cpu", "gpu", "gpu.h100"],
+                       celery=make_celery(settings))
+    runner.run(job.id)
+    with sessions() as s:
+        moved = s.get(Job, job.id)
+        assert moved.status == JobStatus.queued and moved.queue == "gpu.l4"
+        assert moved.attempts == 0 and moved.worker is None  # moving on is not a failed attempt
+        assert moved.steps[0].metrics == {"done": 1}  # the measurement made before stays
+        assert moved.steps[1].status == StepStatus.pending
+    assert queued_ids(client, "gpu.l4") == [repr([job.id])]
 
 
 def test_the_migrations_match_the_models(migrated_pg):

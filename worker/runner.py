@@ -118,8 +118,9 @@ class _Claim:
 
 class JobRunner:
     def __init__(self, *, settings: Settings, store: ObjectStore, sessions: sessionmaker[Session],
-                 queues: list[str] | None = None) -> None:
+                 queues: list[str] | None = None, celery=None) -> None:
         self.settings, self.store, self.sessions = settings, store, sessions
+        self.celery = celery  # None: the app configured from the environment
         self.me = worker_identity()
         # The queues this worker consumes (None: it runs every step it is given).
         self.queues = set(queues) if queues is not None else None
@@ -138,7 +139,7 @@ class JobRunner:
             job.attempts = max(0, job.attempts - 1)  # moving on is not a failed attempt
             s.commit()
         log.info("job %s: step %s runs on queue %s; handing the job over", job_id, step, queue)
-        enqueue_job(job_id, queue)
+        enqueue_job(job_id, queue, celery=self.celery)
 
     # -- claiming ------------------------------------------------------------------------------
 
