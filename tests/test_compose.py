@@ -473,7 +473,8 @@ def test_cpu_worker_gets_torch_from_the_cpu_wheel_index_and_the_worker_extra(wor
     runs = instructions(stage_named(stages, "cpu"), "RUN")
     torch_runs = [r for r in runs if "torch==" in r]
     assert torch_runs and all("--index-url https://download.pytorch.org/whl/cpu" in r for r in torch_runs)
-    assert any("pip install '.[worker]'" in r for r in runs)
+    assert any("pip install '.[worker,tflite]'" in r for r in runs)
+    assert any("['tflite']" in r for r in runs)  # the dependency layer has the TFLite extra too
 
 
 def test_gpu_worker_keeps_the_base_images_torch(worker_dockerfile):
