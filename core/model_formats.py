@@ -23,6 +23,8 @@ ONNX = "onnx"
 TORCHSCRIPT = "torchscript"
 EXPORTED_PROGRAM = "exported_program"
 STATE_DICT = "state_dict"
+KERAS = "keras"  # Keras 3 .keras archive (config.json + weights), TFLite conversion only
+SAVED_MODEL = "saved_model"  # a TensorFlow SavedModel directory, zipped, TFLite conversion only
 
 # torchvision classification architectures a state_dict upload may name, with the input size
 # each was trained at (the job's input_shape may choose another the architecture accepts).
@@ -243,6 +245,11 @@ def _inspect_torch_zip(path: Path, architecture: str | None = None) -> ModelInfo
     if bad is not None:
         raise UnsupportedMedia(f"the archive member {bad} is corrupt", code="corrupt_model")
     with zf:
+        if {"config.json", "metadata.json"} <= set(names) and any(n.endswith(".weights.h5") for n in names):
+            return _inspect_keras(zf)
+        saved = [n for n in names if n == "saved_model.pb" or n.endswith("/saved_model.pb")]
+        if saved:
+            return _inspect_saved_model(zf, min(saved, key=len))
         model_json = [n for n in names if n.endswith("/models/model.json") or n.endswith("serialized_exported_program.json")]
         if model_json:
             return _inspect_exported_program(zf, model_json[0])
@@ -258,7 +265,8 @@ def _inspect_torch_zip(path: Path, architecture: str | None = None) -> ModelInfo
                 "of a torchvision architecture is accepted with the form field 'architecture'"
             )
     raise UnsupportedMedia(
-        "the zip archive is neither TorchScript nor a torch.export .pt2 archive",
+        "the zip archive is neither TorchScript, a torch.export .pt2 archive, a Keras .keras file nor a "
+        "zipped TensorFlow SavedModel",
         code="unrecognized_model_format",
     )
 
@@ -379,3 +387,143 @@ def _inspect_torchscript(zf: zipfile.ZipFile, code_files: list[str], data_pkl: s
     ]
     # TorchScript keeps no shapes: a job on it must give input_shape.
     return ModelInfo(format=TORCHSCRIPT, inputs=inputs, outputs=[], details={"root_class": root})
+
+
+# -- TensorFlow: Keras .keras archives and zipped SavedModels (read, never loaded) -----------------
+
+MAX_SAVED_MODEL_PB = 64 * 1024 * 1024  # the graph; weights live in variables/
+_TF_DTYPES = {1: "float32", 2: "float64", 3: "int32", 4: "uint8", 6: "int8", 9: "int64", 10: "bool", 19: "float16",
+              14: "bfloat16"}
+
+
+def _keras_dtype(value: Any) -> str:
+    if isinstance(value, dict):  # Keras 3 serializes a DTypePolicy
+        value = (value.get("config") or {}).get("name", "float32")
+    return str(value or "float32").replace("mixed_", "")
+
+
+def _inspect_keras(zf: zipfile.ZipFile) -> ModelInfo:
+    """A Keras 3 ``.keras`` file: inputs from its InputLayers (or build config), outputs from the
+    last layer's units when it is Dense. Nothing is deserialized but JSON."""
+    import json
+
+    try:
+        config = json.loads(zf.read("config.json"))
+        metadata = json.loads(zf.read("metadata.json"))
+    except (ValueError, KeyError) as exc:
+        raise UnsupportedMedia(f"the .keras archive's config is not valid JSON: {exc}", code="corrupt_model") from exc
+    inner = config.get("config") or {}
+    layers = inner.get("layers") or []
+    inputs = []
+    for layer in layers:
+        if layer.get("class_name") == "InputLayer":
+            c = layer.get("config") or {}
+            shape = c.get("batch_shape") or c.get("batch_input_shape")
+            if shape is not None:
+                inputs.append({"name": c.get("name", f"input_{len(inputs)}"),
+                               "shape": [d if isinstance(d, int) else None for d in shape],
+                               "dtype": _keras_dtype(c.get("dtype"))})
+    if not inputs:
+        shape = (config.get("build_config") or {}).get("input_shape")
+        if shape is not None:
+            inputs.append({"name": "input", "shape": [d if isinstance(d, int) else None for d in shape],
+                           "dtype": "float32"})
+    outputs = []
+    if layers:
+        last = layers[-1]
+        units = (last.get("config") or {}).get("units")
+        outputs.append({"name": (last.get("config") or {}).get("name", "output"),
+                        "shape": [None, units] if isinstance(units, int) else None, "dtype": "float32"})
+    return ModelInfo(format=KERAS, inputs=inputs, outputs=outputs,
+                     details={"keras_version": metadata.get("keras_version"), "class_name": config.get("class_name")})
+
+
+def _inspect_saved_model(zf: zipfile.ZipFile, member: str) -> ModelInfo:
+    """The ``serving_default`` signature of a SavedModel, read from saved_model.pb with the
+    protobuf wire format (SavedModel.meta_graphs[].signature_def), without TensorFlow."""
+    import io
+
+    root = member[: -len("saved_model.pb")]
+    for info in zf.infolist():
+        name = info.filename
+        if name.startswith("/") or ".." in name.split("/") or (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise InvalidInput(f"the archive holds an unsafe path: {name!r}", code="unsafe_archive")
+    if zf.getinfo(member).file_size > MAX_SAVED_MODEL_PB:
+        raise InvalidInput("saved_model.pb is over 64 MiB (constants frozen into the graph?)", code="model_too_large")
+    data = zf.read(member)
+    signatures: dict[str, dict] = {}
+    try:
+        fh = io.BytesIO(data)
+        for number, wire, start, length in _fields(fh, len(data)):  # seeks past the graph's bytes
+            if number == 2 and wire == 2:  # SavedModel.meta_graphs
+                meta_graph = data[start : start + length]
+                signatures.update(_signature_defs(meta_graph))
+    except (_Corrupt, TypeError) as exc:
+        raise UnsupportedMedia(f"saved_model.pb is not a valid SavedModel: {exc}", code="corrupt_model") from exc
+    signature = signatures.get("serving_default") or next(iter(signatures.values()), None)
+    if signature is None:
+        raise InvalidInput("the SavedModel has no signature to convert (export it with a serving_default "
+                           "signature, e.g. keras Model.export)", code="no_signature")
+    return ModelInfo(format=SAVED_MODEL, inputs=signature["inputs"], outputs=signature["outputs"],
+                     details={"signature": "serving_default" if "serving_default" in signatures else next(iter(signatures)),
+                              "root": root})
+
+
+def _message(data: bytes) -> list[tuple[int, int | bytes]]:
+    """A small protobuf message's fields: (number, varint value or payload bytes); fixed-width
+    fields are skipped (none of the SavedModel fields read here has one)."""
+    import io
+
+    fh, out = io.BytesIO(data), []
+    while fh.tell() < len(data):
+        tag = _varint(fh)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            out.append((number, _varint(fh)))
+        elif wire == 2:
+            length = _varint(fh)
+            if length is None or fh.tell() + length > len(data):
+                raise _Corrupt("a field runs past the end of its message")
+            out.append((number, fh.read(length)))
+        elif wire in (1, 5):
+            fh.seek(8 if wire == 1 else 4, 1)
+        else:
+            raise _Corrupt(f"wire type {wire} is not protobuf")
+    return out
+
+
+def _map_entries(data: bytes, field_number: int) -> list[tuple[str, bytes]]:
+    """A protobuf map<string, Message> field: entries are messages {key = 1; value = 2}."""
+    entries = []
+    for number, entry in _message(data):
+        if number == field_number and isinstance(entry, bytes):
+            fields = dict(_message(entry))
+            entries.append((bytes(fields.get(1, b"")).decode("utf-8", "replace"), bytes(fields.get(2, b""))))
+    return entries
+
+
+def _signature_defs(meta_graph: bytes) -> dict[str, dict]:
+    """MetaGraphDef.signature_def = 5; SignatureDef {inputs = 1; outputs = 2} (maps to TensorInfo)."""
+    return {
+        name: {"inputs": [_tensor_info(k, v) for k, v in _map_entries(sig, 1)],
+               "outputs": [_tensor_info(k, v) for k, v in _map_entries(sig, 2)]}
+        for name, sig in _map_entries(meta_graph, 5)
+    }
+
+
+def _tensor_info(key: str, data: bytes) -> dict[str, Any]:
+    """TensorInfo {dtype = 2; tensor_shape = 3}; TensorShapeProto {dim = 2 {size = 1}; unknown_rank = 3}."""
+    fields = _message(data)
+    dtype = next((v for n, v in fields if n == 2 and isinstance(v, int)), 1)
+    shape_bytes = next((v for n, v in fields if n == 3 and isinstance(v, bytes)), None)
+    shape: list[int | None] | None = None
+    if shape_bytes is not None:
+        shape_fields = _message(shape_bytes)
+        if not any(n == 3 and v for n, v in shape_fields):
+            shape = []
+            for n, dim in shape_fields:
+                if n == 2 and isinstance(dim, bytes):
+                    size = next((v for k, v in _message(dim) if k == 1 and isinstance(v, int)), None)
+                    # -1 (unknown) arrives as a 64-bit two's complement varint.
+                    shape.append(size if size is not None and size < (1 << 63) else None)
+    return {"name": key, "shape": shape, "dtype": _TF_DTYPES.get(dtype, str(dtype))}

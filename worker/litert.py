@@ -79,7 +79,8 @@ def io_details(path: Path) -> dict[str, Any]:
 
 class TfliteRunner:
     """Runs a ``.tflite`` on NCHW float feeds like every other runner: inputs are transposed to
-    the model's layout and quantized when its I/O is integer, outputs dequantized. A batch
+    the model's layout (``nhwc``: transposed from NCHW; ``nchw`` or ``source``: as given) and
+    quantized when its I/O is integer, outputs dequantized. A batch
     other than the model's is tried by resizing the input; a graph that cannot be resized
     raises, and callers split the batch."""
 

@@ -47,6 +47,7 @@ log = logging.getLogger("cvopt.runner")
 FILE_EXTENSIONS = {
     "onnx": ".onnx", "torchscript": ".ts.pt", "exported_program": ".pt2", "state_dict": ".pt",
     "tflite": ".tflite", "tensorrt_engine": ".engine", "aoti_package": ".aoti.pt2",
+    "keras": ".keras", "saved_model": ".zip",
 }
 LOG_TAIL_CHARS = 4000
 

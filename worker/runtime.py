@@ -9,7 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from worker.passes.base import AOTI_PACKAGE, ONNX, TENSORRT_ENGINE, TFLITE, ArtifactRef
+from worker.passes.base import (
+    AOTI_PACKAGE,
+    ONNX,
+    TENSORRT_ENGINE,
+    TF_FORMATS,
+    TFLITE,
+    ArtifactRef,
+)
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
@@ -43,6 +50,10 @@ def load_runner(ref: ArtifactRef, *, threads: int = 1, device: str | None = None
 
         return TfliteRunner(ref.path, threads=threads, layout=ref.meta.get("io_layout", "nchw"))
 
+    if ref.format in TF_FORMATS:
+        from worker.tf_models import tf_runner
+
+        return tf_runner(ref)
     if ref.format == TENSORRT_ENGINE:
         from worker.tensorrt_backend import EngineRunner
 
@@ -170,6 +181,10 @@ def runtime_info(ref: ArtifactRef, *, threads: int = 1, device: str | None = Non
 
         return {"name": "litert", "version": version("ai-edge-litert"), "device": "cpu",
                 **delegate_coverage(ref.path, threads)}
+    if ref.format in TF_FORMATS:
+        from worker.tf_models import import_tensorflow
+
+        return {"name": "tensorflow", "version": import_tensorflow().__version__, "device": "cpu"}
     import torch
 
     on = device or ref.meta.get("device") or "cpu"

@@ -32,7 +32,11 @@ TFLITE = "tflite"  # LiteRT flatbuffer (convert_tflite)
 TENSORRT_ENGINE = "tensorrt_engine"  # serialized TensorRT engine for one GPU kind (build_tensorrt)
 AOTI_PACKAGE = "aoti_package"  # AOTInductor-compiled .pt2 package (compile_gpu)
 DEPLOY_FORMATS = frozenset({TFLITE, TENSORRT_ENGINE, AOTI_PACKAGE})
-MEASURABLE_FORMATS = ALL_MODEL_FORMATS | DEPLOY_FORMATS
+# TensorFlow uploads: converted to TFLite only (by TensorFlow's own converter).
+KERAS = "keras"
+SAVED_MODEL = "saved_model"
+TF_FORMATS = frozenset({KERAS, SAVED_MODEL})
+MEASURABLE_FORMATS = ALL_MODEL_FORMATS | DEPLOY_FORMATS | TF_FORMATS
 
 # What a pass may need from the job, checked at POST /v1/jobs.
 NEEDS_CALIBRATION = "calibration_dataset"

@@ -1,4 +1,6 @@
-"""convert_tflite: a PyTorch model into a ``.tflite`` for Android/iOS, through litert-torch.
+"""convert_tflite: a model into a ``.tflite`` for Android/iOS.
+
+PyTorch models (``.pt2``, torchvision state_dicts, pruned/distilled ones) go through litert-torch:
 
 - ``fp32``: the model as is.
 - ``fp16``: FP32 compute with FP16 weights (half the file; GPU delegates and ARM CPUs with FP16
@@ -7,6 +9,12 @@
   weights, per channel by default, int8 activations) calibrated on the job's calibration set;
   the model's inputs and outputs become int8 with a scale and zero point, as phone runtimes
   expect.
+
+Keras ``.keras`` and TensorFlow SavedModel uploads go through ``tf.lite.TFLiteConverter`` with
+``Optimize.DEFAULT``: ``fp32``, ``dynamic`` (dynamic-range: int8 weights, float activations
+quantized on the fly), ``fp16`` (FP16 weights) and ``int8`` (full integer with the job's
+calibration images as the representative dataset; ``io_dtype`` picks int8, uint8 or float32
+inputs/outputs).
 
 Nothing is handed back unverified: the converted model is loaded in the LiteRT interpreter with
 its default XNNPACK delegate, run on real images from the job (or random inputs without a
@@ -27,6 +35,7 @@ from worker.passes.base import (
     NEEDS_CALIBRATION,
     ONNX,
     STATE_DICT,
+    TF_FORMATS,
     TFLITE,
     TORCHSCRIPT,
     ArtifactRef,
@@ -37,11 +46,18 @@ from worker.passes.base import (
 )
 
 # The weakest output channel's SNR (dB) a conversion must keep against its source.
-DEFAULT_MIN_SNR_DB = {"fp32": 50.0, "fp16": 30.0, "int8": 12.0}
+DEFAULT_MIN_SNR_DB = {"fp32": 50.0, "fp16": 30.0, "dynamic": 20.0, "int8": 12.0}
 
 
 class ConvertTfliteConfig(PassConfig):
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    precision: Literal["fp32", "fp16", "dynamic", "int8"] = Field(
+        default="fp32", description="dynamic (dynamic-range int8 weights) is for TensorFlow uploads."
+    )
+    io_dtype: Literal["auto", "float32", "int8", "uint8"] = Field(
+        default="auto",
+        description="int8 from TensorFlow: the .tflite's input/output type (auto = int8). PyTorch int8 "
+        "models always take int8.",
+    )
     per_channel: bool = Field(default=True, description="int8: one weight scale per output channel.")
     num_calibration_samples: int = Field(default=256, ge=1, le=100_000)
     batch_size: int = Field(default=16, ge=1, le=1024, description="Calibration batch size.")
@@ -59,7 +75,7 @@ class ConvertTflite(Pass):
     name = "convert_tflite"
     description = "PyTorch model to a verified .tflite (FP32, FP16 weights, or full INT8) for phones."
     Config = ConvertTfliteConfig
-    accepts = frozenset({EXPORTED_PROGRAM, STATE_DICT})
+    accepts = frozenset({EXPORTED_PROGRAM, STATE_DICT}) | TF_FORMATS
     produces = TFLITE
     format_hints = {
         ONNX: "ONNX to TFLite has no converter here that reliably gives a .tflite that runs: upload "
@@ -81,6 +97,11 @@ class ConvertTflite(Pass):
 
         if len(ctx.input_spec) != 1:
             raise PassError("TFLite conversion takes single-input models", code="unsupported_model")
+        if source.format in TF_FORMATS:
+            return self._from_tensorflow(ctx, source, config)
+        if config.precision == "dynamic" or config.io_dtype != "auto":
+            raise PassError("precision 'dynamic' and io_dtype are for TensorFlow uploads; PyTorch models take "
+                            "fp32, fp16 or int8 (int8 inputs/outputs)", code="invalid_step_config")
         module = load_module(source)
         args = sample_tensors(ctx.input_spec)
         target = ctx.work_dir / f"model.{config.precision}.tflite"
@@ -111,7 +132,7 @@ class ConvertTflite(Pass):
         # Verify in the interpreter a phone would use, against the model converted.
         runner = TfliteRunner(target, threads=ctx.threads, layout=config.io_layout)
         floor = config.min_snr_db if config.min_snr_db is not None else DEFAULT_MIN_SNR_DB[config.precision]
-        fidelity = _compare(ctx, config, module, runner, args)
+        fidelity = _compare(ctx, config, _torch_reference(module), runner, tuple(args[0].shape))
         ctx.report_progress(0.9)
         if fidelity["worst_channel_snr_db"] < floor:
             raise PassError(
@@ -142,6 +163,84 @@ class ConvertTflite(Pass):
             artifact=target, format=TFLITE, metrics=metrics,
             meta={"precision": config.precision, "io_layout": config.io_layout, "runtime": "litert"},
         )
+
+    def _from_tensorflow(self, ctx: PassContext, source: ArtifactRef, config: ConvertTfliteConfig) -> PassResult:
+        import numpy as np
+
+        from worker.data import iter_batches
+        from worker.litert import TfliteRunner, delegate_coverage, io_details
+        from worker.tf_models import (
+            extract_saved_model,
+            import_tensorflow,
+            load_keras,
+            tf_runner,
+        )
+
+        if config.io_layout != "nchw":
+            raise PassError("io_layout is for PyTorch models; a TensorFlow model keeps its own layout",
+                            code="invalid_step_config")
+        tf = import_tensorflow()
+        if source.format == "keras":
+            converter = tf.lite.TFLiteConverter.from_keras_model(load_keras(source))
+        else:
+            converter = tf.lite.TFLiteConverter.from_saved_model(
+                str(extract_saved_model(source)), signature_keys=[source.meta.get("signature") or "serving_default"]
+            )
+        spec = ctx.input_spec[0]
+        calibration_samples = 0
+        if config.precision != "fp32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if config.precision == "fp16":
+            converter.target_spec.supported_types = [tf.float16]
+        if config.precision == "int8":
+            dataset = ctx.calibration_dataset
+            total = min(config.num_calibration_samples, dataset.num_samples)
+
+            def representative():
+                nonlocal calibration_samples
+                for x, _ in iter_batches(dataset, spec, ctx.preprocessing, batch_size=1, limit=total):
+                    ctx.check_cancelled()
+                    calibration_samples += 1
+                    ctx.report_progress(0.5 * calibration_samples / total)
+                    yield [x.astype(np.float32)]
+
+            converter.representative_dataset = representative
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            io_type = {"auto": tf.int8, "int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}[config.io_dtype]
+            converter.inference_input_type = io_type
+            converter.inference_output_type = io_type
+        elif config.io_dtype not in ("auto", "float32"):
+            raise PassError("integer inputs/outputs need precision int8", code="invalid_step_config")
+        try:
+            blob = converter.convert()
+        except Exception as exc:  # the converter raises ConverterError and friends
+            raise PassError(f"TensorFlow's TFLite converter failed: {type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0][:400]}", code="conversion_failed") from exc
+        target = ctx.work_dir / f"model.{config.precision}.tflite"
+        target.write_bytes(blob)
+        ctx.check_cancelled()
+        runner = TfliteRunner(target, threads=ctx.threads, layout="source")
+        reference = tf_runner(source)
+        floor = config.min_snr_db if config.min_snr_db is not None else DEFAULT_MIN_SNR_DB[config.precision]
+        fidelity = _compare(ctx, config, lambda x: reference({spec["name"]: x})[0], runner, tuple(spec["shape"]))
+        if fidelity["worst_channel_snr_db"] < floor:
+            raise PassError(
+                f"the {config.precision} .tflite does not match the TensorFlow model: worst output channel SNR "
+                f"{fidelity['worst_channel_snr_db']:.1f} dB < {floor:g} dB", code="tflite_mismatch", details=fidelity,
+            )
+        coverage = delegate_coverage(target, ctx.threads)
+        metrics = {
+            "converter": "tf.lite.TFLiteConverter", "tensorflow": tf.__version__, "precision": config.precision,
+            "size_bytes": target.stat().st_size, "verification": dict(fidelity, min_snr_db=floor),
+            "interpreter": coverage, "io": io_details(target),
+        }
+        if calibration_samples:
+            metrics["calibration_samples"] = calibration_samples
+        if coverage["ops_fallback"]:
+            metrics["warning"] = (f"{coverage['ops_fallback']} of {coverage['ops']} ops run outside XNNPACK "
+                                  f"({', '.join(coverage['fallback_op_types'])})")
+        return PassResult(artifact=target, format=TFLITE, metrics=metrics,
+                          meta={"precision": config.precision, "io_layout": "source", "runtime": "litert"})
 
     def _int8(self, ctx: PassContext, config: ConvertTfliteConfig, module, args):
         import litert_torch
@@ -198,11 +297,22 @@ def _cast_weights_fp16(source, target) -> None:
     result.export_model(str(target), overwrite=True)
 
 
-def _compare(ctx: PassContext, config: ConvertTfliteConfig, module, runner, args) -> dict:
-    """Top-1 agreement and the worst output channel's SNR of the .tflite against the module, on
-    the job's images when it has any (random inputs otherwise)."""
-    import numpy as np
+def _torch_reference(module):
     import torch
+
+    def run(x):
+        with torch.no_grad():
+            out = module(torch.from_numpy(x))
+        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+
+    return run
+
+
+def _compare(ctx: PassContext, config: ConvertTfliteConfig, reference, runner, shape: tuple) -> dict:
+    """Top-1 agreement and the worst output channel's SNR of the .tflite against the model it
+    was converted from (``reference``: numpy batch -> numpy output), on the job's images when it
+    has any (random inputs otherwise)."""
+    import numpy as np
 
     from worker.data import iter_batches
     from worker.passes.evaluate import Tally
@@ -218,13 +328,9 @@ def _compare(ctx: PassContext, config: ConvertTfliteConfig, module, runner, args
     else:
         rng = np.random.default_rng(0)
         count = max(1, config.verify_samples // fixed)
-        batches = (rng.standard_normal(tuple(args[0].shape)).astype(np.float32) for _ in range(count))
+        batches = (rng.standard_normal(shape).astype(np.float32) for _ in range(count))
         source = "random"
     tally = Tally()
-    with torch.no_grad():
-        for x in batches:
-            want = module(torch.from_numpy(x))
-            want = (want[0] if isinstance(want, (tuple, list)) else want).numpy()
-            got = runner({spec["name"]: x})[0]
-            tally.add(got, want, None)
+    for x in batches:
+        tally.add(runner({spec["name"]: x})[0], np.asarray(reference(x)), None)
     return {"inputs": source, "samples": tally.n, **tally.result(False)["fidelity"]}

@@ -70,6 +70,11 @@ class ExportOnnx(Pass):
     Config = ExportOnnxConfig
     accepts = ALL_MODEL_FORMATS
     produces = ONNX
+    format_hints = {
+        fmt: "TensorFlow uploads go to TFLite (presets tflite-fp16, tflite-int8, or convert_tflite); for the ONNX "
+        "steps, convert the model with tf2onnx and upload the .onnx"
+        for fmt in ("keras", "saved_model")
+    }
 
     def run(self, ctx: PassContext, source: ArtifactRef, config: ExportOnnxConfig) -> PassResult:
         import onnx
