@@ -56,9 +56,9 @@ def broker_url():
 @pytest.fixture
 def broker(broker_url):
     client = redis.Redis.from_url(broker_url)
-    client.delete("cpu", "gpu", "gpu.l4")
+    client.delete("cpu", "gpu", "gpu.l4", "gpu.h100")
     yield broker_url, client
-    client.delete("cpu", "gpu", "gpu.l4")
+    client.delete("cpu", "gpu", "gpu.l4", "gpu.h100")
 
 
 def settings_for(broker_url: str, **kw) -> Settings:
@@ -216,6 +216,22 @@ def test_a_step_for_another_gpu_kind_hands_the_job_over(sessions, broker, tmp_pa
         assert moved.steps[0].metrics == {"done": 1}  # the measurement made before stays
         assert moved.steps[1].status == StepStatus.pending
     assert queued_ids(client, "gpu.l4") == [repr([job.id])]
+
+    # On the L4 worker, the H100 step that already succeeded is replayed from the cache, never
+    # handed back (no ping-pong between kinds). Here its cached engine is missing and the step
+    # must be recomputed, which this GPU-less machine cannot: the job fails there, saying so.
+    with sessions() as s:
+        moved = s.get(Job, job.id)
+        moved.steps[0].name, moved.steps[0].config, moved.steps[0].queue = "build_tensorrt", {"gpu_kind": "h100"}, "gpu.h100"
+        s.commit()
+    l4 = JobRunner(settings=settings, store=store, sessions=sessions, queues=["cpu", "gpu", "gpu.l4"],
+                   celery=make_celery(settings))
+    l4.run(job.id)
+    with sessions() as s:
+        ended = s.get(Job, job.id)
+        assert ended.queue == "gpu.l4" and ended.status == JobStatus.failed
+        assert ended.error_step == "build_tensorrt" and ended.error_code in ("no_gpu", "tensorrt_missing")
+    assert client.llen("gpu.h100") == 0
 
 
 def test_the_migrations_match_the_models(migrated_pg):

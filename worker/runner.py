@@ -268,7 +268,9 @@ class JobRunner:
                 cls = get_pass(name)
                 if step_status == StepStatus.succeeded and cls.produces is None:
                     continue  # measured before a hand-over or a lost worker; its metrics stand
-                if not self._can_run(step_queue):
+                # A step that already succeeded elsewhere (an engine for another GPU kind) comes
+                # back from the artifact cache; only a step still to run can need another worker.
+                if step_status != StepStatus.succeeded and not self._can_run(step_queue):
                     self._hand_over(job_id, step_queue, name)
                     return
                 config = cls.Config.model_validate(config_dict)
