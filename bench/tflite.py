@@ -30,6 +30,8 @@ from bench.quantization import (
     to_rgb224,
     train_mnist_cnn,
 )
+from core.errors import PassError
+from core.model_formats import inspect_model
 from core.schemas import Preprocessing
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
 from worker.passes.registry import get_pass
@@ -47,7 +49,7 @@ def bench_model(name, module, calib_x, eval_x, eval_y, work: Path, threads: int,
     pt2 = work / f"{name}.pt2"
     torch.export.save(torch.export.export(module, (torch.from_numpy(calib_x[:1]),)), pt2)
     original = ArtifactRef(pt2.name, "exported_program", pt2)
-    spec = [{"name": "x", "shape": [1, *shape], "dtype": "float32"}]
+    spec = [dict(i, shape=[1, *shape]) for i in inspect_model(pt2).inputs]  # as the service reads the upload
 
     def step(pass_name, sub, **config):
         d = work / sub
@@ -66,12 +68,17 @@ def bench_model(name, module, calib_x, eval_x, eval_y, work: Path, threads: int,
                "ORT FP32 (export_onnx)": timer.onnx_runner(onnx_result.artifact, input_name)}
     sizes = {"torch eager FP32": onnx_result.artifact.stat().st_size,
              "ORT FP32 (export_onnx)": onnx_result.artifact.stat().st_size}
-    notes = {}
+    notes, refused = {}, {}
     for precision in ("fp32", "fp16", "int8"):
         label = f"TFLite {precision.upper()} (convert_tflite)"
-        result, seconds = step("convert_tflite", f"tflite-{precision}", precision=precision, num_calibration_samples=256)
+        try:
+            result, seconds = step("convert_tflite", f"tflite-{precision}", precision=precision,
+                                   num_calibration_samples=256)
+        except PassError as exc:  # the step's verification refused the file: a row, not a crash
+            refused[label] = f"refused by the step's check: {exc.message}"
+            continue
         runner = TfliteRunner(result.artifact, threads=threads)
-        runners[label] = lambda x, _r=runner: _r({"x": x})[0]
+        runners[label] = lambda x, _r=runner: _r({spec[0]["name"]: x})[0]
         sizes[label] = result.artifact.stat().st_size
         coverage = delegate_coverage(result.artifact, threads)
         notes[label] = (f"{coverage['ops_delegated']}/{coverage['ops']} ops in XNNPACK"
@@ -86,6 +93,7 @@ def bench_model(name, module, calib_x, eval_x, eval_y, work: Path, threads: int,
         quality = float((pred == eval_y).mean()) if eval_y is not None else float((pred == reference.argmax(1)).mean())
         rows.append((label, sizes[label] / sizes["torch eager FP32"], lat1[label] / lat1["torch eager FP32"], quality,
                      snr_db(reference.astype(np.float64), out), lat1[label], notes.get(label, "")))
+    rows += [(label, None, None, None, None, None, reason) for label, reason in refused.items()]
     return rows
 
 
@@ -121,6 +129,9 @@ def main() -> None:
         print(f"| variant | size | latency b1 | {quality} | logits SNR dB | b1 ms | interpreter |")
         print("|---|---:|---:|---:|---:|---:|---|")
         for label, size, r1, q, snr, ms1, note in rows:
+            if size is None:
+                print(f"| {label} | - | - | - | - | - | {note} |")
+                continue
             print(f"| {label} | {size:.2f}x | {r1:.2f}x | {q:.3f} | {snr:.1f} | {ms1:.2f} | {note} |")
 
 

@@ -122,7 +122,7 @@ def test_tflite_presets_end_to_end(preset, stack, digit_assets, tmp_path):
     assert job["status"] == "succeeded", (job["error"], job["log_tail"])
     convert = job["steps"][0]
     assert convert["name"] == "convert_tflite"
-    assert convert["metrics"]["verification"]["worst_channel_snr_db"] >= convert["metrics"]["verification"]["min_snr_db"]
+    assert convert["metrics"]["verification"]["snr_db"] >= convert["metrics"]["verification"]["min_snr_db"]
 
     (artifact,) = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
     assert artifact["format"] == "tflite" and artifact["name"].endswith(".tflite")

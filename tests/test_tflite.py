@@ -43,7 +43,7 @@ def test_each_precision_runs_in_the_interpreter_and_keeps_accuracy(
     assert result.artifact.read_bytes()[4:8] == b"TFL3"  # the flatbuffer's file identifier
     verification = result.metrics["verification"]
     assert verification["inputs"] == "dataset" and verification["samples"] >= 32
-    assert verification["worst_channel_snr_db"] >= verification["min_snr_db"]
+    assert verification["snr_db"] >= verification["min_snr_db"]
     coverage = result.metrics["interpreter"]
     assert coverage["delegate"] == "XNNPACK" and coverage["ops_delegated"] > 0
     assert coverage["ops_delegated"] + coverage["ops_fallback"] == coverage["ops"]
@@ -127,3 +127,37 @@ def test_int8_without_calibration_is_refused_before_queueing():
                  steps=[StepSpec(name="convert_tflite", config={"precision": "int8"})],
                  input_shape=None, calibration=None, evaluation=None)
     assert err.value.code == "calibration_dataset_required"
+
+
+def test_a_score_channel_swamped_by_int8_noise_is_refused_when_asked(digit_assets, tmp_path):
+    """A detector-like head: box coordinates in pixels next to 0..1 scores in one output. Full
+    INT8 keeps the whole output's SNR while the score channels drown; min_channel_snr_db says no."""
+    import torch
+
+    from core.errors import PassError
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.boxes = torch.nn.Linear(8 * 64, 4)
+            self.scores = torch.nn.Linear(8 * 64, 4)
+
+        def forward(self, image):
+            features = torch.relu(self.conv(image)).flatten(1)
+            return torch.cat([self.boxes(features) * 500.0, torch.sigmoid(self.scores(features))], dim=1)
+
+    path = tmp_path / "head.pt2"
+    torch.export.save(torch.export.export(Head().eval(), (torch.zeros(1, 1, 8, 8),)), path)
+    source = ArtifactRef("head.pt2", "exported_program", path)
+    calibration = npz_ref(digit_assets.calibration_npz, False, 256)
+    lenient = run_pass("convert_tflite", context(tmp_path / "a", source, calibration_dataset=calibration), source,
+                       precision="int8")
+    verification = lenient.metrics["verification"]
+    assert verification["snr_db"] > 20 and verification["worst_channel_snr_db"] < 10
+    assert "min_channel_snr_db" in lenient.metrics["warning"]
+    with pytest.raises(PassError) as err:
+        run_pass("convert_tflite", context(tmp_path / "b", source, calibration_dataset=calibration), source,
+                 precision="int8", min_channel_snr_db=15)
+    assert err.value.code == "tflite_mismatch" and "worst output channel" in err.value.message
