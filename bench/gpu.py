@@ -166,6 +166,7 @@ def main() -> None:
     machine = {
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "cuda_device": args.device == "cuda",
     }
     log: dict = {"machine": machine, "rows": []}
     print(f"machine: {machine}", flush=True)
@@ -181,7 +182,8 @@ def main() -> None:
 
 
 def print_table(log: dict, name: str) -> None:
-    print(f"\n{name} ({log['machine']['device']}, torch {log['machine']['torch']}), median of rounds, CUDA events")
+    clock = "CUDA events" if log["machine"].get("cuda_device") else "perf_counter"
+    print(f"\n{name} ({log['machine']['device']}, torch {log['machine']['torch']}), median of rounds, {clock}")
     print("| batch | variant | ms | images/s | vs FP32 eager |")
     print("|---:|---|---:|---:|---:|")
     for r in (r for r in log["rows"] if r["model"] == name):

@@ -113,7 +113,7 @@ def machine_info(threads: int) -> dict:
 
 class Benchmark(Pass):
     name = "benchmark"
-    description = "Size and CPU latency of the original and every artifact so far."
+    description = "Size and latency of the original and every artifact so far (on the GPU on GPU workers)."
     Config = BenchmarkConfig
     accepts = MEASURABLE_FORMATS
     produces = None
