@@ -38,6 +38,18 @@ def mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return x, data[:, -1].astype(np.int64)
 
 
+def mnist_splits():
+    """The digits and one fixed split: 4,000 to train, 500 to calibrate, 500 held out."""
+    x, y = mnist_5k()
+    order = np.random.default_rng(0).permutation(len(x))
+    return x, y, (order[:4000], order[4000:4500], order[4500:])
+
+
+def cpu_name() -> str:
+    with open("/proc/cpuinfo") as fh:
+        return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), platform.machine())
+
+
 def train_mnist_cnn(x, y, epochs: int = 8):
     import torch
     from torch import nn
@@ -209,13 +221,8 @@ def main() -> None:
     import torch
     import torchvision
 
-    x, y = mnist_5k()
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(x))
-    train, calib, test = order[:4000], order[4000:4500], order[4500:]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.machine())
-    print(f"machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; threads {args.threads}; "
+    x, y, (train, calib, test) = mnist_splits()
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; threads {args.threads}; "
           f"rounds {args.rounds} (median)")
     tmp = Path(tempfile.mkdtemp(prefix="cvopt-qbench-"))
     for name in args.models.split(","):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +23,9 @@ import numpy as np
 
 from bench.quantization import (
     Timer,
+    cpu_name,
     measure,
-    mnist_5k,
+    mnist_splits,
     snr_db,
     to_rgb224,
     train_mnist_cnn,
@@ -108,12 +108,8 @@ def main() -> None:
     import torch
     import torchvision
 
-    x, y = mnist_5k()
-    order = np.random.default_rng(0).permutation(len(x))
-    train, calib, test = order[:4000], order[4000:4500], order[4500:]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.machine())
-    print(f"machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; threads {args.threads}; "
+    x, y, (train, calib, test) = mnist_splits()
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; threads {args.threads}; "
           f"rounds {args.rounds} (median); batch 1")
     tmp = Path(tempfile.mkdtemp(prefix="cvopt-tflite-bench-"))
     for name in args.models.split(","):

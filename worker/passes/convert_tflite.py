@@ -97,7 +97,6 @@ class ConvertTflite(Pass):
         os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
         import litert_torch
 
-        from worker.litert import TfliteRunner, delegate_coverage, io_details
         from worker.runtime import sample_tensors
         from worker.torch_models import load_module
 
@@ -136,37 +135,14 @@ class ConvertTflite(Pass):
         ctx.check_cancelled()
 
         # Verify in the interpreter a phone would use, against the model converted.
-        runner = TfliteRunner(target, threads=ctx.threads, layout=config.io_layout)
-        fidelity = _compare(ctx, config, _torch_reference(module), runner, tuple(args[0].shape))
-        ctx.report_progress(0.9)
-        verification, warnings = _judge(config, fidelity, "the model it was converted from")
-        coverage = delegate_coverage(target, ctx.threads)
-        io = io_details(target)
-        metrics = {
-            "precision": config.precision,
-            "io_layout": config.io_layout,
-            "size_bytes": target.stat().st_size,
-            "verification": verification,
-            "interpreter": coverage,
-            "io": io,
-        }
-        if calibration_samples:
-            metrics["calibration_samples"] = calibration_samples
-        if coverage["ops_fallback"]:
-            warnings.append(f"{coverage['ops_fallback']} of {coverage['ops']} ops run outside XNNPACK "
-                            f"({', '.join(coverage['fallback_op_types'])})")
-        if warnings:
-            metrics["warning"] = "; ".join(warnings)
-        return PassResult(
-            artifact=target, format=TFLITE, metrics=metrics,
-            meta={"precision": config.precision, "io_layout": config.io_layout, "runtime": "litert"},
-        )
+        return _verified(ctx, config, target, layout=config.io_layout, reference=_torch_reference(module),
+                         shape=tuple(args[0].shape), against="the model it was converted from",
+                         calibration_samples=calibration_samples, extra={"io_layout": config.io_layout})
 
     def _from_tensorflow(self, ctx: PassContext, source: ArtifactRef, config: ConvertTfliteConfig) -> PassResult:
         import numpy as np
 
         from worker.data import iter_batches
-        from worker.litert import TfliteRunner, delegate_coverage, io_details
         from worker.tf_models import (
             extract_saved_model,
             import_tensorflow,
@@ -217,25 +193,11 @@ class ConvertTflite(Pass):
         target = ctx.work_dir / f"model.{config.precision}.tflite"
         target.write_bytes(blob)
         ctx.check_cancelled()
-        runner = TfliteRunner(target, threads=ctx.threads, layout="source")
         reference = tf_runner(source)
-        fidelity = _compare(ctx, config, lambda x: reference({spec["name"]: x})[0], runner, tuple(spec["shape"]))
-        verification, warnings = _judge(config, fidelity, "the TensorFlow model")
-        coverage = delegate_coverage(target, ctx.threads)
-        metrics = {
-            "converter": "tf.lite.TFLiteConverter", "tensorflow": tf.__version__, "precision": config.precision,
-            "size_bytes": target.stat().st_size, "verification": verification,
-            "interpreter": coverage, "io": io_details(target),
-        }
-        if calibration_samples:
-            metrics["calibration_samples"] = calibration_samples
-        if coverage["ops_fallback"]:
-            warnings.append(f"{coverage['ops_fallback']} of {coverage['ops']} ops run outside XNNPACK "
-                            f"({', '.join(coverage['fallback_op_types'])})")
-        if warnings:
-            metrics["warning"] = "; ".join(warnings)
-        return PassResult(artifact=target, format=TFLITE, metrics=metrics,
-                          meta={"precision": config.precision, "io_layout": "source", "runtime": "litert"})
+        return _verified(ctx, config, target, layout="source", reference=lambda x: reference({spec["name"]: x})[0],
+                         shape=tuple(spec["shape"]), against="the TensorFlow model",
+                         calibration_samples=calibration_samples,
+                         extra={"converter": "tf.lite.TFLiteConverter", "tensorflow": tf.__version__})
 
     def _int8(self, ctx: PassContext, config: ConvertTfliteConfig, module, args):
         import litert_torch
@@ -277,6 +239,30 @@ class ConvertTflite(Pass):
                 ctx.report_progress(0.4 * seen / total)
         converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
         return litert_torch.convert(converted, args, quant_config=QuantConfig(pt2e_quantizer=quantizer)), seen
+
+
+def _verified(ctx: PassContext, config: ConvertTfliteConfig, target, *, layout: str, reference, shape: tuple,
+              against: str, calibration_samples: int, extra: dict) -> PassResult:
+    """Run the .tflite in LiteRT (XNNPACK) against its source, refuse it below the floors, and
+    describe it: fidelity, delegate coverage, I/O types."""
+    from worker.litert import TfliteRunner, delegate_coverage, io_details
+
+    runner = TfliteRunner(target, threads=ctx.threads, layout=layout)
+    fidelity = _compare(ctx, config, reference, runner, shape)
+    ctx.report_progress(0.9)
+    verification, warnings = _judge(config, fidelity, against)
+    coverage = delegate_coverage(target, ctx.threads)
+    metrics = {**extra, "precision": config.precision, "size_bytes": target.stat().st_size,
+               "verification": verification, "interpreter": coverage, "io": io_details(target)}
+    if calibration_samples:
+        metrics["calibration_samples"] = calibration_samples
+    if coverage["ops_fallback"]:
+        warnings.append(f"{coverage['ops_fallback']} of {coverage['ops']} ops run outside XNNPACK "
+                        f"({', '.join(coverage['fallback_op_types'])})")
+    if warnings:
+        metrics["warning"] = "; ".join(warnings)
+    return PassResult(artifact=target, format=TFLITE, metrics=metrics,
+                      meta={"precision": config.precision, "io_layout": layout, "runtime": "litert"})
 
 
 def _judge(config: ConvertTfliteConfig, fidelity: dict, against: str) -> tuple[dict, list[str]]:
