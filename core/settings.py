@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     # from the GPU's name, e.g. "NVIDIA H100 80GB HBM3" -> "h100".
     gpu_kind: str = Field(default="", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$|^$")
     benchmark_threads: int = Field(default=1, ge=1)
+    # How long an Idempotency-Key is remembered: a retry within it returns the first result.
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, gt=0)
 
     @model_validator(mode="after")
     def _production_needs_real_secrets(self) -> "Settings":

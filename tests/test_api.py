@@ -382,3 +382,46 @@ def test_prune50_distill_int8_preset_on_a_trained_resnet18(stack, digit_teacher)
     bad = stack.client.post("/v1/jobs", json={"model_id": model["id"], "preset": "prune50-distill",
                                               "calibration_dataset_id": train["id"], "overrides": {"sharpen": {}}})
     assert_error(bad, 422, "unknown_step")
+
+
+def test_an_idempotency_key_makes_a_retried_post_return_the_first_result(stack, digit_assets, digits_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = stack.client
+    body = {"model_id": digits_model["id"], "preset": "onnx"}
+    headers = {"Idempotency-Key": "pipeline-run-42-step-3"}
+    before = client.get("/v1/jobs").json()["count"]
+    first = client.post("/v1/jobs", json=body, headers=headers)
+    assert first.status_code == 202 and "Idempotent-Replayed" not in first.headers
+    again = client.post("/v1/jobs", json=body, headers=headers)
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"] and again.headers["location"] == first.headers["location"]
+    # Retries racing each other: still one job.
+    race = {"Idempotency-Key": "race-1"}
+    with ThreadPoolExecutor(6) as pool:
+        ids = {r.json()["id"] for r in pool.map(lambda _: client.post("/v1/jobs", json=body, headers=race), range(6))}
+    assert len(ids) == 1
+    assert client.get("/v1/jobs").json()["count"] == before + 2
+    # The same key for another request is refused, and nothing is made.
+    assert_error(client.post("/v1/jobs", json={**body, "name": "other"}, headers=headers), 422, "idempotency_key_reused")
+    assert_error(client.post("/v1/jobs", json=body, headers={"Idempotency-Key": ""}), 422, "invalid_idempotency_key")
+    assert client.get("/v1/jobs").json()["count"] == before + 2
+
+    # Uploads: the retry returns the first model and stores no second object.
+    objects = s3_keys(stack)
+    up = {"Idempotency-Key": "upload-7"}
+    path = digit_assets.models["onnx"]
+    m1 = client.post("/v1/models", files={"file": (path.name, path.read_bytes())}, headers=up)
+    m2 = client.post("/v1/models", files={"file": (path.name, path.read_bytes())}, headers=up)
+    assert m1.status_code == m2.status_code == 201 and m2.headers["Idempotent-Replayed"] == "true"
+    assert m1.json()["id"] == m2.json()["id"]
+    assert len(s3_keys(stack) - objects) == 1
+    assert_error(client.post("/v1/models", files={"file": ("other.onnx", path.read_bytes()[:-10])}, headers=up),
+                 422, "idempotency_key_reused")
+    d = {"Idempotency-Key": "dataset-1"}
+    npz = digit_assets.calibration_npz
+    d1 = client.post("/v1/datasets", files={"file": (npz.name, npz.read_bytes())}, headers=d)
+    d2 = client.post("/v1/datasets", files={"file": (npz.name, npz.read_bytes())}, headers=d)
+    assert d1.json()["id"] == d2.json()["id"] and d2.headers["Idempotent-Replayed"] == "true"
+    # Without the header, two posts make two jobs.
+    assert client.post("/v1/jobs", json=body).json()["id"] != client.post("/v1/jobs", json=body).json()["id"]

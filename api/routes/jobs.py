@@ -4,8 +4,9 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.exc import IntegrityError
 
-from api import services
+from api import idempotency, services
 from api.deps import BaseUrlDep, CurrentKey, SessionDep, StoreDep, released
 from core.models import JobStatus
 from core.queue import enqueue_job
@@ -18,18 +19,38 @@ log = logging.getLogger("cvopt.api")
 
 
 @router.post("", status_code=202, response_model=JobRead)
-def create_job(job_in: JobCreate, request: Request, response: Response, _key: CurrentKey,
+def create_job(job_in: JobCreate, request: Request, response: Response, key: CurrentKey,
                session: SessionDep) -> JobRead:
     """Validate the recipe, write the job, then queue its id. A recipe that cannot run is a 422
-    here, before anything is queued."""
+    here, before anything is queued. With an ``Idempotency-Key``, a retry returns the same job."""
+    idem = idempotency.key_of(request)
+    digest = idempotency.request_hash(job_in.model_dump(mode="json")) if idem else ""
+    if idem and (record := idempotency.find(session, key, ROUTE, idem, digest)):
+        return _replay(record, request, response, session)
     job = services.create_job(session=session, job_in=job_in)
-    session.commit()
+    if idem:
+        idempotency.remember(session, key, ROUTE, idem, digest, job.id, 202)
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent retry with the same key won: return its job
+        session.rollback()
+        return _replay(idempotency.find(session, key, ROUTE, idem, digest), request, response, session)
     try:
         enqueue_job(job.id, job.queue)
     except Exception:  # the broker is down: the job is safe in the database, the reaper re-sends it
         log.exception("could not queue job %s now; the reaper will send it", job.id)
     response.headers["Location"] = str(request.url_for("read_job", job_id=job.id).path)
     return services.job_to_read(job)
+
+
+ROUTE = "POST /jobs"
+
+
+def _replay(record, request: Request, response: Response, session) -> JobRead:
+    idempotency.mark_replayed(response, record)
+    response.headers["Location"] = str(request.url_for("read_job", job_id=record.resource_id).path)
+    job = services.get_job(session=session, job_id=record.resource_id)
+    return released(session, services.job_to_read(job, live_queues(session, get_settings())))
 
 
 @router.get("", response_model=JobsRead)

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
-from api import services
+from api import idempotency, services
 from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep, released
 from api.uploads import Upload, handle_upload, multipart_openapi
 from core.models import Model
@@ -18,16 +19,36 @@ router = APIRouter(prefix="/models", tags=["models"])
     response_model=ModelRead,
     openapi_extra=multipart_openapi("ONNX, TorchScript (torch.jit.save) or torch.export .pt2"),
 )
-async def upload_model(request: Request, _key: CurrentKey, session: SessionDep, store: StoreDep,
+async def upload_model(request: Request, response: Response, key: CurrentKey, session: SessionDep, store: StoreDep,
                        settings: SettingsDep) -> ModelRead:
     """Stream a model file to storage; its format and inputs/outputs are read from its content."""
 
+    idem = idempotency.key_of(request)
+
     def create(upload: Upload) -> ModelRead:
+        digest = idempotency.request_hash({"sha256": upload.sha256, "filename": upload.filename, **upload.fields})
+        if idem and (record := idempotency.find(session, key, ROUTE, idem, digest)):
+            return _replay(record, response, session)
         model = services.create_model(session=session, store=store, upload=upload)
-        session.commit()
+        if idem:
+            idempotency.remember(session, key, ROUTE, idem, digest, model.id, 201)
+        try:
+            session.commit()
+        except IntegrityError:  # a concurrent retry with the same key won: keep its model
+            session.rollback()
+            store.delete(model.storage_key)
+            return _replay(idempotency.find(session, key, ROUTE, idem, digest), response, session)
         return ModelRead.model_validate(model)
 
     return await handle_upload(request, settings, create)
+
+
+ROUTE = "POST /models"
+
+
+def _replay(record, response: Response, session) -> ModelRead:
+    idempotency.mark_replayed(response, record)
+    return released(session, ModelRead.model_validate(services.get_model(session=session, model_id=record.resource_id)))
 
 
 @router.get("", response_model=ModelsRead)
