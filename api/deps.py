@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -75,6 +75,10 @@ def current_key(request: Request, session: SessionDep) -> ApiKey:
 
 
 CurrentKey = Annotated[ApiKey, Depends(current_key)]
+
+# Paging for every list route; bounded so that a huge offset is a 422, not a database overflow.
+Limit = Annotated[int, Query(ge=1, le=500, description="Rows per page.")]
+Offset = Annotated[int, Query(ge=0, le=1_000_000_000, description="Rows to skip.")]
 
 
 async def public_base_url(request: Request, settings: SettingsDep) -> str:

@@ -425,3 +425,10 @@ def test_an_idempotency_key_makes_a_retried_post_return_the_first_result(stack, 
     assert d1.json()["id"] == d2.json()["id"] and d2.headers["Idempotent-Replayed"] == "true"
     # Without the header, two posts make two jobs.
     assert client.post("/v1/jobs", json=body).json()["id"] != client.post("/v1/jobs", json=body).json()["id"]
+
+
+def test_paging_out_of_range_is_a_422_not_a_database_overflow(stack):
+    for route in ("/v1/models", "/v1/datasets", "/v1/jobs"):
+        assert_error(stack.client.get(route, params={"offset": 10**20}), 422, "validation_error")
+        assert_error(stack.client.get(route, params={"limit": 0}), 422, "validation_error")
+        assert stack.client.get(route, params={"offset": 10**9, "limit": 500}).json()["data"] == []

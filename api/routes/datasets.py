@@ -5,7 +5,15 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from api import idempotency, services
-from api.deps import CurrentKey, SessionDep, SettingsDep, StoreDep, released
+from api.deps import (
+    CurrentKey,
+    Limit,
+    Offset,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    released,
+)
 from api.uploads import Upload, handle_upload, multipart_openapi
 from core.models import Dataset
 from core.schemas import DatasetRead, DatasetsRead
@@ -52,10 +60,9 @@ def _replay(record, response: Response, session) -> DatasetRead:
 
 
 @router.get("", response_model=DatasetsRead)
-def list_datasets(_key: CurrentKey, session: SessionDep, limit: int = 50, offset: int = 0) -> DatasetsRead:
-    limit = max(1, min(limit, 500))
+def list_datasets(_key: CurrentKey, session: SessionDep, limit: Limit = 50, offset: Offset = 0) -> DatasetsRead:
     live = Dataset.deleted_at.is_(None)
-    rows = session.scalars(select(Dataset).where(live).order_by(Dataset.created_at.desc()).limit(limit).offset(max(offset, 0))).all()
+    rows = session.scalars(select(Dataset).where(live).order_by(Dataset.created_at.desc()).limit(limit).offset(offset)).all()
     count = session.scalar(select(func.count()).select_from(Dataset).where(live)) or 0
     return released(session, DatasetsRead(data=[DatasetRead.model_validate(r) for r in rows], count=count))
 

@@ -1,13 +1,20 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from sqlalchemy.exc import IntegrityError
 
 from api import idempotency, services
-from api.deps import BaseUrlDep, CurrentKey, SessionDep, StoreDep, released
+from api.deps import (
+    BaseUrlDep,
+    CurrentKey,
+    Limit,
+    Offset,
+    SessionDep,
+    StoreDep,
+    released,
+)
 from core.models import JobStatus
 from core.queue import enqueue_job
 from core.schemas import ArtifactsRead, JobCreate, JobRead, JobsRead, ReportRead
@@ -55,8 +62,7 @@ def _replay(record, request: Request, response: Response, session) -> JobRead:
 
 @router.get("", response_model=JobsRead)
 def list_jobs(_key: CurrentKey, session: SessionDep, status: JobStatus | None = None,
-              limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> JobsRead:
+              limit: Limit = 50, offset: Offset = 0) -> JobsRead:
     rows, count = services.list_jobs(session=session, status=status, limit=limit, offset=offset)
     live = live_queues(session, get_settings())
     return released(session, JobsRead(data=[services.job_to_read(j, live) for j in rows], count=count))
