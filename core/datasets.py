@@ -21,6 +21,10 @@ from core.errors import InvalidInput, UnsupportedMedia
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_MEMBERS = 1_000_000
+# Archive bombs: caps on what members declare they expand to (zipfile reads no more than that).
+MAX_IMAGE_BYTES = 256 * 1024**2  # one image file, uncompressed
+MAX_ARCHIVE_BYTES = 256 * 1024**3  # everything in one archive, uncompressed
+MAX_RATIO = 200  # uncompressed / compressed for any member over 1 MiB (images and arrays stay far below)
 # How many images are decoded at upload to prove the archive holds images; the worker reads all.
 VERIFY_SAMPLE = 32
 
@@ -75,6 +79,24 @@ def _check_member_name(name: str) -> None:
         raise InvalidInput(f"archive member {name!r} has an unsafe path", code="unsafe_archive")
 
 
+def check_zip_sizes(zf: zipfile.ZipFile, *, member_cap: int = MAX_ARCHIVE_BYTES) -> None:
+    """Refuse zip bombs from the central directory, before anything is decompressed."""
+    total = 0
+    for info in zf.infolist():
+        total += info.file_size
+        if info.file_size > member_cap:
+            raise InvalidInput(f"archive member {info.filename!r} expands to {info.file_size} bytes "
+                               f"(at most {member_cap})", code="archive_too_large")
+        if info.file_size > 1024**2 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+            raise InvalidInput(
+                f"archive member {info.filename!r} expands {info.file_size // max(info.compress_size, 1)}:1 "
+                f"(at most {MAX_RATIO}:1): a zip bomb?", code="zip_bomb",
+            )
+    if total > MAX_ARCHIVE_BYTES:
+        raise InvalidInput(f"the archive expands to {total} bytes (at most {MAX_ARCHIVE_BYTES})",
+                           code="archive_too_large")
+
+
 def _is_ignored(name: str) -> bool:
     parts = PurePosixPath(name).parts
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
@@ -87,18 +109,24 @@ def list_images(path: Path, fmt: str) -> ImageListing:
             infos = zf.infolist()
             if len(infos) > MAX_MEMBERS:
                 raise InvalidInput(f"the archive has more than {MAX_MEMBERS} entries", code="too_many_files")
+            check_zip_sizes(zf, member_cap=MAX_IMAGE_BYTES)
             for info in infos:
                 _check_member_name(info.filename)
                 if not info.is_dir():
                     names.append(info.filename)
     else:
         with tarfile.open(path, "r:*") as tf:
+            total = 0
             for count, member in enumerate(tf):
                 if count >= MAX_MEMBERS:
                     raise InvalidInput(f"the archive has more than {MAX_MEMBERS} entries", code="too_many_files")
                 _check_member_name(member.name)
                 if member.issym() or member.islnk():
                     raise InvalidInput(f"archive member {member.name!r} is a link", code="unsafe_archive")
+                total += member.size
+                if member.size > MAX_IMAGE_BYTES or total > MAX_ARCHIVE_BYTES:
+                    raise InvalidInput(f"archive member {member.name!r} is too large ({member.size} bytes)",
+                                       code="archive_too_large")
                 if member.isfile():
                     names.append(member.name)
     images = sorted(
@@ -173,6 +201,7 @@ def _npy_header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.d
 
 def _inspect_npz(path: Path) -> DatasetInfo:
     with zipfile.ZipFile(path) as zf:
+        check_zip_sizes(zf)
         members = set(zf.namelist())
         if "x.npy" not in members:
             raise InvalidInput("the .npz has no array named x", code="invalid_npz", details={"arrays": sorted(members)})

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from core.datasets import check_zip_sizes
 from core.errors import InvalidInput, UnsupportedMedia
 
 ONNX = "onnx"
@@ -204,6 +205,13 @@ def _inspect_onnx(path: Path) -> ModelInfo:
                             here = fh.tell()
                             fh.seek(g_start)
                             for t_num, t_wire, t_start, t_len in _fields(fh, g_start + g_len):
+                                if t_num == 13:  # external_data: weights in files beside the model
+                                    raise InvalidInput(
+                                        "the ONNX model keeps its weights in external files; upload a single "
+                                        "file (onnx.save(model, path, save_as_external_data=False)). External "
+                                        "data paths are never followed.",
+                                        code="external_data_not_allowed",
+                                    )
                                 if t_num == 8 and t_wire == 2:
                                     inner = fh.tell()
                                     fh.seek(t_start)
@@ -239,6 +247,7 @@ def _inspect_torch_zip(path: Path, architecture: str | None = None) -> ModelInfo
     try:
         zf = zipfile.ZipFile(path)
         names = zf.namelist()
+        check_zip_sizes(zf)
         bad = zf.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise UnsupportedMedia(f"the archive is corrupt or truncated: {exc}", code="corrupt_model") from exc
