@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidInput
@@ -24,6 +26,7 @@ from core.models import ApiKey, IdempotencyRecord, utcnow
 from core.settings import get_settings
 
 HEADER = "Idempotency-Key"
+T = TypeVar("T")
 
 
 def key_of(request: Request) -> str | None:
@@ -69,3 +72,30 @@ def remember(session: Session, api_key: ApiKey, route: str, key: str, digest: st
 def mark_replayed(response: Response, record: IdempotencyRecord) -> None:
     response.status_code = record.status_code
     response.headers["Idempotent-Replayed"] = "true"
+
+
+def create_once(session: Session, api_key: ApiKey, route: str, key: str | None, digest: str, *,
+                make: Callable[[], T], load: Callable[[str], T], status_code: int, response: Response,
+                discard: Callable[[T], None] | None = None) -> tuple[T, bool]:
+    """Make and commit a resource, once per idempotency key: (the resource, whether it is a
+    replay). ``make`` adds the row (id set, not committed), ``load`` reads one back by id,
+    ``discard`` undoes what ``make`` did outside the database (a stored object) when a
+    concurrent request with the same key won the commit."""
+    if key and (record := find(session, api_key, route, key, digest)):
+        mark_replayed(response, record)
+        return load(record.resource_id), True
+    row = make()
+    if key:
+        remember(session, api_key, route, key, digest, row.id, status_code)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        if discard is not None:
+            discard(row)
+        if not key:
+            raise
+        record = find(session, api_key, route, key, digest)
+        mark_replayed(response, record)
+        return load(record.resource_id), True
+    return row, False

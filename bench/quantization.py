@@ -26,6 +26,7 @@ import numpy as np
 from core.model_formats import inspect_model
 from core.schemas import Preprocessing
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
+from worker.passes.evaluate import snr_db
 from worker.passes.registry import get_pass
 
 
@@ -151,11 +152,6 @@ def measure(runners: dict, x: np.ndarray, *, rounds: int, calls: int) -> dict[st
 
 def outputs(run, x: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate([run(x[i : i + batch]) for i in range(0, len(x), batch)]).astype(np.float64)
-
-
-def snr_db(reference: np.ndarray, got: np.ndarray) -> float:
-    noise = float(((reference - got) ** 2).sum())
-    return float("inf") if noise == 0 else 10 * np.log10(float((reference**2).sum()) / noise)
 
 
 def bench_model(name: str, module, input_shape, calib_x, eval_x, eval_y, work: Path, threads: int, rounds: int):

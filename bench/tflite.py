@@ -26,7 +26,6 @@ from bench.quantization import (
     cpu_name,
     measure,
     mnist_splits,
-    snr_db,
     to_rgb224,
     train_mnist_cnn,
 )
@@ -34,6 +33,7 @@ from core.errors import PassError
 from core.model_formats import inspect_model
 from core.schemas import Preprocessing
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
+from worker.passes.evaluate import snr_db
 from worker.passes.registry import get_pass
 
 

@@ -19,6 +19,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "please-change"}
 
 
+# A GPU kind: the suffix of its queue, gpu.<kind> (a worker setting and a step option).
+GPU_KIND_PATTERN = r"^[a-z0-9][a-z0-9-]{0,40}$"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CVOPT_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -60,7 +64,7 @@ class Settings(BaseSettings):
     no_worker_timeout_seconds: float = Field(default=1800.0, gt=0)
     # This GPU worker's kind, the queue suffix jobs target it by (gpu.<kind>). Empty: derived
     # from the GPU's name, e.g. "NVIDIA H100 80GB HBM3" -> "h100".
-    gpu_kind: str = Field(default="", pattern=r"^[a-z0-9][a-z0-9-]{0,40}$|^$")
+    gpu_kind: str = Field(default="", pattern=GPU_KIND_PATTERN + "|^$")
     benchmark_threads: int = Field(default=1, ge=1)
     # How long an Idempotency-Key is remembered: a retry within it returns the first result.
     idempotency_ttl_seconds: int = Field(default=24 * 3600, gt=0)

@@ -7,7 +7,9 @@ user what a queued job is waiting for, the reaper to fail jobs nobody can run.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from datetime import timedelta
 
 from sqlalchemy import delete, select
@@ -18,7 +20,11 @@ from core.settings import Settings
 
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
-GPU_KIND_PATTERN = r"^[a-z0-9][a-z0-9-]{0,40}$"
+
+
+def worker_identity() -> str:
+    """This process, as jobs and the workers table name it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def gpu_queue(kind: str | None) -> str:

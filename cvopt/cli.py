@@ -118,10 +118,9 @@ def worker(queues: str, concurrency: int | None, loglevel: str) -> None:
     import json
     import re
 
-    from core.settings import get_settings
+    from core.settings import GPU_KIND_PATTERN, get_settings
     from core.workers import (
         CPU_QUEUE,
-        GPU_KIND_PATTERN,
         GPU_QUEUE,
         gpu_queue,
         is_gpu_queue,

@@ -16,13 +16,14 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from core.queue import get_celery
 from core.settings import get_settings
+from core.workers import worker_identity
 
 app = get_celery()
 app.conf.include = ["worker.tasks"]
 
 log = logging.getLogger("cvopt.worker")
 _reaper_stop = threading.Event()
-_WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+_WORKER_ID = worker_identity()
 
 
 def worker_queues() -> list[str]:

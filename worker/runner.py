@@ -12,9 +12,7 @@ import collections
 import hashlib
 import json
 import logging
-import os
 import shutil
-import socket
 import threading
 import time
 import traceback
@@ -32,7 +30,7 @@ from core.queue import enqueue_job
 from core.schemas import Preprocessing
 from core.settings import Settings
 from core.storage import ObjectStore
-from core.workers import is_gpu_queue, live_queues, waiting_for
+from core.workers import is_gpu_queue, live_queues, waiting_for, worker_identity
 from worker.passes.base import (
     DEPLOY_FORMATS,
     ArtifactRef,
@@ -62,10 +60,6 @@ def sha256_file(path: Path) -> str:
 
 def canonical_digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class _LogTail(logging.Handler):

@@ -123,6 +123,18 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+def split_runnable(refs: list[ArtifactRef]) -> tuple[list[ArtifactRef], list[tuple[ArtifactRef, str]]]:
+    """(what this machine can run, [(what it cannot, why)]) for the measuring steps."""
+    runnable, skipped = [], []
+    for ref in refs:
+        reason = not_runnable_here(ref)
+        if reason:
+            skipped.append((ref, reason))
+        else:
+            runnable.append(ref)
+    return runnable, skipped
+
+
 def not_runnable_here(ref: ArtifactRef) -> str | None:
     """Why this machine cannot run the artifact (None when it can): engines run only on the GPU
     model and TensorRT version they were built for; CUDA packages need a GPU."""

@@ -53,6 +53,10 @@ class _Logger:
         return Forward()
 
 
+# When the parser fails without saying where.
+_PARSE_FAILED = {"node": -1, "node_name": "", "op_type": "", "message": "parse failed"}
+
+
 def _parse(path: Path, log: logging.Logger):
     trt = _trt()
     logger = _Logger(log)
@@ -73,16 +77,21 @@ def _parse(path: Path, log: logging.Logger):
 def unsupported_ops(path: Path, log: logging.Logger | None = None) -> list[dict[str, Any]]:
     """Parse the model with TensorRT's ONNX parser; every node it refuses, with its op type."""
     _builder, _network, _parser, _logger, ok, errors = _parse(path, log or logging.getLogger("cvopt.tensorrt"))
-    return [] if ok else (errors or [{"node": -1, "node_name": "", "op_type": "", "message": "parse failed"}])
+    return [] if ok else (errors or [_PARSE_FAILED])
 
 
 def build_engine(onnx_path: Path, out: Path, *, plan, profiles, workspace_mib: int, optimization_level: int,
                  timing_cache: Path | None, log: logging.Logger) -> dict[str, Any]:
     trt = _trt()
     builder, network, _parser, _logger, ok, errors = _parse(onnx_path, log)
-    if not ok:
-        raise PassError("TensorRT could not parse the model", code="tensorrt_unsupported_ops",
-                        details={"unsupported": errors[:50]})
+    if not ok:  # the pre-flight: nothing is built for a model TensorRT cannot parse
+        errors = errors or [_PARSE_FAILED]
+        ops = sorted({e["op_type"] for e in errors if e.get("op_type")})
+        raise PassError(
+            f"TensorRT {trt.__version__} cannot parse {len(errors)} node(s) of this model (ops: "
+            f"{', '.join(ops) or 'see details'})",
+            code="tensorrt_unsupported_ops", details={"unsupported": errors[:50]},
+        )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     config.builder_optimization_level = optimization_level

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 
 from api import idempotency, services
 from api.deps import (
@@ -34,29 +33,16 @@ async def upload_dataset(request: Request, response: Response, key: CurrentKey, 
     idem = idempotency.key_of(request)
 
     def create(upload: Upload) -> DatasetRead:
-        digest = idempotency.request_hash({"sha256": upload.sha256, "filename": upload.filename, **upload.fields})
-        if idem and (record := idempotency.find(session, key, ROUTE, idem, digest)):
-            return _replay(record, response, session)
-        dataset = services.create_dataset(session=session, store=store, upload=upload)
-        if idem:
-            idempotency.remember(session, key, ROUTE, idem, digest, dataset.id, 201)
-        try:
-            session.commit()
-        except IntegrityError:  # a concurrent retry with the same key won: keep its dataset
-            session.rollback()
-            store.delete(dataset.storage_key)
-            return _replay(idempotency.find(session, key, ROUTE, idem, digest), response, session)
-        return DatasetRead.model_validate(dataset)
+        dataset, _ = idempotency.create_once(
+            session, key, "POST /datasets", idem,
+            idempotency.request_hash({"sha256": upload.sha256, "filename": upload.filename, **upload.fields}),
+            make=lambda: services.create_dataset(session=session, store=store, upload=upload),
+            load=lambda dataset_id: services.get_dataset(session=session, dataset_id=dataset_id),
+            status_code=201, response=response, discard=lambda row: store.delete(row.storage_key),
+        )
+        return released(session, DatasetRead.model_validate(dataset))
 
     return await handle_upload(request, settings, create)
-
-
-ROUTE = "POST /datasets"
-
-
-def _replay(record, response: Response, session) -> DatasetRead:
-    idempotency.mark_replayed(response, record)
-    return released(session, DatasetRead.model_validate(services.get_dataset(session=session, dataset_id=record.resource_id)))
 
 
 @router.get("", response_model=DatasetsRead)

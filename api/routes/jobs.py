@@ -3,7 +3,6 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, Request, Response
-from sqlalchemy.exc import IntegrityError
 
 from api import idempotency, services
 from api.deps import (
@@ -31,33 +30,20 @@ def create_job(job_in: JobCreate, request: Request, response: Response, key: Cur
     """Validate the recipe, write the job, then queue its id. A recipe that cannot run is a 422
     here, before anything is queued. With an ``Idempotency-Key``, a retry returns the same job."""
     idem = idempotency.key_of(request)
-    digest = idempotency.request_hash(job_in.model_dump(mode="json")) if idem else ""
-    if idem and (record := idempotency.find(session, key, ROUTE, idem, digest)):
-        return _replay(record, request, response, session)
-    job = services.create_job(session=session, job_in=job_in)
-    if idem:
-        idempotency.remember(session, key, ROUTE, idem, digest, job.id, 202)
-    try:
-        session.commit()
-    except IntegrityError:  # a concurrent retry with the same key won: return its job
-        session.rollback()
-        return _replay(idempotency.find(session, key, ROUTE, idem, digest), request, response, session)
+    job, replayed = idempotency.create_once(
+        session, key, "POST /jobs", idem, idempotency.request_hash(job_in.model_dump(mode="json")) if idem else "",
+        make=lambda: services.create_job(session=session, job_in=job_in),
+        load=lambda job_id: services.get_job(session=session, job_id=job_id),
+        status_code=202, response=response,
+    )
+    response.headers["Location"] = str(request.url_for("read_job", job_id=job.id).path)
+    if replayed:
+        return released(session, services.job_to_read(job, live_queues(session, get_settings())))
     try:
         enqueue_job(job.id, job.queue)
     except Exception:  # the broker is down: the job is safe in the database, the reaper re-sends it
         log.exception("could not queue job %s now; the reaper will send it", job.id)
-    response.headers["Location"] = str(request.url_for("read_job", job_id=job.id).path)
     return services.job_to_read(job)
-
-
-ROUTE = "POST /jobs"
-
-
-def _replay(record, request: Request, response: Response, session) -> JobRead:
-    idempotency.mark_replayed(response, record)
-    response.headers["Location"] = str(request.url_for("read_job", job_id=record.resource_id).path)
-    job = services.get_job(session=session, job_id=record.resource_id)
-    return released(session, services.job_to_read(job, live_queues(session, get_settings())))
 
 
 @router.get("", response_model=JobsRead)

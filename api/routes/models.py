@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 
 from api import idempotency, services
 from api.deps import (
@@ -34,29 +33,16 @@ async def upload_model(request: Request, response: Response, key: CurrentKey, se
     idem = idempotency.key_of(request)
 
     def create(upload: Upload) -> ModelRead:
-        digest = idempotency.request_hash({"sha256": upload.sha256, "filename": upload.filename, **upload.fields})
-        if idem and (record := idempotency.find(session, key, ROUTE, idem, digest)):
-            return _replay(record, response, session)
-        model = services.create_model(session=session, store=store, upload=upload)
-        if idem:
-            idempotency.remember(session, key, ROUTE, idem, digest, model.id, 201)
-        try:
-            session.commit()
-        except IntegrityError:  # a concurrent retry with the same key won: keep its model
-            session.rollback()
-            store.delete(model.storage_key)
-            return _replay(idempotency.find(session, key, ROUTE, idem, digest), response, session)
-        return ModelRead.model_validate(model)
+        model, _ = idempotency.create_once(
+            session, key, "POST /models", idem,
+            idempotency.request_hash({"sha256": upload.sha256, "filename": upload.filename, **upload.fields}),
+            make=lambda: services.create_model(session=session, store=store, upload=upload),
+            load=lambda model_id: services.get_model(session=session, model_id=model_id),
+            status_code=201, response=response, discard=lambda row: store.delete(row.storage_key),
+        )
+        return released(session, ModelRead.model_validate(model))
 
     return await handle_upload(request, settings, create)
-
-
-ROUTE = "POST /models"
-
-
-def _replay(record, response: Response, session) -> ModelRead:
-    idempotency.mark_replayed(response, record)
-    return released(session, ModelRead.model_validate(services.get_model(session=session, model_id=record.resource_id)))
 
 
 @router.get("", response_model=ModelsRead)

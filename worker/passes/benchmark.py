@@ -122,15 +122,13 @@ class Benchmark(Pass):
         from worker.runtime import (
             gpu_available,
             load_runner,
-            not_runnable_here,
             runtime_info,
             sample_feeds,
+            split_runnable,
         )
 
         device = config.device if config.device != "auto" else ("cuda" if gpu_available() else "cpu")
-        all_variants = [ctx.original, *ctx.artifacts]
-        skipped = {v.name: reason for v in all_variants if (reason := not_runnable_here(v))}
-        variants = [v for v in all_variants if v.name not in skipped]
+        variants, skipped = split_runnable([ctx.original, *ctx.artifacts])
         runners, memory = [], []
         first_feeds = sample_feeds(ctx.input_spec)
         for v in variants:
@@ -187,11 +185,8 @@ class Benchmark(Pass):
                 stats = percentiles(samples[i])
                 stats["images_per_s"] = batch * 1000 / stats["mean_ms"]
                 results[i]["latency"][str(batch)] = stats
-        results += [
-            {"artifact": name, "step": next(v.step for v in all_variants if v.name == name),
-             "format": next(v.format for v in all_variants if v.name == name), "skipped": reason, "latency": {}}
-            for name, reason in skipped.items()
-        ]
+        results += [{"artifact": v.name, "step": v.step, "format": v.format, "skipped": reason, "latency": {}}
+                    for v, reason in skipped]
         baseline = results[0]["latency"].get("1", {}).get("p50_ms")
         for res in results:
             p50 = res["latency"].get("1", {}).get("p50_ms")

@@ -19,7 +19,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from core.errors import PassError
-from core.workers import GPU_KIND_PATTERN, gpu_queue
+from core.settings import GPU_KIND_PATTERN
+from core.workers import gpu_queue
 from worker.passes.base import (
     ONNX,
     TENSORRT_ENGINE,
@@ -260,15 +261,6 @@ class BuildTensorrt(Pass):
         plan = plan_precision(config.precision, qdq_nodes=qdq, nodes=nodes, fp32_patterns=config.fp32_layers)
         profiles = plan_profiles(declared, ctx.input_spec, config.profiles)
 
-        # Pre-flight: parse before anything expensive; unsupported ops end the job here, named.
-        unsupported = tensorrt_backend.unsupported_ops(source.path)
-        if unsupported:
-            ops = sorted({u["op_type"] for u in unsupported if u.get("op_type")})
-            raise PassError(
-                f"TensorRT {trt_version} cannot parse {len(unsupported)} node(s) of this model (ops: "
-                f"{', '.join(ops) or 'see details'})",
-                code="tensorrt_unsupported_ops", details={"unsupported": unsupported[:50]},
-            )
         ctx.report_progress(0.05)
         cache_path = ctx.work_dir / "timing.cache"
         cache_key = timing_cache_key(gpu=gpu, trt_version=trt_version)
@@ -276,6 +268,8 @@ class BuildTensorrt(Pass):
             ctx.fetch_shared(cache_key, cache_path)
         out = ctx.work_dir / engine_name(model_stem=source.path.stem, precision=config.precision, gpu=gpu,
                                          trt_version=trt_version)
+        # build_engine parses first and fails naming every node and op TensorRT refuses, before
+        # any GPU time is spent.
         build = tensorrt_backend.build_engine(
             source.path, out, plan=plan, profiles=profiles, workspace_mib=config.workspace_mib,
             optimization_level=config.optimization_level,

@@ -11,6 +11,7 @@ with torch.compile (CUDA graphs at batch 1), and says so.
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -78,12 +79,10 @@ class CompileGpu(Pass):
     def step_queue(self, config: CompileGpuConfig) -> str:
         return "gpu" if config.device == "cuda" else "cpu"
 
-    def output_format(self, input_format: str) -> str:
-        return AOTI_PACKAGE
-
     def run(self, ctx: PassContext, source: ArtifactRef, config: CompileGpuConfig) -> PassResult:
         import torch
 
+        from worker.passes.evaluate import snr_db
         from worker.runtime import sample_tensors
         from worker.torch_models import load_module
 
@@ -94,17 +93,16 @@ class CompileGpu(Pass):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config.precision]
         device = torch.device(config.device)
         module = load_module(source).to(device)
-        reference_module = module
         with torch.no_grad():
             try:  # an open batch, if the model allows one
                 example = tuple(t.to(device) for t in sample_tensors(ctx.input_spec, batch=2))
-                reference = reference_module(*example)
+                reference = module(*example)
             except Exception:  # a program exported with its batch fixed guards it
                 example = tuple(t.to(device) for t in sample_tensors(ctx.input_spec))
-                reference = reference_module(*example)
+                reference = module(*example)
             reference = reference[0] if isinstance(reference, (tuple, list)) else reference
             reference = reference.float().cpu().numpy()
-        low = _Cast(_copy(module).to(dtype=dtype, memory_format=torch.channels_last if config.channels_last else torch.preserve_format),
+        low = _Cast(copy.deepcopy(module).to(dtype=dtype, memory_format=torch.channels_last if config.channels_last else torch.preserve_format),
                     dtype, config.channels_last).eval()
         batch = torch.export.Dim("batch", min=1, max=config.max_batch)
         try:
@@ -130,7 +128,7 @@ class CompileGpu(Pass):
                 if "error" in checked:
                     fallback_reason = checked["error"]
                 else:
-                    snr = _snr(reference, checked["output"])
+                    snr = snr_db(reference, checked["output"])
                     if snr < floor:
                         raise PassError(f"the compiled package's outputs differ from the model's: SNR {snr:.1f} dB < {floor:g} dB",
                                         code="compile_mismatch")
@@ -147,7 +145,7 @@ class CompileGpu(Pass):
         torch.export.save(program, str(out))
         with torch.no_grad():
             got = torch.export.load(str(out)).module()(*example)
-        snr = _snr(reference, got.float().cpu().numpy())
+        snr = snr_db(reference, got.float().cpu().numpy())
         if snr < floor:
             raise PassError(f"the {config.precision} program's outputs differ from the model's: SNR {snr:.1f} dB < {floor:g} dB",
                             code="compile_mismatch")
@@ -160,21 +158,6 @@ class CompileGpu(Pass):
             meta={"runtime": "torch.compile", "device": config.device, "precision": config.precision,
                   "compile_at_load": True},
         )
-
-
-def _copy(module):
-    import copy
-
-    return copy.deepcopy(module)
-
-
-def _snr(reference, got) -> float:
-    import numpy as np
-
-    ref = np.asarray(reference, np.float64)
-    err = np.asarray(got, np.float64).reshape(ref.shape) - ref
-    noise = float((err**2).sum())
-    return float("inf") if noise == 0 else float(10 * np.log10(max(float((ref**2).sum()), 1e-30) / noise))
 
 
 _CHILD = """

@@ -23,6 +23,15 @@ class EvaluateConfig(PassConfig):
     batch_size: int = Field(default=32, ge=1, le=1024)
 
 
+def snr_db(reference, got) -> float:
+    """10·log10(signal / noise) of ``got`` against ``reference`` (inf when they agree exactly)."""
+    import numpy as np
+
+    ref = np.asarray(reference, np.float64)
+    noise = float(((np.asarray(got, np.float64).reshape(ref.shape) - ref) ** 2).sum())
+    return float("inf") if noise == 0 else float(10 * np.log10(max(float((ref**2).sum()), 1e-30) / noise))
+
+
 class Tally:
     """Running sums, so evaluation memory does not grow with the dataset."""
 
@@ -100,10 +109,9 @@ class Evaluate(Pass):
         spec = ctx.input_spec[0]
         fixed = int(spec["shape"][0])
         batch_size = config.batch_size - config.batch_size % fixed or fixed
-        from worker.runtime import not_runnable_here
+        from worker.runtime import split_runnable
 
-        skipped = {v.name: reason for v in [ctx.original, *ctx.artifacts] if (reason := not_runnable_here(v))}
-        variants = [v for v in [ctx.original, *ctx.artifacts] if v.name not in skipped]
+        variants, skipped = split_runnable([ctx.original, *ctx.artifacts])
         runners = [_BatchAdapter(load_runner(v, threads=ctx.threads), spec["name"], fixed) for v in variants]
         tallies = [Tally() for _ in variants]
         total = min(config.max_samples, dataset.num_samples)
@@ -132,7 +140,7 @@ class Evaluate(Pass):
                 "results": [
                     {"artifact": v.name, "step": v.step, **t.result(dataset.labeled)}
                     for v, t in zip(variants, tallies, strict=True)
-                ] + [{"artifact": name, "skipped": reason} for name, reason in skipped.items()],
+                ] + [{"artifact": v.name, "skipped": reason} for v, reason in skipped],
             }
         )
 
