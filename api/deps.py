@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
 from typing import Annotated, TypeVar
 
@@ -10,8 +9,9 @@ from fastapi import Depends, Query, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.tenants import hash_key
 from core.db import get_sessionmaker
-from core.errors import Unauthorized
+from core.errors import Forbidden, Unauthorized
 from core.models import ApiKey
 from core.settings import Settings, get_settings
 from core.storage import ObjectStore, get_store
@@ -57,11 +57,6 @@ StoreDep = Annotated[ObjectStore, Depends(_store)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
-def hash_key(key: str) -> str:
-    # Keys are 256-bit random tokens, so a plain sha256 is enough (no salt or slow hash needed).
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 def current_key(request: Request, session: SessionDep) -> ApiKey:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -75,6 +70,15 @@ def current_key(request: Request, session: SessionDep) -> ApiKey:
 
 
 CurrentKey = Annotated[ApiKey, Depends(current_key)]
+
+
+def admin_key(key: CurrentKey) -> ApiKey:
+    if not key.is_admin:
+        raise Forbidden("this route needs an admin API key", code="admin_required")
+    return key
+
+
+AdminKey = Annotated[ApiKey, Depends(admin_key)]
 
 # Paging for every list route; bounded so that a huge offset is a 422, not a database overflow.
 Limit = Annotated[int, Query(ge=1, le=500, description="Rows per page.")]

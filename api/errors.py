@@ -17,6 +17,8 @@ log = logging.getLogger("cvopt.api")
 STATUS = {
     errors.NotFound: 404,
     errors.Unauthorized: 401,
+    errors.Forbidden: 403,
+    errors.QuotaExceeded: 429,
     errors.InvalidInput: 422,
     errors.UnsupportedMedia: 415,
     errors.PayloadTooLarge: 413,
@@ -38,6 +40,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _domain(_: Request, exc: errors.CvoptError) -> JSONResponse:
         status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 400)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(exc, errors.QuotaExceeded):
+            headers = {"Retry-After": str(exc.retry_after)}
         return error_response(status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)

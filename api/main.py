@@ -10,7 +10,8 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy import select
 
 from api.errors import install_error_handlers
-from api.routes import datasets, jobs, models, system, workers
+from api.routes import datasets, jobs, models, system, tenants, workers
+from api.tenants import ensure_default_tenant, hash_key
 from core.db import session_scope
 from core.models import ApiKey
 from core.settings import get_settings
@@ -19,14 +20,16 @@ log = logging.getLogger("cvopt.api")
 
 
 def ensure_bootstrap_key() -> None:
-    from api.deps import hash_key
-
+    """The bootstrap key is an admin key of the default tenant: the operator's first key, which
+    creates the tenants and their keys."""
     key = get_settings().bootstrap_api_key
     if not key:
         return
     with session_scope() as session:
+        tenant = ensure_default_tenant(session)
         if session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key))) is None:
-            session.add(ApiKey(name="bootstrap", prefix=key[:8], key_hash=hash_key(key)))
+            session.add(ApiKey(tenant_id=tenant.id, name="bootstrap", prefix=key[:8], key_hash=hash_key(key),
+                               is_admin=True))
             log.info("created the bootstrap API key")
 
 
@@ -50,7 +53,7 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     v1 = APIRouter()
-    for module in (models, datasets, jobs, workers):
+    for module in (models, datasets, jobs, workers, tenants):
         v1.include_router(module.router)
     app.include_router(v1, prefix="/v1")
     app.include_router(v1, include_in_schema=False)

@@ -8,6 +8,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api.tenants import check_job_quota, check_upload_quota
 from api.uploads import Upload
 from core.datasets import inspect_dataset
 from core.errors import Conflict, InvalidInput, NotFound
@@ -33,6 +34,7 @@ from core.schemas import (
     StepRead,
     TensorSpec,
 )
+from core.settings import Settings
 from core.storage import ObjectStore
 from core.workers import waiting_for
 from worker.recipes import DatasetFacts, plan_job, resolve_steps
@@ -67,13 +69,14 @@ def _soft_delete(*, session: Session, store: ObjectStore, row: Model | Dataset, 
 # -- models ------------------------------------------------------------------------------------
 
 
-def create_model(*, session: Session, store: ObjectStore, upload: Upload) -> Model:
+def create_model(*, session: Session, store: ObjectStore, upload: Upload, tenant_id: str, settings: Settings) -> Model:
     # 415 for random bytes, truncated files and pickles (a state_dict only with an architecture)
     info = inspect_model(upload.path, architecture=upload.fields.get("architecture") or None)
+    check_upload_quota(session, tenant_id, settings, upload.size_bytes)
     model_id = new_id()
     key = f"models/{model_id}/{upload.filename}"
     row = Model(
-        id=model_id, name=upload.fields.get("name") or upload.filename, filename=upload.filename,
+        id=model_id, tenant_id=tenant_id, name=upload.fields.get("name") or upload.filename, filename=upload.filename,
         format=info.format, sha256=upload.sha256, size_bytes=upload.size_bytes, storage_key=key,
         inputs=info.inputs, outputs=info.outputs, details=info.details,
     )
@@ -81,15 +84,15 @@ def create_model(*, session: Session, store: ObjectStore, upload: Upload) -> Mod
     return row
 
 
-def get_model(*, session: Session, model_id: str) -> Model:
+def get_model(*, session: Session, model_id: str, tenant_id: str) -> Model:
     model = session.get(Model, model_id)
-    if model is None or model.deleted_at is not None:
+    if model is None or model.deleted_at is not None or model.tenant_id != tenant_id:
         raise NotFound(f"model {model_id} not found", code="model_not_found", details={"model_id": model_id})
     return model
 
 
-def delete_model(*, session: Session, store: ObjectStore, model_id: str) -> None:
-    model = get_model(session=session, model_id=model_id)
+def delete_model(*, session: Session, store: ObjectStore, model_id: str, tenant_id: str) -> None:
+    model = get_model(session=session, model_id=model_id, tenant_id=tenant_id)
     active = session.scalar(
         select(func.count()).select_from(Job)
         .where(Job.model_id == model_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
@@ -100,12 +103,14 @@ def delete_model(*, session: Session, store: ObjectStore, model_id: str) -> None
 # -- datasets ----------------------------------------------------------------------------------
 
 
-def create_dataset(*, session: Session, store: ObjectStore, upload: Upload) -> Dataset:
+def create_dataset(*, session: Session, store: ObjectStore, upload: Upload, tenant_id: str,
+                   settings: Settings) -> Dataset:
     info = inspect_dataset(upload.path)
+    check_upload_quota(session, tenant_id, settings, upload.size_bytes)
     dataset_id = new_id()
     key = f"datasets/{dataset_id}/{upload.filename}"
     row = Dataset(
-        id=dataset_id, name=upload.fields.get("name") or upload.filename, filename=upload.filename,
+        id=dataset_id, tenant_id=tenant_id, name=upload.fields.get("name") or upload.filename, filename=upload.filename,
         format=info.format, sha256=upload.sha256, size_bytes=upload.size_bytes, storage_key=key,
         num_samples=info.num_samples, labeled=info.labeled,
         num_classes=info.num_classes, class_names=info.class_names, sample_shape=info.sample_shape,
@@ -115,15 +120,15 @@ def create_dataset(*, session: Session, store: ObjectStore, upload: Upload) -> D
     return row
 
 
-def get_dataset(*, session: Session, dataset_id: str) -> Dataset:
+def get_dataset(*, session: Session, dataset_id: str, tenant_id: str) -> Dataset:
     dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.deleted_at is not None:
+    if dataset is None or dataset.deleted_at is not None or dataset.tenant_id != tenant_id:
         raise NotFound(f"dataset {dataset_id} not found", code="dataset_not_found", details={"dataset_id": dataset_id})
     return dataset
 
 
-def delete_dataset(*, session: Session, store: ObjectStore, dataset_id: str) -> None:
-    dataset = get_dataset(session=session, dataset_id=dataset_id)
+def delete_dataset(*, session: Session, store: ObjectStore, dataset_id: str, tenant_id: str) -> None:
+    dataset = get_dataset(session=session, dataset_id=dataset_id, tenant_id=tenant_id)
     active = session.scalar(
         select(func.count()).select_from(Job).where(
             (Job.calibration_dataset_id == dataset_id) | (Job.evaluation_dataset_id == dataset_id),
@@ -136,11 +141,12 @@ def delete_dataset(*, session: Session, store: ObjectStore, dataset_id: str) -> 
 # -- jobs --------------------------------------------------------------------------------------
 
 
-def create_job(*, session: Session, job_in: JobCreate) -> Job:
+def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings: Settings) -> Job:
     """Validate the recipe against the model and datasets and write the job; nothing is queued
-    here (the route commits first, then sends the id to the broker)."""
+    here (the route commits first, then sends the id to the broker). Another tenant's model or
+    dataset reads exactly like one that does not exist."""
     model = session.get(Model, job_in.model_id)
-    if model is None:
+    if model is None or model.tenant_id != tenant_id:
         raise InvalidInput(f"model {job_in.model_id} not found", code="model_not_found",
                            details={"model_id": job_in.model_id})
     if model.deleted_at is not None:
@@ -151,7 +157,7 @@ def create_job(*, session: Session, job_in: JobCreate) -> Job:
         if dataset_id is None:
             return None
         ds = session.get(Dataset, dataset_id)
-        if ds is None or ds.deleted_at is not None:
+        if ds is None or ds.deleted_at is not None or ds.tenant_id != tenant_id:
             raise InvalidInput(f"{role} dataset {dataset_id} not found", code="dataset_not_found",
                                details={f"{role}_dataset_id": dataset_id})
         return DatasetFacts(id=ds.id, layout=ds.layout, sample_shape=list(ds.sample_shape),
@@ -167,8 +173,9 @@ def create_job(*, session: Session, job_in: JobCreate) -> Job:
         calibration=facts(job_in.calibration_dataset_id, "calibration"),
         evaluation=facts(job_in.evaluation_dataset_id, "evaluation"),
     )
+    check_job_quota(session, tenant_id, settings)
     job = Job(
-        id=new_id(), name=job_in.name, status=JobStatus.queued, model_id=model.id,
+        id=new_id(), tenant_id=tenant_id, name=job_in.name, status=JobStatus.queued, model_id=model.id,
         calibration_dataset_id=job_in.calibration_dataset_id,
         evaluation_dataset_id=job_in.evaluation_dataset_id, preset=job_in.preset, queue=plan.queue,
         input_spec=plan.input_spec, preprocessing=job_in.preprocessing.model_dump(mode="json"),
@@ -183,16 +190,17 @@ def create_job(*, session: Session, job_in: JobCreate) -> Job:
     return job
 
 
-def get_job(*, session: Session, job_id: str) -> Job:
+def get_job(*, session: Session, job_id: str, tenant_id: str) -> Job:
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"job {job_id} not found", code="job_not_found", details={"job_id": job_id})
     return job
 
 
-def list_jobs(*, session: Session, status: JobStatus | None, limit: int, offset: int) -> tuple[list[Job], int]:
-    query = select(Job)
-    count_query = select(func.count()).select_from(Job)
+def list_jobs(*, session: Session, tenant_id: str, status: JobStatus | None, limit: int,
+              offset: int) -> tuple[list[Job], int]:
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    count_query = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)
         count_query = count_query.where(Job.status == status)
@@ -200,8 +208,8 @@ def list_jobs(*, session: Session, status: JobStatus | None, limit: int, offset:
     return list(rows), session.scalar(count_query) or 0
 
 
-def cancel_job(*, session: Session, job_id: str) -> Job:
-    job = get_job(session=session, job_id=job_id)
+def cancel_job(*, session: Session, job_id: str, tenant_id: str) -> Job:
+    job = get_job(session=session, job_id=job_id, tenant_id=tenant_id)
     if job.status.terminal:
         raise Conflict(f"job {job_id} already ended ({job.status.value})", code="job_finished",
                        details={"status": job.status.value})

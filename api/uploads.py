@@ -24,6 +24,8 @@ from core.errors import InvalidInput, PayloadTooLarge
 from core.settings import Settings
 
 MAX_TEXT_FIELD = 4096
+# What a multipart body may hold beyond its file: boundaries, part headers, a few text fields.
+MULTIPART_SLACK = 64 * 1024
 
 
 @dataclass
@@ -59,7 +61,7 @@ async def receive_upload(request: Request, *, file_field: str, max_bytes: int, t
             f"send the file as multipart/form-data in the field {file_field!r}", code="multipart_required"
         )
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > max_bytes + 64 * 1024:
+    if length and length.isdigit() and int(length) > max_bytes + MULTIPART_SLACK:
         raise _too_large(max_bytes)
 
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -162,9 +164,14 @@ async def receive_upload(request: Request, *, file_field: str, max_bytes: int, t
 T = TypeVar("T")
 
 
-async def handle_upload(request: Request, settings: Settings, create: Callable[[Upload], T]) -> T:
+async def handle_upload(request: Request, settings: Settings, create: Callable[[Upload], T],
+                        admit: Callable[[int], None] | None = None) -> T:
     """Receive the ``file`` field, hand it to ``create`` (in a thread: it inspects and stores
-    it), and remove the temporary file whatever happens."""
+    it), and remove the temporary file whatever happens. ``admit(declared_bytes)`` runs first,
+    before any of the body is read (quotas)."""
+    if admit is not None:
+        length = request.headers.get("content-length", "")
+        await run_in_threadpool(admit, int(length) if length.isdigit() else 0)
     upload = await receive_upload(request, file_field="file", max_bytes=settings.max_upload_bytes,
                                   tmp_dir=settings.upload_tmp_dir)
     try:

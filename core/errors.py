@@ -46,6 +46,22 @@ class Conflict(CvoptError):
     code = "conflict"
 
 
+class Forbidden(CvoptError):
+    """The key is valid but may not do this (a tenant key on an admin route)."""
+
+    code = "forbidden"
+
+
+class QuotaExceeded(CvoptError):
+    """A tenant's quota is used up; ``retry_after`` seconds is when trying again makes sense."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None, details=None):
+        super().__init__(message, code=code, details=details)
+        self.retry_after = max(1, int(retry_after))
+
+
 class ServiceUnavailable(CvoptError):
     code = "service_unavailable"
 

@@ -236,10 +236,70 @@ class ReportRead(BaseModel):
     entries: list[ReportEntry]
 
 
-# -- keys --------------------------------------------------------------------------------------
+# -- tenants and keys ----------------------------------------------------------------------------
 
 
-class ApiKeyCreated(BaseModel):
+class Quotas(BaseModel):
+    """Null: the service-wide default (CVOPT_QUOTA_*); 0: no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_concurrent_jobs: int | None = Field(default=None, ge=0, le=1_000_000,
+                                            description="Queued plus running jobs at one time.")
+    max_storage_bytes: int | None = Field(default=None, ge=0, le=2**62,
+                                          description="Bytes of models and datasets kept.")
+    max_uploads_per_minute: int | None = Field(default=None, ge=0, le=1_000_000,
+                                               description="Model and dataset uploads in any 60 s.")
+
+
+class TenantCreate(Quotas):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class TenantUsage(BaseModel):
+    active_jobs: int
+    storage_bytes: int
+    uploads_last_minute: int
+
+
+class TenantRead(BaseModel):
     id: str
     name: str
+    created_at: datetime
+    quotas: Quotas = Field(description="The tenant's own quotas; null: the service default.")
+    effective_quotas: dict[str, int] = Field(description="What applies now (0: no limit).")
+    usage: TenantUsage | None = None
+
+
+class TenantsRead(BaseModel):
+    data: list[TenantRead]
+    count: int
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant_id: str = Field(min_length=1, max_length=32)
+    name: str = Field(default="default", min_length=1, max_length=200)
+    admin: bool = Field(default=False, description="May create tenants and keys.")
+
+
+class ApiKeyRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    tenant_id: str
+    name: str
+    prefix: str
+    is_admin: bool
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeysRead(BaseModel):
+    data: list[ApiKeyRead]
+    count: int
+
+
+class ApiKeyCreated(ApiKeyRead):
     key: str = Field(description="Shown once; only its hash is stored.")

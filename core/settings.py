@@ -69,6 +69,21 @@ class Settings(BaseSettings):
     # How long an Idempotency-Key is remembered: a retry within it returns the first result.
     idempotency_ttl_seconds: int = Field(default=24 * 3600, gt=0)
 
+    # Per-tenant quotas, for tenants that set none of their own (0: no limit).
+    quota_concurrent_jobs: int = Field(default=100, ge=0)
+    quota_storage_bytes: int = Field(default=200 * 1024**3, ge=0)
+    quota_uploads_per_minute: int = Field(default=600, ge=0)
+
+    # Each step runs in a child process with these limits (0: no limit); a step past one fails
+    # its job with "out of memory at step X" / "step X exceeded N s" and the worker goes on.
+    step_isolation: Literal["process", "inline"] = "process"
+    # None: 80% of the machine's memory shared among the worker's concurrent jobs.
+    step_memory_limit_mb: int | None = Field(default=None, ge=0)
+    step_cpu_limit_seconds: int = Field(default=0, ge=0)
+    step_timeout_seconds: int = Field(default=3 * 3600, ge=0)
+    # Keep one step process started ahead, its imports done, so that a step starts at once.
+    step_prewarm: bool = True
+
     @model_validator(mode="after")
     def _production_needs_real_secrets(self) -> "Settings":
         if self.env == "production":

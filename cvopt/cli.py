@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -164,23 +163,59 @@ def worker(queues: str, concurrency: int | None, loglevel: str) -> None:
 
 
 @main.group()
+def tenants() -> None:
+    """Manage tenants (the same as POST/GET /v1/tenants with an admin key)."""
+
+
+@tenants.command("create")
+@click.argument("name")
+@click.option("--max-concurrent-jobs", type=int, default=None)
+@click.option("--max-storage-bytes", type=int, default=None)
+@click.option("--max-uploads-per-minute", type=int, default=None)
+def tenants_create(name: str, **quotas) -> None:
+    """Create a tenant and print its id."""
+    from api.tenants import create_tenant
+    from core.db import session_scope
+    from core.schemas import TenantCreate
+
+    with session_scope() as session:
+        tenant = create_tenant(session=session, tenant_in=TenantCreate(name=name, **quotas))
+        click.echo(tenant.id)
+
+
+@tenants.command("list")
+def tenants_list() -> None:
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import Tenant
+
+    with session_scope() as session:
+        for row in session.scalars(select(Tenant).order_by(Tenant.created_at)):
+            click.echo(f"{row.id}  {row.name}")
+
+
+@main.group()
 def keys() -> None:
-    """Manage API keys."""
+    """Manage API keys (the same as /v1/keys with an admin key)."""
 
 
 @keys.command("create")
 @click.option("--name", default="default", show_default=True)
-def keys_create(name: str) -> None:
+@click.option("--tenant", "tenant_id", default="default", show_default=True, help="The tenant's id.")
+@click.option("--admin", is_flag=True, help="May create tenants and keys.")
+def keys_create(name: str, tenant_id: str, admin: bool) -> None:
     """Create an API key and print it (only its hash is stored)."""
-    from api.deps import hash_key
+    from api.tenants import create_key, ensure_default_tenant
     from core.db import session_scope
-    from core.models import ApiKey
+    from core.errors import CvoptError
 
-    key = "cvopt_" + secrets.token_urlsafe(32)
     with session_scope() as session:
-        row = ApiKey(name=name, prefix=key[:12], key_hash=hash_key(key))
-        session.add(row)
-        session.flush()
+        ensure_default_tenant(session)
+        try:
+            row, key = create_key(session=session, tenant_id=tenant_id, name=name, admin=admin)
+        except CvoptError as exc:
+            raise click.ClickException(exc.message) from exc
         key_id = row.id
     click.echo(key)
     click.echo(f"(id {key_id}; store it now: it cannot be shown again)", err=True)
@@ -196,20 +231,22 @@ def keys_list() -> None:
     with session_scope() as session:
         for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
             state = "revoked" if row.revoked_at else "active"
-            click.echo(f"{row.id}  {row.prefix}…  {row.name}  {state}")
+            role = "admin" if row.is_admin else "tenant"
+            click.echo(f"{row.id}  {row.prefix}…  {row.tenant_id}  {row.name}  {role}  {state}")
 
 
 @keys.command("revoke")
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
+    from api.tenants import revoke_key
     from core.db import session_scope
-    from core.models import ApiKey, utcnow
+    from core.errors import CvoptError
 
     with session_scope() as session:
-        row = session.get(ApiKey, key_id)
-        if row is None:
-            raise click.ClickException(f"no key {key_id}")
-        row.revoked_at = row.revoked_at or utcnow()
+        try:
+            revoke_key(session=session, key_id=key_id)
+        except CvoptError as exc:
+            raise click.ClickException(exc.message) from exc
     click.echo(f"revoked {key_id}")
 
 

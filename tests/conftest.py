@@ -210,10 +210,11 @@ class Stack:
     client: httpx.Client
     logs: Path
 
-    def wait_for_job(self, job_id: str, timeout: float = 240) -> dict:
+    def wait_for_job(self, job_id: str, timeout: float = 240, client: httpx.Client | None = None) -> dict:
+        """``client``: one holding a key of the job's tenant (default: the bootstrap key's)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            job = self.client.get(f"/v1/jobs/{job_id}").json()
+            job = (client or self.client).get(f"/v1/jobs/{job_id}").json()
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 return job
             time.sleep(0.3)

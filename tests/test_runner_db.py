@@ -69,11 +69,11 @@ def settings_for(broker_url: str, **kw) -> Settings:
 def make_job(session, *, status: JobStatus, heartbeat_age: float | None = None, enqueued_age: float = 0,
              attempts: int = 0, cancel_requested: bool = False, queue: str = "cpu",
              steps: list[JobStep] | None = None) -> Job:
-    model = Model(id=new_id(), name="m", filename="m.onnx", format="onnx", sha256="0" * 64, size_bytes=1,
+    model = Model(id=new_id(), tenant_id="default", name="m", filename="m.onnx", format="onnx", sha256="0" * 64, size_bytes=1,
                   storage_key="models/x/m.onnx", inputs=[], outputs=[])
     now = utcnow()
     job = Job(
-        id=new_id(), status=status, model_id=model.id, queue=queue, input_spec=[], preprocessing={},
+        id=new_id(), tenant_id="default", status=status, model_id=model.id, queue=queue, input_spec=[], preprocessing={},
         attempts=attempts, cancel_requested=cancel_requested, current_step="export_onnx",
         heartbeat_at=None if heartbeat_age is None else now - timedelta(seconds=heartbeat_age),
         enqueued_at=now - timedelta(seconds=enqueued_age), progress=0.0,

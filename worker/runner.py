@@ -39,6 +39,7 @@ from worker.passes.base import (
     PassResult,
 )
 from worker.passes.registry import get_pass
+from worker.step_process import StepLimits, default_memory_limit_mb, run_step_in_child
 
 log = logging.getLogger("cvopt.runner")
 
@@ -303,7 +304,7 @@ class JobRunner:
                     })
                 result, cached = self._cached_result(cache_key, step_dir) if cache_key else (None, False)
                 if result is None:
-                    result = cls().run(ctx, chain, config)
+                    result = self._execute(cls, ctx, chain, config, heartbeat)
                 duration = time.perf_counter() - started
                 artifact_ref = None
                 if result.artifact is not None:
@@ -328,7 +329,8 @@ class JobRunner:
                 s.commit()
         except CvoptError as exc:
             log.warning("job %s failed at %s: %s", job_id, current_step, exc.message)
-            self._finish(job_id, JobStatus.failed, tail=tail, step=current_step, code=exc.code, message=exc.message)
+            self._finish(job_id, JobStatus.failed, tail=tail, step=current_step, code=exc.code, message=exc.message,
+                         extra_log=getattr(exc, "log_text", None))
         except MemoryError:
             self._finish(
                 job_id, JobStatus.failed, tail=tail, step=current_step, code="out_of_memory",
@@ -345,6 +347,20 @@ class JobRunner:
                 extra_log=traceback.format_exc(),
             )
             raise
+
+    def _execute(self, cls, ctx: PassContext, source: ArtifactRef, config, heartbeat: _Heartbeat) -> PassResult:
+        """Run the pass: in a child process with the step limits (the default), or in this
+        process (CVOPT_STEP_ISOLATION=inline, for debugging a pass)."""
+        if self.settings.step_isolation == "inline":
+            return cls().run(ctx, source, config)
+        memory = self.settings.step_memory_limit_mb
+        limits = StepLimits(
+            memory_mb=default_memory_limit_mb(self.settings.worker_concurrency) if memory is None else memory,
+            cpu_seconds=self.settings.step_cpu_limit_seconds, timeout_seconds=self.settings.step_timeout_seconds,
+        )
+        return run_step_in_child(name=cls.name, config=config.model_dump(mode="json"), source=source, ctx=ctx,
+                                 limits=limits, cancelled=heartbeat.cancelled.is_set,
+                                 prewarm=self.settings.step_prewarm)
 
     # -- the store as a cache --------------------------------------------------------------------
 

@@ -32,8 +32,9 @@ def create_job(job_in: JobCreate, request: Request, response: Response, key: Cur
     idem = idempotency.key_of(request)
     job, replayed = idempotency.create_once(
         session, key, "POST /jobs", idem, idempotency.request_hash(job_in.model_dump(mode="json")) if idem else "",
-        make=lambda: services.create_job(session=session, job_in=job_in),
-        load=lambda job_id: services.get_job(session=session, job_id=job_id),
+        make=lambda: services.create_job(session=session, job_in=job_in, tenant_id=key.tenant_id,
+                                         settings=get_settings()),
+        load=lambda job_id: services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id),
         status_code=202, response=response,
     )
     response.headers["Location"] = str(request.url_for("read_job", job_id=job.id).path)
@@ -47,34 +48,36 @@ def create_job(job_in: JobCreate, request: Request, response: Response, key: Cur
 
 
 @router.get("", response_model=JobsRead)
-def list_jobs(_key: CurrentKey, session: SessionDep, status: JobStatus | None = None,
+def list_jobs(key: CurrentKey, session: SessionDep, status: JobStatus | None = None,
               limit: Limit = 50, offset: Offset = 0) -> JobsRead:
-    rows, count = services.list_jobs(session=session, status=status, limit=limit, offset=offset)
+    rows, count = services.list_jobs(session=session, tenant_id=key.tenant_id, status=status, limit=limit,
+                                     offset=offset)
     live = live_queues(session, get_settings())
     return released(session, JobsRead(data=[services.job_to_read(j, live) for j in rows], count=count))
 
 
 @router.get("/{job_id}", response_model=JobRead)
-def read_job(job_id: str, _key: CurrentKey, session: SessionDep) -> JobRead:
-    job = services.get_job(session=session, job_id=job_id)
+def read_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobRead:
+    job = services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
     return released(session, services.job_to_read(job, live_queues(session, get_settings())))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
-def cancel_job(job_id: str, _key: CurrentKey, session: SessionDep) -> JobRead:
-    job = services.cancel_job(session=session, job_id=job_id)
+def cancel_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobRead:
+    job = services.cancel_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
     session.commit()
     return services.job_to_read(job)
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactsRead)
-def list_artifacts(job_id: str, _key: CurrentKey, session: SessionDep, store: StoreDep,
+def list_artifacts(job_id: str, key: CurrentKey, session: SessionDep, store: StoreDep,
                    base_url: BaseUrlDep) -> ArtifactsRead:
-    job = services.get_job(session=session, job_id=job_id)
+    job = services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
     data = services.list_artifacts(session=session, store=store, job=job, base_url=base_url)
     return released(session, ArtifactsRead(data=data, count=len(data)))
 
 
 @router.get("/{job_id}/report", response_model=ReportRead)
-def read_report(job_id: str, _key: CurrentKey, session: SessionDep) -> ReportRead:
-    return released(session, services.build_report(session=session, job=services.get_job(session=session, job_id=job_id)))
+def read_report(job_id: str, key: CurrentKey, session: SessionDep) -> ReportRead:
+    job = services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
+    return released(session, services.build_report(session=session, job=job))

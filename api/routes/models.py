@@ -13,7 +13,8 @@ from api.deps import (
     StoreDep,
     released,
 )
-from api.uploads import Upload, handle_upload, multipart_openapi
+from api.tenants import check_upload_quota
+from api.uploads import MULTIPART_SLACK, Upload, handle_upload, multipart_openapi
 from core.models import Model
 from core.schemas import ModelRead, ModelsRead
 
@@ -36,30 +37,37 @@ async def upload_model(request: Request, response: Response, key: CurrentKey, se
         model, _ = idempotency.create_once(
             session, key, "POST /models", idem,
             idempotency.request_hash({"sha256": upload.sha256, "filename": upload.filename, **upload.fields}),
-            make=lambda: services.create_model(session=session, store=store, upload=upload),
-            load=lambda model_id: services.get_model(session=session, model_id=model_id),
+            make=lambda: services.create_model(session=session, store=store, upload=upload,
+                                                tenant_id=key.tenant_id, settings=settings),
+            load=lambda model_id: services.get_model(session=session, model_id=model_id, tenant_id=key.tenant_id),
             status_code=201, response=response, discard=lambda row: store.delete(row.storage_key),
         )
         return released(session, ModelRead.model_validate(model))
 
-    return await handle_upload(request, settings, create)
+    def admit(declared_bytes: int) -> None:
+        # The body is the file plus the multipart framing and form fields.
+        check_upload_quota(session, key.tenant_id, settings, max(0, declared_bytes - MULTIPART_SLACK))
+        session.commit()
+
+    return await handle_upload(request, settings, create, admit)
 
 
 @router.get("", response_model=ModelsRead)
-def list_models(_key: CurrentKey, session: SessionDep, limit: Limit = 50, offset: Offset = 0) -> ModelsRead:
-    live = Model.deleted_at.is_(None)
+def list_models(key: CurrentKey, session: SessionDep, limit: Limit = 50, offset: Offset = 0) -> ModelsRead:
+    live = Model.deleted_at.is_(None) & (Model.tenant_id == key.tenant_id)
     rows = session.scalars(select(Model).where(live).order_by(Model.created_at.desc()).limit(limit).offset(offset)).all()
     count = session.scalar(select(func.count()).select_from(Model).where(live)) or 0
     return released(session, ModelsRead(data=[ModelRead.model_validate(r) for r in rows], count=count))
 
 
 @router.get("/{model_id}", response_model=ModelRead)
-def read_model(model_id: str, _key: CurrentKey, session: SessionDep) -> ModelRead:
-    return released(session, ModelRead.model_validate(services.get_model(session=session, model_id=model_id)))
+def read_model(model_id: str, key: CurrentKey, session: SessionDep) -> ModelRead:
+    model = services.get_model(session=session, model_id=model_id, tenant_id=key.tenant_id)
+    return released(session, ModelRead.model_validate(model))
 
 
 @router.delete("/{model_id}", status_code=204)
-def delete_model(model_id: str, _key: CurrentKey, session: SessionDep, store: StoreDep) -> Response:
-    services.delete_model(session=session, store=store, model_id=model_id)
+def delete_model(model_id: str, key: CurrentKey, session: SessionDep, store: StoreDep) -> Response:
+    services.delete_model(session=session, store=store, model_id=model_id, tenant_id=key.tenant_id)
     session.commit()
     return Response(status_code=204)

@@ -1,0 +1,88 @@
+"""Tenants and API keys: admin keys manage them; any key reads its own tenant (usage, quotas)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from sqlalchemy import func, select
+
+from api import tenants as svc
+from api.deps import (
+    AdminKey,
+    CurrentKey,
+    Limit,
+    Offset,
+    SessionDep,
+    SettingsDep,
+    released,
+)
+from core.models import ApiKey, Tenant
+from core.schemas import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyRead,
+    ApiKeysRead,
+    TenantCreate,
+    TenantRead,
+    TenantsRead,
+)
+
+router = APIRouter(tags=["tenants"])
+
+
+@router.post("/tenants", status_code=201, response_model=TenantRead)
+def create_tenant(tenant_in: TenantCreate, request: Request, response: Response, _admin: AdminKey,
+                  session: SessionDep, settings: SettingsDep) -> TenantRead:
+    """Create a tenant (admin keys only); then give it keys with POST /v1/keys."""
+    tenant = svc.create_tenant(session=session, tenant_in=tenant_in)
+    session.commit()
+    response.headers["Location"] = str(request.url_for("read_tenant", tenant_id=tenant.id).path)
+    return released(session, svc.tenant_to_read(session, tenant, settings))
+
+
+@router.get("/tenants", response_model=TenantsRead)
+def list_tenants(_admin: AdminKey, session: SessionDep, settings: SettingsDep, limit: Limit = 50,
+                 offset: Offset = 0) -> TenantsRead:
+    rows = session.scalars(select(Tenant).order_by(Tenant.created_at, Tenant.id).limit(limit).offset(offset)).all()
+    count = session.scalar(select(func.count()).select_from(Tenant)) or 0
+    data = [svc.tenant_to_read(session, t, settings, with_usage=False) for t in rows]
+    return released(session, TenantsRead(data=data, count=count))
+
+
+@router.get("/tenant", response_model=TenantRead)
+def read_own_tenant(key: CurrentKey, session: SessionDep, settings: SettingsDep) -> TenantRead:
+    """The caller's own tenant: its quotas and what it uses of them now."""
+    tenant = svc.get_tenant(session=session, tenant_id=key.tenant_id)
+    return released(session, svc.tenant_to_read(session, tenant, settings))
+
+
+@router.get("/tenants/{tenant_id}", response_model=TenantRead)
+def read_tenant(tenant_id: str, _admin: AdminKey, session: SessionDep, settings: SettingsDep) -> TenantRead:
+    tenant = svc.get_tenant(session=session, tenant_id=tenant_id)
+    return released(session, svc.tenant_to_read(session, tenant, settings))
+
+
+@router.post("/keys", status_code=201, response_model=ApiKeyCreated)
+def create_key(key_in: ApiKeyCreate, _admin: AdminKey, session: SessionDep) -> ApiKeyCreated:
+    """A new key for a tenant (admin keys only). The key is in this answer only."""
+    row, plain = svc.create_key(session=session, tenant_id=key_in.tenant_id, name=key_in.name, admin=key_in.admin)
+    session.commit()
+    return ApiKeyCreated(**ApiKeyRead.model_validate(row).model_dump(), key=plain)
+
+
+@router.get("/keys", response_model=ApiKeysRead)
+def list_keys(_admin: AdminKey, session: SessionDep, tenant_id: str | None = None, limit: Limit = 50,
+              offset: Offset = 0) -> ApiKeysRead:
+    query, count_query = select(ApiKey), select(func.count()).select_from(ApiKey)
+    if tenant_id is not None:
+        query, count_query = query.where(ApiKey.tenant_id == tenant_id), count_query.where(ApiKey.tenant_id == tenant_id)
+    rows = session.scalars(query.order_by(ApiKey.created_at, ApiKey.id).limit(limit).offset(offset)).all()
+    count = session.scalar(count_query) or 0
+    return released(session, ApiKeysRead(data=[ApiKeyRead.model_validate(r) for r in rows], count=count))
+
+
+@router.delete("/keys/{key_id}", status_code=204)
+def revoke_key(key_id: str, _admin: AdminKey, session: SessionDep) -> Response:
+    """Revoke a key (admin keys only): it stops working with the next request."""
+    svc.revoke_key(session=session, key_id=key_id)
+    session.commit()
+    return Response(status_code=204)
