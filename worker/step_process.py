@@ -36,15 +36,19 @@ from typing import Any
 
 from core import errors
 from core.errors import CvoptError
-from worker.passes.base import ArtifactRef, DatasetRef, PassContext, PassResult
+from worker.passes.base import (
+    ArtifactRef,
+    DatasetRef,
+    PassContext,
+    PassResult,
+    is_out_of_memory,
+)
 
 log = logging.getLogger("cvopt.step")
 
 PROGRESS_FD_ENV = "CVOPT_STEP_PROGRESS_FD"
+PARENT_PID_ENV = "CVOPT_STEP_PARENT_PID"
 LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\|([\w.\-]+)\|(.*)$")
-# Library messages that mean an allocation failed (the address-space or data limit was hit).
-OOM_MESSAGES = re.compile(r"can't allocate memory|cannot allocate memory|bad[_ ]alloc|out of memory|"
-                          r"failed to allocate|MemoryError|std::bad_alloc", re.IGNORECASE)
 KILL_GRACE_S = 5.0
 # Imported by a step process while it waits for its step (what most steps need).
 PRELOAD = ("numpy", "torch", "onnx", "onnxruntime", "worker.passes.registry", "core.storage")
@@ -121,7 +125,8 @@ _spare_lock = threading.Lock()
 def _spawn() -> _Child:
     """A fresh step process that imports the heavy libraries, then waits for its request."""
     progress_r, progress_w = os.pipe()
-    env = dict(os.environ, **{PROGRESS_FD_ENV: str(progress_w), "PYTHONUNBUFFERED": "1"})
+    env = dict(os.environ, **{PROGRESS_FD_ENV: str(progress_w), PARENT_PID_ENV: str(os.getpid()),
+                              "PYTHONUNBUFFERED": "1"})
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.step_process"],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -309,7 +314,9 @@ def _apply_limits(limits: dict) -> None:
 
 
 def _die_with_parent() -> None:
-    parent = os.getppid()
+    # The worker's pid as it was when it started this process: if the worker died before the
+    # line below ran, this process was already handed to init and must not run on.
+    parent = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
     try:
         import ctypes
 
@@ -317,6 +324,8 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:  # pragma: no cover - not glibc
         pass
+    if os.getppid() != parent:
+        os._exit(137)
 
     def watch() -> None:
         while True:
@@ -402,9 +411,8 @@ def _child_main() -> int:
         write({"ok": False, "error": {"type": "oom"}})
         return 1
     except Exception as exc:
-        text = f"{type(exc).__name__}: {exc}"
         first_line = (str(exc).strip().splitlines() or [""])[0][:500]
-        kind = "oom" if OOM_MESSAGES.search(text) else "crash"
+        kind = "oom" if is_out_of_memory(exc) else "crash"
         logging.getLogger("cvopt.step").error("step %s failed: %s", request["pass"], first_line)
         write({"ok": False, "error": {"type": kind, "exc_type": type(exc).__name__, "message": first_line,
                                       "traceback": traceback.format_exc()[-4000:]}})

@@ -9,6 +9,7 @@ ordering, progress, caching, uploads and errors. Importing a pass module must st
 from __future__ import annotations
 
 import logging
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,17 @@ MEASURABLE_FORMATS = ALL_MODEL_FORMATS | DEPLOY_FORMATS | TF_FORMATS
 # What a pass may need from the job, checked at POST /v1/jobs.
 NEEDS_CALIBRATION = "calibration_dataset"
 NEEDS_DATASET = "dataset"  # evaluation dataset, or the calibration one
+
+
+# Library messages that mean an allocation failed (the step's memory limit, or the machine's).
+OOM_MESSAGES = re.compile(r"can't allocate memory|cannot allocate memory|bad[_ ]alloc|out of memory|"
+                          r"failed to allocate memory|MemoryError", re.IGNORECASE)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A pass that tolerates a failing run (a batch size the model can't take) must still let
+    an allocation failure through: the step is out of memory, not the variant unusable."""
+    return isinstance(exc, MemoryError) or bool(OOM_MESSAGES.search(f"{type(exc).__name__}: {exc}"))
 
 
 class PassConfig(BaseModel):

@@ -18,6 +18,7 @@ from worker.passes.base import (
     PassConfig,
     PassContext,
     PassResult,
+    is_out_of_memory,
 )
 
 
@@ -136,8 +137,9 @@ class Benchmark(Pass):
             run = load_runner(v, threads=ctx.threads, device=device)
             try:
                 run(first_feeds)
-            except Exception:  # reported below with the batch it failed at
-                pass
+            except Exception as exc:  # reported below with the batch it failed at
+                if is_out_of_memory(exc):
+                    raise
             runners.append(run)
             memory.append(round(_rss_mib() - before, 1))
         results = [
@@ -165,6 +167,8 @@ class Benchmark(Pass):
                         run(feeds)
                     usable.append(i)
                 except Exception as exc:  # e.g. a model whose batch is fixed at 1
+                    if is_out_of_memory(exc):
+                        raise
                     results[i]["latency"][str(batch)] = {"error": str(exc).splitlines()[0][:300]}
             samples: dict[int, list[float]] = {i: [] for i in usable}
             # GPU runners time themselves with CUDA events, one variant after the other.
