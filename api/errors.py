@@ -24,6 +24,7 @@ STATUS = {
     errors.PayloadTooLarge: 413,
     errors.Conflict: 409,
     errors.ServiceUnavailable: 503,
+    errors.StorageUnavailable: 503,
 }
 
 
@@ -42,6 +43,8 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         if isinstance(exc, errors.QuotaExceeded):
             headers = {"Retry-After": str(exc.retry_after)}
+        elif status == 503:
+            headers = {"Retry-After": "5"}
         return error_response(status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)

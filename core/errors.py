@@ -62,6 +62,12 @@ class QuotaExceeded(CvoptError):
         self.retry_after = max(1, int(retry_after))
 
 
+class StorageUnavailable(CvoptError):
+    """The object store could not be reached for longer than the retries allow."""
+
+    code = "storage_unavailable"
+
+
 class ServiceUnavailable(CvoptError):
     code = "service_unavailable"
 

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     # How long an Idempotency-Key is remembered: a retry within it returns the first result.
     idempotency_ttl_seconds: int = Field(default=24 * 3600, gt=0)
 
+    # How long a worker retries the database and the object store before the job fails.
+    db_retry_seconds: float = Field(default=60.0, ge=0)
+    storage_retry_seconds: float = Field(default=60.0, ge=0)
+
     # Per-tenant quotas, for tenants that set none of their own (0: no limit).
     quota_concurrent_jobs: int = Field(default=100, ge=0)
     quota_storage_bytes: int = Field(default=200 * 1024**3, ge=0)

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote, urlencode, urlparse
 
-from core.errors import NotFound, ServiceUnavailable
+from core.errors import NotFound, ServiceUnavailable, StorageUnavailable
 from core.settings import Settings, get_settings
 
 
@@ -123,7 +124,9 @@ class S3Store:
         self.ttl_seconds = settings.download_url_ttl_seconds
         cfg = Config(
             signature_version="s3v4",
-            retries={"max_attempts": 5, "mode": "standard"},
+            # A few quick tries per request; the worker retries longer outages itself
+            # (CVOPT_STORAGE_RETRY_SECONDS) and the API answers 503 with Retry-After.
+            retries={"max_attempts": 3, "mode": "standard"},
             s3={"addressing_style": "path"},
         )
         self.client = boto3.client(
@@ -142,20 +145,23 @@ class S3Store:
 
     def put_file(self, key: str, path: Path) -> None:
         # upload_file switches to multipart uploads for large files: bounded memory.
-        self.client.upload_file(str(path), self.bucket, self._key(key))
+        with _unavailable_on_network_errors(key):
+            self.client.upload_file(str(path), self.bucket, self._key(key))
 
     def get_file(self, key: str, path: Path) -> None:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.download_file(self.bucket, self._key(key), str(path))
+            with _unavailable_on_network_errors(key):
+                self.client.download_file(self.bucket, self._key(key), str(path))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
                 raise NotFound(f"object {key} is missing from storage") from exc
             raise
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        with _unavailable_on_network_errors(key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
@@ -186,6 +192,23 @@ class S3Store:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as exc:  # any failure means "not ready"; the message says which
             raise ServiceUnavailable(f"S3 bucket {self.bucket} is not reachable: {exc}") from exc
+
+
+@contextmanager
+def _unavailable_on_network_errors(key: str):
+    """The server unreachable (after the client's own retries) or failing with a 5xx is
+    StorageUnavailable: the API answers 503, the worker retries and then fails the step."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except BotoCoreError as exc:
+        raise StorageUnavailable(f"object storage is unreachable ({type(exc).__name__}) for {key}") from exc
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if status >= 500 or exc.response.get("Error", {}).get("Code") == "SlowDown":
+            raise StorageUnavailable(f"object storage failed with HTTP {status} for {key}") from exc
+        raise
 
 
 def make_store(settings: Settings) -> ObjectStore:

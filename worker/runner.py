@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import CvoptError, JobCancelled, NotFound
+from core.errors import CvoptError, JobCancelled, NotFound, StorageUnavailable
 from core.models import Artifact, Dataset, Job, JobStatus, JobStep, StepStatus, utcnow
 from core.queue import enqueue_job
 from core.schemas import Preprocessing
@@ -102,8 +103,10 @@ class _Heartbeat(threading.Thread):
         while not self.stopped.wait(self.interval):
             try:
                 self.beat()
-            except Exception:  # a database blip must not kill the job; the next beat retries
-                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+            except Exception as exc:  # a database blip must not kill the job; the next beat retries
+                # One line, no traceback: an outage must not push the job's own log out of its tail.
+                log.warning("heartbeat for job %s failed: %s: %s", self.job_id, type(exc).__name__,
+                            (str(exc).strip().splitlines() or [""])[0][:200])
 
 
 @dataclass
@@ -208,10 +211,48 @@ class JobRunner:
             cvopt_logger.removeHandler(tail)
             shutil.rmtree(work, ignore_errors=True)
 
-    def _fetch(self, key: str, dest: Path) -> Path:
+    def _fetch(self, key: str, dest: Path, what: str | None = None) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        self.store.get_file(key, dest)
+        self._storage(what or f"reading {key}", lambda: self.store.get_file(key, dest))
         return dest
+
+    def _storage(self, what: str, operation):
+        """A store operation, retried with back-off while storage is unreachable (the client
+        retries each request a few times itself; this rides out a restart). A missing object is
+        not retried; the last error after CVOPT_STORAGE_RETRY_SECONDS fails the step."""
+        deadline = time.monotonic() + self.settings.storage_retry_seconds
+        delay, tries = 1.0, 0
+        while True:
+            tries += 1
+            try:
+                return operation()
+            except NotFound:
+                raise
+            except Exception as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StorageUnavailable(
+                        f"storage failed while {what}, {tries} tries in {self.settings.storage_retry_seconds:.0f} s: "
+                        f"{type(exc).__name__}: {str(exc)[:300]}", code="storage_unavailable",
+                    ) from exc
+                log.warning("storage failed while %s (%s); retrying in %.0f s", what, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _db(self, what: str, operation):
+        """A row update, retried with back-off while the database is unreachable, so that a
+        running job rides out a short outage instead of losing its worker's work."""
+        deadline = time.monotonic() + self.settings.db_retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return operation()
+            except OperationalError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("database unavailable while %s (%s); retrying in %.1f s", what,
+                            str(exc).splitlines()[0][:200], delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _fetch_shared(self, key: str, dest: Path) -> bool:
         try:
@@ -223,7 +264,8 @@ class JobRunner:
     def _dataset_ref(self, dataset: Dataset | None, work: Path, role: str) -> DatasetRef | None:
         if dataset is None:
             return None
-        path = self._fetch(dataset.storage_key, work / "inputs" / f"{role}.{dataset.format}")
+        path = self._fetch(dataset.storage_key, work / "inputs" / f"{role}.{dataset.format}",
+                           what=f"reading the {role} dataset")
         return DatasetRef(
             path=path, format=dataset.format, labeled=dataset.labeled, num_samples=dataset.num_samples,
             layout=dataset.layout, sample_shape=list(dataset.sample_shape),
@@ -247,7 +289,8 @@ class JobRunner:
 
         current_step: str | None = None
         try:
-            original_path = self._fetch(model_key, work / "inputs" / f"original{FILE_EXTENSIONS.get(model_format, '')}")
+            original_path = self._fetch(model_key, work / "inputs" / f"original{FILE_EXTENSIONS.get(model_format, '')}",
+                                        what="reading the model")
             original = ArtifactRef(name=model_name, format=model_format, path=original_path, meta=model_details)
             calibration_ref = self._dataset_ref(calibration, work, "calibration")
             evaluation_ref = self._dataset_ref(evaluation, work, "evaluation")
@@ -367,11 +410,13 @@ class JobRunner:
     def _cached_result(self, cache_key: str, step_dir: Path) -> tuple[PassResult | None, bool]:
         manifest_key = f"{cache_key}/result.json"
         try:
-            manifest_path = self._fetch(manifest_key, step_dir / "cached-result.json")
+            manifest_path = self._fetch(manifest_key, step_dir / "cached-result.json",
+                                        what=f"looking for a cached result of step {step_dir.name[3:]}")
         except NotFound:
             return None, False
         manifest = json.loads(manifest_path.read_text())
-        artifact = self._fetch(f"{cache_key}/{manifest['file']}", step_dir / manifest["file"])
+        artifact = self._fetch(f"{cache_key}/{manifest['file']}", step_dir / manifest["file"],
+                               what=f"reading the cached result of step {step_dir.name[3:]}")
         if sha256_file(artifact) != manifest["sha256"]:
             log.warning("cached artifact %s is corrupt; recomputing", cache_key)
             return None, False
@@ -383,14 +428,21 @@ class JobRunner:
         stored_name = "artifact" + FILE_EXTENSIONS.get(ref.format, "")
         file_key = f"{cache_key}/{stored_name}"
         if not cached:
-            self.store.put_file(file_key, ref.path)
+            self._storage(f"storing the artifact of step {name}", lambda: self.store.put_file(file_key, ref.path))
             manifest = ref.path.parent / "result.json"
             manifest.write_text(json.dumps(_json_safe({
                 "file": stored_name, "sha256": digest, "format": ref.format,
                 "metrics": result.metrics, "meta": result.meta,
             })))
             # The manifest goes last: its presence means the artifact is whole.
-            self.store.put_file(f"{cache_key}/result.json", manifest)
+            self._storage(f"storing the artifact of step {name}",
+                          lambda: self.store.put_file(f"{cache_key}/result.json", manifest))
+        return self._db(f"recording the artifact of step {name}",
+                        lambda: self._record_artifact_row(job_id, step_id, index, name, ref, file_key, digest, size,
+                                                          result))
+
+    def _record_artifact_row(self, job_id, step_id, index, name, ref: ArtifactRef, file_key: str, digest: str,
+                             size: int, result: PassResult) -> str:
         with self.sessions() as s:
             existing = s.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.step_index == index))
             if existing is None:
@@ -406,30 +458,44 @@ class JobRunner:
 
     # -- row updates -----------------------------------------------------------------------------
 
+    # Each update is whole in itself, so that _db can retry it after a lost connection.
+
     def _mark_step_running(self, job_id: str, step_id: str, name: str, progress: float) -> None:
-        with self.sessions() as s:
-            s.execute(
-                update(JobStep).where(JobStep.id == step_id)
-                .values(status=StepStatus.running, started_at=utcnow(), finished_at=None, message=None)
-            )
-            s.execute(
-                update(Job).where(Job.id == job_id)
-                .values(current_step=name, progress=progress, heartbeat_at=utcnow())
-            )
-            s.commit()
+        def write() -> None:
+            with self.sessions() as s:
+                s.execute(
+                    update(JobStep).where(JobStep.id == step_id)
+                    .values(status=StepStatus.running, started_at=utcnow(), finished_at=None, message=None)
+                )
+                s.execute(
+                    update(Job).where(Job.id == job_id)
+                    .values(current_step=name, progress=progress, heartbeat_at=utcnow())
+                )
+                s.commit()
+
+        self._db(f"starting step {name}", write)
 
     def _mark_step_done(self, job_id: str, step_id: str, metrics: dict[str, Any], message: str | None) -> None:
-        with self.sessions() as s:
-            s.execute(
-                update(JobStep).where(JobStep.id == step_id)
-                .values(status=StepStatus.succeeded, finished_at=utcnow(), metrics=_json_safe(metrics), message=message)
-            )
-            s.commit()
+        def write() -> None:
+            with self.sessions() as s:
+                s.execute(
+                    update(JobStep).where(JobStep.id == step_id).values(
+                        status=StepStatus.succeeded, finished_at=utcnow(), metrics=_json_safe(metrics), message=message,
+                    )
+                )
+                s.commit()
+
+        self._db("recording a step's metrics", write)
 
     def _finish(
         self, job_id: str, status: JobStatus, *, tail: _LogTail, step: str | None = None,
         code: str | None = None, message: str | None = None, extra_log: str | None = None,
     ) -> None:
+        self._db(f"ending the job {status.value}", lambda: self._write_end(
+            job_id, status, tail=tail, step=step, code=code, message=message, extra_log=extra_log))
+
+    def _write_end(self, job_id: str, status: JobStatus, *, tail: _LogTail, step: str | None, code: str | None,
+                   message: str | None, extra_log: str | None) -> None:
         with self.sessions() as s:
             job = s.get(Job, job_id)
             job.status = status

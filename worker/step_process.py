@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from core import errors
-from core.errors import CvoptError
+from core.errors import CvoptError, JobCancelled
 from worker.passes.base import (
     ArtifactRef,
     DatasetRef,
@@ -195,8 +195,6 @@ def run_step_in_child(
     returncode, peak_mb = ended
     log_text = "\n".join(tail[-40:])
     if killed_for == "cancelled":
-        from core.errors import JobCancelled
-
         raise JobCancelled()
     if killed_for == "timeout":
         raise StepFailed(
