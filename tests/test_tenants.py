@@ -150,3 +150,26 @@ def test_concurrent_job_quota_answers_429_until_a_job_ends(stack, digit_assets):
     assert third.status_code == 202, third.text
     assert stack.wait_for_job(third.json()["id"], client=client)["status"] == "succeeded"
     client.close()
+
+
+def test_the_cli_manages_tenants_and_keys_on_the_same_database(stack):
+    import subprocess
+
+    from tests.conftest import VENV_BIN
+
+    def cvopt(*args: str) -> str:
+        done = subprocess.run([str(VENV_BIN / "cvopt"), *args], env=stack.env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    tenant_id = cvopt("tenants", "create", "grace", "--max-concurrent-jobs", "2")
+    key = cvopt("keys", "create", "--tenant", tenant_id, "--name", "grace-cli")
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {key}"}) as client:
+        own = client.get("/v1/tenant").json()
+        assert own["id"] == tenant_id and own["effective_quotas"]["max_concurrent_jobs"] == 2
+        assert_error(client.get("/v1/tenants"), 403, "admin_required")
+        listed = [line for line in cvopt("keys", "list").splitlines() if "grace-cli" in line]
+        assert len(listed) == 1 and tenant_id in listed[0] and "active" in listed[0]
+        cvopt("keys", "revoke", listed[0].split()[0])
+        assert_error(client.get("/v1/tenant"), 401, "invalid_api_key")

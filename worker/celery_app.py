@@ -96,3 +96,8 @@ def _fresh_connections(**_kwargs) -> None:
     from core.db import get_engine
 
     get_engine().dispose(close=False)
+    settings = get_settings()
+    if settings.step_isolation == "process" and settings.step_prewarm:
+        from worker.step_process import prewarm
+
+        prewarm()

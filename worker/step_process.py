@@ -136,6 +136,17 @@ def _spawn() -> _Child:
     return _Child(proc=proc, progress_r=progress_r)
 
 
+def prewarm() -> None:
+    """Start the spare step process now (a worker's pool process at start-up), so that even the
+    first step after a restart does not wait for imports."""
+    global _spare
+    with _spare_lock:
+        if _spare is None or _spare.proc.poll() is not None:
+            if _spare is not None:
+                os.close(_spare.progress_r)
+            _spare = _spawn()
+
+
 def _take_child(prewarm: bool) -> _Child:
     """The spare step process if it is alive (its imports are done: a step starts at once), else
     a new one; then another spare starts while this step runs."""
