@@ -27,16 +27,12 @@ from core.models import (
 from core.schemas import (
     ArtifactRead,
     JobCreate,
-    JobError,
-    JobRead,
     ReportEntry,
     ReportRead,
-    StepRead,
-    TensorSpec,
 )
 from core.settings import Settings
 from core.storage import ObjectStore
-from core.workers import waiting_for
+from core.webhooks import check_url  # noqa: F401  (the routes' name for it)
 from worker.recipes import DatasetFacts, plan_job, resolve_steps
 
 log = logging.getLogger("cvopt.api")
@@ -173,13 +169,15 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
         calibration=facts(job_in.calibration_dataset_id, "calibration"),
         evaluation=facts(job_in.evaluation_dataset_id, "evaluation"),
     )
+    if job_in.webhook_url:
+        check_url(job_in.webhook_url, settings, resolve=False)  # resolved again before each call
     check_job_quota(session, tenant_id, settings)
     job = Job(
         id=new_id(), tenant_id=tenant_id, name=job_in.name, status=JobStatus.queued, model_id=model.id,
         calibration_dataset_id=job_in.calibration_dataset_id,
         evaluation_dataset_id=job_in.evaluation_dataset_id, preset=job_in.preset, queue=plan.queue,
         input_spec=plan.input_spec, preprocessing=job_in.preprocessing.model_dump(mode="json"),
-        progress=0.0, attempts=0, cancel_requested=False, enqueued_at=utcnow(),
+        progress=0.0, attempts=0, cancel_requested=False, enqueued_at=utcnow(), webhook_url=job_in.webhook_url,
         steps=[
             JobStep(index=i, name=s.name, config=s.config, queue=s.queue, status=StepStatus.pending, metrics={})
             for i, s in enumerate(plan.steps)
@@ -222,33 +220,6 @@ def cancel_job(*, session: Session, job_id: str, tenant_id: str) -> Job:
             step.status = StepStatus.skipped
     session.flush()
     return job
-
-
-def job_to_read(job: Job, live_queues: set[str] | None = None) -> JobRead:
-    """``live_queues``: the queues live workers consume; a queued job on another queue says
-    what it waits for."""
-    steps = []
-    for st in job.steps:
-        read = StepRead.model_validate(st)
-        if st.started_at and st.finished_at:
-            read.duration_s = round((st.finished_at - st.started_at).total_seconds(), 3)
-        steps.append(read)
-    error = None
-    if job.error_code:
-        error = JobError(code=job.error_code, message=job.error_message or "", step=job.error_step)
-    return JobRead(
-        id=job.id, name=job.name, status=job.status, model_id=job.model_id, preset=job.preset,
-        calibration_dataset_id=job.calibration_dataset_id, evaluation_dataset_id=job.evaluation_dataset_id,
-        queue=job.queue, input_spec=[TensorSpec(**s) for s in job.input_spec], preprocessing=job.preprocessing,
-        progress=job.progress, current_step=job.current_step, attempts=job.attempts,
-        cancel_requested=job.cancel_requested, steps=steps, error=error, log_tail=job.log_tail,
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        waiting_for=(
-            waiting_for(job.queue)
-            if job.status == JobStatus.queued and live_queues is not None and job.queue not in live_queues
-            else None
-        ),
-    )
 
 
 def list_artifacts(*, session: Session, store: ObjectStore, job: Job, base_url: str) -> list[ArtifactRead]:

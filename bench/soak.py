@@ -199,16 +199,18 @@ def run_clients(base: str, model_id: str, jobs: int, clients: int, drain_timeout
                         break
                     wait = float(resp.headers.get("retry-after", 1)) if resp is not None else 0.5
                     time.sleep(min(wait, 5) * rng.uniform(0.5, 1.0))
+            # Then wait for them in order, as a pipeline waits for its job: poll the oldest one
+            # about once a second; when it has ended, look at the next at once.
             deadline = time.monotonic() + drain_timeout
             pending = list(mine)
             while pending and time.monotonic() < deadline:
-                time.sleep(rng.uniform(0.5, 1.5))
-                for job_id in list(pending):
-                    resp = timed(client, "GET", f"/v1/jobs/{job_id}")
-                    if resp is not None and resp.status_code == 200 and resp.json()["status"] in TERMINAL:
-                        with lock:
-                            states[job_id] = resp.json()
-                        pending.remove(job_id)
+                resp = timed(client, "GET", f"/v1/jobs/{pending[0]}")
+                if resp is not None and resp.status_code == 200 and resp.json()["status"] in TERMINAL:
+                    with lock:
+                        states[pending[0]] = resp.json()
+                    pending.pop(0)
+                    continue
+                time.sleep(rng.uniform(0.7, 1.3))
 
     threads = [threading.Thread(target=one_client, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -251,6 +253,8 @@ def main() -> None:
     parser.add_argument("--drain-timeout", type=float, default=1800.0)
     args = parser.parse_args()
 
+    # A SIGTERM (a timeout) still stops the workers and drops the database.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="cvopt-soak-"))
     soak = Soak(tmp, args.workers)
     try:

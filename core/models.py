@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import secrets
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -18,8 +19,11 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    event,
+    inspect,
+    select,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
@@ -95,6 +99,8 @@ class Tenant(Base):
     max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     max_uploads_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Signs the webhooks sent for this tenant's jobs (HMAC-SHA256).
+    webhook_secret: Mapped[str] = mapped_column(String(64), default=lambda: secrets.token_hex(32))
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
 
 
@@ -182,6 +188,8 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_step: Mapped[str | None] = mapped_column(String(64), nullable=True)
     log_tail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # POSTed the job when it ends (core/webhooks.py).
+    webhook_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
@@ -190,6 +198,7 @@ class Job(Base):
         back_populates="job", order_by="JobStep.index", cascade="all, delete-orphan", lazy="selectin"
     )
     model: Mapped[Model] = relationship(lazy="select")
+    webhook_delivery: Mapped["WebhookDelivery | None"] = relationship(lazy="select", uselist=False, viewonly=True)
 
 
 class JobStep(Base):
@@ -259,3 +268,38 @@ class IdempotencyRecord(Base):
     resource_id: Mapped[str] = mapped_column(String(32))
     status_code: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)
+
+
+class WebhookDelivery(Base):
+    """The webhook of a job that ended: one per job, sent until a 2xx or until its time is up,
+    every attempt kept (visible on the job)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    event: Mapped[str] = mapped_column(String(32))  # job.succeeded | job.failed | job.cancelled
+    url: Mapped[str] = mapped_column(String(2048))
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    next_attempt_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+
+
+@event.listens_for(Session, "before_flush")
+def _schedule_webhooks(session: Session, _context, _instances) -> None:
+    """Wherever a job reaches its end (runner, reaper, cancel), in that same transaction: its
+    webhook delivery, if it asked for one. One place, so no path can forget it."""
+    for obj in list(session.dirty) + list(session.new):
+        if not isinstance(obj, Job) or not obj.webhook_url or not obj.status.terminal:
+            continue
+        if obj in session.dirty and not inspect(obj).attrs.status.history.has_changes():
+            continue
+        if any(isinstance(o, WebhookDelivery) and o.job_id == obj.id for o in session.new):
+            continue
+        with session.no_autoflush:  # a job ends once; a second end (a duplicate run) sends nothing more
+            if session.scalar(select(WebhookDelivery.id).where(WebhookDelivery.job_id == obj.id)) is not None:
+                continue
+        session.add(WebhookDelivery(job_id=obj.id, event=f"job.{obj.status.value}", url=obj.webhook_url,
+                                    status="pending", attempts=[], next_attempt_at=utcnow()))

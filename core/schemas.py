@@ -120,6 +120,11 @@ class JobCreate(BaseModel):
         default=None, description="With a preset: config changes by step name, e.g. {\"distill\": {\"epochs\": 10}}."
     )
     name: str | None = Field(default=None, max_length=200)
+    webhook_url: str | None = Field(
+        default=None, max_length=2048,
+        description="POSTed this job's JSON when it ends, signed with the tenant's webhook secret "
+        "(header Cvopt-Signature: t=<unix>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">); retried with back-off.",
+    )
 
     @model_validator(mode="after")
     def _preset_or_steps(self) -> "JobCreate":
@@ -157,6 +162,22 @@ class StepRead(BaseModel):
     artifact_id: str | None
 
 
+class WebhookAttempt(BaseModel):
+    at: datetime
+    status_code: int | None
+    error: str | None
+    duration_ms: float
+
+
+class WebhookRead(BaseModel):
+    url: str
+    event: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: list[WebhookAttempt]
+    next_attempt_at: datetime | None
+    finished_at: datetime | None
+
+
 class JobRead(BaseModel):
     id: str
     name: str | None
@@ -183,6 +204,8 @@ class JobRead(BaseModel):
         description="A queued job that no live worker can take says what it waits for, e.g. \"gpu worker\"; "
         "it fails after CVOPT_NO_WORKER_TIMEOUT_SECONDS.",
     )
+    webhook_url: str | None = None
+    webhook: WebhookRead | None = Field(default=None, description="The webhook's delivery, once the job ended.")
 
 
 class JobsRead(BaseModel):
@@ -269,6 +292,14 @@ class TenantRead(BaseModel):
     quotas: Quotas = Field(description="The tenant's own quotas; null: the service default.")
     effective_quotas: dict[str, int] = Field(description="What applies now (0: no limit).")
     usage: TenantUsage | None = None
+
+
+class TenantCreated(TenantRead):
+    webhook_secret: str = Field(description="Signs this tenant's webhooks; also at GET /v1/tenant/webhook-secret.")
+
+
+class WebhookSecret(BaseModel):
+    webhook_secret: str
 
 
 class TenantsRead(BaseModel):

@@ -73,6 +73,14 @@ class Settings(BaseSettings):
     db_retry_seconds: float = Field(default=60.0, ge=0)
     storage_retry_seconds: float = Field(default=60.0, ge=0)
 
+    # Webhooks (core/webhooks.py): comma-separated host patterns a webhook may call (empty: any
+    # public host); loopback and private addresses only when allowed.
+    webhook_allowed_hosts: str = ""
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_backoff_seconds: float = Field(default=5.0, gt=0)  # first retry; doubles, at most 1 h
+    webhook_retry_seconds: float = Field(default=24 * 3600.0, gt=0)  # then the delivery is failed
+
     # Per-tenant quotas, for tenants that set none of their own (0: no limit).
     quota_concurrent_jobs: int = Field(default=100, ge=0)
     quota_storage_bytes: int = Field(default=200 * 1024**3, ge=0)

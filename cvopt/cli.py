@@ -12,6 +12,8 @@ import time
 
 import click
 
+from cvopt import client_cli
+
 log = logging.getLogger("cvopt.cli")
 
 
@@ -249,6 +251,8 @@ def keys_revoke(key_id: str) -> None:
             raise click.ClickException(exc.message) from exc
     click.echo(f"revoked {key_id}")
 
+
+client_cli.register(main)
 
 if __name__ == "__main__":
     main()

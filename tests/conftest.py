@@ -275,6 +275,9 @@ def stack(tmp_path_factory, migrated_pg, redis_url, s3_server):
         CVOPT_STORAGE_URL=f"s3://{s3_server.bucket}/cvopt",
         CVOPT_S3_ENDPOINT_URL=s3_server.endpoint,
         CVOPT_MAX_UPLOAD_BYTES=str(64 * 1024 * 1024),
+        # The webhook tests' receiver listens on loopback; retries come quickly.
+        CVOPT_WEBHOOK_ALLOW_PRIVATE="true",
+        CVOPT_WEBHOOK_BACKOFF_SECONDS="0.5",
         **s3_server.env,
     )
     yield from _running_stack(env, tmp, with_worker=True)

@@ -67,6 +67,19 @@ def _reaper_loop() -> None:
             log.warning("reaper round failed", exc_info=True)
 
 
+def _webhook_loop() -> None:
+    """Send the webhooks that are due (every worker does; each delivery row is taken by one)."""
+    from core.db import get_sessionmaker
+    from core.webhooks import deliver_due
+
+    settings = get_settings()
+    while not _reaper_stop.wait(1.0):
+        try:
+            deliver_due(get_sessionmaker(), settings)
+        except Exception:  # the database may be down for a while; try again next round
+            log.warning("webhook round failed", exc_info=True)
+
+
 @worker_ready.connect
 def _start_reaper(**_kwargs) -> None:
     try:
@@ -74,6 +87,7 @@ def _start_reaper(**_kwargs) -> None:
     except Exception:
         log.warning("could not announce this worker yet", exc_info=True)
     threading.Thread(target=_reaper_loop, name="cvopt-reaper", daemon=True).start()
+    threading.Thread(target=_webhook_loop, name="cvopt-webhooks", daemon=True).start()
 
 
 @worker_shutdown.connect

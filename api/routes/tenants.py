@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
 
@@ -22,21 +24,24 @@ from core.schemas import (
     ApiKeyRead,
     ApiKeysRead,
     TenantCreate,
+    TenantCreated,
     TenantRead,
     TenantsRead,
+    WebhookSecret,
 )
 
 router = APIRouter(tags=["tenants"])
 
 
-@router.post("/tenants", status_code=201, response_model=TenantRead)
+@router.post("/tenants", status_code=201, response_model=TenantCreated)
 def create_tenant(tenant_in: TenantCreate, request: Request, response: Response, _admin: AdminKey,
-                  session: SessionDep, settings: SettingsDep) -> TenantRead:
+                  session: SessionDep, settings: SettingsDep) -> TenantCreated:
     """Create a tenant (admin keys only); then give it keys with POST /v1/keys."""
     tenant = svc.create_tenant(session=session, tenant_in=tenant_in)
     session.commit()
     response.headers["Location"] = str(request.url_for("read_tenant", tenant_id=tenant.id).path)
-    return released(session, svc.tenant_to_read(session, tenant, settings))
+    read = svc.tenant_to_read(session, tenant, settings)
+    return released(session, TenantCreated(**read.model_dump(), webhook_secret=tenant.webhook_secret))
 
 
 @router.get("/tenants", response_model=TenantsRead)
@@ -53,6 +58,22 @@ def read_own_tenant(key: CurrentKey, session: SessionDep, settings: SettingsDep)
     """The caller's own tenant: its quotas and what it uses of them now."""
     tenant = svc.get_tenant(session=session, tenant_id=key.tenant_id)
     return released(session, svc.tenant_to_read(session, tenant, settings))
+
+
+@router.get("/tenant/webhook-secret", response_model=WebhookSecret)
+def read_webhook_secret(key: CurrentKey, session: SessionDep) -> WebhookSecret:
+    """The secret the caller's tenant's webhooks are signed with."""
+    tenant = svc.get_tenant(session=session, tenant_id=key.tenant_id)
+    return released(session, WebhookSecret(webhook_secret=tenant.webhook_secret))
+
+
+@router.post("/tenant/webhook-secret", response_model=WebhookSecret)
+def rotate_webhook_secret(key: CurrentKey, session: SessionDep) -> WebhookSecret:
+    """A new secret for the caller's tenant; webhooks sent from now on are signed with it."""
+    tenant = svc.get_tenant(session=session, tenant_id=key.tenant_id)
+    tenant.webhook_secret = secrets.token_hex(32)
+    session.commit()
+    return WebhookSecret(webhook_secret=tenant.webhook_secret)
 
 
 @router.get("/tenants/{tenant_id}", response_model=TenantRead)

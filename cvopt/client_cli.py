@@ -1,0 +1,205 @@
+"""The pipeline-facing commands of ``cvopt``, over cvopt.client: submit (and wait, and
+download), status, cancel, download. Config from flags or CVOPT_URL / CVOPT_API_KEY.
+
+Exit codes: 0 the job succeeded (or was submitted, without --wait); 1 the job failed, was
+cancelled or did not end in time; 2 the request was refused or the service unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cvopt.client import ApiError, Client, CvoptClientError, JobFailed, WaitTimeout
+
+connection = [
+    click.option("--url", envvar="CVOPT_URL", default="http://127.0.0.1:8000", show_default=True,
+                 help="The service (or CVOPT_URL)."),
+    click.option("--api-key", envvar="CVOPT_API_KEY", required=True, help="An API key (or CVOPT_API_KEY)."),
+    click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout, for scripts."),
+]
+
+
+def with_connection(fn):
+    for option in reversed(connection):
+        fn = option(fn)
+    return fn
+
+
+def _fail(message: str, code: int, as_json: bool, **payload: Any) -> None:
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": message, **payload}, default=str))
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+class Progress:
+    """A one-line progress bar on a terminal; one line per step change elsewhere (CI logs)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.tty = quiet, sys.stderr.isatty()
+        self.last: tuple | None = None
+
+    def __call__(self, job: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        steps = job.get("steps") or []
+        current = job.get("current_step") or ""
+        index = next((s["index"] for s in steps if s["status"] == "running"), None)
+        where = f"step {index + 1}/{len(steps)} {current}" if index is not None else job["status"]
+        width = 30
+        filled = int(round(job.get("progress", 0) * width))
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {job.get('progress', 0) * 100:5.1f}% {where}"
+        if job.get("waiting_for"):
+            line += f" (waiting for a {job['waiting_for']})"
+        if self.tty:
+            click.echo("\r" + line.ljust(90), nl=False, err=True)
+        elif (job["status"], current) != self.last:
+            click.echo(line, err=True)
+        self.last = (job["status"], current)
+
+    def done(self) -> None:
+        if self.tty and not self.quiet and self.last is not None:
+            click.echo(err=True)
+
+
+def _fmt_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def report_table(report: dict[str, Any]) -> str:
+    rows = [("artifact", "format", "size", "size ×", "p50 ms", "speed-up", "accuracy / fidelity")]
+    for e in report.get("entries", []):
+        quality = "-"
+        if e.get("accuracy"):
+            quality = "top-1 {:.3f}".format(e["accuracy"].get("top1", float("nan")))
+        elif e.get("fidelity"):
+            f = e["fidelity"]
+            quality = f"agree {f.get('top1_agreement', float('nan')):.3f}, SNR {f.get('snr_db', float('nan')):.1f} dB"
+        rows.append((
+            e["name"], e["format"], _fmt_size(e.get("size_bytes")), f"{e.get('size_ratio', 1):.2f}",
+            f"{e['latency_ms']['p50_ms']:.2f}" if e.get("latency_ms") else "-",
+            f"{e['speedup']:.2f}x" if e.get("speedup") else "-", quality,
+        ))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def register(main: click.Group) -> None:
+    @main.command()
+    @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+    @click.option("--preset", help="e.g. onnx-int8, onnx-fp16, prune50-distill-int8, tflite-int8.")
+    @click.option("--step", "steps", multiple=True, help="A step name, repeated in order (instead of --preset).")
+    @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="Calibration images (zip/tar/npz).")
+    @click.option("--evaluation", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="Labeled evaluation images.")
+    @click.option("--architecture", help="The torchvision architecture of a state_dict upload.")
+    @click.option("--input-shape", help="e.g. 1,3,224,224 when the model does not say.")
+    @click.option("--name", help="A name for the job.")
+    @click.option("--webhook-url", help="POSTed the job when it ends (signed).")
+    @click.option("--wait/--no-wait", default=False, help="Wait for the job to end, showing progress.")
+    @click.option("--timeout", default=6 * 3600.0, show_default=True, help="Seconds --wait waits.")
+    @click.option("--download", type=click.Path(file_okay=False, path_type=Path),
+                  help="Download the artifacts here (implies --wait); sha256 checked.")
+    @with_connection
+    def submit(model, preset, steps, calibration, evaluation, architecture, input_shape, name, webhook_url,
+               wait, timeout, download, url, api_key, as_json):
+        """Upload MODEL (and datasets), submit a job, and optionally wait and download."""
+        if bool(preset) == bool(steps):
+            raise click.UsageError("give --preset or one or more --step")
+        wait = wait or download is not None
+        progress = Progress(quiet=as_json)
+        try:
+            with Client(url, api_key) as cv:
+                uploaded = cv.upload_model(model, architecture=architecture)
+                extra: dict[str, Any] = {"name": name, "webhook_url": webhook_url}
+                if calibration:
+                    extra["calibration_dataset_id"] = cv.upload_dataset(calibration)["id"]
+                if evaluation:
+                    extra["evaluation_dataset_id"] = cv.upload_dataset(evaluation)["id"]
+                if input_shape:
+                    extra["input_shape"] = [int(d) for d in input_shape.split(",")]
+                job = cv.submit_job(model_id=uploaded["id"], preset=preset, steps=list(steps) or None, **extra)
+                if not as_json:
+                    click.echo(f"job {job['id']} submitted", err=True)
+                if not wait:
+                    click.echo(json.dumps({"ok": True, "job": job}, default=str) if as_json else job["id"])
+                    return
+                try:
+                    job = cv.wait(job["id"], timeout=timeout, on_update=progress)
+                finally:
+                    progress.done()
+                report = cv.report(job["id"])
+                files = [str(p) for p in cv.download_artifacts(job["id"], download)] if download else []
+                if as_json:
+                    click.echo(json.dumps({"ok": True, "job": job, "report": report, "artifacts": cv.artifacts(job["id"]),
+                                           "downloaded": files}, default=str))
+                else:
+                    click.echo(report_table(report))
+                    for path in files:
+                        click.echo(f"downloaded {path}", err=True)
+        except JobFailed as exc:
+            _fail(str(exc), 1, as_json, job=exc.job)
+        except WaitTimeout as exc:
+            _fail(str(exc), 1, as_json, job=exc.job)
+        except ApiError as exc:
+            _fail(str(exc), 2, as_json, code=exc.code, details=exc.details)
+        except CvoptClientError as exc:
+            _fail(str(exc), 2, as_json)
+
+    @main.command()
+    @click.argument("job_id")
+    @with_connection
+    def status(job_id, url, api_key, as_json):
+        """Show a job (exit 1 if it failed or was cancelled)."""
+        try:
+            with Client(url, api_key) as cv:
+                job = cv.get_job(job_id)
+        except CvoptClientError as exc:
+            _fail(str(exc), 2, as_json)
+        if as_json:
+            click.echo(json.dumps(job, default=str))
+        else:
+            click.echo(f"{job['id']}  {job['status']}  {job['progress'] * 100:.0f}%  {job.get('current_step') or ''}")
+            if job.get("error"):
+                click.echo(f"failed at {job['error'].get('step')}: {job['error']['message']}")
+        sys.exit(1 if job["status"] in ("failed", "cancelled") else 0)
+
+    @main.command()
+    @click.argument("job_id")
+    @with_connection
+    def cancel(job_id, url, api_key, as_json):
+        """Cancel a queued or running job."""
+        try:
+            with Client(url, api_key) as cv:
+                job = cv.cancel(job_id)
+        except CvoptClientError as exc:
+            _fail(str(exc), 2, as_json)
+        click.echo(json.dumps(job, default=str) if as_json else f"{job['id']}  {job['status']}")
+
+    @main.command()
+    @click.argument("job_id")
+    @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+    @with_connection
+    def download(job_id, dest, url, api_key, as_json):
+        """Download a job's artifacts into DEST, checking each sha256."""
+        try:
+            with Client(url, api_key) as cv:
+                files = cv.download_artifacts(job_id, dest)
+        except CvoptClientError as exc:
+            _fail(str(exc), 2, as_json)
+        click.echo(json.dumps({"ok": True, "downloaded": [str(p) for p in files]}) if as_json
+                   else "\n".join(str(p) for p in files))
