@@ -165,7 +165,7 @@ def test_claiming_a_cancelled_or_exhausted_job_ends_it(sessions, broker):
 
 
 def test_a_gpu_job_with_no_gpu_worker_waits_visibly_then_fails_with_the_reason(sessions, broker):
-    from api.services import job_to_read
+    from core.views import job_to_read
     from core.workers import live_queues
 
     url, client = broker

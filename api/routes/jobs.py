@@ -18,6 +18,7 @@ from core.models import JobStatus
 from core.queue import enqueue_job
 from core.schemas import ArtifactsRead, JobCreate, JobRead, JobsRead, ReportRead
 from core.settings import get_settings
+from core.views import job_to_read
 from core.workers import live_queues
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -39,12 +40,12 @@ def create_job(job_in: JobCreate, request: Request, response: Response, key: Cur
     )
     response.headers["Location"] = str(request.url_for("read_job", job_id=job.id).path)
     if replayed:
-        return released(session, services.job_to_read(job, live_queues(session, get_settings())))
+        return released(session, job_to_read(job, live_queues(session, get_settings())))
     try:
         enqueue_job(job.id, job.queue)
     except Exception:  # the broker is down: the job is safe in the database, the reaper re-sends it
         log.exception("could not queue job %s now; the reaper will send it", job.id)
-    return services.job_to_read(job)
+    return job_to_read(job)
 
 
 @router.get("", response_model=JobsRead)
@@ -53,20 +54,20 @@ def list_jobs(key: CurrentKey, session: SessionDep, status: JobStatus | None = N
     rows, count = services.list_jobs(session=session, tenant_id=key.tenant_id, status=status, limit=limit,
                                      offset=offset)
     live = live_queues(session, get_settings())
-    return released(session, JobsRead(data=[services.job_to_read(j, live) for j in rows], count=count))
+    return released(session, JobsRead(data=[job_to_read(j, live) for j in rows], count=count))
 
 
 @router.get("/{job_id}", response_model=JobRead)
 def read_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobRead:
     job = services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
-    return released(session, services.job_to_read(job, live_queues(session, get_settings())))
+    return released(session, job_to_read(job, live_queues(session, get_settings())))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
 def cancel_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobRead:
     job = services.cancel_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
     session.commit()
-    return services.job_to_read(job)
+    return job_to_read(job)
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactsRead)
