@@ -10,6 +10,7 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy import select
 
 from api.errors import install_error_handlers
+from api.observability import install_request_context
 from api.routes import datasets, jobs, models, system, tenants, workers
 from api.tenants import ensure_default_tenant, hash_key
 from core.db import session_scope
@@ -40,6 +41,10 @@ async def lifespan(_app: FastAPI):
     # Sync routes and dependencies run in this pool. Requests are short and CPU-bound under
     # one GIL: a few threads serve more requests per second than 40 that fight for the GIL.
     anyio.to_thread.current_default_thread_limiter().total_tokens = get_settings().api_threads
+    if not logging.getLogger().handlers:  # an API process uvicorn started itself (--workers N)
+        from core.logs import setup
+
+        setup()
     ensure_bootstrap_key()
     yield
 
@@ -52,6 +57,7 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_request_context(app)
     v1 = APIRouter()
     for module in (models, datasets, jobs, workers, tenants):
         v1.include_router(module.router)

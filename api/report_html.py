@@ -16,8 +16,15 @@ STATUS_COLOR = {"succeeded": "#2e7d32", "failed": "#c62828", "cancelled": "#7575
                 "queued": "#6a1b9a", "skipped": "#9e9e9e", "pending": "#9e9e9e"}
 
 
+def _num(value: float, digits: int | None) -> str:
+    """Fixed decimals when asked; else three significant digits (latencies span 0.02 to 2000 ms)."""
+    if digits is not None:
+        return f"{value:.{digits}f}"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def _bars(title: str, unit: str, rows: list[tuple[str, float | None, float | None]], *, chart_id: str,
-          digits: int = 2) -> str:
+          digits: int | None = None) -> str:
     """Horizontal bars (value, optional whisker end); rows without a value say 'not measured'."""
     label_w, bar_w, row_h = 230, 380, 26
     height = 34 + row_h * max(1, len(rows))
@@ -34,7 +41,7 @@ def _bars(title: str, unit: str, rows: list[tuple[str, float | None, float | Non
         w = bar_w * value / top
         color = PALETTE[i % len(PALETTE)]
         parts.append(f'<rect class="bar" x="{label_w}" y="{y + 3}" width="{max(w, 1):.1f}" height="{row_h - 8}" '
-                     f'fill="{color}"><title>{escape(label)}: {value:.{digits}f} {unit}</title></rect>')
+                     f'fill="{color}"><title>{escape(label)}: {_num(value, digits)} {unit}</title></rect>')
         end = w
         if whisker is not None and whisker > value:
             x1, x2 = label_w + w, label_w + bar_w * whisker / top
@@ -43,32 +50,32 @@ def _bars(title: str, unit: str, rows: list[tuple[str, float | None, float | Non
                          f'stroke="#333"/><line x1="{x2:.1f}" y1="{mid - 5:.1f}" x2="{x2:.1f}" y2="{mid + 5:.1f}" '
                          f'stroke="#333"/>')
             end = x2 - label_w
-        parts.append(f'<text x="{label_w + end + 6:.1f}" y="{y + 15}" class="value">{value:.{digits}f} {unit}</text>')
+        parts.append(f'<text x="{label_w + end + 6:.1f}" y="{y + 15}" class="value">{_num(value, digits)} {unit}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
 def _scatter(points: list[tuple[str, float, float]]) -> str:
     """Size (MB) against p50 latency (ms): down and left is better."""
-    w, h, pad = 640, 340, 56
+    w, h, pad, right = 700, 340, 56, 130  # room on the right for the last point's label
     if not points:
         return '<p class="muted">No latency measured: add a benchmark step to the recipe.</p>'
     max_x = max(p[1] for p in points) * 1.15 or 1
     max_y = max(p[2] for p in points) * 1.15 or 1
     parts = [f'<svg class="chart" id="scatter" role="img" aria-label="size against latency" viewBox="0 0 {w} {h}" '
              f'width="{w}" height="{h}">',
-             f'<line x1="{pad}" y1="{h - pad}" x2="{w - 10}" y2="{h - pad}" stroke="#555"/>',
+             f'<line x1="{pad}" y1="{h - pad}" x2="{w - right}" y2="{h - pad}" stroke="#555"/>',
              f'<line x1="{pad}" y1="10" x2="{pad}" y2="{h - pad}" stroke="#555"/>',
-             f'<text x="{(w + pad) / 2}" y="{h - 16}" text-anchor="middle" class="label">size (MB)</text>',
+             f'<text x="{(w - right + pad) / 2}" y="{h - 16}" text-anchor="middle" class="label">size (MB)</text>',
              f'<text x="16" y="{(h - pad) / 2}" transform="rotate(-90 16 {(h - pad) / 2})" text-anchor="middle" '
              f'class="label">p50 latency, batch 1 (ms)</text>']
     for frac in (0, 0.5, 1):
-        parts.append(f'<text x="{pad + frac * (w - pad - 10):.0f}" y="{h - pad + 16}" text-anchor="middle" '
-                     f'class="tick">{frac * max_x:.2f}</text>')
+        parts.append(f'<text x="{pad + frac * (w - pad - right):.0f}" y="{h - pad + 16}" text-anchor="middle" '
+                     f'class="tick">{_num(frac * max_x, None)}</text>')
         parts.append(f'<text x="{pad - 6}" y="{h - pad - frac * (h - pad - 10) + 4:.0f}" text-anchor="end" '
-                     f'class="tick">{frac * max_y:.2f}</text>')
+                     f'class="tick">{_num(frac * max_y, None)}</text>')
     for i, (label, size, latency) in enumerate(points):
-        x = pad + size / max_x * (w - pad - 10)
+        x = pad + size / max_x * (w - pad - right)
         y = h - pad - latency / max_y * (h - pad - 10)
         color = PALETTE[i % len(PALETTE)]
         parts.append(f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{color}">'
@@ -174,7 +181,7 @@ svg.chart text {{ font: 12px system-ui, sans-serif; }} svg.chart .title {{ font-
 <h2>Original and artifacts</h2>
 <table id="artifacts"><tr><th>name</th><th>format</th><th>size</th><th>size ×</th><th>p50 / p90 ms (batch 1)</th><th>speed-up</th><th>quality</th></tr>{table_rows}</table>
 <div class="grid">
-{_bars("Size", "MB", mb, chart_id="size-chart")}
+{_bars("Size", "MB", mb, chart_id="size-chart", digits=2)}
 {_bars("Latency at batch 1: p50, whisker to p90", "ms", latency, chart_id="latency-chart")}
 {_bars(quality_title, "", quality, chart_id="quality-chart", digits=4)}
 </div>

@@ -243,6 +243,16 @@ def count(base: str, accepted: dict[str, str], states: dict[str, dict]) -> dict:
     }
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1000)
@@ -288,7 +298,7 @@ def main() -> None:
         result = count(base, accepted, states)
         lat = np.array(latencies)
         report = {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "machine": f"{cpu_name()}, {os.cpu_count()} cores",
             "jobs": args.jobs, "clients": args.clients, "workers": args.workers, **soak.faults,
             **result, "total_s": round(elapsed, 1),
             "api_requests": len(latencies), "api_p50_ms": round(float(np.percentile(lat, 50)), 1),

@@ -204,6 +204,8 @@ class JobRead(BaseModel):
         description="A queued job that no live worker can take says what it waits for, e.g. \"gpu worker\"; "
         "it fails after CVOPT_NO_WORKER_TIMEOUT_SECONDS.",
     )
+    report_url: str | None = Field(
+        default=None, description="The job's HTML report; works without the API key until it expires.")
     webhook_url: str | None = None
     webhook: WebhookRead | None = Field(default=None, description="The webhook's delivery, once the job ended.")
 

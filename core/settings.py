@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     db_retry_seconds: float = Field(default=60.0, ge=0)
     storage_retry_seconds: float = Field(default=60.0, ge=0)
 
+    # Logs: one JSON object per line (request_id / job_id on each), or text; an access-log line
+    # per API request. /metrics needs this bearer token when set.
+    log_format: Literal["json", "text"] = "json"
+    access_log: bool = True
+    metrics_token: str = ""
+
     # Webhooks (core/webhooks.py): comma-separated host patterns a webhook may call (empty: any
     # public host); loopback and private addresses only when allowed.
     webhook_allowed_hosts: str = ""

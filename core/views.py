@@ -3,15 +3,30 @@ share."""
 
 from __future__ import annotations
 
+import time
+from urllib.parse import urlencode
+
 from core.models import Job, JobStatus
 from core.schemas import JobError, JobRead, StepRead, TensorSpec
+from core.settings import get_settings
+from core.storage import sign_local
 from core.webhooks import delivery_to_read
 from core.workers import waiting_for
 
 
-def job_to_read(job: Job, live_queues: set[str] | None = None) -> JobRead:
+def report_link(job_id: str, base_url: str | None = None) -> str:
+    """A link to the job's HTML report that works without the API key until it expires
+    (CVOPT_DOWNLOAD_URL_TTL_SECONDS); absolute when the service's base URL is known."""
+    settings = get_settings()
+    expires = int(time.time()) + settings.download_url_ttl_seconds
+    sig = sign_local(f"reports/{job_id}", expires, settings.signing_key())
+    base = (base_url or settings.public_url or "").rstrip("/")
+    return f"{base}/v1/jobs/{job_id}/report.html?{urlencode({'expires': expires, 'sig': sig})}"
+
+
+def job_to_read(job: Job, live_queues: set[str] | None = None, base_url: str | None = None) -> JobRead:
     """``live_queues``: the queues live workers consume; a queued job on another queue says
-    what it waits for."""
+    what it waits for. ``base_url``: where clients reach the API (for the report link)."""
     steps = []
     for st in job.steps:
         read = StepRead.model_validate(st)
@@ -28,7 +43,7 @@ def job_to_read(job: Job, live_queues: set[str] | None = None) -> JobRead:
         progress=job.progress, current_step=job.current_step, attempts=job.attempts,
         cancel_requested=job.cancel_requested, steps=steps, error=error, log_tail=job.log_tail,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        webhook_url=job.webhook_url,
+        webhook_url=job.webhook_url, report_url=report_link(job.id, base_url),
         webhook=delivery_to_read(job.webhook_delivery) if job.webhook_url else None,
         waiting_for=(
             waiting_for(job.queue)

@@ -1,4 +1,5 @@
-"""The ``cvopt`` command: serve (embedded or API-only), worker, migrate, keys."""
+"""The ``cvopt`` command: serve (embedded or API-only), worker, migrate, tenants, keys, and the
+pipeline-facing client commands (submit, status, cancel, download: cvopt/client_cli.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ log = logging.getLogger("cvopt.cli")
 
 
 def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from core.logs import setup
+
+    setup(level)
 
 
 @click.group()
@@ -99,8 +102,9 @@ def serve(host: str, port: int, api_workers: int, with_worker: bool | None, run_
         worker = _EmbeddedWorker()
         worker.start()
     try:
+        # log_config=None: uvicorn keeps our JSON logging; the API writes its own access lines.
         uvicorn.run("api.main:app", host=host, port=port, workers=api_workers, log_level="info",
-                    access_log=False)
+                    access_log=False, log_config=None)
     finally:
         if worker:
             worker.stop()
@@ -154,6 +158,8 @@ def worker(queues: str, concurrency: int | None, loglevel: str) -> None:
     from worker.celery_app import app
 
     argv = [
+        # No banner on stdout: every line the worker writes is a log record (JSON by default).
+        "--quiet",
         "worker", "--queues", ",".join(names), "--loglevel", loglevel,
         "--concurrency", str(concurrency or settings.worker_concurrency), "-O", "fair",
         # Gossip and mingle only slow start-up here; remote control (inspect ping) stays on.

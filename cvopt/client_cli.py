@@ -30,11 +30,11 @@ def with_connection(fn):
     return fn
 
 
-def _fail(message: str, code: int, as_json: bool, **payload: Any) -> None:
+def _fail(message: str, exit_code: int, as_json: bool, **payload: Any) -> None:
     if as_json:
         click.echo(json.dumps({"ok": False, "error": message, **payload}, default=str))
     click.echo(f"error: {message}", err=True)
-    sys.exit(code)
+    sys.exit(exit_code)
 
 
 class Progress:

@@ -12,7 +12,12 @@ import socket
 import threading
 import time
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    setup_logging,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 
 from core.queue import get_celery
 from core.settings import get_settings
@@ -101,6 +106,14 @@ def _stop_reaper(**_kwargs) -> None:
             forget(session, _WORKER_ID)
     except Exception:  # the database may be down; the row goes stale by itself
         log.warning("could not deregister this worker", exc_info=True)
+
+
+@setup_logging.connect
+def _logging(loglevel=None, **_kwargs) -> None:
+    # Connected, so Celery leaves the root logger to us: JSON lines with the job id.
+    from core.logs import setup
+
+    setup(loglevel or "INFO")
 
 
 @worker_process_init.connect

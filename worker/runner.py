@@ -25,6 +25,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import logs
 from core.errors import CvoptError, JobCancelled, NotFound, StorageUnavailable
 from core.models import Artifact, Dataset, Job, JobStatus, JobStep, StepStatus, utcnow
 from core.queue import enqueue_job
@@ -193,6 +194,13 @@ class JobRunner:
     # -- running -------------------------------------------------------------------------------
 
     def run(self, job_id: str) -> None:
+        token = logs.job_id.set(job_id)  # every log line of this job carries its id
+        try:
+            self._run(job_id)
+        finally:
+            logs.job_id.reset(token)
+
+    def _run(self, job_id: str) -> None:
         claim = self._claim(job_id)
         if claim is None:
             return

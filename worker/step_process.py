@@ -18,6 +18,7 @@ worker died kills itself (PR_SET_PDEATHSIG, and a watchdog on its parent's pid).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
@@ -180,8 +181,10 @@ def run_step_in_child(
     except OSError:  # it died while it waited; its exit status says why below
         pass
     tail: list[str] = []
+    # The relays log in this thread's context (the job id on every line).
     readers = [
-        threading.Thread(target=_relay_logs, args=(proc.stderr, name, tail), daemon=True),
+        threading.Thread(target=contextvars.copy_context().run, args=(_relay_logs, proc.stderr, name, tail),
+                         daemon=True),
         threading.Thread(target=_relay_progress, args=(progress_r, ctx.report_progress), daemon=True),
     ]
     for thread in readers:
@@ -399,6 +402,11 @@ def _child_main() -> int:
 
         cls = get_pass(request["pass"])
         config = cls.Config.model_validate(request["config"])
+        limits = request["limits"]
+        logging.getLogger("cvopt.step").info(
+            "step %s runs in process %d (memory limit %s, CPU-time limit %s)", request["pass"], os.getpid(),
+            f"{limits['memory_mb']} MiB" if limits.get("memory_mb") else "none",
+            f"{limits['cpu_seconds']} s" if limits.get("cpu_seconds") else "none")
         ctx = PassContext(
             work_dir=Path(request["work_dir"]), original=_artifact_from_json(request["original"]),
             artifacts=[_artifact_from_json(a) for a in request["artifacts"]], input_spec=request["input_spec"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import HTMLResponse
 
 from api import idempotency, services
 from api.deps import (
@@ -12,12 +13,16 @@ from api.deps import (
     Offset,
     SessionDep,
     StoreDep,
+    current_key,
     released,
 )
-from core.models import JobStatus
+from api.report_html import render as render_report
+from core.errors import NotFound, Unauthorized
+from core.models import Job, JobStatus
 from core.queue import enqueue_job
 from core.schemas import ArtifactsRead, JobCreate, JobRead, JobsRead, ReportRead
 from core.settings import get_settings
+from core.storage import verify_local
 from core.views import job_to_read
 from core.workers import live_queues
 
@@ -27,7 +32,7 @@ log = logging.getLogger("cvopt.api")
 
 @router.post("", status_code=202, response_model=JobRead)
 def create_job(job_in: JobCreate, request: Request, response: Response, key: CurrentKey,
-               session: SessionDep) -> JobRead:
+               session: SessionDep, base_url: BaseUrlDep) -> JobRead:
     """Validate the recipe, write the job, then queue its id. A recipe that cannot run is a 422
     here, before anything is queued. With an ``Idempotency-Key``, a retry returns the same job."""
     idem = idempotency.key_of(request)
@@ -40,34 +45,34 @@ def create_job(job_in: JobCreate, request: Request, response: Response, key: Cur
     )
     response.headers["Location"] = str(request.url_for("read_job", job_id=job.id).path)
     if replayed:
-        return released(session, job_to_read(job, live_queues(session, get_settings())))
+        return released(session, job_to_read(job, live_queues(session, get_settings()), base_url))
     try:
         enqueue_job(job.id, job.queue)
     except Exception:  # the broker is down: the job is safe in the database, the reaper re-sends it
         log.exception("could not queue job %s now; the reaper will send it", job.id)
-    return job_to_read(job)
+    return job_to_read(job, base_url=base_url)
 
 
 @router.get("", response_model=JobsRead)
-def list_jobs(key: CurrentKey, session: SessionDep, status: JobStatus | None = None,
+def list_jobs(key: CurrentKey, session: SessionDep, base_url: BaseUrlDep, status: JobStatus | None = None,
               limit: Limit = 50, offset: Offset = 0) -> JobsRead:
     rows, count = services.list_jobs(session=session, tenant_id=key.tenant_id, status=status, limit=limit,
                                      offset=offset)
     live = live_queues(session, get_settings())
-    return released(session, JobsRead(data=[job_to_read(j, live) for j in rows], count=count))
+    return released(session, JobsRead(data=[job_to_read(j, live, base_url) for j in rows], count=count))
 
 
 @router.get("/{job_id}", response_model=JobRead)
-def read_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobRead:
+def read_job(job_id: str, key: CurrentKey, session: SessionDep, base_url: BaseUrlDep) -> JobRead:
     job = services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
-    return released(session, job_to_read(job, live_queues(session, get_settings())))
+    return released(session, job_to_read(job, live_queues(session, get_settings()), base_url))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
-def cancel_job(job_id: str, key: CurrentKey, session: SessionDep) -> JobRead:
+def cancel_job(job_id: str, key: CurrentKey, session: SessionDep, base_url: BaseUrlDep) -> JobRead:
     job = services.cancel_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
     session.commit()
-    return job_to_read(job)
+    return job_to_read(job, base_url=base_url)
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactsRead)
@@ -82,3 +87,28 @@ def list_artifacts(job_id: str, key: CurrentKey, session: SessionDep, store: Sto
 def read_report(job_id: str, key: CurrentKey, session: SessionDep) -> ReportRead:
     job = services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
     return released(session, services.build_report(session=session, job=job))
+
+
+@router.get("/{job_id}/report.html", response_class=HTMLResponse,
+            responses={200: {"content": {"text/html": {}}, "description": "The report page."}})
+def read_report_html(job_id: str, request: Request, session: SessionDep, expires: int | None = None,
+                     sig: str | None = None) -> HTMLResponse:
+    """The job's report as one self-contained page (charts inline). Send the API key, or open
+    the signed link in the job's ``report_url`` (no key needed until it expires)."""
+    if sig is not None or expires is not None:
+        if expires is None or sig is None or not verify_local(f"reports/{job_id}", expires, sig,
+                                                                get_settings().signing_key()):
+            raise Unauthorized("the report link is invalid or expired", code="invalid_signature")
+        job = session.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found", code="job_not_found", details={"job_id": job_id})
+    else:
+        key = current_key(request, session)
+        job = services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
+    page = render_report(job, services.build_report(session=session, job=job))
+    session.commit()
+    # The page carries its own styles and charts; it may not load or run anything else.
+    return HTMLResponse(page, headers={
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+        "Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff",
+    })

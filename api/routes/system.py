@@ -3,16 +3,48 @@ signature is the permission)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+import hmac
+from pathlib import Path
+
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import text
 
 from api.deps import SessionDep, StoreDep
 from core.errors import NotFound, Unauthorized
 from core.queue import get_celery
+from core.settings import get_settings
 from core.storage import LocalStore, verify_local
 
 router = APIRouter(tags=["system"])
+STATIC = Path(__file__).resolve().parents[1] / "static"
+UI_FILES = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+UI_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:", "X-Content-Type-Options": "nosniff",
+              "Referrer-Policy": "no-referrer"}
+
+
+@router.get("/ui", include_in_schema=False)
+def dashboard() -> FileResponse:
+    """The tenant's jobs with links to their reports (the page asks for the API key)."""
+    return FileResponse(STATIC / "dashboard.html", media_type="text/html", headers=UI_HEADERS)
+
+
+@router.get("/ui/{name}", include_in_schema=False)
+def dashboard_asset(name: str) -> FileResponse:
+    if name not in UI_FILES:
+        raise NotFound("no such file", code="not_found")
+    return FileResponse(STATIC / name, media_type=UI_FILES[name], headers=UI_HEADERS)
+
+
+@router.get("/metrics", include_in_schema=False)
+def prometheus_metrics(request: Request) -> Response:
+    """Prometheus text format; with CVOPT_METRICS_TOKEN set, only for that bearer token."""
+    token = get_settings().metrics_token
+    if token and not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {token}"):
+        raise Unauthorized("send CVOPT_METRICS_TOKEN as 'Authorization: Bearer <token>'", code="invalid_metrics_token")
+    from api import metrics
+
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/healthz")

@@ -1,0 +1,111 @@
+"""The Python client and the `cvopt` client commands against the running stack: submit --wait
+--download checks each file's sha256 against the artifact list; exit codes tell a pipeline what
+happened; the client rides out a dropped connection and a 429, and a retried upload or job
+submission makes nothing twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cvopt.client import ApiError, Client, JobFailed
+from tests.conftest import VENV_BIN
+from tests.proxy import TcpProxy
+from tests.test_tenants import make_tenant
+
+pytestmark = pytest.mark.integration
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cli(stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**stack.env, "CVOPT_URL": stack.base_url, "CVOPT_API_KEY": stack.api_key}
+    return subprocess.run([str(VENV_BIN / "cvopt"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_wait_download_checks_every_file_against_the_artifact_list(stack, digit_assets, tmp_path):
+    out = tmp_path / "out"
+    done = cli(stack, "submit", str(digit_assets.models["onnx"]), "--preset", "onnx-int8",
+               "--calibration", str(digit_assets.calibration_npz), "--wait", "--download", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["ok"] and result["job"]["status"] == "succeeded"
+    listed = {a["name"]: a["sha256"] for a in result["artifacts"]}
+    assert listed and {p.name for p in out.iterdir()} == set(listed)
+    for path in out.iterdir():
+        assert sha256(path) == listed[path.name]
+    assert [Path(p).name for p in result["downloaded"]] == [a["name"] for a in result["artifacts"]]
+
+    table = cli(stack, "submit", str(digit_assets.models["onnx"]), "--preset", "onnx")
+    assert table.returncode == 0 and len(table.stdout.strip()) == 32  # without --wait: the job id
+    waited = cli(stack, "submit", str(digit_assets.models["onnx"]), "--preset", "onnx", "--wait")
+    assert waited.returncode == 0, waited.stderr
+    header = waited.stdout.splitlines()[0].split()
+    assert header[:3] == ["artifact", "format", "size"] and "p50" in waited.stdout
+    assert "digits.onnx" in waited.stdout and "00-export_onnx.onnx" in waited.stdout
+    assert "% " in waited.stderr and "submitted" in waited.stderr  # progress lines while it waited
+
+
+def test_exit_codes_tell_a_pipeline_what_happened(stack, digit_assets):
+    refused = cli(stack, "submit", str(digit_assets.models["onnx"]), "--preset", "onnx-int8", "--wait")
+    assert refused.returncode == 2 and "calibration" in refused.stderr  # a 422: INT8 needs calibration data
+    slow = cli(stack, "submit", str(digit_assets.models["pt2"]), "--preset", "gpu-fp16", "--wait", "--timeout", "2",
+               "--json")
+    assert slow.returncode == 1
+    job = json.loads(slow.stdout)["job"]
+    assert job["status"] == "queued" and job["waiting_for"] == "gpu worker"
+    cancelled = cli(stack, "cancel", job["id"])
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    status = cli(stack, "status", job["id"])
+    assert status.returncode == 1 and "cancelled" in status.stdout
+    bad_key = subprocess.run([str(VENV_BIN / "cvopt"), "status", job["id"], "--url", stack.base_url,
+                              "--api-key", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad_key.returncode == 2 and "invalid_api_key" in bad_key.stderr
+
+
+def test_the_client_rides_out_a_dropped_connection_and_makes_nothing_twice(stack, digit_assets):
+    proxy = TcpProxy("127.0.0.1", int(stack.base_url.rsplit(":", 1)[1]))
+    proxy.up()
+    try:
+        with Client(f"http://127.0.0.1:{proxy.port}", stack.api_key, backoff=0.3, max_backoff=1.0) as cv:
+            before = cv.request("GET", "/v1/models").json()["count"]
+            proxy.down()
+            threading.Timer(1.5, proxy.up).start()  # back while the client is still retrying
+            model = cv.upload_model(digit_assets.models["onnx"], name="retried")
+            again = cv.upload_model(digit_assets.models["onnx"], name="retried")  # a pipeline re-run
+            assert again["id"] == model["id"]
+            assert cv.request("GET", "/v1/models").json()["count"] == before + 1
+            job = cv.wait(cv.submit_job(model_id=model["id"], preset="onnx", idempotency_key="ci-run-42")["id"],
+                          timeout=240, poll_interval=0.3)
+            assert cv.submit_job(model_id=model["id"], preset="onnx", idempotency_key="ci-run-42")["id"] == job["id"]
+            assert job["status"] == "succeeded"
+    finally:
+        proxy.down()
+
+
+def test_the_client_honours_429_and_raises_the_jobs_error(stack, digit_assets):
+    tenant, admin_made = make_tenant(stack, "henry", max_concurrent_jobs=1)
+    key = admin_made.headers["authorization"].split()[1]
+    admin_made.close()
+    with Client(stack.base_url, key, max_retries=8, backoff=0.2, max_backoff=0.5) as cv:
+        model = cv.upload_model(digit_assets.models["pt2"])
+        holder = cv.submit_job(model_id=model["id"], preset="gpu-fp16")  # waits for a GPU: holds the slot
+        threading.Timer(1.5, lambda: cv.cancel(holder["id"])).start()
+        started = time.monotonic()
+        job = cv.submit_job(model_id=model["id"], preset="onnx")  # 429 until the holder is cancelled
+        assert time.monotonic() - started >= 1.0 and job["status"] == "queued"
+        with pytest.raises(JobFailed) as failed:
+            cv.wait(holder["id"], timeout=30)
+        assert failed.value.job["status"] == "cancelled"
+        with pytest.raises(ApiError) as refused:
+            cv.get_job("f" * 32)
+        assert refused.value.status == 404 and refused.value.code == "job_not_found"
+        cv.wait(job["id"], timeout=240, poll_interval=0.3)
