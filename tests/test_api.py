@@ -294,6 +294,12 @@ def test_int8_auto_rescues_accuracy_and_reports_layers_kept_in_float(stack, digi
     report = stack.client.get(f"/v1/jobs/{job['id']}/report").json()
     entries = {e["step"]: e for e in report["entries"]}
     assert entries["quantize_int8"]["accuracy"]["top1"] >= entries[None]["accuracy"]["top1"] - 0.01
+    # The HTML report shows the layers kept in float, and why.
+    page = httpx.get(job["report_url"]).text
+    section = page[page.index("Per-layer precision (quantize_int8"):]
+    for layer in fallback["kept_float"]:
+        assert f"<td>{layer['node']}</td>" in section
+    assert "worst output channel at" in section and "met" in section
 
 
 def test_a_torchvision_state_dict_upload_exports_and_runs(stack, tmp_path):
