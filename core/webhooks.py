@@ -82,7 +82,11 @@ def check_url(url: str, settings: Settings, *, resolve: bool) -> None:
         return InvalidInput(f"webhook_url {url!r} is refused: {why}", code="webhook_url_refused",
                             details={"webhook_url": url, "reason": why})
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # "http://[::1", "http://host:99999"
+        raise refuse(f"it is not a valid URL ({exc})") from exc
     if parts.scheme not in ("http", "https"):
         raise refuse("only http and https URLs are called")
     host = (parts.hostname or "").lower().rstrip(".")
@@ -102,7 +106,7 @@ def check_url(url: str, settings: Settings, *, resolve: bool) -> None:
     addresses = [literal] if literal is not None else []
     if literal is None and resolve:
         try:
-            infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
+            infos = socket.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80),
                                        type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             raise refuse(f"its host does not resolve ({exc.strerror})") from exc

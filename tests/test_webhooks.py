@@ -31,6 +31,8 @@ def settings(**kw) -> Settings:
     ("http://10.1.2.3/hook", "private"),
     ("http://169.254.169.254/latest/meta-data/", "metadata"),
     ("http:///nohost", "no host"),
+    ("http://[::1/hook", "not a valid URL"),
+    ("http://example.com:99999/hook", "not a valid URL"),
 ])
 def test_webhook_urls_the_service_must_not_call_are_refused(url, reason):
     with pytest.raises(InvalidInput) as refused:
