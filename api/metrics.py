@@ -32,7 +32,7 @@ from core.models import (
 )
 from core.settings import get_settings
 
-REGISTRY = CollectorRegistry(auto_describe=True)
+REGISTRY = CollectorRegistry()
 STEP_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 10800)
 HTTP_LATENCY = Histogram(
     "cvopt_http_request_duration_seconds", "API request latency by route template, method and status.",
@@ -48,6 +48,9 @@ def _duration_seconds(dialect: str):
 
 
 class DatabaseCollector:
+    def describe(self):
+        return []  # registering it must not query the database (the API imports this at start)
+
     def collect(self):
         sessions = get_sessionmaker()
         settings = get_settings()

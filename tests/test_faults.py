@@ -94,6 +94,23 @@ def wait_for_step(client, job_id: str, step: str, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+def wait_for_log(stack, name: str, text: str, *, job_id: str, timeout: float = 120) -> None:
+    """Until a JSON log line of that job contains ``text``."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in (stack.logs / name).read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("job_id") == job_id and text in record.get("message", ""):
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"no {text!r} in {name} for job {job_id} after {timeout} s")
+
+
 def bench(seconds: float) -> dict:
     return {"name": "benchmark", "config": {"runs": 10_000, "max_seconds": seconds, "batch_sizes": [1]}}
 
@@ -208,7 +225,9 @@ def test_storage_outages_are_ridden_out_or_fail_the_step_that_needed_storage(tmp
             refused = client.post("/v1/models", files={"file": ("m.pt2", digit_assets.models["pt2"].read_bytes())})
             assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
             assert refused.json()["code"] == "storage_unavailable"
-            time.sleep(6)
+            # Up again only once the worker has met the outage (its retry is in its log), however
+            # long the benchmark before it took on this machine.
+            wait_for_log(stack, "worker.log", "storage failed while", job_id=short["id"])
             proxy.up()
             job = stack.wait_for_job(short["id"], timeout=120)
             assert job["status"] == "succeeded" and job["attempts"] == 1, (job["error"], job["log_tail"])
@@ -259,7 +278,9 @@ def test_a_database_outage_is_503_with_retry_after_and_a_running_job_rides_it_ou
             assert down.json()["code"] == "database_unavailable"
             ready = httpx.get(stack.base_url + "/readyz", timeout=30)
             assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("error")
-            time.sleep(6)  # the step ends meanwhile: its result waits for the database
+            # The step ends meanwhile and its result waits for the database: up again only once the
+            # worker says it is waiting, however long the step took on this machine.
+            wait_for_log(stack, "worker.log", "database unavailable while", job_id=job["id"])
             proxy.up()
             deadline = time.monotonic() + 30
             while client.get("/readyz").status_code != 200:
