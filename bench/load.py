@@ -85,7 +85,9 @@ class Stack:
         self.mode, self.tmp = mode, tmp
         self.procs: list[subprocess.Popen] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CVOPT_")}
-        self.env.update({"CVOPT_DATA_DIR": str(tmp / "data"), "CVOPT_BOOTSTRAP_API_KEY": API_KEY})
+        # The quota would turn the backlog of submitted jobs into 429s; this measures latency.
+        self.env.update({"CVOPT_DATA_DIR": str(tmp / "data"), "CVOPT_BOOTSTRAP_API_KEY": API_KEY,
+                         "CVOPT_QUOTA_CONCURRENT_JOBS": "0"})
         self.port = free_port()
         self.api_workers = api_workers
         self.db_name = None
