@@ -91,19 +91,25 @@ def effective_quotas(tenant: Tenant, settings: Settings) -> dict[str, int]:
     }
 
 
-def usage(session: Session, tenant_id: str) -> TenantUsage:
-    active = session.scalar(
+def _active_jobs(session: Session, tenant_id: str) -> int:
+    return session.scalar(
         select(func.count()).select_from(Job)
         .where(Job.tenant_id == tenant_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
     ) or 0
-    stored = sum(
+
+
+def _stored_bytes(session: Session, tenant_id: str) -> int:
+    return int(sum(
         session.scalar(
             select(func.coalesce(func.sum(table.size_bytes), 0))
             .where(table.tenant_id == tenant_id, table.deleted_at.is_(None))
         ) or 0
         for table in (Model, Dataset)
-    )
-    return TenantUsage(active_jobs=active, storage_bytes=int(stored),
+    ))
+
+
+def usage(session: Session, tenant_id: str) -> TenantUsage:
+    return TenantUsage(active_jobs=_active_jobs(session, tenant_id), storage_bytes=_stored_bytes(session, tenant_id),
                        uploads_last_minute=len(_recent_uploads(session, tenant_id)))
 
 
@@ -163,7 +169,7 @@ def check_job_quota(session: Session, tenant_id: str, settings: Settings) -> Non
     limit = effective_quotas(tenant, settings)["max_concurrent_jobs"]
     if not limit:
         return
-    active = usage(session, tenant_id).active_jobs
+    active = _active_jobs(session, tenant_id)
     if active >= limit:
         raise QuotaExceeded(
             f"tenant {tenant.name!r} has {active} queued or running jobs, its limit; wait for one to end "
@@ -190,7 +196,7 @@ def check_upload_quota(session: Session, tenant_id: str, settings: Settings, inc
             )
     cap = quotas["max_storage_bytes"]
     if cap:
-        used = usage(session, tenant_id).storage_bytes
+        used = _stored_bytes(session, tenant_id)
         if used + incoming_bytes > cap:
             raise QuotaExceeded(
                 f"tenant {tenant.name!r} stores {used} bytes; {incoming_bytes} more would pass its limit of "
