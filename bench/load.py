@@ -275,10 +275,13 @@ def main() -> None:
     ap.add_argument("--upload-mb", type=int, default=500)
     ap.add_argument("--worker", action=argparse.BooleanOptionalAction, default=True,
                     help="Run a worker during the load (on this 2-core machine it takes the API's CPU).")
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="CVOPT_X=VALUE",
+                    help="A setting for the service (the bench otherwise ignores CVOPT_* in its environment).")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="cvopt-bench-"))
     stack = Stack(args.mode, tmp, args.api_workers, args.worker)
+    stack.env.update(dict(item.split("=", 1) for item in args.settings))
     try:
         base = stack.start()
         model = tmp / "tiny.onnx"

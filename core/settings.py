@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     step_timeout_seconds: int = Field(default=3 * 3600, ge=0)
     # Keep one step process started ahead, its imports done, so that a step starts at once.
     step_prewarm: bool = True
+    # The step processes' niceness (read by the step process from the environment).
+    step_nice: int = Field(default=10, ge=0, le=19)
 
     @model_validator(mode="after")
     def _production_needs_real_secrets(self) -> "Settings":

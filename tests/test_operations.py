@@ -79,3 +79,4 @@ def test_api_and_worker_logs_are_json_with_request_and_job_ids(stack, finished_j
     assert "step 0 export_onnx started" in messages and "step 1 benchmark finished" in messages
     # The step process's own lines come through the worker, with the job's id too.
     assert any(r["logger"] == "cvopt.step" and "runs in process" in r["message"] for r in of_job), messages[:2000]
+    assert any("(nice 10," in r["message"] for r in of_job)  # steps yield the CPU to the API

@@ -37,6 +37,7 @@ from typing import Any
 
 from core import errors
 from core.errors import CvoptError, JobCancelled
+from core.settings import get_settings
 from worker.passes.base import (
     ArtifactRef,
     DatasetRef,
@@ -49,6 +50,7 @@ log = logging.getLogger("cvopt.step")
 
 PROGRESS_FD_ENV = "CVOPT_STEP_PROGRESS_FD"
 PARENT_PID_ENV = "CVOPT_STEP_PARENT_PID"
+NICE_ENV = "CVOPT_STEP_NICE"
 LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\|([\w.\-]+)\|(.*)$")
 KILL_GRACE_S = 5.0
 # Imported by a step process while it waits for its step (what most steps need).
@@ -127,7 +129,7 @@ def _spawn() -> _Child:
     """A fresh step process that imports the heavy libraries, then waits for its request."""
     progress_r, progress_w = os.pipe()
     env = dict(os.environ, **{PROGRESS_FD_ENV: str(progress_w), PARENT_PID_ENV: str(os.getpid()),
-                              "PYTHONUNBUFFERED": "1"})
+                              NICE_ENV: str(get_settings().step_nice), "PYTHONUNBUFFERED": "1"})
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.step_process"],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -359,6 +361,9 @@ class _StderrLines(logging.Handler):
 
 def _child_main() -> int:
     _die_with_parent()
+    # Below the API and the worker itself: on a shared machine, a step's imports and compute must
+    # not take the CPU from requests (CVOPT_STEP_NICE; 0 keeps the worker's priority).
+    os.nice(int(os.environ.get(NICE_ENV) or 0))
     # The slow imports happen while this process waits as the spare, not while a step waits.
     for module in PRELOAD:
         try:
@@ -404,7 +409,8 @@ def _child_main() -> int:
         config = cls.Config.model_validate(request["config"])
         limits = request["limits"]
         logging.getLogger("cvopt.step").info(
-            "step %s runs in process %d (memory limit %s, CPU-time limit %s)", request["pass"], os.getpid(),
+            "step %s runs in process %d (nice %d, memory limit %s, CPU-time limit %s)", request["pass"], os.getpid(),
+            os.nice(0),
             f"{limits['memory_mb']} MiB" if limits.get("memory_mb") else "none",
             f"{limits['cpu_seconds']} s" if limits.get("cpu_seconds") else "none")
         ctx = PassContext(
