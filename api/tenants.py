@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import func, select, union_all
@@ -59,14 +60,11 @@ def ensure_default_tenant(session: Session) -> Tenant:
 
 
 def create_tenant(*, session: Session, tenant_in: TenantCreate) -> Tenant:
-    if session.scalar(select(Tenant.id).where(Tenant.name == tenant_in.name)) is not None:
-        raise Conflict(f"a tenant named {tenant_in.name!r} exists", code="tenant_exists",
-                       details={"name": tenant_in.name})
     tenant = Tenant(name=tenant_in.name, **tenant_in.model_dump(exclude={"name"}))
     session.add(tenant)
     try:
         session.flush()
-    except IntegrityError as exc:  # a concurrent request made the same name first
+    except IntegrityError as exc:  # the name is unique: taken before, or by a concurrent request
         session.rollback()
         raise Conflict(f"a tenant named {tenant_in.name!r} exists", code="tenant_exists",
                        details={"name": tenant_in.name}) from exc
@@ -162,6 +160,17 @@ def _recent_uploads(session: Session, tenant_id: str) -> list:
         select(Dataset.created_at.label("at")).where(Dataset.tenant_id == tenant_id, Dataset.created_at >= since),
     ).subquery()
     return list(session.scalars(select(made.c.at).order_by(made.c.at)))
+
+
+def admit_upload(session: Session, tenant_id: str, settings: Settings) -> Callable[[int], None]:
+    """The upload routes' check before the body is read: the quotas against the declared size;
+    the transaction ends at once (the body may take minutes to arrive)."""
+
+    def admit(file_bytes: int) -> None:
+        check_upload_quota(session, tenant_id, settings, file_bytes)
+        session.commit()
+
+    return admit
 
 
 def check_job_quota(session: Session, tenant_id: str, settings: Settings) -> None:

@@ -167,11 +167,12 @@ T = TypeVar("T")
 async def handle_upload(request: Request, settings: Settings, create: Callable[[Upload], T],
                         admit: Callable[[int], None] | None = None) -> T:
     """Receive the ``file`` field, hand it to ``create`` (in a thread: it inspects and stores
-    it), and remove the temporary file whatever happens. ``admit(declared_bytes)`` runs first,
-    before any of the body is read (quotas)."""
+    it), and remove the temporary file whatever happens. ``admit(file_bytes)`` runs first, before
+    any of the body is read (quotas), with the file's size as far as Content-Length tells it (the
+    body less its multipart framing and form fields; 0 when unknown)."""
     if admit is not None:
         length = request.headers.get("content-length", "")
-        await run_in_threadpool(admit, int(length) if length.isdigit() else 0)
+        await run_in_threadpool(admit, max(0, int(length) - MULTIPART_SLACK) if length.isdigit() else 0)
     upload = await receive_upload(request, file_field="file", max_bytes=settings.max_upload_bytes,
                                   tmp_dir=settings.upload_tmp_dir)
     try:

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "please-change"}
@@ -153,6 +153,8 @@ class Settings(BaseSettings):
     def work_dir(self) -> Path:
         return self.data_path / "work"
 
+    _signing_key: bytes | None = PrivateAttr(default=None)
+
     def signing_key(self) -> bytes:
         """The key for HMAC-signed download URLs.
 
@@ -162,6 +164,8 @@ class Settings(BaseSettings):
         """
         if self.secret_key:
             return self.secret_key.encode()
+        if self._signing_key is not None:  # read once: every job in a listing signs its report link
+            return self._signing_key
         path = self.data_path / "secret_key"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +176,8 @@ class Settings(BaseSettings):
             else:
                 with os.fdopen(fd, "w") as fh:
                     fh.write(secrets.token_urlsafe(48))
-        return path.read_text().strip().encode()
+        self._signing_key = path.read_text().strip().encode()
+        return self._signing_key
 
 
 @lru_cache

@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 from core.models import Job, JobStatus
 from core.schemas import JobError, JobRead, StepRead, TensorSpec
 from core.settings import get_settings
-from core.storage import sign_local
+from core.storage import sign_local, verify_local
 from core.webhooks import delivery_to_read
 from core.workers import waiting_for
 
@@ -22,6 +22,11 @@ def report_link(job_id: str, base_url: str | None = None) -> str:
     sig = sign_local(f"reports/{job_id}", expires, settings.signing_key())
     base = (base_url or settings.public_url or "").rstrip("/")
     return f"{base}/v1/jobs/{job_id}/report.html?{urlencode({'expires': expires, 'sig': sig})}"
+
+
+def report_link_valid(job_id: str, expires: int, sig: str) -> bool:
+    """Whether a report link's signature is ours and it has not expired."""
+    return verify_local(f"reports/{job_id}", expires, sig, get_settings().signing_key())
 
 
 def job_to_read(job: Job, live_queues: set[str] | None = None, base_url: str | None = None) -> JobRead:

@@ -37,6 +37,15 @@ def _fail(message: str, exit_code: int, as_json: bool, **payload: Any) -> None:
     sys.exit(exit_code)
 
 
+def _call(url: str, api_key: str, as_json: bool, fn):
+    """``fn(client)``'s answer; a refused request or an unreachable service exits 2."""
+    try:
+        with Client(url, api_key) as cv:
+            return fn(cv)
+    except CvoptClientError as exc:
+        _fail(str(exc), 2, as_json)
+
+
 class Progress:
     """A one-line progress bar on a terminal; one line per step change elsewhere (CI logs)."""
 
@@ -165,11 +174,7 @@ def register(main: click.Group) -> None:
     @with_connection
     def status(job_id, url, api_key, as_json):
         """Show a job (exit 1 if it failed or was cancelled)."""
-        try:
-            with Client(url, api_key) as cv:
-                job = cv.get_job(job_id)
-        except CvoptClientError as exc:
-            _fail(str(exc), 2, as_json)
+        job = _call(url, api_key, as_json, lambda cv: cv.get_job(job_id))
         if as_json:
             click.echo(json.dumps(job, default=str))
         else:
@@ -183,11 +188,7 @@ def register(main: click.Group) -> None:
     @with_connection
     def cancel(job_id, url, api_key, as_json):
         """Cancel a queued or running job."""
-        try:
-            with Client(url, api_key) as cv:
-                job = cv.cancel(job_id)
-        except CvoptClientError as exc:
-            _fail(str(exc), 2, as_json)
+        job = _call(url, api_key, as_json, lambda cv: cv.cancel(job_id))
         click.echo(json.dumps(job, default=str) if as_json else f"{job['id']}  {job['status']}")
 
     @main.command()
@@ -196,10 +197,6 @@ def register(main: click.Group) -> None:
     @with_connection
     def download(job_id, dest, url, api_key, as_json):
         """Download a job's artifacts into DEST, checking each sha256."""
-        try:
-            with Client(url, api_key) as cv:
-                files = cv.download_artifacts(job_id, dest)
-        except CvoptClientError as exc:
-            _fail(str(exc), 2, as_json)
+        files = _call(url, api_key, as_json, lambda cv: cv.download_artifacts(job_id, dest))
         click.echo(json.dumps({"ok": True, "downloaded": [str(p) for p in files]}) if as_json
                    else "\n".join(str(p) for p in files))

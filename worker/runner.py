@@ -228,39 +228,37 @@ class JobRunner:
         """A store operation, retried with back-off while storage is unreachable (the client
         retries each request a few times itself; this rides out a restart). A missing object is
         not retried; the last error after CVOPT_STORAGE_RETRY_SECONDS fails the step."""
-        deadline = time.monotonic() + self.settings.storage_retry_seconds
-        delay, tries = 1.0, 0
-        while True:
+        tries = 0
+
+        def attempt():
+            nonlocal tries
             tries += 1
-            try:
-                return operation()
-            except NotFound:
-                raise
-            except Exception as exc:
-                if time.monotonic() + delay > deadline:
-                    raise StorageUnavailable(
-                        f"storage failed while {what}, {tries} tries in {self.settings.storage_retry_seconds:.0f} s: "
-                        f"{type(exc).__name__}: {str(exc)[:300]}", code="storage_unavailable",
-                    ) from exc
-                log.warning("storage failed while %s (%s); retrying in %.0f s", what, exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+            return operation()
+
+        try:
+            return _with_backoff(
+                attempt, retry_if=lambda exc: not isinstance(exc, NotFound),
+                budget_s=self.settings.storage_retry_seconds, first_s=1.0, cap_s=10.0,
+                warn=lambda exc, delay: log.warning("storage failed while %s (%s); retrying in %.0f s", what, exc,
+                                                    delay),
+            )
+        except NotFound:
+            raise
+        except Exception as exc:
+            raise StorageUnavailable(
+                f"storage failed while {what}, {tries} tries in {self.settings.storage_retry_seconds:.0f} s: "
+                f"{type(exc).__name__}: {str(exc)[:300]}", code="storage_unavailable",
+            ) from exc
 
     def _db(self, what: str, operation):
         """A row update, retried with back-off while the database is unreachable, so that a
         running job rides out a short outage instead of losing its worker's work."""
-        deadline = time.monotonic() + self.settings.db_retry_seconds
-        delay = 0.5
-        while True:
-            try:
-                return operation()
-            except OperationalError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("database unavailable while %s (%s); retrying in %.1f s", what,
-                            str(exc).splitlines()[0][:200], delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return _with_backoff(
+            operation, retry_if=lambda exc: isinstance(exc, OperationalError),
+            budget_s=self.settings.db_retry_seconds, first_s=0.5, cap_s=5.0,
+            warn=lambda exc, delay: log.warning("database unavailable while %s (%s); retrying in %.1f s", what,
+                                                str(exc).splitlines()[0][:200], delay),
+        )
 
     def _fetch_shared(self, key: str, dest: Path) -> bool:
         try:
@@ -522,6 +520,23 @@ class JobRunner:
                     elif st.status in (StepStatus.pending, StepStatus.running):
                         st.status = StepStatus.skipped
             s.commit()
+
+
+def _with_backoff(operation, *, retry_if, budget_s: float, first_s: float, cap_s: float, warn):
+    """``operation()`` until it succeeds; an error that ``retry_if`` accepts is retried after
+    ``first_s`` seconds, doubling up to ``cap_s``, while ``budget_s`` allows, each retry announced
+    through ``warn(exc, delay)``; then the last error is raised."""
+    deadline = time.monotonic() + budget_s
+    delay = first_s
+    while True:
+        try:
+            return operation()
+        except Exception as exc:
+            if not retry_if(exc) or time.monotonic() + delay > deadline:
+                raise
+            warn(exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, cap_s)
 
 
 def _json_safe(value: Any) -> Any:

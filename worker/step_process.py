@@ -139,15 +139,21 @@ def _spawn() -> _Child:
     return _Child(proc=proc, progress_r=progress_r)
 
 
+def _alive_or_new(child: _Child | None) -> _Child:
+    """``child`` if it still runs, else a new step process (a dead one's pipe is closed)."""
+    if child is not None and child.proc.poll() is None:
+        return child
+    if child is not None:
+        os.close(child.progress_r)
+    return _spawn()
+
+
 def prewarm() -> None:
     """Start the spare step process now (a worker's pool process at start-up), so that even the
     first step after a restart does not wait for imports."""
     global _spare
     with _spare_lock:
-        if _spare is None or _spare.proc.poll() is not None:
-            if _spare is not None:
-                os.close(_spare.progress_r)
-            _spare = _spawn()
+        _spare = _alive_or_new(_spare)
 
 
 def _take_child(prewarm: bool) -> _Child:
@@ -155,11 +161,7 @@ def _take_child(prewarm: bool) -> _Child:
     a new one; then another spare starts while this step runs."""
     global _spare
     with _spare_lock:
-        child, _spare = _spare, None
-        if child is None or child.proc.poll() is not None:
-            if child is not None:
-                os.close(child.progress_r)
-            child = _spawn()
+        child, _spare = _alive_or_new(_spare), None
         if prewarm:
             _spare = _spawn()
     return child

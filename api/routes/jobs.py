@@ -22,8 +22,7 @@ from core.models import Job, JobStatus
 from core.queue import enqueue_job
 from core.schemas import ArtifactsRead, JobCreate, JobRead, JobsRead, ReportRead
 from core.settings import get_settings
-from core.storage import verify_local
-from core.views import job_to_read
+from core.views import job_to_read, report_link_valid
 from core.workers import live_queues
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -96,8 +95,7 @@ def read_report_html(job_id: str, request: Request, session: SessionDep, expires
     """The job's report as one self-contained page (charts inline). Send the API key, or open
     the signed link in the job's ``report_url`` (no key needed until it expires)."""
     if sig is not None or expires is not None:
-        if expires is None or sig is None or not verify_local(f"reports/{job_id}", expires, sig,
-                                                                get_settings().signing_key()):
+        if expires is None or sig is None or not report_link_valid(job_id, expires, sig):
             raise Unauthorized("the report link is invalid or expired", code="invalid_signature")
         job = session.get(Job, job_id)
         if job is None:

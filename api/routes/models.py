@@ -13,8 +13,8 @@ from api.deps import (
     StoreDep,
     released,
 )
-from api.tenants import check_upload_quota
-from api.uploads import MULTIPART_SLACK, Upload, handle_upload, multipart_openapi
+from api.tenants import admit_upload
+from api.uploads import Upload, handle_upload, multipart_openapi
 from core.models import Model
 from core.schemas import ModelRead, ModelsRead
 
@@ -44,12 +44,7 @@ async def upload_model(request: Request, response: Response, key: CurrentKey, se
         )
         return released(session, ModelRead.model_validate(model))
 
-    def admit(declared_bytes: int) -> None:
-        # The body is the file plus the multipart framing and form fields.
-        check_upload_quota(session, key.tenant_id, settings, max(0, declared_bytes - MULTIPART_SLACK))
-        session.commit()
-
-    return await handle_upload(request, settings, create, admit)
+    return await handle_upload(request, settings, create, admit_upload(session, key.tenant_id, settings))
 
 
 @router.get("", response_model=ModelsRead)
