@@ -184,11 +184,16 @@ def tenants_create(name: str, **quotas) -> None:
     """Create a tenant and print its id."""
     from api.tenants import create_tenant
     from core.db import session_scope
+    from core.errors import CvoptError
     from core.schemas import TenantCreate
 
-    with session_scope() as session:
-        tenant = create_tenant(session=session, tenant_in=TenantCreate(name=name, **quotas))
-        click.echo(tenant.id)
+    try:
+        with session_scope() as session:
+            tenant = create_tenant(session=session, tenant_in=TenantCreate(name=name, **quotas))
+            tenant_id = tenant.id
+    except CvoptError as exc:  # a taken name
+        raise click.ClickException(exc.message) from exc
+    click.echo(tenant_id)
 
 
 @tenants.command("list")
