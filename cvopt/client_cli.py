@@ -86,24 +86,78 @@ def _fmt_size(n: int | None) -> str:
     return str(n)
 
 
+def _num(value: Any, spec: str, suffix: str = "") -> str:
+    """A report number as text; null, missing or not a number (a perfect SNR is stored as the
+    string "inf") prints as itself or "-", never a crash."""
+    if isinstance(value, bool) or value is None:
+        return "-"
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if not isinstance(value, (int, float)):
+        return "-"
+    if value != value:
+        return "-"
+    if value in (float("inf"), float("-inf")):
+        return ("∞" if value > 0 else "-∞") + suffix
+    return format(value, spec) + suffix
+
+
+def _quality(entry: dict[str, Any]) -> str:
+    """Accuracy and fidelity side by side: an agreement of 0.0 is a result, not a blank."""
+    parts = []
+    accuracy = entry.get("accuracy") or {}
+    if accuracy.get("top1") is not None:
+        parts.append("top-1 " + _num(accuracy["top1"], ".3f"))
+    fidelity = entry.get("fidelity") or {}
+    if fidelity.get("top1_agreement") is not None:
+        parts.append("agree " + _num(fidelity["top1_agreement"], ".3f"))
+    if fidelity.get("snr_db") is not None:
+        parts.append("SNR " + _num(fidelity["snr_db"], ".1f", " dB"))
+    return ", ".join(parts) or "-"
+
+
+def _throughput(entry: dict[str, Any]) -> str:
+    throughput = entry.get("throughput") or {}
+    if throughput.get("images_per_s") is not None:
+        return f"{_num(throughput['images_per_s'], '.0f')} @ {_num(throughput.get('batch'), '.0f')}"
+    return "-"
+
+
 def report_table(report: dict[str, Any]) -> str:
-    rows = [("artifact", "format", "size", "size ×", "p50 ms", "speed-up", "accuracy / fidelity")]
-    for e in report.get("entries", []):
-        quality = "-"
-        if e.get("accuracy"):
-            quality = "top-1 {:.3f}".format(e["accuracy"].get("top1", float("nan")))
-        elif e.get("fidelity"):
-            f = e["fidelity"]
-            quality = f"agree {f.get('top1_agreement', float('nan')):.3f}, SNR {f.get('snr_db', float('nan')):.1f} dB"
+    """The report as a text table, then one line per artifact that could not be measured."""
+    rows = [("artifact", "format", "size", "size ×", "p50 ms", "speed-up", "img/s @ batch", "accuracy / fidelity")]
+    notes = []
+    for e in report.get("entries") or []:
+        latency = e.get("latency_ms") or {}
         rows.append((
-            e["name"], e["format"], _fmt_size(e.get("size_bytes")), f"{e.get('size_ratio', 1):.2f}",
-            f"{e['latency_ms']['p50_ms']:.2f}" if e.get("latency_ms") else "-",
-            f"{e['speedup']:.2f}x" if e.get("speedup") else "-", quality,
+            str(e.get("name", "?")), str(e.get("format", "?")), _fmt_size(e.get("size_bytes")),
+            _num(e.get("size_ratio"), ".2f"), _num(latency.get("p50_ms"), ".2f"), _num(e.get("speedup"), ".2f", "x"),
+            _throughput(e), _quality(e),
         ))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        if e.get("throughput_error"):
+            notes.append(f"* {e.get('name')}: no throughput: {e['throughput_error']}")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
+
+
+class _JsonObject(click.ParamType):
+    name = "json"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, dict):
+            return value
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            self.fail(f"not JSON: {exc}", param, ctx)
+        if not isinstance(parsed, dict):
+            self.fail("expected a JSON object ({...})", param, ctx)
+        return parsed
 
 
 def register(main: click.Group) -> None:
@@ -117,6 +171,10 @@ def register(main: click.Group) -> None:
                   help="Labeled evaluation images.")
     @click.option("--architecture", help="The torchvision architecture of a state_dict upload.")
     @click.option("--input-shape", help="e.g. 1,3,224,224 when the model does not say.")
+    @click.option("--preprocessing", type=_JsonObject(),
+                  help='How images become inputs, as JSON, e.g. \'{"resize": 256, "mean": [0, 0, 0]}\'.')
+    @click.option("--overrides", type=_JsonObject(),
+                  help='Step configs over the preset\'s, as JSON, e.g. \'{"distill": {"epochs": 2}}\'.')
     @click.option("--name", help="A name for the job.")
     @click.option("--webhook-url", help="POSTed the job when it ends (signed).")
     @click.option("--wait/--no-wait", default=False, help="Wait for the job to end, showing progress.")
@@ -124,8 +182,8 @@ def register(main: click.Group) -> None:
     @click.option("--download", type=click.Path(file_okay=False, path_type=Path),
                   help="Download the artifacts here (implies --wait); sha256 checked.")
     @with_connection
-    def submit(model, preset, steps, calibration, evaluation, architecture, input_shape, name, webhook_url,
-               wait, timeout, download, url, api_key, as_json):
+    def submit(model, preset, steps, calibration, evaluation, architecture, input_shape, preprocessing, overrides,
+               name, webhook_url, wait, timeout, download, url, api_key, as_json):
         """Upload MODEL (and datasets), submit a job, and optionally wait and download."""
         if bool(preset) == bool(steps):
             raise click.UsageError("give --preset or one or more --step")
@@ -134,7 +192,8 @@ def register(main: click.Group) -> None:
         try:
             with Client(url, api_key) as cv:
                 uploaded = cv.upload_model(model, architecture=architecture)
-                extra: dict[str, Any] = {"name": name, "webhook_url": webhook_url}
+                extra: dict[str, Any] = {"name": name, "webhook_url": webhook_url, "preprocessing": preprocessing,
+                                         "overrides": overrides}
                 if calibration:
                     extra["calibration_dataset_id"] = cv.upload_dataset(calibration)["id"]
                 if evaluation:

@@ -54,6 +54,44 @@ def test_submit_wait_download_checks_every_file_against_the_artifact_list(stack,
     assert "% " in waited.stderr and "submitted" in waited.stderr  # progress lines while it waited
 
 
+# The README's pipeline line, without --json, once per preset family: the table must print
+# whatever the report holds (an original's null SNR, a TFLite artifact with no throughput, an
+# accuracy next to an agreement). Each: (model, preset, extra arguments).
+PIPELINES = {
+    "onnx-int8": ("onnx", []),
+    "onnx-fp16": ("onnx", []),
+    "tflite-int8": ("pt2", []),
+    "torch-int8": ("teacher", ["--architecture", "resnet18", "--input-shape", "1,3,32,32",
+                               "--preprocessing", '{"mean": [0, 0, 0], "std": [1, 1, 1]}']),
+    "prune50-distill": ("teacher", ["--architecture", "resnet18", "--input-shape", "1,3,32,32",
+                                    "--preprocessing", '{"mean": [0, 0, 0], "std": [1, 1, 1]}',
+                                    "--overrides", '{"distill": {"epochs": 1}}']),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PIPELINES))
+def test_the_readme_pipeline_line_prints_its_table(stack, digit_assets, request, tmp_path, preset):
+    model, extra = PIPELINES[preset]
+    if model == "teacher":
+        root, _, _ = request.getfixturevalue("digit_teacher")
+        model_path, calibration = root / "teacher.pt", root / "train.npz"
+    else:
+        model_path, calibration = digit_assets.models[model], digit_assets.unlabeled_zip
+        extra = [*extra, "--preprocessing", '{"mean": [0], "std": [1]}']
+    out = tmp_path / "out"
+    done = cli(stack, "submit", str(model_path), "--preset", preset, "--calibration", str(calibration),
+               "--wait", "--download", str(out), *extra, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "100.0% succeeded" in done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:3] == ["artifact", "format", "size"] and set(lines[1]) <= {"-", " "}
+    downloaded = sorted(p.name for p in out.iterdir())
+    assert downloaded and all(f"downloaded {out / name}" in done.stderr for name in downloaded)
+    names = {line.split()[0] for line in lines[2:] if line and not line.startswith("*")}
+    assert set(downloaded) <= names and model_path.name in names  # every artifact, and the original
+    assert any("agree" in line or "top-1" in line for line in lines[2:])  # each family evaluates
+
+
 def test_exit_codes_tell_a_pipeline_what_happened(stack, digit_assets):
     refused = cli(stack, "submit", str(digit_assets.models["onnx"]), "--preset", "onnx-int8", "--wait")
     assert refused.returncode == 2 and "calibration" in refused.stderr  # a 422: INT8 needs calibration data

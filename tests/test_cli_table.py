@@ -1,0 +1,46 @@
+"""The client's report table, in process: every report shape a preset can produce prints
+(nulls, "inf" SNRs, artifacts that could not be measured, no throughput, an accuracy of 0.0),
+never a traceback. The same table printed by ``cvopt submit --wait`` against the running
+service, once per preset family, is in test_client.py."""
+
+from __future__ import annotations
+
+from cvopt.client_cli import report_table
+
+
+def entry(name: str, **fields) -> dict:
+    return {"name": name, "step": fields.pop("step", None), "format": "onnx", "size_bytes": 1000, "size_ratio": 1.0,
+            "latency_ms": None, "speedup": None, "throughput": None, "accuracy": None, "fidelity": None, **fields}
+
+
+def rows(table: str) -> dict[str, str]:
+    return {line.split()[0]: line for line in table.splitlines()[2:] if line and not line.startswith(("*", " "))}
+
+
+def test_every_report_shape_prints():
+    report = {"entries": [
+        # The original: measured, compared with itself (SNR null, or "inf" as stored in JSON).
+        entry("model.onnx", latency_ms={"p50_ms": 2.0, "p90_ms": 2.5, "p99_ms": 3.0}, speedup=1.0,
+              throughput={"batch": 8, "images_per_s": 4000.0, "p50_ms": 2.0},
+              fidelity={"top1_agreement": 1.0, "snr_db": None, "cosine": 1.0}),
+        entry("01-quantize_int8.onnx", step="quantize_int8", size_ratio=0.26,
+              latency_ms={"p50_ms": 1.0, "p90_ms": 1.2, "p99_ms": 1.3}, speedup=2.0,
+              fidelity={"top1_agreement": 0.0, "snr_db": "inf"}, accuracy={"top1": 0.0, "top5": 0.1}),
+        # Not measured at all (a benchmark that failed for it), and one whose batch 8 failed.
+        entry("02-convert_fp16.onnx", step="convert_fp16", size_ratio=None),
+        entry("03-x.onnx", step="x", latency_ms={"p50_ms": 3.0}, throughput_error="the batch axis is fixed at 1"),
+    ]}
+    table = report_table(report)
+    by_name = rows(table)
+    assert set(by_name) == {"model.onnx", "01-quantize_int8.onnx", "02-convert_fp16.onnx", "03-x.onnx"}
+    assert "4000 @ 8" in by_name["model.onnx"] and "agree 1.000" in by_name["model.onnx"]
+    int8 = by_name["01-quantize_int8.onnx"]
+    assert "top-1 0.000" in int8 and "agree 0.000" in int8 and "SNR ∞ dB" in int8 and "2.00x" in int8
+    assert by_name["02-convert_fp16.onnx"].split()[4:] == ["-"] * 5
+    assert "* 03-x.onnx: no throughput: the batch axis is fixed at 1" in table
+
+
+def test_an_empty_or_partial_report_prints():
+    assert report_table({"entries": []}).splitlines()[0].startswith("artifact")
+    assert report_table({}).splitlines()[0].startswith("artifact")
+    assert "?" in report_table({"entries": [{"latency_ms": {"p50_ms": None}, "throughput": {"batch": 8}}]})
