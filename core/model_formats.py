@@ -43,6 +43,9 @@ TORCHVISION_ARCHITECTURES: dict[str, int] = {
     "convnext_tiny": 224, "convnext_small": 224, "vgg11": 224, "vgg16": 224, "alexnet": 224,
     "googlenet": 224, "inception_v3": 299,
 }
+# Each architecture's state_dict keys and shapes (written by tests/architecture_shapes.py, which
+# a test runs against the installed torchvision).
+SHAPES_FILE = Path(__file__).with_name("torchvision_shapes.json.gz")
 # Everything a plain (or checkpoint-wrapped) state_dict pickle refers to. Anything else in the
 # pickle's opcodes means it would run other code when loaded: refused, never loaded.
 STATE_DICT_GLOBALS = {
@@ -324,25 +327,14 @@ def _inspect_exported_program(zf: zipfile.ZipFile, member: str) -> ModelInfo:
     )
 
 
-def _pickle_globals(data: bytes) -> set[str]:
-    """The classes and functions a pickle would import, read from its opcodes (not run)."""
-    found, strings = set(), []
-    for op, arg, _pos in pickletools.genops(data):
-        if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
-            found.add(arg.replace(" ", "."))
-        elif op.name == "STACK_GLOBAL":
-            found.add(f"{strings[-2]}.{strings[-1]}" if len(strings) >= 2 else "?")
-        if isinstance(arg, str):
-            strings.append(arg)
-    return found
-
-
 def _inspect_state_dict(zf: zipfile.ZipFile, data_pkl: str, architecture: str) -> ModelInfo:
     try:
-        used = _pickle_globals(zf.read(data_pkl))
-    except Exception as exc:  # a malformed opcode stream
-        raise UnsupportedMedia(f"the checkpoint's pickle is corrupt: {exc}", code="corrupt_model") from exc
-    foreign = sorted(used - STATE_DICT_GLOBALS)
+        checkpoint, foreign = _read_weights_pickle(zf.read(data_pkl))
+    except _UnreadablePickle as exc:
+        checkpoint, foreign = None, exc.foreign
+        if not foreign:
+            raise UnsupportedMedia(f"the checkpoint's pickle could not be read as weights: {exc}",
+                                   code="corrupt_model") from exc
     if foreign:
         raise UnsupportedMedia(
             "the checkpoint is not a plain state_dict: its pickle refers to "
@@ -350,6 +342,7 @@ def _inspect_state_dict(zf: zipfile.ZipFile, data_pkl: str, architecture: str) -
             code="pickle_not_allowed",
             details={"globals": foreign[:20]},
         )
+    _check_state_dict_fits(checkpoint, architecture)
     size = TORCHVISION_ARCHITECTURES[architecture]
     return ModelInfo(
         format=STATE_DICT,
@@ -358,6 +351,196 @@ def _inspect_state_dict(zf: zipfile.ZipFile, data_pkl: str, architecture: str) -
         outputs=[],
         details={"architecture": architecture, "default_input_shape": [1, 3, size, size]},
     )
+
+
+@dataclass(frozen=True)
+class _TensorShape:
+    """What a state_dict pickle says of one tensor, without its data."""
+
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Global:
+    name: str
+
+
+_PUSH_ARGUMENT = {
+    "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "BININT", "BININT1", "BININT2", "INT", "LONG",
+    "LONG1", "LONG4", "BINFLOAT", "FLOAT", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BINSTRING", "SHORT_BINSTRING",
+    "STRING",
+}
+
+
+class _UnreadablePickle(ValueError):
+    def __init__(self, message: str, foreign: list[str]) -> None:
+        super().__init__(message)
+        self.foreign = foreign
+
+
+def _read_weights_pickle(data: bytes) -> tuple[Any, list[str]]:
+    """(the structure of a weights-only pickle: dicts, lists, tuples, numbers, strings, each tensor
+    as its shape; the globals it names beyond STATE_DICT_GLOBALS). The opcodes are interpreted
+    here, never by ``pickle``: nothing is imported or called. Globals are resolved as the stack
+    resolves them (a protocol-4 STACK_GLOBAL may take memoized strings), so what is checked is
+    what an unpickler would import."""
+    foreign: list[str] = []
+    try:
+        return _interpret_weights_pickle(data, foreign), foreign
+    except (ValueError, IndexError, KeyError, TypeError, AttributeError) as exc:
+        raise _UnreadablePickle(str(exc) or type(exc).__name__, foreign) from exc
+
+
+def _global(name: str, foreign: list[str]) -> _Global:
+    if name not in STATE_DICT_GLOBALS and name not in foreign:
+        foreign.append(name)
+    return _Global(name)
+
+
+def _interpret_weights_pickle(data: bytes, foreign: list[str]) -> Any:
+    stack: list[Any] = []
+    marks: list[int] = []
+    memo: dict[int, Any] = {}
+
+    def pop_mark() -> list[Any]:
+        start = marks.pop()
+        items = stack[start:]
+        del stack[start:]
+        return items
+
+    for op, arg, _pos in pickletools.genops(data):
+        name = op.name
+        if name in ("PROTO", "FRAME", "STOP"):
+            continue
+        if name == "MARK":
+            marks.append(len(stack))
+        elif name in _PUSH_ARGUMENT:
+            stack.append(arg)
+        elif name == "NONE":
+            stack.append(None)
+        elif name in ("NEWTRUE", "NEWFALSE"):
+            stack.append(name == "NEWTRUE")
+        elif name in ("EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE"):
+            stack.append({"EMPTY_DICT": {}, "EMPTY_LIST": [], "EMPTY_TUPLE": ()}[name])
+        elif name in ("DICT", "LIST", "TUPLE"):
+            items = pop_mark()
+            stack.append(dict(zip(items[::2], items[1::2], strict=True)) if name == "DICT"
+                         else list(items) if name == "LIST" else tuple(items))
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            n = int(name[-1])
+            items = tuple(stack[-n:])
+            del stack[-n:]
+            stack.append(items)
+        elif name == "APPEND":
+            value = stack.pop()
+            stack[-1].append(value)
+        elif name == "APPENDS":
+            items = pop_mark()
+            stack[-1].extend(items)
+        elif name == "SETITEM":
+            value, key = stack.pop(), stack.pop()
+            stack[-1][key] = value
+        elif name == "SETITEMS":
+            items = pop_mark()
+            stack[-1].update(zip(items[::2], items[1::2], strict=True))
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = stack[-1]
+        elif name == "MEMOIZE":
+            memo[len(memo)] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo[arg])
+        elif name in ("GLOBAL", "INST"):
+            stack.append(_global(arg.replace(" ", "."), foreign))
+            if name == "INST":
+                raise ValueError(f"an instance of {arg.replace(' ', '.')}")
+        elif name == "STACK_GLOBAL":
+            attr, module = stack.pop(), stack.pop()
+            stack.append(_global(f"{module}.{attr}", foreign))
+        elif name == "BINPERSID":
+            stack[-1] = ("storage", stack[-1])  # a reference to a data file; its bytes are not needed
+        elif name == "REDUCE":
+            args, fn = stack.pop(), stack.pop()
+            stack.append(_reduce(fn, args))
+        elif name == "BUILD":
+            stack.pop()  # an object's state (an OrderedDict's _metadata): not part of the weights
+        else:
+            raise ValueError(f"unexpected pickle opcode {name}")
+    if len(stack) != 1:
+        raise ValueError("the pickle does not end with one object")
+    return stack[0]
+
+
+def _reduce(fn: Any, args: tuple) -> Any:
+    if not isinstance(fn, _Global):
+        raise ValueError("a call of something that is not a global")
+    if fn.name not in STATE_DICT_GLOBALS:
+        return None  # refused by the caller, which lists every such global
+    if fn.name == "collections.OrderedDict":
+        return dict(args[0]) if args else {}
+    if fn.name == "torch._utils._rebuild_tensor_v2":
+        return _TensorShape(tuple(int(d) for d in args[2]))
+    if fn.name == "torch._utils._rebuild_parameter":
+        return args[0]
+    raise ValueError(f"a call of {fn.name}")
+
+
+_SHAPES: dict[str, dict[str, Any]] | None = None
+
+
+def _architecture_shapes(architecture: str) -> dict[str, Any]:
+    global _SHAPES
+    if _SHAPES is None:
+        import gzip
+
+        _SHAPES = json.loads(gzip.decompress(SHAPES_FILE.read_bytes()))
+    return _SHAPES[architecture]
+
+
+def _unwrap_checkpoint(obj: Any) -> Any:
+    """A plain state_dict, or one wrapped the way training scripts save checkpoints (the same
+    keys the worker unwraps)."""
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def _check_state_dict_fits(checkpoint: Any, architecture: str) -> None:
+    """Refuse weights that torchvision's ``architecture`` would not load, naming the first
+    mismatches: what the worker would find only when a job runs, and what must never reach a
+    step's cache. A pruned model saved by this service records its changed shapes beside its
+    weights (``module_attributes``): only its keys are checked."""
+    state = _unwrap_checkpoint(checkpoint)
+    tensors = {k: v for k, v in state.items() if isinstance(v, _TensorShape)} if isinstance(state, dict) else {}
+    if not tensors:
+        raise InvalidInput("the checkpoint holds no state_dict (no tensors found)", code="state_dict_mismatch",
+                           details={"architecture": architecture})
+    pruned = isinstance(checkpoint, dict) and isinstance(checkpoint.get("module_attributes"), dict)
+    expected = _architecture_shapes(architecture)
+    want: dict[str, list[int | None]] = expected["tensors"]
+    optional = set(expected["optional"])
+    if optional and not optional & set(tensors):
+        want = {k: v for k, v in want.items() if k not in optional}
+    # Checkpoints from before BatchNorm counted its batches load without those counters.
+    missing = [k for k in want if k not in tensors and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in tensors if k not in want]
+    wrong = [] if pruned else [
+        f"{k}: {list(tensors[k].shape)} (expected {['*' if d is None else d for d in want[k]]})"
+        for k in want if k in tensors and (len(tensors[k].shape) != len(want[k]) or any(
+            d is not None and d != got for d, got in zip(want[k], tensors[k].shape, strict=False)))
+    ]
+    if missing or unexpected or wrong:
+        parts = [f"{len(v)} {what} (first: {', '.join(v[:3])})" for what, v in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if v]
+        hint = ""
+        if unexpected and all(k.startswith("module.") for k in unexpected):
+            hint = "; the keys start with 'module.' (saved from DataParallel): save model.module.state_dict()"
+        raise InvalidInput(
+            f"the weights do not fit torchvision's {architecture}: " + "; ".join(parts) + hint,
+            code="state_dict_mismatch",
+            details={"architecture": architecture, "missing_keys": missing[:20], "unexpected_keys": unexpected[:20],
+                     "shape_mismatches": wrong[:20]},
+        )
 
 
 _FORWARD_RE = re.compile(r"def forward\(self(?:: [\w.]+)?,?(?P<args>.*?)\)\s*->", re.S)

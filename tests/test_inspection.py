@@ -182,3 +182,17 @@ def test_every_listed_architecture_exists_in_torchvision():
     from core.model_formats import TORCHVISION_ARCHITECTURES
 
     assert set(TORCHVISION_ARCHITECTURES) <= set(torchvision.models.list_models(module=torchvision.models))
+
+
+@pytest.mark.parametrize("member", ["../escape.txt", "archive/../../escape.txt", "/etc/cron.d/x"])
+def test_a_pt2_archive_with_an_unsafe_member_path_is_refused_at_upload(digit_assets, tmp_path, member):
+    """Like dataset zips and tars: nothing with a path outside the archive reaches the worker,
+    whose torch.export.load would unpack it."""
+    path = tmp_path / "model.pt2"
+    with zipfile.ZipFile(digit_assets.models["pt2"]) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        dst.writestr(member, b"x")
+    with pytest.raises(InvalidInput) as err:
+        inspect_model(path)
+    assert err.value.code == "unsafe_archive" and member in err.value.message
