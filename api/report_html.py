@@ -6,10 +6,11 @@ fallback kept in float. Everything the user supplied is escaped."""
 from __future__ import annotations
 
 import json
+import math
 from html import escape
 
 from core.models import Job, StepStatus
-from core.schemas import ReportRead
+from core.schemas import ReportEntry, ReportRead
 
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f"]
 STATUS_COLOR = {"succeeded": "#2e7d32", "failed": "#c62828", "cancelled": "#757575", "running": "#1565c0",
@@ -24,11 +25,14 @@ def _num(value: float, digits: int | None) -> str:
 
 
 def _bars(title: str, unit: str, rows: list[tuple[str, float | None, float | None]], *, chart_id: str,
-          digits: int | None = None) -> str:
-    """Horizontal bars (value, optional whisker end); rows without a value say 'not measured'."""
+          digits: int | None = None, scale_max: float | None = None) -> str:
+    """Horizontal bars (value, optional whisker end); rows without a value say 'not measured'.
+    ``scale_max``: a fixed full scale, drawn as a grey track, for values read as absolutes (an
+    accuracy of 0.06 must look small); without it the largest value fills the bar."""
     label_w, bar_w, row_h = 230, 380, 26
     height = 34 + row_h * max(1, len(rows))
-    top = max([v for _, v, _ in rows if v is not None] + [w for _, _, w in rows if w is not None] + [1e-9])
+    top = scale_max or max([v for _, v, _ in rows if v is not None] + [w for _, _, w in rows if w is not None]
+                           + [1e-9])
     parts = [f'<svg class="chart" id="{chart_id}" role="img" aria-label="{escape(title)}" '
              f'viewBox="0 0 {label_w + bar_w + 90} {height}" width="{label_w + bar_w + 90}" height="{height}">',
              f'<text x="0" y="16" class="title">{escape(title)}</text>']
@@ -38,11 +42,14 @@ def _bars(title: str, unit: str, rows: list[tuple[str, float | None, float | Non
         if value is None:
             parts.append(f'<text x="{label_w + 4}" y="{y + 15}" class="muted">not measured</text>')
             continue
-        w = bar_w * value / top
+        w = bar_w * min(value, top) / top
         color = PALETTE[i % len(PALETTE)]
+        if scale_max:
+            parts.append(f'<rect class="track" x="{label_w}" y="{y + 3}" width="{bar_w}" height="{row_h - 8}" '
+                         f'fill="#eee"/>')
         parts.append(f'<rect class="bar" x="{label_w}" y="{y + 3}" width="{max(w, 1):.1f}" height="{row_h - 8}" '
                      f'fill="{color}"><title>{escape(label)}: {_num(value, digits)} {unit}</title></rect>')
-        end = w
+        end = bar_w if scale_max else w
         if whisker is not None and whisker > value:
             x1, x2 = label_w + w, label_w + bar_w * whisker / top
             mid = y + 3 + (row_h - 8) / 2
@@ -55,32 +62,73 @@ def _bars(title: str, unit: str, rows: list[tuple[str, float | None, float | Non
     return "".join(parts)
 
 
+# A label's box, from its length: an upper bound on a 12px system-ui character's advance and
+# the text's height above and below its baseline.
+CHAR_W, ASCENT, DESCENT = 7.0, 11, 3
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _place_labels(points: list[tuple[str, float, float]], bounds: tuple[float, float, float, float],
+                  radius: float) -> list[tuple[float, float, str, bool]]:
+    """(x, baseline y, text-anchor, needs a leader line) for each point's label: the nearest spot
+    beside or above/below its point that stays in ``bounds`` and clears every point and every label
+    placed before it. Artifacts often sit on top of each other (an export and its copy)."""
+    taken = [(x - radius, y - radius, x + radius, y + radius) for _, x, y in points]
+    placed = []
+    for label, x, y in points:
+        width = len(label) * CHAR_W
+        candidates = []
+        for shift in sorted(range(-14, 15), key=abs):  # rows of text above and below the point
+            ty = y + 4 + shift * (ASCENT + DESCENT + 1)
+            for anchor, tx in (("start", x + radius + 3), ("end", x - radius - 3)):
+                x0 = tx if anchor == "start" else tx - width
+                candidates.append((tx, ty, anchor, shift != 0, (x0, ty - ASCENT, x0 + width, ty + DESCENT)))
+        inside = [c for c in candidates if bounds[0] <= c[4][0] and c[4][2] <= bounds[2]
+                  and bounds[1] <= c[4][1] and c[4][3] <= bounds[3]] or candidates
+        free = (c for c in inside if not any(_overlap(c[4], t) for t in taken))
+        tx, ty, anchor, leader, box = next(free, inside[0])
+        taken.append(box)
+        placed.append((tx, ty, anchor, leader))
+    return placed
+
+
 def _scatter(points: list[tuple[str, float, float]]) -> str:
     """Size (MB) against p50 latency (ms): down and left is better."""
-    w, h, pad, right = 700, 340, 56, 130  # room on the right for the last point's label
+    # The left margin holds ticks like "0.0255" beside the rotated axis title; the right one, the
+    # label of a point at the largest size.
+    w, h, left, bottom, right = 700, 340, 72, 56, 130
     if not points:
         return '<p class="muted">No latency measured: add a benchmark step to the recipe.</p>'
     max_x = max(p[1] for p in points) * 1.15 or 1
     max_y = max(p[2] for p in points) * 1.15 or 1
     parts = [f'<svg class="chart" id="scatter" role="img" aria-label="size against latency" viewBox="0 0 {w} {h}" '
              f'width="{w}" height="{h}">',
-             f'<line x1="{pad}" y1="{h - pad}" x2="{w - right}" y2="{h - pad}" stroke="#555"/>',
-             f'<line x1="{pad}" y1="10" x2="{pad}" y2="{h - pad}" stroke="#555"/>',
-             f'<text x="{(w - right + pad) / 2}" y="{h - 16}" text-anchor="middle" class="label">size (MB)</text>',
-             f'<text x="16" y="{(h - pad) / 2}" transform="rotate(-90 16 {(h - pad) / 2})" text-anchor="middle" '
+             f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="#555"/>',
+             f'<line x1="{left}" y1="10" x2="{left}" y2="{h - bottom}" stroke="#555"/>',
+             f'<text x="{(w - right + left) / 2}" y="{h - 16}" text-anchor="middle" class="label">size (MB)</text>',
+             f'<text x="16" y="{(h - bottom) / 2}" transform="rotate(-90 16 {(h - bottom) / 2})" text-anchor="middle" '
              f'class="label">p50 latency, batch 1 (ms)</text>']
     for frac in (0, 0.5, 1):
-        parts.append(f'<text x="{pad + frac * (w - pad - right):.0f}" y="{h - pad + 16}" text-anchor="middle" '
+        parts.append(f'<text x="{left + frac * (w - left - right):.0f}" y="{h - bottom + 16}" text-anchor="middle" '
                      f'class="tick">{_num(frac * max_x, None)}</text>')
-        parts.append(f'<text x="{pad - 6}" y="{h - pad - frac * (h - pad - 10) + 4:.0f}" text-anchor="end" '
+        parts.append(f'<text x="{left - 6}" y="{h - bottom - frac * (h - bottom - 10) + 4:.0f}" text-anchor="end" '
                      f'class="tick">{_num(frac * max_y, None)}</text>')
-    for i, (label, size, latency) in enumerate(points):
-        x = pad + size / max_x * (w - pad - right)
-        y = h - pad - latency / max_y * (h - pad - 10)
+    xy = [(label[:28], left + size / max_x * (w - left - right), h - bottom - latency / max_y * (h - bottom - 10))
+          for label, size, latency in points]
+    labels = _place_labels(xy, (left + 2, 0, w, h - bottom - 2), radius=6)
+    for i, ((label, x, y), (tx, ty, anchor, leader)) in enumerate(zip(xy, labels, strict=True)):
         color = PALETTE[i % len(PALETTE)]
+        name, size, latency = points[i]
         parts.append(f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{color}">'
-                     f'<title>{escape(label)}: {size:.2f} MB, {latency:.2f} ms</title></circle>')
-        parts.append(f'<text x="{x + 9:.1f}" y="{y - 7:.1f}" class="tick">{escape(label[:28])}</text>')
+                     f'<title>{escape(name)}: {size:.2f} MB, {_num(latency, None)} ms</title></circle>')
+        if leader:
+            parts.append(f'<line class="leader" x1="{x:.1f}" y1="{y:.1f}" x2="{tx:.1f}" y2="{ty - 4:.1f}" '
+                         f'stroke="{color}" stroke-width="0.8"/>')
+        parts.append(f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="{anchor}" class="point-label">'
+                     f'{escape(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -116,19 +164,53 @@ def _fallback_tables(job: Job) -> str:
     return "".join(out)
 
 
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _quality(e: ReportEntry) -> str:
+    """Accuracy and fidelity side by side: an accuracy must not hide an agreement of 0.0, and
+    0.0 is a value, not a missing one."""
+    parts = []
+    if e.accuracy:
+        parts.append(f"top-1 {_fraction(e.accuracy.get('top1'))}")
+    if e.fidelity:
+        parts.append(f"agreement {_fraction(e.fidelity.get('top1_agreement'))}")
+        snr = e.fidelity.get("snr_db")
+        if snr is not None:
+            parts.append("SNR ∞ dB" if math.isinf(snr) else f"SNR {snr:.1f} dB")
+    return ", ".join(parts) or "-"
+
+
+def _throughput(e: ReportEntry, notes: list[str]) -> str:
+    """Images/s at the largest batch measured; why a larger one could not be goes to ``notes``,
+    once per distinct reason (a batch fixed at 1 fails every artifact the same way)."""
+    measured = f"{e.throughput['images_per_s']:.0f} img/s at batch {e.throughput['batch']:.0f}" if e.throughput else ""
+    if not e.throughput_error:
+        return measured or "-"
+    if e.throughput_error not in notes:
+        notes.append(e.throughput_error)
+    mark = f'<sup>{notes.index(e.throughput_error) + 1}</sup>'
+    failed = "larger batch failed" if measured else "not measured"
+    return f'{measured}{"<br>" if measured else ""}<span class="why">{failed} {mark}</span>'
+
+
 def render(job: Job, report: ReportRead) -> str:
     entries = report.entries
     mb = [(e.name, e.size_bytes / 1e6, None) for e in entries]
     latency = [(e.name, e.latency_ms["p50_ms"] if e.latency_ms else None,
                 e.latency_ms.get("p90_ms") if e.latency_ms else None) for e in entries]
     labeled = any(e.accuracy for e in entries)
+    accuracy = [(e.name, (e.accuracy or {}).get("top1"), None) for e in entries]
+    agreement = [(e.name, e.fidelity.get("top1_agreement") if e.fidelity else (1.0 if e.step is None else None), None)
+                 for e in entries]
+    quality_charts = ""
     if labeled:
-        quality = [(e.name, (e.accuracy or {}).get("top1"), None) for e in entries]
-        quality_title = "Top-1 accuracy on the evaluation set"
-    else:
-        quality = [(e.name, (e.fidelity or {}).get("top1_agreement") if e.fidelity else (1.0 if e.step is None else None),
-                    None) for e in entries]
-        quality_title = "Fidelity: top-1 agreement with the original"
+        quality_charts += _bars("Top-1 accuracy on the evaluation set", "", accuracy, chart_id="accuracy-chart",
+                                digits=4, scale_max=1.0)
+    if not labeled or any(e.fidelity for e in entries):
+        quality_charts += _bars("Fidelity: top-1 agreement with the original", "", agreement,
+                                chart_id="agreement-chart", digits=4, scale_max=1.0)
     points = [(e.name, e.size_bytes / 1e6, e.latency_ms["p50_ms"]) for e in entries if e.latency_ms]
     step_rows = "".join(
         f'<tr><td>{s.index}</td><td>{escape(s.name)}</td>'
@@ -138,20 +220,16 @@ def render(job: Job, report: ReportRead) -> str:
         f"<td>{escape(s.message or '')}</td></tr>"
         for s in job.steps
     )
-    table_rows = ""
+    table_rows, throughput_notes = "", []
     for e in entries:
-        q = "-"
-        if e.accuracy:
-            q = f"top-1 {e.accuracy.get('top1', float('nan')):.4f}"
-        elif e.fidelity:
-            q = (f"agreement {e.fidelity.get('top1_agreement', float('nan')):.4f}, "
-                 f"SNR {e.fidelity.get('snr_db', float('nan')):.1f} dB")
-        lat = f"{e.latency_ms['p50_ms']:.2f} / {e.latency_ms['p90_ms']:.2f}" if e.latency_ms else "-"
+        lat = f"{_num(e.latency_ms['p50_ms'], None)} / {_num(e.latency_ms['p90_ms'], None)}" if e.latency_ms else "-"
         table_rows += (
             f"<tr><td>{escape(e.name)}</td><td>{escape(e.format)}</td><td>{e.size_bytes / 1e6:.2f} MB</td>"
             f"<td>{e.size_ratio:.2f}</td><td>{lat}</td><td>{f'{e.speedup:.2f}x' if e.speedup else '-'}</td>"
-            f"<td>{escape(q)}</td></tr>"
+            f"<td>{_throughput(e, throughput_notes)}</td><td>{escape(_quality(e))}</td></tr>"
         )
+    notes = "".join(f'<p class="why"><sup>{i}</sup> throughput not measured: {escape(note)}</p>'
+                    for i, note in enumerate(throughput_notes, 1))
     error = ""
     if job.error_code:
         error = (f'<p class="error">Failed at step {escape(job.error_step or "-")}: {escape(job.error_code)}: '
@@ -168,6 +246,7 @@ h1 {{ font-size: 22px; margin-bottom: 4px; }} h2 {{ font-size: 17px; margin-top:
 table {{ border-collapse: collapse; margin: 8px 0 16px; }} td, th {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; }}
 code {{ font-size: 12px; }} .muted {{ fill: #888; color: #888; }} .error {{ color: #c62828; font-weight: 600; }}
 svg.chart text {{ font: 12px system-ui, sans-serif; }} svg.chart .title {{ font-weight: 600; font-size: 13px; }}
+.why {{ color: #a04000; font-size: 12px; }} #artifacts td:not(:last-child) {{ white-space: nowrap; }}
 .status {{ font-weight: 600; }} .grid {{ display: grid; grid-template-columns: 1fr; gap: 8px; }}
 </style></head>
 <body>
@@ -179,11 +258,13 @@ svg.chart text {{ font: 12px system-ui, sans-serif; }} svg.chart .title {{ font-
 <h2>Steps</h2>
 <table id="steps"><tr><th>#</th><th>step</th><th>status</th><th>duration</th><th>config</th><th>note</th></tr>{step_rows}</table>
 <h2>Original and artifacts</h2>
-<table id="artifacts"><tr><th>name</th><th>format</th><th>size</th><th>size ×</th><th>p50 / p90 ms (batch 1)</th><th>speed-up</th><th>quality</th></tr>{table_rows}</table>
+<table id="artifacts"><tr><th>name</th><th>format</th><th>size</th><th>size ×</th><th>p50 / p90 ms (batch 1)</th>
+<th>speed-up</th><th>throughput</th><th>quality</th></tr>{table_rows}</table>
+{notes}
 <div class="grid">
 {_bars("Size", "MB", mb, chart_id="size-chart", digits=2)}
 {_bars("Latency at batch 1: p50, whisker to p90", "ms", latency, chart_id="latency-chart")}
-{_bars(quality_title, "", quality, chart_id="quality-chart", digits=4)}
+{quality_charts}
 </div>
 <h2>Size against latency</h2>
 {_scatter(points)}

@@ -42,7 +42,14 @@ async function refresh() {
       const row = body.insertRow();
       row.dataset.jobId = job.id;
       cell(row, job.name || job.id.slice(0, 12));
-      cell(row, job.status + (job.error ? ": " + job.error.code : ""), "status " + job.status);
+      const status = cell(row, job.status + (job.error ? ": " + job.error.code : ""), "status " + job.status);
+      if (job.waiting_for) {
+        // A queued job nobody can take (a GPU job, no GPU worker up) must not look merely slow.
+        const waiting = document.createElement("span");
+        waiting.className = "waiting";
+        waiting.textContent = "waiting for a " + job.waiting_for;
+        status.append(" ", waiting);
+      }
       cell(row, job.preset || job.steps.map((s) => s.name).join(" → "));
       const p = cell(row, "");
       const bar = document.createElement("span");
