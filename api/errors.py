@@ -16,6 +16,7 @@ log = logging.getLogger("cvopt.api")
 
 STATUS = {
     errors.NotFound: 404,
+    errors.BadRequest: 400,
     errors.Unauthorized: 401,
     errors.Forbidden: 403,
     errors.QuotaExceeded: 429,

@@ -11,19 +11,25 @@ import hashlib
 import os
 import re
 import tempfile
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from fastapi import Request
+from pydantic import TypeAdapter, ValidationError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
-from core.errors import InvalidInput, PayloadTooLarge
+from core.errors import BadRequest, InvalidInput, PayloadTooLarge
+from core.schemas import Name
 from core.settings import Settings
+from core.storage import safe_filename
 
 MAX_TEXT_FIELD = 4096
+# A file system's limit for one path part is 255 bytes; the object key ends with the file name.
+MAX_FILENAME_BYTES = 200
 # What a multipart body may hold beyond its file: boundaries, part headers, a few text fields.
 MULTIPART_SLACK = 64 * 1024
 
@@ -41,9 +47,41 @@ class Upload:
 
 
 def _safe_filename(name: str) -> str:
-    name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "upload"
-    return name[:200]
+    """The user's file name, unicode kept (it is also the object's key and a file name on disk):
+    no path, no control characters, at most MAX_FILENAME_BYTES of UTF-8 with its suffix kept."""
+    name = unicodedata.normalize("NFC", safe_filename(name, "upload"))
+    stem, dot, suffix = name.rpartition(".")
+    if not stem or len(suffix.encode()) > 32:
+        stem, dot, suffix = name, "", ""
+    room = MAX_FILENAME_BYTES - len((dot + suffix).encode())
+    return stem.encode()[:room].decode("utf-8", "ignore") + dot + suffix
+
+
+def content_length(request: Request) -> int | None:
+    """The body's declared size, None when not declared. uvicorn answers a malformed Content-Length
+    itself (a plain-text 400) before the app; one that gets here (another server, a test client) is
+    refused in the JSON error shape rather than read as "unknown"."""
+    values = request.headers.getlist("content-length")
+    if not values:
+        return None
+    if len(set(values)) > 1 or not re.fullmatch(r"[0-9]{1,18}", values[0].strip()):
+        raise BadRequest(f"the Content-Length header {', '.join(values)!r} is not a number of bytes",
+                         code="invalid_content_length")
+    return int(values[0])
+
+
+_NAME = TypeAdapter(Name)
+
+
+def _check_name_field(value: str) -> str:
+    """The form's display name, held to the rules of a JSON ``name`` and refused in the shape of a
+    JSON body's validation error."""
+    try:
+        return _NAME.validate_python(value)
+    except ValidationError as exc:
+        errors = [{"loc": ["body", "name"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        raise InvalidInput(f"name: {errors[0]['msg']}", code="validation_error",
+                           details={"errors": errors}) from None
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -60,8 +98,8 @@ async def receive_upload(request: Request, *, file_field: str, max_bytes: int, t
         raise InvalidInput(
             f"send the file as multipart/form-data in the field {file_field!r}", code="multipart_required"
         )
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > max_bytes + MULTIPART_SLACK:
+    length = content_length(request)
+    if length is not None and length > max_bytes + MULTIPART_SLACK:
         raise _too_large(max_bytes)
 
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +187,8 @@ async def receive_upload(request: Request, *, file_field: str, max_bytes: int, t
             raise InvalidInput(f"no file in the multipart field {file_field!r}", code="file_required")
         if got_file["size"] == 0:
             raise InvalidInput("the uploaded file is empty", code="empty_file")
+        if "name" in fields:
+            fields["name"] = _check_name_field(fields["name"])
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
@@ -171,8 +211,8 @@ async def handle_upload(request: Request, settings: Settings, create: Callable[[
     any of the body is read (quotas), with the file's size as far as Content-Length tells it (the
     body less its multipart framing and form fields; 0 when unknown)."""
     if admit is not None:
-        length = request.headers.get("content-length", "")
-        await run_in_threadpool(admit, max(0, int(length) - MULTIPART_SLACK) if length.isdigit() else 0)
+        length = content_length(request) or 0
+        await run_in_threadpool(admit, max(0, length - MULTIPART_SLACK))
     upload = await receive_upload(request, file_field="file", max_bytes=settings.max_upload_bytes,
                                   tmp_dir=settings.upload_tmp_dir)
     try:

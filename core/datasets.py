@@ -80,9 +80,11 @@ def _check_member_name(name: str) -> None:
 
 
 def check_zip_sizes(zf: zipfile.ZipFile, *, member_cap: int = MAX_ARCHIVE_BYTES) -> None:
-    """Refuse zip bombs from the central directory, before anything is decompressed."""
+    """Refuse zip bombs and unsafe member paths (``../``, absolute) from the central directory,
+    before anything is decompressed."""
     total = 0
     for info in zf.infolist():
+        _check_member_name(info.filename)
         total += info.file_size
         if info.file_size > member_cap:
             raise InvalidInput(f"archive member {info.filename!r} expands to {info.file_size} bytes "
@@ -177,6 +179,8 @@ def open_archive(path: Path, fmt: str):
 
 
 def decode_image(data: bytes, name: str):
+    """The image in the dataset's member ``name``; InvalidInput naming the member and saying why
+    it is not one (Pillow's own message names an in-memory buffer, not the file)."""
     import io
 
     from PIL import Image, UnidentifiedImageError
@@ -184,9 +188,17 @@ def decode_image(data: bytes, name: str):
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidInput(f"{name} is not a readable image: {exc}", code="invalid_image") from exc
+    except UnidentifiedImageError as exc:
+        why = "the file is empty" if not data else f"its {len(data)} bytes are not in an image format Pillow reads"
+        raise _invalid_image(name, why) from exc
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:  # truncated, corrupt, huge
+        raise _invalid_image(name, str(exc)) from exc
     return img
+
+
+def _invalid_image(name: str, why: str) -> InvalidInput:
+    return InvalidInput(f"dataset member {name!r} is not a readable image: {why}", code="invalid_image",
+                        details={"member": name, "reason": why})
 
 
 def _npy_header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype]:

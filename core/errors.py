@@ -26,6 +26,12 @@ class Unauthorized(CvoptError):
     code = "unauthorized"
 
 
+class BadRequest(CvoptError):
+    """The request itself is malformed (a header that is not what HTTP says it is)."""
+
+    code = "bad_request"
+
+
 class InvalidInput(CvoptError):
     """The request is well-formed but cannot be acted on (bad recipe, bad shapes, ...)."""
 

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.models import JobStatus, StepStatus
+
+
+def check_name(value: str) -> str:
+    """A name a user gives (job, model, dataset, API key) is stored as text and shown in pages and
+    logs: no control characters (Postgres refuses NUL in text; a newline forges a log line)."""
+    bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise ValueError(f"must not contain control characters (found {bad!r})")
+    return value
+
+
+Name = Annotated[str, Field(max_length=200), AfterValidator(check_name)]  # 200: the columns' size
 
 
 class ErrorBody(BaseModel):
@@ -119,7 +132,7 @@ class JobCreate(BaseModel):
     overrides: dict[str, dict[str, Any]] | None = Field(
         default=None, description="With a preset: config changes by step name, e.g. {\"distill\": {\"epochs\": 10}}."
     )
-    name: str | None = Field(default=None, max_length=200)
+    name: Name | None = None
     webhook_url: str | None = Field(
         default=None, max_length=2048,
         description="POSTed this job's JSON when it ends, signed with the tenant's webhook secret "
@@ -172,7 +185,8 @@ class WebhookAttempt(BaseModel):
 class WebhookRead(BaseModel):
     url: str
     event: str
-    status: Literal["pending", "delivered", "failed"]
+    status: Literal["pending", "delivered", "failed", "refused"] = Field(
+        description="refused: the URL is not allowed (see the attempt's error); it is not retried")
     attempts: list[WebhookAttempt]
     next_attempt_at: datetime | None
     finished_at: datetime | None
@@ -244,6 +258,11 @@ class ReportEntry(BaseModel):
     throughput: dict[str, float] | None = Field(
         default=None, description="images/s at the largest benchmarked batch: {batch, images_per_s, p50_ms}"
     )
+    throughput_error: str | None = Field(
+        default=None,
+        description="why the largest batch asked for could not be measured (e.g. the model's batch axis is fixed "
+        "at 1); throughput is then from a smaller batch, or null",
+    )
     memory_mib: float | None = Field(default=None, description="worker memory added by loading and running it")
     runtime: dict[str, Any] | None = Field(
         default=None,
@@ -313,7 +332,7 @@ class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tenant_id: str = Field(min_length=1, max_length=32)
-    name: str = Field(default="default", min_length=1, max_length=200)
+    name: Name = Field(default="default", min_length=1)
     admin: bool = Field(default=False, description="May create tenants and keys.")
 
 

@@ -1,17 +1,20 @@
 """The object store: S3 (any S3-compatible server) or a local directory.
 
 Both stream: objects move between a local file and the store in chunks, never whole in memory.
-Local objects are downloaded through HMAC-signed, expiring URLs that the API serves itself.
+Local objects are downloaded through HMAC-signed, expiring URLs that the API serves itself; the
+signature covers the key, the expiry and the file name the download is saved as.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import shutil
 import tempfile
 import time
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -46,18 +49,39 @@ def _safe_key(key: str) -> str:
     return key
 
 
+def safe_filename(name: str, default: str) -> str:
+    """The last path part of a name a user sent, unicode kept, without control and format
+    characters (NUL, newlines, bidi overrides), surrounding spaces or leading dots; ``default``
+    if nothing is left."""
+    name = "".join(c for c in name if unicodedata.category(c) not in ("Cc", "Cf", "Cs"))
+    return name.replace("\\", "/").rsplit("/", 1)[-1].strip().lstrip(".").strip() or default
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with the file name's last path part only (RFC 6266): an ASCII fallback in
+    ``filename`` and, when the name is not plain ASCII, the exact name in ``filename*`` (RFC 5987)."""
+    name = safe_filename(filename, "download")
+    fallback = "".join(c if c.isascii() and c not in '"%' else "_" for c in name)
+    header = f'attachment; filename="{fallback}"'
+    if fallback != name:
+        header += f"; filename*=UTF-8''{quote(name, safe='')}"
+    return header
+
+
 # -- local directory + signed URLs -------------------------------------------------------------
 
 
-def sign_local(key: str, expires: int, signing_key: bytes) -> str:
-    msg = f"{key}\n{expires}".encode()
+def sign_local(key: str, expires: int, signing_key: bytes, filename: str | None = None) -> str:
+    """HMAC of canonical JSON: no two (key, expires, filename) share a message, and a link signed
+    without a file name (a report's) is not a download link."""
+    msg = json.dumps([key, expires, filename], ensure_ascii=True).encode()
     return hmac.new(signing_key, msg, hashlib.sha256).hexdigest()
 
 
-def verify_local(key: str, expires: int, signature: str, signing_key: bytes) -> bool:
+def verify_local(key: str, expires: int, signature: str, signing_key: bytes, filename: str | None = None) -> bool:
     if expires < int(time.time()):
         return False
-    return hmac.compare_digest(sign_local(key, expires, signing_key), signature)
+    return hmac.compare_digest(sign_local(key, expires, signing_key, filename), signature)
 
 
 class LocalStore:
@@ -97,7 +121,7 @@ class LocalStore:
 
     def download_url(self, key: str, *, filename: str, base_url: str) -> SignedUrl:
         expires = int(time.time()) + self.ttl_seconds
-        sig = sign_local(key, expires, self.signing_key)
+        sig = sign_local(key, expires, self.signing_key, filename)
         query = urlencode({"expires": expires, "sig": sig, "filename": filename})
         url = f"{base_url.rstrip('/')}/files/{quote(key)}?{query}"
         return SignedUrl(url=url, expires_at=datetime.fromtimestamp(expires, timezone.utc))
@@ -181,7 +205,7 @@ class S3Store:
             Params={
                 "Bucket": self.bucket,
                 "Key": self._key(key),
-                "ResponseContentDisposition": f'attachment; filename="{filename}"',
+                "ResponseContentDisposition": content_disposition(filename),
             },
             ExpiresIn=self.ttl_seconds,
         )

@@ -14,7 +14,7 @@ from api.deps import SessionDep, StoreDep
 from core.errors import NotFound, Unauthorized
 from core.queue import get_celery
 from core.settings import get_settings
-from core.storage import LocalStore, verify_local
+from core.storage import LocalStore, content_disposition, verify_local
 
 router = APIRouter(tags=["system"])
 STATIC = Path(__file__).resolve().parents[1] / "static"
@@ -81,12 +81,13 @@ def readyz(session: SessionDep, store: StoreDep) -> JSONResponse:
 
 @router.get("/files/{key:path}", include_in_schema=False)
 def download(key: str, store: StoreDep, expires: int = Query(...), sig: str = Query(...),
-             filename: str = Query("download")) -> FileResponse:
+             filename: str = Query(...)) -> FileResponse:
     if not isinstance(store, LocalStore):
         raise NotFound("downloads are served by the object store", code="not_found")
-    if not verify_local(key, expires, sig, store.signing_key):
+    if not verify_local(key, expires, sig, store.signing_key, filename):
         raise Unauthorized("the download link is invalid or expired", code="invalid_signature")
     path = store.path_for(key)
     if not path.is_file():
         raise NotFound("the object no longer exists", code="not_found")
-    return FileResponse(path, filename=filename, media_type="application/octet-stream")
+    return FileResponse(path, media_type="application/octet-stream",
+                        headers={"Content-Disposition": content_disposition(filename)})
