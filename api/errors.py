@@ -7,7 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import errors
@@ -64,6 +64,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(DataError)
+    async def _value_refused(_: Request, exc: DataError) -> JSONResponse:
+        # A value the database cannot store or compare (Postgres refuses NUL in text): the
+        # request's fault, e.g. an id with a NUL byte in the path or the body.
+        reason = (str(exc.orig or exc).strip().splitlines() or [""])[0][:200]
+        return error_response(422, "invalid_value", f"a value in the request is not valid here: {reason}")
 
     @app.exception_handler(OperationalError)
     async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:

@@ -21,7 +21,7 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.errors import InvalidInput
+from core.errors import InvalidInput, NotFound
 from core.models import ApiKey, IdempotencyRecord, utcnow
 from core.settings import get_settings
 
@@ -82,8 +82,14 @@ def create_once(session: Session, api_key: ApiKey, route: str, key: str | None, 
     ``discard`` undoes what ``make`` did outside the database (a stored object) when a
     concurrent request with the same key won the commit."""
     if key and (record := find(session, api_key, route, key, digest)):
-        mark_replayed(response, record)
-        return load(record.resource_id), True
+        try:
+            resource = load(record.resource_id)
+        except NotFound:  # deleted before deleting freed its keys: the key is free
+            session.delete(record)
+            session.flush()
+        else:
+            mark_replayed(response, record)
+            return resource, True
     row = make()
     if key:
         remember(session, api_key, route, key, digest, row.id, status_code)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from api.tenants import check_job_quota, check_upload_quota
@@ -16,6 +16,7 @@ from core.model_formats import inspect_model
 from core.models import (
     Artifact,
     Dataset,
+    IdempotencyRecord,
     Job,
     JobStatus,
     JobStep,
@@ -58,6 +59,8 @@ def _soft_delete(*, session: Session, store: ObjectStore, row: Model | Dataset, 
             code=code, details={"active_jobs": active_jobs},
         )
     row.deleted_at = utcnow()
+    # The idempotency keys that made it are free again: a pipeline may upload the same file anew.
+    session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.resource_id == row.id))
     session.flush()
     store.delete(row.storage_key)
 
@@ -168,6 +171,7 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
         input_shape=job_in.input_shape,
         calibration=facts(job_in.calibration_dataset_id, "calibration"),
         evaluation=facts(job_in.evaluation_dataset_id, "evaluation"),
+        preprocessing=job_in.preprocessing,
     )
     if job_in.webhook_url:
         check_url(job_in.webhook_url, settings, resolve=False)  # resolved again before each call
@@ -259,6 +263,10 @@ def build_report(*, session: Session, job: Job) -> ReportRead:
         if batches and batches[-1][0] > 1:
             batch, stats = batches[-1]
             throughput = {"batch": batch, "images_per_s": stats["images_per_s"], "p50_ms": stats["p50_ms"]}
+        failed = sorted((int(b), v["error"]) for b, v in measured.get("latency", {}).items() if "error" in v)
+        throughput_error = None
+        if failed and failed[-1][0] > 1 and (not batches or failed[-1][0] > batches[-1][0]):
+            throughput_error = failed[-1][1]
         latency = {k: lat[k] for k in ("p50_ms", "p90_ms", "p99_ms")} if "p50_ms" in lat else None
         if step is None and latency:
             base_p50 = latency["p50_ms"]
@@ -267,7 +275,8 @@ def build_report(*, session: Session, job: Job) -> ReportRead:
             name=name, step=step, format=fmt, size_bytes=size,
             size_ratio=size / original_size if original_size else 1.0, latency_ms=latency,
             speedup=(base_p50 / latency["p50_ms"]) if base_p50 and latency else None,
-            throughput=throughput, memory_mib=measured.get("memory_mib"), runtime=measured.get("runtime"),
+            throughput=throughput, throughput_error=throughput_error,
+            memory_mib=measured.get("memory_mib"), runtime=measured.get("runtime"),
             accuracy=e.get("accuracy"),
             fidelity={k: float(v) for k, v in e["fidelity"].items()} if "fidelity" in e else None,
         ))

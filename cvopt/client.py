@@ -137,8 +137,11 @@ class Client:
         path = Path(path)
         if not path.is_file():
             raise CvoptClientError(f"{path} is not a file")
-        # The same file and fields on a retry: the same key, so at most one object is made.
-        key = "sdk-" + _sha256(path) + "-" + hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:16]
+        # The same request on a retry (file, its name, fields): the same key, so at most one object
+        # is made; a request that differs in any of them (the same bytes under another name) gets
+        # its own key, as the service hashes all of them.
+        request = repr((path.name, sorted(fields.items())))
+        key = "sdk-" + _sha256(path) + "-" + hashlib.sha256(request.encode()).hexdigest()[:16]
         return self.request("POST", route, idempotent_key=key, data=fields,
                             body=lambda: {"files": {"file": (path.name, open(path, "rb"))}}).json()
 

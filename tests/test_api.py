@@ -312,6 +312,11 @@ def test_a_torchvision_state_dict_upload_exports_and_runs(stack, tmp_path):
     path = tmp_path / "mobilenet.pt"
     torch.save({"state_dict": net.state_dict(), "epoch": 12}, path)
     assert_error(post_file(stack.client, "/v1/models", "mobilenet.pt", path.read_bytes()), 415, "pickle_not_allowed")
+    before = s3_keys(stack)
+    with open(path, "rb") as fh:  # weights of another architecture: refused at upload, nothing stored
+        wrong = stack.client.post("/v1/models", files={"file": ("mobilenet.pt", fh)}, data={"architecture": "resnet18"})
+    assert_error(wrong, 422, "state_dict_mismatch")
+    assert "conv1.weight" in wrong.json()["details"]["missing_keys"] and s3_keys(stack) == before
     with open(path, "rb") as fh:
         resp = stack.client.post("/v1/models", files={"file": ("mobilenet.pt", fh)},
                                  data={"architecture": "mobilenet_v3_small"})
@@ -438,3 +443,12 @@ def test_paging_out_of_range_is_a_422_not_a_database_overflow(stack):
         assert_error(stack.client.get(route, params={"offset": 10**20}), 422, "validation_error")
         assert_error(stack.client.get(route, params={"limit": 0}), 422, "validation_error")
         assert stack.client.get(route, params={"offset": 10**9, "limit": 500}).json()["data"] == []
+
+
+def test_a_nul_byte_in_an_id_is_a_4xx_not_a_database_error(stack, digits_model):
+    for resp in (stack.client.get("/v1/jobs/%00"), stack.client.get("/v1/models/ab%00cd"),
+                 stack.client.post("/v1/jobs", json={"model_id": "\u0000", "preset": "onnx"}),
+                 stack.client.post("/v1/jobs", json={"model_id": digits_model["id"], "preset": "onnx",
+                                                     "calibration_dataset_id": "x\u0000"})):
+        assert resp.status_code in (404, 422), resp.text
+        assert set(resp.json()) == {"code", "message", "details"}

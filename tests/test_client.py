@@ -147,3 +147,21 @@ def test_the_client_honours_429_and_raises_the_jobs_error(stack, digit_assets):
             cv.get_job("f" * 32)
         assert refused.value.status == 404 and refused.value.code == "job_not_found"
         cv.wait(job["id"], timeout=240, poll_interval=0.3)
+
+
+def test_idempotency_keys_cover_the_filename_and_a_deleted_upload_frees_its_key(stack, digit_assets, tmp_path):
+    calib, calibration = tmp_path / "calib.zip", tmp_path / "calibration.zip"
+    calib.write_bytes(digit_assets.unlabeled_zip.read_bytes())
+    calibration.write_bytes(calib.read_bytes())
+    with Client(stack.base_url, stack.api_key) as cv:
+        # The same bytes under two names (the CLI's and a script's): two requests, two datasets.
+        first = cv.upload_dataset(calib)
+        second = cv.upload_dataset(calibration)
+        assert first["id"] != second["id"] and second["filename"] == "calibration.zip"
+        assert cv.upload_dataset(calibration)["id"] == second["id"]  # a retry of the same request
+        # Deleted, then uploaded again with the same key (the SDK's for the same file): a new object.
+        model = cv.upload_model(digit_assets.models["onnx"], name="deleted-then-again")
+        cv.request("DELETE", f"/v1/models/{model['id']}")
+        again = cv.upload_model(digit_assets.models["onnx"], name="deleted-then-again")
+        assert again["id"] != model["id"]  # the key was free
+        assert cv.request("GET", f"/v1/models/{again['id']}").json()["id"] == again["id"]

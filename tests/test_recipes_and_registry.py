@@ -89,3 +89,35 @@ def test_dynamic_int8_plans_without_a_calibration_dataset():
         plan_job(model_format="onnx", model_inputs=inputs, steps=[StepSpec(name="quantize_int8")],
                  input_shape=None, calibration=None, evaluation=None)
     assert err.value.code == "calibration_dataset_required"
+
+
+def test_mean_and_std_give_one_value_or_one_per_channel():
+    from core.schemas import Preprocessing
+
+    def plan(prep: dict, shape: list[int]):
+        return plan_job(model_format="onnx", model_inputs=[{"name": "x", "shape": shape, "dtype": "float32"}],
+                        steps=[StepSpec(name="export_onnx")], input_shape=None, calibration=None, evaluation=None,
+                        preprocessing=Preprocessing.model_validate(prep))
+
+    for fine, shape in (({"mean": [0.5]}, [1, 3, 8, 8]), ({"mean": [1, 2, 3], "std": [1, 1, 1]}, [1, 3, 8, 8]),
+                        ({"mean": [1, 2, 3]}, [1, 8, 8, 3]), ({"mean": [1, 2]}, [1, 10])):
+        plan(fine, shape)
+    for bad, shape, field in (({"mean": [1, 2]}, [1, 3, 8, 8], "mean"), ({"std": [1, 1, 1]}, [1, 1, 8, 8], "std"),
+                              ({"mean": []}, [1, 8, 8, 3], "mean")):
+        with pytest.raises(InvalidInput) as err:
+            plan(bad, shape)
+        assert err.value.code == "invalid_preprocessing" and err.value.details["field"] == field
+
+
+def test_the_readmes_preset_table_lists_every_step_in_order():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {k: v for k, v in re.findall(r"^\| `([a-z0-9-]+)` \| (.+) \|$", readme, re.M) if k in PRESETS}
+    assert set(rows) == set(PRESETS)
+    for name, steps in PRESETS.items():
+        if rows[name].startswith("the same with"):
+            continue  # described by the row before it
+        listed = re.findall(r"\b(?:%s)\b" % "|".join(REGISTRY), rows[name])
+        assert listed == [s.name for s in steps], name

@@ -11,9 +11,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from core.datasets import dataset_fit_error
+from core.datasets import dataset_fit_error, model_layout
 from core.errors import InvalidInput
-from core.schemas import StepSpec
+from core.schemas import Preprocessing, StepSpec
 from worker.passes.base import DEPLOY_FORMATS, NEEDS_CALIBRATION, NEEDS_DATASET
 from worker.passes.registry import get_pass
 
@@ -214,6 +214,7 @@ def plan_job(
     calibration: DatasetFacts | None,
     evaluation: DatasetFacts | None,
     default_input_shape: list[int] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> JobPlan:
     current = model_format
     planned: list[PlannedStep] = []
@@ -282,7 +283,27 @@ def plan_job(
                 details={"dataset_id": facts.id, "input": input_spec[0]},
             )
     _check_classes(evaluation, model_outputs or [])
+    if preprocessing is not None:
+        _check_preprocessing(preprocessing, input_spec)
     return JobPlan(steps=planned, queue=queue, input_spec=input_spec)
+
+
+def _check_preprocessing(preprocessing: Preprocessing, input_spec: list[dict[str, Any]]) -> None:
+    """Per-channel mean and std give one value, or one per channel of the model's image input."""
+    shape = input_spec[0]["shape"] if len(input_spec) == 1 else []
+    layout = model_layout(shape)
+    if layout == "raw":
+        return
+    channels = shape[1] if layout == "NCHW" else shape[3]
+    for field in ("mean", "std"):
+        values = getattr(preprocessing, field)
+        if values is not None and len(values) not in (1, channels):
+            raise InvalidInput(
+                f"preprocessing.{field} has {len(values)} values; the model's input {input_spec[0]['name']!r} "
+                f"has {channels} channels (give 1 value, or {channels})",
+                code="invalid_preprocessing",
+                details={"field": field, "values": len(values), "channels": channels, "input": input_spec[0]},
+            )
 
 
 def _check_classes(evaluation: DatasetFacts | None, outputs: list[dict[str, Any]]) -> None:
