@@ -121,7 +121,7 @@ def test_evaluate_reports_accuracy_and_fidelity(exported, digit_assets, tmp_path
     result = run_pass("evaluate", ctx, exported, batch_size=16)
     rows = {r["artifact"]: r for r in result.metrics["results"]}
     assert result.metrics["dataset"] == "evaluation"
-    assert rows["digits.pt2"]["samples"] == 288  # whole batches of 16
+    assert rows["digits.pt2"]["samples"] == result.metrics["num_samples"] == 297  # 18 batches of 16 and one of 9
     assert rows["digits.pt2"]["accuracy"]["top1"] > 0.85
     assert rows["digits.pt2"]["fidelity"]["top1_agreement"] == 1.0
     onnx_fidelity = rows["digits.onnx"]["fidelity"]

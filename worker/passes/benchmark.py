@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import time
 from typing import Literal
 
@@ -84,6 +85,25 @@ def parameter_count(ref: ArtifactRef) -> int | None:
     return None
 
 
+def batch_error(ref: ArtifactRef, batch: int, exc: Exception) -> str:
+    """Why a variant could not run at ``batch``, in words a report can show."""
+    fixed = None
+    if ref.format == ONNX:
+        import onnx
+
+        from worker.passes.export_onnx import input_batch_dims
+
+        dims = set(input_batch_dims(onnx.load(str(ref.path), load_external_data=False)))
+        fixed = dims.pop() if len(dims) == 1 else None
+    else:  # torch.export's guard on a program traced at one batch size
+        guard = re.search(r"size\(\)\[0\] == (\d+)", str(exc))
+        fixed = int(guard.group(1)) if guard else None
+    if fixed is not None and fixed != batch:
+        return f"the model's batch axis is fixed at {fixed}"
+    message = str(exc).strip()
+    return f"batch {batch} failed: {message.splitlines()[0][:300] if message else type(exc).__name__}"
+
+
 def _rss_mib() -> float:
     try:
         with open("/proc/self/status") as fh:
@@ -118,6 +138,7 @@ class Benchmark(Pass):
     Config = BenchmarkConfig
     accepts = MEASURABLE_FORMATS
     produces = None
+    version = 2
 
     def run(self, ctx: PassContext, source: ArtifactRef, config: BenchmarkConfig) -> PassResult:
         from worker.runtime import (
@@ -169,7 +190,7 @@ class Benchmark(Pass):
                 except Exception as exc:  # e.g. a model whose batch is fixed at 1
                     if is_out_of_memory(exc):
                         raise
-                    results[i]["latency"][str(batch)] = {"error": str(exc).splitlines()[0][:300]}
+                    results[i]["latency"][str(batch)] = {"error": batch_error(variants[i], batch, exc)}
             samples: dict[int, list[float]] = {i: [] for i in usable}
             # GPU runners time themselves with CUDA events, one variant after the other.
             for i in [i for i in usable if getattr(runners[i], "time_ms", None)]:

@@ -94,6 +94,7 @@ class Evaluate(Pass):
     accepts = MEASURABLE_FORMATS
     produces = None
     needs = frozenset({NEEDS_DATASET})
+    version = 2
 
     def run(self, ctx: PassContext, source: ArtifactRef, config: EvaluateConfig) -> PassResult:
         from worker.data import iter_batches
@@ -114,10 +115,10 @@ class Evaluate(Pass):
         variants, skipped = split_runnable([ctx.original, *ctx.artifacts])
         runners = [_BatchAdapter(load_runner(v, threads=ctx.threads), spec["name"], fixed) for v in variants]
         tallies = [Tally() for _ in variants]
+        # Every sample counts: the last batch runs at its own size (or padded, for a fixed-batch model).
         total = min(config.max_samples, dataset.num_samples)
-        total -= total % batch_size
         if total == 0:
-            raise PassError("the dataset has fewer samples than one batch", code="dataset_too_small")
+            raise PassError(f"the {used} dataset has no samples", code="empty_dataset")
         seen = 0
         for x, labels in iter_batches(dataset, spec, ctx.preprocessing, batch_size=batch_size, limit=total):
             ctx.check_cancelled()
@@ -137,6 +138,7 @@ class Evaluate(Pass):
         return PassResult(
             metrics={
                 "dataset": used,
+                "num_samples": seen,
                 "results": [
                     {"artifact": v.name, "step": v.step, **t.result(dataset.labeled)}
                     for v, t in zip(variants, tallies, strict=True)
@@ -147,7 +149,7 @@ class Evaluate(Pass):
 
 class _BatchAdapter:
     """Feeds a batch to a variant, split into the upload's fixed batch size when it refuses
-    a larger one (exports with batch fixed at 1 are common)."""
+    another size (exports with batch fixed at 1 are common)."""
 
     def __init__(self, runner, name: str, fixed_batch: int) -> None:
         self.runner, self.name, self.fixed_batch = runner, name, max(fixed_batch, 1)
@@ -163,5 +165,12 @@ class _BatchAdapter:
                 if len(x) == self.fixed_batch:
                     raise
                 self.split = True
-        step = self.fixed_batch
-        return np.concatenate([self.runner({self.name: x[i : i + step]})[0] for i in range(0, len(x), step)])
+        step, outputs = self.fixed_batch, []
+        for i in range(0, len(x), step):
+            chunk = x[i : i + step]
+            short = step - len(chunk)
+            if short:
+                # The model takes full batches only: pad with copies of the last sample, drop their outputs.
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], short, axis=0)])
+            outputs.append(self.runner({self.name: chunk})[0][: step - short])
+        return np.concatenate(outputs)

@@ -1,5 +1,6 @@
 """export_onnx: PyTorch (.pt2 ExportedProgram, TorchScript, or a torchvision state_dict) to ONNX; ONNX uploads are
-simplified. The result is checked against the original on sample inputs before it is kept."""
+simplified. A batch axis left fixed (an upload exported at batch 1) is opened where the graph allows. The result is
+checked against the original on sample inputs before it is kept."""
 
 from __future__ import annotations
 
@@ -52,6 +53,59 @@ def constants_to_initializers(model) -> int:
     return moved
 
 
+def input_batch_dims(model) -> list[int | None]:
+    """Dim 0 of every graph input: its size when fixed, None when it is symbolic or missing."""
+    initializers = {t.name for t in model.graph.initializer}  # old IR versions list them as inputs
+    dims = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        shape = value.type.tensor_type.shape.dim
+        dims.append(shape[0].dim_value if shape and shape[0].HasField("dim_value") else None)
+    return dims
+
+
+def with_open_batch(model, batch: int):
+    """A copy of ``model`` whose inputs (and outputs) of first dimension ``batch`` take any batch, and whose
+    Reshape targets that hard-code the batch follow their input instead. Whether the graph then computes each
+    sample as before is for the caller to check: other operators may still hard-code the batch."""
+    import onnx
+    from onnx import numpy_helper
+
+    opened = onnx.ModelProto()
+    opened.CopyFrom(model)
+    graph = opened.graph
+    initializers = {t.name: t for t in graph.initializer}
+    for value in [*graph.input, *graph.output]:
+        shape = value.type.tensor_type.shape.dim
+        if value.name not in initializers and shape and shape[0].HasField("dim_value") and shape[0].dim_value == batch:
+            shape[0].dim_param = "batch"
+    rewritten: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        target = numpy_helper.to_array(initializers[node.input[1]])
+        if target.ndim != 1 or not len(target) or target[0] != batch:
+            continue
+        allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
+        if -1 in target and allow_zero:
+            continue  # 0 would mean a zero-sized dimension, and a second -1 is not allowed
+        if node.input[1] not in rewritten:
+            # A new tensor: the old one may feed operators where the batch does not belong.
+            opened_target = target.copy()
+            opened_target[0] = 0 if -1 in target else -1  # 0 copies the input's dim 0
+            name = f"{node.input[1]}_open_batch"
+            graph.initializer.append(numpy_helper.from_array(opened_target, name))
+            rewritten[node.input[1]] = name
+        node.input[1] = rewritten[node.input[1]]
+    # Inferred intermediate shapes name the old batch and would contradict the open one.
+    del graph.value_info[:]
+    try:
+        return onnx.shape_inference.infer_shapes(opened)
+    except Exception:  # inference is optional here: runtimes infer shapes themselves
+        return opened
+
+
 def _relative_error(reference, candidate) -> float:
     import numpy as np
 
@@ -70,6 +124,7 @@ class ExportOnnx(Pass):
     Config = ExportOnnxConfig
     accepts = ALL_MODEL_FORMATS
     produces = ONNX
+    version = 2
     format_hints = {
         fmt: "TensorFlow uploads go to TFLite (presets tflite-fp16, tflite-int8, or convert_tflite); for the ONNX "
         "steps, convert the model with tf2onnx and upload the .onnx"
@@ -88,7 +143,7 @@ class ExportOnnx(Pass):
         elif source.format == TORCHSCRIPT:
             self._from_torchscript(ctx, source, config, out)
         elif source.format in (EXPORTED_PROGRAM, STATE_DICT):
-            metrics["dynamic_batch"] = self._from_exported_program(ctx, source, config, out)
+            self._from_exported_program(ctx, source, config, out)
         ctx.report_progress(0.5)
 
         model = onnx.load(str(out))
@@ -102,6 +157,9 @@ class ExportOnnx(Pass):
                 model = onnxslim.slim(model)
             except Exception as exc:  # onnxslim raises bare Exceptions on graphs it cannot handle
                 ctx.log.warning("onnxslim could not simplify the graph, keeping it as is: %s", exc)
+        # After simplifying: onnxslim folds a fixed-batch Shape->Reshape chain into the constant opened here.
+        model, batch_axis = self._batch_axis(ctx, source, config, model)
+        metrics.update(batch_axis)
         onnx.save(model, str(out))
         metrics["nodes"] = len(model.graph.node)
         try:
@@ -123,6 +181,54 @@ class ExportOnnx(Pass):
             )
         return PassResult(artifact=out, format=ONNX, metrics=metrics)
 
+    def _batch_axis(self, ctx, source, config, model) -> tuple:
+        """(model, {"batch_axis": "dynamic" | "fixed", "batch_axis_reason": why it stays fixed})."""
+        import onnx
+
+        dims = input_batch_dims(model)
+        if dims and all(d is None for d in dims):
+            return model, {"batch_axis": "dynamic"}
+
+        def fixed(reason: str) -> tuple:
+            ctx.log.warning("keeping a fixed batch size: %s", reason)
+            return model, {"batch_axis": "fixed", "batch_axis_reason": reason}
+
+        if not dims or None in dims or len(set(dims)) > 1:
+            return fixed(f"the inputs' first dimensions ({dims}) are not one batch axis")
+        if not config.dynamic_batch:
+            return fixed("dynamic_batch is off")
+        batch = dims[0]
+        candidate = with_open_batch(model, batch)
+        path = ctx.work_dir / "open_batch.onnx"
+        onnx.save(candidate, str(path))
+        problem = self._runs_at_any_batch(ctx, source, config, path, batch)
+        path.unlink()
+        if problem:
+            return fixed(f"the model's batch axis is fixed at {batch}: {problem}")
+        return candidate, {"batch_axis": "dynamic"}
+
+    def _runs_at_any_batch(self, ctx, source, config, path, batch: int) -> str | None:
+        """Why the opened graph is wrong (None when it is not): it must run at a larger batch and give every
+        sample the original's output for that sample."""
+        import numpy as np
+
+        from worker.runtime import load_runner, sample_feeds
+
+        n = 3 * batch
+        feeds = sample_feeds(ctx.input_spec, batch=n, seed=1)
+        reference = load_runner(source, threads=ctx.threads)
+        chunks = [reference({k: v[i : i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
+        want = [np.concatenate(outputs) for outputs in zip(*chunks, strict=True)]
+        try:
+            got = load_runner(ArtifactRef("open_batch.onnx", ONNX, path), threads=ctx.threads)(feeds)
+        except Exception as exc:  # onnxruntime refuses the graph or the shapes with its own error types
+            return f"with the batch opened the graph does not run at batch {n} ({str(exc).splitlines()[0][:200]})"
+        error = _relative_error(want, got)
+        if not error <= config.tolerance:
+            return (f"with the batch opened, batch {n} does not give each sample its batch-{batch} output "
+                    f"(relative error {error:.3g}); the graph mixes samples or hard-codes the batch")
+        return None
+
     def _from_torchscript(self, ctx, source, config, out) -> None:
         import torch
 
@@ -142,7 +248,7 @@ class ExportOnnx(Pass):
         except Exception as exc:  # the exporter raises many types for unsupported operators
             raise PassError(f"ONNX export of the TorchScript model failed: {exc}", code="export_failed") from exc
 
-    def _from_exported_program(self, ctx, source, config, out) -> bool:
+    def _from_exported_program(self, ctx, source, config, out) -> None:
         import torch
 
         from worker.runtime import sample_tensors
@@ -156,9 +262,8 @@ class ExportOnnx(Pass):
             # module guards the traced shapes, so it is re-exported without them.
             program = torch.export.load(str(source.path))
             module = program.module(check_guards=False)
-        dynamic = False
         if config.dynamic_batch:
-            opened, dynamic = export_open_batch(module, ctx.input_spec, ctx.log)
+            opened, _ = export_open_batch(module, ctx.input_spec, ctx.log)
             program = opened or program
         if program is None:
             program = torch.export.export(module, sample_tensors(ctx.input_spec))
@@ -181,4 +286,3 @@ class ExportOnnx(Pass):
                                 str(exc).splitlines()[0][:200])
             else:
                 onnx.save(model, str(out))
-        return dynamic

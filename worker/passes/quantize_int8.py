@@ -93,6 +93,45 @@ def cpu_has_vnni() -> bool:
     return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+# Per-channel Q/DQ (DequantizeLinear's axis) exists from this opset on; ORT's quantizer keeps an older
+# opset and writes per-channel nodes that the opset does not allow.
+PER_CHANNEL_OPSET = 13
+
+
+def quantizable_graph(source: Path, work_dir: Path, per_channel: bool, log) -> tuple[Path, bool, dict]:
+    """(graph to quantize, per_channel, metrics). ORT's quantizers take weights from initializers only, so
+    weights held in Constant nodes move there; a graph below opset 13 is converted to 13 for per-channel
+    weights, and when the converter cannot, the weights are quantized per tensor and the metrics say why."""
+    import onnx
+    from onnx import version_converter
+
+    from worker.passes.export_onnx import constants_to_initializers
+
+    model = onnx.load(str(source))
+    changed = constants_to_initializers(model) > 0
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    metrics: dict = {}
+    if per_channel and opset < PER_CHANNEL_OPSET:
+        try:
+            converted = version_converter.convert_version(model, PER_CHANNEL_OPSET)
+            onnx.checker.check_model(converted)
+        except Exception as exc:  # the converter raises RuntimeError, the checker ValidationError
+            per_channel = False
+            reason = (f"the model's opset {opset} has no per-channel quantization and converting it to opset "
+                      f"{PER_CHANNEL_OPSET} failed ({str(exc).splitlines()[0][:200]}); weights are quantized "
+                      "per tensor")
+            log.warning(reason)
+            metrics = {"opset": opset, "warning": reason}
+        else:
+            model, changed = converted, True
+            metrics = {"opset": PER_CHANNEL_OPSET, "converted_from_opset": opset}
+    if not changed:
+        return source, per_channel, metrics
+    out = work_dir / "quantizable.onnx"
+    onnx.save(model, str(out))
+    return out, per_channel, metrics
+
+
 def _stride(batches: int) -> int:
     """Calibration is collected this many batches at a time: ORT merges ranges (and histograms)
     between chunks, so memory is bounded by the chunk, not the dataset."""
@@ -106,7 +145,7 @@ class QuantizeInt8(Pass):
     accepts = frozenset({ONNX})
     produces = ONNX
     needs = frozenset({NEEDS_CALIBRATION})
-    version = 2
+    version = 3
 
     def requirements(self, config: QuantizeInt8Config) -> frozenset[str]:
         return frozenset() if config.mode == "dynamic" else self.needs
@@ -115,8 +154,9 @@ class QuantizeInt8(Pass):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         out = ctx.work_dir / "model.int8.dynamic.onnx"
+        graph, per_channel, opset_metrics = quantizable_graph(source.path, ctx.work_dir, config.per_channel, ctx.log)
         quantize_dynamic(
-            str(source.path), str(out), per_channel=config.per_channel,
+            str(graph), str(out), per_channel=per_channel,
             weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[config.weight_type],
             op_types_to_quantize=config.op_types, nodes_to_exclude=config.exclude_nodes,
         )
@@ -124,7 +164,8 @@ class QuantizeInt8(Pass):
         if quantized == 0:
             raise PassError("nothing in the model could be quantized dynamically", code="nothing_quantized")
         return PassResult(artifact=out, format=ONNX, metrics={"mode": "dynamic", "quantized_nodes": quantized,
-                                                              "weight_type": config.weight_type})
+                                                              "weight_type": config.weight_type,
+                                                              "per_channel": per_channel, **opset_metrics})
 
     def run(self, ctx: PassContext, source: ArtifactRef, config: QuantizeInt8Config) -> PassResult:
         if config.mode == "dynamic":
@@ -147,13 +188,14 @@ class QuantizeInt8(Pass):
         if len(ctx.input_spec) != 1:
             raise PassError("calibration feeds single-input models only", code="unsupported_model")
 
+        graph, per_channel, opset_metrics = quantizable_graph(source.path, ctx.work_dir, config.per_channel, ctx.log)
         prepared = ctx.work_dir / "prepared.onnx"
         try:
             # Symbolic shape inference fails on some dynamic-shape graphs; ONNX's own is enough.
-            quant_pre_process(str(source.path), str(prepared), skip_symbolic_shape=True)
+            quant_pre_process(str(graph), str(prepared), skip_symbolic_shape=True)
         except Exception as exc:  # optional optimisation: quantize the graph as it is
             ctx.log.warning("quant_pre_process failed, quantizing without it: %s", exc)
-            prepared = source.path
+            prepared = graph
 
         model = onnx.load(str(prepared), load_external_data=False)
         graph_input = model.graph.input[0]
@@ -215,7 +257,7 @@ class QuantizeInt8(Pass):
                 # After the first call the ranges come from the cache file: calibrated once.
                 reader if not ranges.exists() else None,
                 quant_format=fmt,
-                per_channel=config.per_channel,
+                per_channel=per_channel,
                 reduce_range=reduce_range,
                 activation_type=qtype[config.activation_type],
                 weight_type=qtype[config.weight_type],
@@ -245,9 +287,10 @@ class QuantizeInt8(Pass):
             "quantize_linear_nodes": q_nodes,
             "activation_type": config.activation_type,
             "weight_type": config.weight_type,
-            "per_channel": config.per_channel,
+            "per_channel": per_channel,
             "reduce_range": reduce_range,
             "quant_format": "QDQ",
+            **opset_metrics,
         }
         if config.max_accuracy_drop is not None or config.search_speed:
             val = self._validation(ctx, config, spec, batch_size, prepared)
@@ -256,7 +299,9 @@ class QuantizeInt8(Pass):
                 out, metrics["speed_search"] = self._search_speed(ctx, config, prepared, out, quantize, spec, val, metrics["fallback"])
                 metrics["quant_format"] = "QOperator" if metrics["speed_search"]["chosen"] == "qoperator" else "QDQ"
                 if metrics["speed_search"].get("warning"):
-                    metrics["warning"] = metrics["speed_search"]["warning"]
+                    metrics["warning"] = "; ".join(
+                        w for w in (opset_metrics.get("warning"), metrics["speed_search"]["warning"]) if w
+                    )
             metrics["quantize_linear_nodes"] = _count(out, "QuantizeLinear")
         return PassResult(artifact=out, format=ONNX, metrics=metrics)
 
