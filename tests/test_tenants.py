@@ -173,3 +173,32 @@ def test_the_cli_manages_tenants_and_keys_on_the_same_database(stack):
         assert len(listed) == 1 and tenant_id in listed[0] and "active" in listed[0]
         cvopt("keys", "revoke", listed[0].split()[0])
         assert_error(client.get("/v1/tenant"), 401, "invalid_api_key")
+
+
+def test_the_step_cache_never_crosses_tenants(stack, digit_assets):
+    """Tenant B's job on the same bytes recomputes its own artifact under its own key; tenant A's
+    second job still reuses A's."""
+    _, carol = make_tenant(stack, "carol")
+    _, dave = make_tenant(stack, "dave")
+
+    def run(client: httpx.Client) -> tuple[dict, dict]:
+        model = upload(client, "/v1/models", digit_assets.models["onnx"], name="same-bytes")
+        job = client.post("/v1/jobs", json={"model_id": model["id"], "preset": "onnx"})
+        assert job.status_code == 202, job.text
+        job = stack.wait_for_job(job.json()["id"], client=client)
+        assert job["status"] == "succeeded", job["error"]
+        artifact = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"][0]
+        return next(s for s in job["steps"] if s["name"] == "export_onnx"), artifact
+
+    try:
+        first, carols = run(carol)
+        again, carols_again = run(carol)
+        theirs, daves = run(dave)
+        assert first["metrics"]["cached"] is False and again["metrics"]["cached"] is True
+        assert theirs["metrics"]["cached"] is False, "another tenant's artifact was reused"
+        assert carols["sha256"] == daves["sha256"]  # the same bytes, made twice
+        path = lambda url: httpx.URL(url).path  # noqa: E731
+        assert path(carols["url"]) == path(carols_again["url"]) != path(daves["url"])
+    finally:
+        carol.close()
+        dave.close()

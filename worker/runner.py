@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import logs
 from core.errors import CvoptError, JobCancelled, NotFound, StorageUnavailable
-from core.models import Artifact, Dataset, Job, JobStatus, JobStep, StepStatus, utcnow
+from core.models import Artifact, Dataset, Job, JobStatus, JobStep, StepStatus, Worker, utcnow
 from core.queue import enqueue_job
 from core.schemas import Preprocessing
 from core.settings import Settings
@@ -292,6 +292,9 @@ class JobRunner:
             }
             model_key, model_format, model_sha = model.storage_key, model.format, model.sha256
             model_name, model_details = model.filename, dict(model.details or {})
+            # The step cache and the files shared between jobs are the tenant's own: another tenant
+            # never reuses (nor learns of) an artifact made from the same bytes.
+            tenant_prefix = f"tenants/{job.tenant_id}/"
 
         current_step: str | None = None
         try:
@@ -335,21 +338,27 @@ class JobRunner:
                     preprocessing=preprocessing, calibration_dataset=calibration_ref,
                     evaluation_dataset=evaluation_ref, threads=self.settings.benchmark_threads,
                     log=logging.getLogger(f"cvopt.pass.{name}"), report_progress=report,
-                    check_cancelled=check_cancelled, fetch_shared=self._fetch_shared,
-                    store_shared=self.store.put_file,
+                    check_cancelled=check_cancelled, shared_prefix=tenant_prefix,
+                    fetch_shared=lambda key, dest: self._fetch_shared(tenant_prefix + key, dest),
+                    store_shared=lambda key, path: self.store.put_file(tenant_prefix + key, path),
                 )
                 started = time.perf_counter()
                 log.info("job %s: step %d %s started", job_id, index, name)
                 cache_key = None
                 if cls.produces is not None:
-                    cache_key = "artifacts/" + canonical_digest({
+                    # Everything that changes what the step makes: its code version and config,
+                    # its input, how the upload is read (a state_dict's architecture), the original
+                    # (a distillation's teacher), shapes, preprocessing, data and where it runs.
+                    cache_key = tenant_prefix + "artifacts/" + canonical_digest({
                         "pass": name,
-                        "pass_version": getattr(cls, "version", 1),
+                        "pass_version": cls.version,
                         "config": config.model_dump(mode="json"),
                         "input_sha256": chain_sha,
+                        "original": {"sha256": model_sha, "format": model_format, "details": model_details},
                         "input_spec": input_spec,
                         "preprocessing": preprocessing.model_dump(mode="json"),
                         "datasets": dataset_digests,
+                        "queue": step_queue,
                     })
                 result, cached = self._cached_result(cache_key, step_dir) if cache_key else (None, False)
                 if result is None:
@@ -559,10 +568,12 @@ def reap_stale_jobs(*, settings: Settings, sessions: sessionmaker[Session], cele
     """Re-queue running jobs whose worker went silent and queued jobs nobody picked up.
 
     The broker only carries ids; this makes the database the source of truth again after a
-    worker died or the broker lost its queue. Bounded: a job past max_attempts fails.
+    worker died or the broker lost its queue. Bounded: a job past max_attempts fails. Jobs are
+    sent again oldest first, so that they keep their submission order among themselves.
     """
     now = utcnow()
     stale = now - timedelta(seconds=settings.stale_after_seconds)
+    lost = now - timedelta(seconds=settings.worker_lost_after_seconds)
     forgotten = now - timedelta(seconds=settings.requeue_after_seconds)
     abandoned = now - timedelta(seconds=settings.no_worker_timeout_seconds)
     requeue: list[tuple[str, str]] = []
@@ -577,9 +588,12 @@ def reap_stale_jobs(*, settings: Settings, sessions: sessionmaker[Session], cele
             .with_for_update(skip_locked=True)
             .limit(100)
         ).all():
+            pending = [st for st in job.steps if st.status == StepStatus.pending]
             job.status = JobStatus.failed
             job.error_code = "no_worker"
-            job.error_step = next((st.name for st in job.steps if st.status == StepStatus.pending), None)
+            # The step that waits for the missing worker, not the CPU steps before it.
+            waiting = next((st for st in pending if st.queue == job.queue), pending[0] if pending else None)
+            job.error_step = waiting.name if waiting else None
             job.error_message = (
                 f"no {waiting_for(job.queue)} was alive to take this job for "
                 f"{settings.no_worker_timeout_seconds:.0f} s (queue {job.queue!r}); start one with "
@@ -587,16 +601,20 @@ def reap_stale_jobs(*, settings: Settings, sessions: sessionmaker[Session], cele
                 + ("an NVIDIA GPU" if is_gpu_queue(job.queue) else "the worker extras")
             )
             job.finished_at = now
-            for st in job.steps:
-                if st.status == StepStatus.pending:
-                    st.status = StepStatus.skipped
+            for st in pending:
+                st.status = StepStatus.skipped
             failed += 1
+        # A worker that stopped deletes its row; one that died stops refreshing it. Its jobs go
+        # back to the queue after a few missed heartbeats rather than after stale_after_seconds.
+        beating = select(Worker.id).where(Worker.last_seen_at >= lost)
         rows = s.scalars(
             select(Job)
             .where(
                 ((Job.status == JobStatus.running) & (Job.heartbeat_at < stale))
+                | ((Job.status == JobStatus.running) & (Job.heartbeat_at < lost) & Job.worker.not_in(beating))
                 | ((Job.status == JobStatus.queued) & (Job.enqueued_at < forgotten))
             )
+            .order_by(Job.created_at, Job.id)
             .with_for_update(skip_locked=True)
             .limit(100)
         ).all()

@@ -109,6 +109,7 @@ def write_request(path: Path, *, name: str, config: dict, source: ArtifactRef, c
         "input_spec": ctx.input_spec, "preprocessing": ctx.preprocessing.model_dump(mode="json"),
         "calibration": _ref_to_json(ctx.calibration_dataset), "evaluation": _ref_to_json(ctx.evaluation_dataset),
         "threads": ctx.threads, "work_dir": str(ctx.work_dir), "limits": dataclasses.asdict(limits),
+        "shared_prefix": ctx.shared_prefix,
     }))
 
 
@@ -329,10 +330,11 @@ def _apply_limits(limits: dict) -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 10))  # SIGXCPU at soft, SIGKILL at hard
 
 
-def _die_with_parent() -> None:
-    # The worker's pid as it was when it started this process: if the worker died before the
-    # line below ran, this process was already handed to init and must not run on.
-    parent = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
+def die_with_parent(parent: int) -> None:
+    """End this process (SIGKILL) when its parent ends, however the parent ends: a step with its
+    worker, the embedded worker with ``cvopt serve``. ``parent``: the parent's pid as it was when
+    it started this process; if it died before the kernel was told, this process was already
+    handed to init and must not run on."""
     try:
         import ctypes
 
@@ -362,7 +364,7 @@ class _StderrLines(logging.Handler):
 
 
 def _child_main() -> int:
-    _die_with_parent()
+    die_with_parent(int(os.environ.get(PARENT_PID_ENV) or os.getppid()))
     # Below the API and the worker itself: on a shared machine, a step's imports and compute must
     # not take the CPU from requests (CVOPT_STEP_NICE; 0 keeps the worker's priority).
     os.nice(int(os.environ.get(NICE_ENV) or 0))
@@ -398,11 +400,12 @@ def _child_main() -> int:
         from worker.passes.registry import get_pass
 
         store = get_store()
+        shared_prefix = request["shared_prefix"]
 
         def fetch_shared(key: str, dest: Path) -> bool:
             try:
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                store.get_file(key, dest)
+                store.get_file(shared_prefix + key, dest)
                 return True
             except errors.NotFound:
                 return False
@@ -422,7 +425,8 @@ def _child_main() -> int:
             calibration_dataset=_dataset_from_json(request["calibration"]),
             evaluation_dataset=_dataset_from_json(request["evaluation"]), threads=request["threads"],
             log=logging.getLogger(f"cvopt.pass.{request['pass']}"), report_progress=report,
-            fetch_shared=fetch_shared, store_shared=store.put_file,
+            fetch_shared=fetch_shared, store_shared=lambda key, path: store.put_file(shared_prefix + key, path),
+            shared_prefix=shared_prefix,
         )
         result = cls().run(ctx, _artifact_from_json(request["source"]), config)
         write({"ok": True, "metrics": result.metrics, "artifact": str(result.artifact) if result.artifact else None,

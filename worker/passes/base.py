@@ -96,10 +96,12 @@ class PassContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("cvopt.pass"))
     report_progress: Callable[[float], None] = lambda fraction: None
     check_cancelled: Callable[[], None] = lambda: None
-    # Files shared across jobs in the object store (a TensorRT timing cache per GPU and version):
-    # fetch_shared(key, dest) -> found?, store_shared(key, path). None outside the runner.
+    # Files shared across one tenant's jobs in the object store (a TensorRT timing cache per GPU
+    # and version): fetch_shared(key, dest) -> found?, store_shared(key, path), under
+    # ``shared_prefix`` (the tenant's). None outside the runner.
     fetch_shared: Callable[[str, Path], bool] | None = None
     store_shared: Callable[[str, Path], None] | None = None
+    shared_prefix: str = ""
 
 
 @dataclass
@@ -115,6 +117,9 @@ class Pass(ABC):
     """Subclasses register themselves by ``name``; one module per pass in worker/passes/."""
 
     name: ClassVar[str]
+    # The pass's code version: part of every cache key, so a change to what the pass makes is
+    # bumped here and no earlier result is reused. Every pass declares its own.
+    version: ClassVar[int]
     description: ClassVar[str]
     Config: ClassVar[type[PassConfig]] = PassConfig
     accepts: ClassVar[frozenset[str]]
@@ -128,6 +133,8 @@ class Pass(ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
+            if not isinstance(cls.__dict__.get("version"), int):
+                raise TypeError(f"pass {cls.name!r} declares no version (an int; it enters the cache key)")
             from worker.passes.registry import register
 
             register(cls)

@@ -226,6 +226,7 @@ def engine_metadata(*, gpu: dict[str, Any], trt_version: str, precision: str, pr
 
 class BuildTensorrt(Pass):
     name = "build_tensorrt"
+    version = 1
     description = "ONNX to a TensorRT engine for one GPU kind (gpu queue)."
     Config = BuildTensorrtConfig
     accepts = frozenset({ONNX})

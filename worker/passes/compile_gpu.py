@@ -70,6 +70,7 @@ class _Cast:
 
 class CompileGpu(Pass):
     name = "compile_gpu"
+    version = 1
     description = "PyTorch to an FP16/BF16 channels-last AOTInductor package for NVIDIA GPUs (gpu queue)."
     Config = CompileGpuConfig
     accepts = frozenset({EXPORTED_PROGRAM, STATE_DICT})

@@ -110,6 +110,7 @@ def topological_order(model, nodes):
 
 class ConvertFp16(Pass):
     name = "convert_fp16"
+    version = 1
     description = "FP16 ONNX with FP32 inputs/outputs; nodes that would overflow FP16 stay FP32."
     Config = ConvertFp16Config
     accepts = frozenset({ONNX})

@@ -79,6 +79,7 @@ class ConvertTfliteConfig(PassConfig):
 
 class ConvertTflite(Pass):
     name = "convert_tflite"
+    version = 1
     description = "PyTorch model to a verified .tflite (FP32, FP16 weights, or full INT8) for phones."
     Config = ConvertTfliteConfig
     accepts = frozenset({EXPORTED_PROGRAM, STATE_DICT}) | TF_FORMATS

@@ -47,6 +47,7 @@ def _augment(x, generator):
 
 class Distill(Pass):
     name = "distill"
+    version = 1
     description = "Knowledge distillation from the original model (label-free, or with labels)."
     Config = DistillConfig
     accepts = frozenset({STATE_DICT})

@@ -24,6 +24,7 @@ class ExportPt2Config(PassConfig):
 
 class ExportPt2(Pass):
     name = "export_pt2"
+    version = 1
     description = "Save a weights-only PyTorch model as a whole ExportedProgram (.pt2)."
     Config = ExportPt2Config
     accepts = frozenset({STATE_DICT})

@@ -15,5 +15,6 @@ class FinetuneConfig(DistillConfig):
 
 class Finetune(Distill):
     name = "finetune"
+    version = 1
     description = "Supervised recovery training on labeled images (no teacher)."
     Config = FinetuneConfig

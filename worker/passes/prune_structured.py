@@ -72,6 +72,7 @@ def measure(module, example) -> tuple[int, int]:
 
 class PruneStructured(Pass):
     name = "prune_structured"
+    version = 1
     description = "Remove whole channels (dependency-aware) to a target fraction of parameters or MACs."
     Config = PruneStructuredConfig
     accepts = frozenset({STATE_DICT})

@@ -64,6 +64,7 @@ def _two_of_four(weight):
 
 class PruneUnstructured(Pass):
     name = "prune_unstructured"
+    version = 1
     description = "Zero individual weights by magnitude (global/per-layer) or in the 2:4 pattern."
     Config = PruneUnstructuredConfig
     accepts = frozenset({STATE_DICT})

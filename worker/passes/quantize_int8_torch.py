@@ -36,6 +36,7 @@ class QuantizeInt8TorchConfig(PassConfig):
 
 class QuantizeInt8Torch(Pass):
     name = "quantize_int8_torch"
+    version = 1
     description = "PyTorch INT8 (FX graph mode: fuse, observe, convert), saved as TorchScript."
     Config = QuantizeInt8TorchConfig
     accepts = frozenset({STATE_DICT})
