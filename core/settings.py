@@ -51,10 +51,19 @@ class Settings(BaseSettings):
     public_url: str = ""
 
     api_threads: int = Field(default=4, ge=1, le=256)
+    # How long an API process keeps an API key it looked up (no query, no hash lookup in the
+    # database per request). A key revoked through this process stops at once; through another
+    # API process, within this many seconds. 0: look the key up on every request.
+    api_key_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     worker_concurrency: int = Field(default=1, ge=1)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     # A running job whose heartbeat is older than this is taken to have lost its worker.
     stale_after_seconds: float = Field(default=120.0, gt=0)
+    # Sooner than that when its worker is known to be gone: a running job is re-queued at the
+    # reaper's next round once neither it nor its worker's row (refreshed every heartbeat_seconds,
+    # deleted when the worker stops) has beaten for this long. A few heartbeats, so that a busy
+    # database does not make a live worker look dead.
+    worker_lost_after_seconds: float = Field(default=30.0, gt=0)
     # A queued job that no worker has picked up after this long is sent to the broker again.
     requeue_after_seconds: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)

@@ -1,14 +1,17 @@
 """Which workers are alive and which queues they consume.
 
-Each worker process upserts its row when it starts and refreshes ``last_seen_at`` while it runs;
-a worker not seen for ``stale_after_seconds`` counts as gone. The API uses this to tell a
-user what a queued job is waiting for, the reaper to fail jobs nobody can run.
+Each worker process upserts its row when it starts and refreshes ``last_seen_at`` every
+``heartbeat_seconds`` while it runs, and deletes it when it stops; a worker not seen for
+``stale_after_seconds`` counts as gone. The API uses this to tell a user what a queued job is
+waiting for; the reaper to fail jobs nobody can run, and to re-queue at once a running job whose
+worker stopped beating (``worker_lost_after_seconds``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 from datetime import timedelta
 
@@ -20,11 +23,20 @@ from core.settings import Settings
 
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
+# Set by the worker's main process; its pool processes inherit it, so that a job names the
+# workers row whose heartbeat says whether the worker running it is alive.
+WORKER_ID_ENV = "CVOPT_WORKER_ID"
+
+
+def new_worker_identity() -> str:
+    """A name for a worker that starts now. The random part tells a restarted worker from the
+    one before it: a container restarts with the same hostname and, often, the same pid."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def worker_identity() -> str:
-    """This process, as jobs and the workers table name it."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This worker, as jobs and the workers table name it (outside a worker: this process)."""
+    return os.environ.get(WORKER_ID_ENV) or f"{socket.gethostname()}:{os.getpid()}"
 
 
 def gpu_queue(kind: str | None) -> str:

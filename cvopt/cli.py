@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import click
 
@@ -40,39 +39,68 @@ def migrate() -> None:
     click.echo("database schema is up to date")
 
 
+# How long `cvopt serve` waits for its worker to stop (a warm shutdown: the job it runs ends or is
+# given up, to be taken again after a restart) before it kills the worker's process group.
+WORKER_STOP_TIMEOUT_S = 30.0
+
+
 class _EmbeddedWorker:
-    """A real Celery worker process beside the API, restarted if it dies."""
+    """A real Celery worker process beside the API, restarted if it dies, stopped with the API.
+
+    It runs in a session of its own, so that stopping it takes its pool processes too and a
+    terminal's Ctrl-C reaches it only through serve; and it dies with serve even when serve is
+    killed outright (``cvopt worker --parent-pid``: PR_SET_PDEATHSIG)."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()  # no new worker once stop() has begun
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._supervise, name="embedded-worker", daemon=True)
 
     def _spawn(self) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "cvopt.cli", "worker", "--queues", "cpu,gpu"]
-        return subprocess.Popen(cmd, env=os.environ.copy())
+        cmd = [sys.executable, "-m", "cvopt.cli", "worker", "--queues", "cpu,gpu", "--parent-pid", str(os.getpid())]
+        return subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
 
     def _supervise(self) -> None:
-        while not self.stopping.is_set():
-            self.proc = self._spawn()
-            code = self.proc.wait()
+        # The kernel's parent-death signal follows the thread that started the process: this one,
+        # which stays until the worker has ended.
+        while True:
+            with self.lock:
+                if self.stopping.is_set():
+                    return
+                self.proc = proc = self._spawn()
+            code = proc.wait()
             if self.stopping.is_set():
                 return
             log.error("the embedded worker exited with %s; restarting it", code)
-            time.sleep(2)
+            if self.stopping.wait(2):
+                return
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
-        self.stopping.set()
-        proc = self.proc
-        if proc and proc.poll() is None:
+        with self.lock:
+            self.stopping.set()
+            proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=WORKER_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                log.warning("the embedded worker did not stop within %.0f s; killing it", WORKER_STOP_TIMEOUT_S)
+        try:  # whatever of its process group is left (its pool processes, when it was killed)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        self.thread.join(timeout=5)
+
+
+def _exit_on_signal(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 @main.command()
@@ -84,12 +112,18 @@ class _EmbeddedWorker:
 @click.option("--migrate/--no-migrate", "run_migrations", default=None,
               help="Upgrade the schema first (default: only with the embedded SQLite database).")
 def serve(host: str, port: int, api_workers: int, with_worker: bool | None, run_migrations: bool | None) -> None:
-    """Serve the API; in embedded mode (the defaults) also a worker, on SQLite and local storage."""
+    """Serve the API; in embedded mode (the defaults) also a worker, on SQLite and local storage.
+
+    SIGTERM or SIGINT stops the API, then the worker (waiting up to 30 s for it)."""
     import uvicorn
 
     from core.migrate import upgrade
     from core.settings import get_settings
 
+    # uvicorn stops on these, then raises the signal again to end the process the default way,
+    # which for SIGTERM skips every `finally` and leaves the worker running; an exception runs it.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
     _setup_logging()
     settings = get_settings()
     os.environ["CVOPT_DATA_DIR"] = str(settings.data_path)  # the worker child resolves the same dir
@@ -98,10 +132,10 @@ def serve(host: str, port: int, api_workers: int, with_worker: bool | None, run_
     if run_migrations if run_migrations is not None else settings.resolved_database_url.startswith("sqlite"):
         upgrade(settings.resolved_database_url)
     worker = None
-    if with_worker if with_worker is not None else settings.is_embedded_broker:
-        worker = _EmbeddedWorker()
-        worker.start()
     try:
+        if with_worker if with_worker is not None else settings.is_embedded_broker:
+            worker = _EmbeddedWorker()
+            worker.start()
         # log_config=None: uvicorn keeps our JSON logging; the API writes its own access lines.
         uvicorn.run("api.main:app", host=host, port=port, workers=api_workers, log_level="info",
                     access_log=False, log_config=None)
@@ -115,11 +149,17 @@ def serve(host: str, port: int, api_workers: int, with_worker: bool | None, run_
               help="Comma-separated: cpu, gpu (any GPU job), gpu.<kind> (jobs for one GPU kind).")
 @click.option("--concurrency", type=int, default=None, help="Jobs at once (default CVOPT_WORKER_CONCURRENCY).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queues: str, concurrency: int | None, loglevel: str) -> None:
+@click.option("--parent-pid", type=int, default=None, hidden=True,
+              help="End when this process ends, however it ends (cvopt serve's embedded worker).")
+def worker(queues: str, concurrency: int | None, loglevel: str, parent_pid: int | None) -> None:
     """Run a Celery worker that executes jobs from the given queues.
 
     GPU queues are taken only where torch sees a CUDA device; a GPU worker also consumes
     gpu.<kind> for its own GPU (CVOPT_GPU_KIND, or derived from the GPU's name)."""
+    if parent_pid is not None:
+        from worker.step_process import die_with_parent
+
+        die_with_parent(parent_pid)  # its pool processes and step processes die with it in turn
     import json
     import re
 

@@ -49,13 +49,56 @@ def wait_for_http(url: str, timeout: float = 60, proc: subprocess.Popen | None =
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL to the process's whole group (what it started: a Celery pool, uvicorn's
+    processes): ``proc`` must have been started with ``start_new_session=True``."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+# Every process a stack starts carries its stack's tag in its environment (inherited by what those
+# processes start in turn), so that the tests can tell whether any outlived the stack.
+PROCESS_TAG_ENV = "TEST_PROCESS_TAG"
+
+
+def tagged_processes(tag: str) -> dict[int, str]:
+    """Live processes (not zombies) whose environment holds ``tag``: pid -> command line."""
+    found = {}
+    needle = f"{PROCESS_TAG_ENV}={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            state = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("State:"))
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, StopIteration):  # gone meanwhile, or not ours to read
+            continue
+        if "zombie" not in state:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def assert_all_gone(tag: str, timeout: float = 15) -> None:
+    """Nothing started under ``tag`` is left within ``timeout``; survivors are killed, then reported."""
+    deadline = time.monotonic() + timeout
+    while (left := tagged_processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"processes outlived their test: {left}"
 
 
 # -- trained model and datasets ------------------------------------------------------------------
@@ -185,7 +228,7 @@ def s3_server(tmp_path_factory):
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(endpoint + "/moto-api/", proc=proc)
@@ -230,14 +273,19 @@ def _start_stack(env: dict[str, str], tmp: Path, *, with_worker: bool, embedded:
     cmd = [str(VENV_BIN / "cvopt"), "serve", "--host", "127.0.0.1", "--port", str(port)]
     if not embedded:
         cmd += ["--no-worker", "--migrate"]
-    api = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=api_log, stderr=subprocess.STDOUT)
+    api = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True)
     procs.append(api)
     if with_worker:
         worker_log = open(logs / "worker.log", "wb")
         procs.append(subprocess.Popen([str(VENV_BIN / "cvopt"), "worker", "--queues", "cpu"], env=env, cwd=tmp,
-                                      stdout=worker_log, stderr=subprocess.STDOUT))
+                                      stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True))
     base = f"http://127.0.0.1:{port}"
-    wait_for_http(base + "/healthz", timeout=90, proc=api)
+    try:
+        wait_for_http(base + "/healthz", timeout=90, proc=api)
+    except BaseException:
+        for p in procs:
+            stop(p)
+        raise
     return base, procs, logs
 
 
@@ -250,6 +298,7 @@ def _running_stack(env: dict[str, str], tmp: Path, **kw):
         client.close()
         for p in procs:
             stop(p)
+        assert_all_gone(env[PROCESS_TAG_ENV])
 
 
 def stack_env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -260,6 +309,7 @@ def stack_env(tmp: Path, **extra: str) -> dict[str, str]:
         "CVOPT_SECRET_KEY": "test-secret-" + "x" * 40,
         "CVOPT_HEARTBEAT_SECONDS": "1",
         "PYTHONUNBUFFERED": "1",
+        PROCESS_TAG_ENV: uuid.uuid4().hex,
     })
     env.update(extra)
     return env

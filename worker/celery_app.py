@@ -21,14 +21,16 @@ from celery.signals import (
 
 from core.queue import get_celery
 from core.settings import get_settings
-from core.workers import worker_identity
+from core.workers import WORKER_ID_ENV, new_worker_identity
 
 app = get_celery()
 app.conf.include = ["worker.tasks"]
 
 log = logging.getLogger("cvopt.worker")
 _reaper_stop = threading.Event()
-_WORKER_ID = worker_identity()
+# Named here, in the worker's main process, before the pool forks: the jobs its pool processes
+# run name this row (core.workers.worker_identity).
+_WORKER_ID = os.environ[WORKER_ID_ENV] = new_worker_identity()
 
 
 def worker_queues() -> list[str]:
@@ -56,8 +58,8 @@ def _reaper_loop() -> None:
     from worker.runner import reap_stale_jobs
 
     settings = get_settings()
-    # Announce often enough that the API never sees a live worker as gone.
-    interval = min(settings.reaper_interval_seconds, settings.stale_after_seconds / 4)
+    # Beat as often as jobs do: the reaper takes a worker silent for a few beats as gone.
+    interval = min(settings.heartbeat_seconds, settings.reaper_interval_seconds, settings.stale_after_seconds / 4)
     last_reap = 0.0
     while not _reaper_stop.wait(interval):
         try:
@@ -70,6 +72,9 @@ def _reaper_loop() -> None:
                 log.warning("reaper: %s", counts)
         except Exception:  # the database may be down for a while; try again next round
             log.warning("reaper round failed", exc_info=True)
+            # After an outage every heartbeat is old: wait a full round, so that live workers and
+            # their jobs have beaten again before the reaper judges anyone by them.
+            last_reap = time.monotonic()
 
 
 def _webhook_loop() -> None:
