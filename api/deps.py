@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, Query, Request
-from sqlalchemy import select
+from fastapi import Depends, Query, Request, Response
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from api.tenants import hash_key
+from api.tenants import API_KEYS, hash_key, load_live_key
 from core.db import get_sessionmaker
 from core.errors import Forbidden, Unauthorized
 from core.models import ApiKey
@@ -53,26 +54,53 @@ def released(session: Session, value: T) -> T:
     validated in another thread-pool hop, which must not wait while holding a connection."""
     session.commit()
     return value
+
+
+def rendered(session: Session, value: BaseModel) -> Response:
+    """``value`` as the JSON response, after ending the session's transaction. The body is made
+    in the route's own thread-pool hop (what FastAPI would make of the route's response_model);
+    returned as a model, it would wait in the pool's queue a second time to be validated."""
+    session.commit()
+    return Response(value.model_dump_json(by_alias=True), media_type="application/json")
+
+
 StoreDep = Annotated[ObjectStore, Depends(_store)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
-def current_key(request: Request, session: SessionDep) -> ApiKey:
+def _presented_key_hash(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send the API key as 'Authorization: Bearer <key>'", code="missing_api_key")
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token.strip())))
-    session.commit()  # give the connection back before the route's own hop
-    if key is None or key.revoked_at is not None:
+    return hash_key(token.strip())
+
+
+def _look_up_key(session: Session, key_hash: str) -> ApiKey:
+    key = load_live_key(session=session, key_hash=key_hash)
+    if key is None:
         raise Unauthorized("the API key is not valid", code="invalid_api_key")
+    API_KEYS.put(key_hash, key, get_settings().api_key_cache_seconds)
     return key
+
+
+async def current_key(request: Request, session: SessionDep) -> ApiKey:
+    """The caller's live key. A key this process looked up within CVOPT_API_KEY_CACHE_SECONDS
+    is answered on the event loop; only a lookup takes a thread (and a connection)."""
+    key_hash = _presented_key_hash(request)
+    return API_KEYS.get(key_hash) or await run_in_threadpool(_look_up_key, session, key_hash)
+
+
+def current_key_in_thread(request: Request, session: Session) -> ApiKey:
+    """``current_key`` for a sync route that needs a key only in some cases (the report page)."""
+    key_hash = _presented_key_hash(request)
+    return API_KEYS.get(key_hash) or _look_up_key(session, key_hash)
 
 
 CurrentKey = Annotated[ApiKey, Depends(current_key)]
 
 
-def admin_key(key: CurrentKey) -> ApiKey:
+async def admin_key(key: CurrentKey) -> ApiKey:
     if not key.is_admin:
         raise Forbidden("this route needs an admin API key", code="admin_required")
     return key

@@ -3,6 +3,7 @@ the schema, at the root: one router mounted twice."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,7 @@ from api.tenants import ensure_default_tenant, hash_key
 from core.db import session_scope
 from core.models import ApiKey
 from core.settings import get_settings
+from core.storage import get_store
 
 log = logging.getLogger("cvopt.api")
 
@@ -46,6 +48,11 @@ async def lifespan(_app: FastAPI):
 
         setup()
     ensure_bootstrap_key()
+    get_store()  # built now, to be frozen below: an S3 client is some 50k objects
+    # What is imported and built by now lives as long as the process. Frozen, it is no longer
+    # walked by each full collection (60-140 ms of GIL held each under load on 2 cores: the p99).
+    gc.collect()
+    gc.freeze()
     yield
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -45,6 +46,59 @@ STORAGE_RETRY_AFTER_S = 300  # storage frees only when the tenant deletes someth
 def hash_key(key: str) -> str:
     # Keys are 256-bit random tokens, so a plain sha256 is enough (no salt or slow hash needed).
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyCache:
+    """Live API keys by hash, in this process, each for a few seconds after its lookup: a
+    request with a known key then needs no query and no thread of its own to authenticate.
+
+    Entries are found by the full hash of the presented key, so a key only ever finds its own
+    row (and so its own tenant). Unknown and revoked keys are not kept: each such request still
+    asks the database. The keys are detached from any session, so that one request's rollback
+    cannot expire a key another request reads."""
+
+    MAX_ENTRIES = 10_000  # far more live keys than a deployment has; bounds what floods can add
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, ApiKey]] = {}
+
+    def get(self, key_hash: str) -> ApiKey | None:
+        entry = self._entries.get(key_hash)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            self._entries.pop(key_hash, None)
+            return None
+        return entry[1]
+
+    def put(self, key_hash: str, key: ApiKey, ttl_seconds: float) -> None:
+        if ttl_seconds <= 0:
+            return
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[key_hash] = (time.monotonic() + ttl_seconds, key)
+
+    def forget(self, key_id: str) -> None:
+        for key_hash, (_, key) in list(self._entries.items()):
+            if key.id == key_id:
+                self._entries.pop(key_hash, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+API_KEYS = KeyCache()
+
+
+def load_live_key(*, session: Session, key_hash: str) -> ApiKey | None:
+    """The unrevoked key with this hash, detached from the session (ready for ``API_KEYS``);
+    the transaction is ended, so no connection stays held."""
+    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+    session.commit()
+    if key is None or key.revoked_at is not None:
+        return None
+    session.expunge(key)
+    return key
 
 
 # -- tenants -------------------------------------------------------------------------------------
@@ -141,6 +195,7 @@ def revoke_key(*, session: Session, key_id: str) -> ApiKey:
         raise NotFound(f"API key {key_id} not found", code="key_not_found", details={"key_id": key_id})
     row.revoked_at = row.revoked_at or utcnow()
     session.flush()
+    API_KEYS.forget(row.id)  # other API processes drop it within CVOPT_API_KEY_CACHE_SECONDS
     return row
 
 

@@ -1,14 +1,17 @@
 """Load benchmark for the job service (not a test).
 
-Starts the service in one mode, drives it with N concurrent clients that submit jobs, poll
-them and list them (the mix a pipeline fleet makes), and prints p50/p99 latency and requests/s
-per endpoint. Then uploads one large file while sampling the API process's resident memory.
+Starts the service in each mode asked for, drives it with N concurrent clients that submit jobs,
+poll them and list them (the mix a pipeline fleet makes), and prints p50/p99 latency, requests/s
+per endpoint and the API process's CPU time per request. Then uploads one large file while
+sampling the API process's resident memory (--upload-mb 0 skips it).
 
-    .venv/bin/python bench/load.py --mode embedded
-    .venv/bin/python bench/load.py --mode distributed     # Postgres + Redis + moto S3 + worker
+    .venv/bin/python bench/load.py                        # embedded, then distributed (worker on)
+    .venv/bin/python bench/load.py --mode distributed --no-worker
+    .venv/bin/python bench/load.py --think-ms 1000 --duration 60 --upload-mb 0   # the README's table
 
-distributed uses the machine's Postgres (127.0.0.1:5432) and Redis (127.0.0.1:6379, db 13).
-Each mode starts everything in a temp dir and stops it at the end.
+embedded is `cvopt serve` alone (SQLite, local storage, its own worker); distributed uses the
+machine's Postgres (127.0.0.1:5432) and Redis (127.0.0.1:6379, db 13), a moto S3 server and a
+separate `cvopt worker`. Each mode starts everything in a temp dir and stops it at the end.
 """
 
 from __future__ import annotations
@@ -157,7 +160,8 @@ class Stack:
             redis.Redis.from_url("redis://127.0.0.1:6379/13").flushdb()
 
 
-async def drive(base: str, model_id: str, *, clients: int, duration: float, think_s: float) -> dict[str, list[float]]:
+async def drive(base: str, model_id: str, api_pids: list[int], *, clients: int, duration: float,
+                think_s: float) -> dict:
     # aiohttp, not httpx: httpx's async pool itself capped this at ~130 req/s on 2 cores.
     import aiohttp
 
@@ -201,12 +205,27 @@ async def drive(base: str, model_id: str, *, clients: int, duration: float, thin
                 if think_s:
                     await asyncio.sleep(think_s * rng.uniform(0.5, 1.5))
 
+        cpu_before = cpu_seconds(api_pids)
         await asyncio.gather(*(one_client(i) for i in range(clients)))
+        api_cpu_s = cpu_seconds(api_pids) - cpu_before
         # Leave the worker no backlog: cancel what is still queued.
         for job_id in job_ids:
             async with client.post(f"/v1/jobs/{job_id}/cancel") as r:
                 await r.read()
-    return {"samples": samples, "errors": errors}
+    return {"samples": samples, "errors": errors, "api_cpu_s": api_cpu_s}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -264,9 +283,46 @@ def upload_memory(base: str, pids: list[int], size_mb: int, tmp: Path) -> dict:
             "growth_mib": (peak[0] - before) / 1024}
 
 
+def run_mode(mode: str, args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="cvopt-bench-"))
+    stack = Stack(mode, tmp, args.api_workers, args.worker)
+    stack.env.update(dict(item.split("=", 1) for item in args.settings))
+    try:
+        base = stack.start()
+        model = tmp / "tiny.onnx"
+        tiny_onnx_model(model)
+        with open(model, "rb") as fh:
+            model_id = httpx.post(base + "/v1/models", files={"file": ("tiny.onnx", fh)},
+                                  headers={"Authorization": f"Bearer {API_KEY}"}).json()["id"]
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                   platform.machine())
+        print(f"\nmode={mode} worker={'on' if args.worker else 'off'} api_workers={args.api_workers} "
+              f"clients={args.clients} duration={args.duration}s cpu={cpu} x{os.cpu_count()}")
+        api = stack.api_pids()
+        for think in args.think_ms:
+            result = asyncio.run(drive(base, model_id, api, clients=args.clients, duration=args.duration,
+                                       think_s=think / 1000))
+            served = sum(len(values) for values in result["samples"].values())
+            print(f"\nthink time {think:g} ms per client between requests; API CPU "
+                  f"{result['api_cpu_s'] * 1000 / max(served, 1):.2f} ms per request")
+            print("| endpoint | requests | req/s | p50 ms | p99 ms | errors |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for name, values in result["samples"].items():
+                print(f"| {name} | {len(values)} | {len(values) / args.duration:.0f} | {pct(values, 50):.1f} | "
+                      f"{pct(values, 99):.1f} | {result['errors'][name]} |")
+        if args.upload_mb:
+            up = upload_memory(base, api, args.upload_mb, tmp)
+            print(f"\nupload of {up['bytes'] / 2**20:.0f} MiB: HTTP {up['status']} in {up['seconds']:.1f}s; "
+                  f"API RSS {up['rss_before_mib']:.0f} -> peak {up['rss_peak_mib']:.0f} MiB "
+                  f"(growth {up['growth_mib']:.0f} MiB)")
+    finally:
+        stack.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["embedded", "distributed"], default="embedded")
+    ap.add_argument("--mode", choices=["embedded", "distributed"], nargs="+", default=["embedded", "distributed"])
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--duration", type=float, default=20)
     ap.add_argument("--think-ms", type=float, nargs="+", default=[1000, 200, 0],
@@ -278,37 +334,8 @@ def main() -> None:
     ap.add_argument("--set", dest="settings", action="append", default=[], metavar="CVOPT_X=VALUE",
                     help="A setting for the service (the bench otherwise ignores CVOPT_* in its environment).")
     args = ap.parse_args()
-
-    tmp = Path(tempfile.mkdtemp(prefix="cvopt-bench-"))
-    stack = Stack(args.mode, tmp, args.api_workers, args.worker)
-    stack.env.update(dict(item.split("=", 1) for item in args.settings))
-    try:
-        base = stack.start()
-        model = tmp / "tiny.onnx"
-        tiny_onnx_model(model)
-        with open(model, "rb") as fh:
-            model_id = httpx.post(base + "/v1/models", files={"file": ("tiny.onnx", fh)},
-                                  headers={"Authorization": f"Bearer {API_KEY}"}).json()["id"]
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                   platform.machine())
-        print(f"\nmode={args.mode} worker={'on' if args.worker else 'off'} api_workers={args.api_workers} clients={args.clients} "
-              f"duration={args.duration}s cpu={cpu} x{os.cpu_count()}")
-        for think in args.think_ms:
-            result = asyncio.run(drive(base, model_id, clients=args.clients, duration=args.duration, think_s=think / 1000))
-            print(f"\nthink time {think:g} ms per client between requests")
-            print("| endpoint | requests | req/s | p50 ms | p99 ms | errors |")
-            print("|---|---:|---:|---:|---:|---:|")
-            for name, values in result["samples"].items():
-                print(f"| {name} | {len(values)} | {len(values) / args.duration:.0f} | {pct(values, 50):.1f} | "
-                      f"{pct(values, 99):.1f} | {result['errors'][name]} |")
-        if args.upload_mb:
-            up = upload_memory(base, stack.api_pids(), args.upload_mb, tmp)
-            print(f"\nupload of {up['bytes'] / 2**20:.0f} MiB: HTTP {up['status']} in {up['seconds']:.1f}s; "
-                  f"API RSS {up['rss_before_mib']:.0f} -> peak {up['rss_peak_mib']:.0f} MiB "
-                  f"(growth {up['growth_mib']:.0f} MiB)")
-    finally:
-        stack.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    for mode in args.mode:
+        run_mode(mode, args)
 
 
 if __name__ == "__main__":

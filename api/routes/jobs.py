@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse
+from sqlalchemy.orm import Session
 
 from api import idempotency, services
 from api.deps import (
@@ -13,8 +16,9 @@ from api.deps import (
     Offset,
     SessionDep,
     StoreDep,
-    current_key,
+    current_key_in_thread,
     released,
+    rendered,
 )
 from api.report_html import render as render_report
 from core.errors import NotFound, Unauthorized
@@ -27,6 +31,24 @@ from core.workers import live_queues
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 log = logging.getLogger("cvopt.api")
+
+
+# The live queues change only as workers start and stop, and their rows are refreshed every few
+# seconds anyway (CVOPT_HEARTBEAT_SECONDS): polls of queued jobs share one read a second.
+LIVE_QUEUES_TTL_S = 1.0
+_live_queues_read: tuple[float, set[str]] = (-math.inf, set())
+
+
+def _live_queues_for(session: Session, *jobs: Job) -> set[str] | None:
+    """The live workers' queues, which only a queued job's view needs (to say what it waits for)."""
+    global _live_queues_read
+    if not any(job.status == JobStatus.queued for job in jobs):
+        return None
+    read_at, queues = _live_queues_read
+    if time.monotonic() - read_at > LIVE_QUEUES_TTL_S:
+        queues = live_queues(session, get_settings())
+        _live_queues_read = (time.monotonic(), queues)
+    return queues
 
 
 @router.post("", status_code=202, response_model=JobRead)
@@ -57,14 +79,14 @@ def list_jobs(key: CurrentKey, session: SessionDep, base_url: BaseUrlDep, status
               limit: Limit = 50, offset: Offset = 0) -> JobsRead:
     rows, count = services.list_jobs(session=session, tenant_id=key.tenant_id, status=status, limit=limit,
                                      offset=offset)
-    live = live_queues(session, get_settings())
-    return released(session, JobsRead(data=[job_to_read(j, live, base_url) for j in rows], count=count))
+    live = _live_queues_for(session, *rows)
+    return rendered(session, JobsRead(data=[job_to_read(j, live, base_url) for j in rows], count=count))
 
 
 @router.get("/{job_id}", response_model=JobRead)
 def read_job(job_id: str, key: CurrentKey, session: SessionDep, base_url: BaseUrlDep) -> JobRead:
     job = services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
-    return released(session, job_to_read(job, live_queues(session, get_settings()), base_url))
+    return rendered(session, job_to_read(job, _live_queues_for(session, job), base_url))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
@@ -79,13 +101,13 @@ def list_artifacts(job_id: str, key: CurrentKey, session: SessionDep, store: Sto
                    base_url: BaseUrlDep) -> ArtifactsRead:
     job = services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
     data = services.list_artifacts(session=session, store=store, job=job, base_url=base_url)
-    return released(session, ArtifactsRead(data=data, count=len(data)))
+    return rendered(session, ArtifactsRead(data=data, count=len(data)))
 
 
 @router.get("/{job_id}/report", response_model=ReportRead)
 def read_report(job_id: str, key: CurrentKey, session: SessionDep) -> ReportRead:
     job = services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
-    return released(session, services.build_report(session=session, job=job))
+    return rendered(session, services.build_report(session=session, job=job))
 
 
 @router.get("/{job_id}/report.html", response_class=HTMLResponse,
@@ -101,7 +123,7 @@ def read_report_html(job_id: str, request: Request, session: SessionDep, expires
         if job is None:
             raise NotFound(f"job {job_id} not found", code="job_not_found", details={"job_id": job_id})
     else:
-        key = current_key(request, session)
+        key = current_key_in_thread(request, session)
         job = services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
     page = render_report(job, services.build_report(session=session, job=job))
     session.commit()
