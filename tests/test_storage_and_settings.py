@@ -89,3 +89,15 @@ def test_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("CVOPT_BROKER_URL", "redis://127.0.0.1:6379/3")
     s = Settings()
     assert s.max_upload_bytes == 1234 and not s.is_embedded_broker
+
+
+def test_the_embedded_broker_keeps_all_its_files_under_the_data_dir(tmp_path, monkeypatch):
+    """kombu's filesystem transport writes its exchange table to ./control unless told otherwise:
+    `cvopt serve` must not litter the directory it was started from."""
+    from core.queue import enqueue_job, make_celery
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    enqueue_job("f" * 32, "cpu", celery=make_celery(Settings(data_dir=data)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert list((data).rglob("*.exchange")) or list(data.rglob("*.msg"))
