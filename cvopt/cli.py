@@ -294,13 +294,15 @@ def keys_revoke(key_id: str) -> None:
     from api.tenants import revoke_key
     from core.db import session_scope
     from core.errors import CvoptError
+    from core.settings import get_settings
 
     with session_scope() as session:
         try:
             revoke_key(session=session, key_id=key_id)
         except CvoptError as exc:
             raise click.ClickException(exc.message) from exc
-    click.echo(f"revoked {key_id}")
+    click.echo(f"revoked {key_id} (running API processes stop accepting it within "
+               f"CVOPT_API_KEY_CACHE_SECONDS, {get_settings().api_key_cache_seconds:g} s)")
 
 
 client_cli.register(main)

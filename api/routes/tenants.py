@@ -103,7 +103,8 @@ def list_keys(_admin: AdminKey, session: SessionDep, tenant_id: str | None = Non
 
 @router.delete("/keys/{key_id}", status_code=204)
 def revoke_key(key_id: str, _admin: AdminKey, session: SessionDep) -> Response:
-    """Revoke a key (admin keys only): it stops working with the next request."""
+    """Revoke a key (admin keys only): it stops working at once in this API process, and within
+    CVOPT_API_KEY_CACHE_SECONDS in the others."""
     svc.revoke_key(session=session, key_id=key_id)
     session.commit()
     return Response(status_code=204)
