@@ -121,3 +121,10 @@ def test_the_readmes_preset_table_lists_every_step_in_order():
             continue  # described by the row before it
         listed = re.findall(r"\b(?:%s)\b" % "|".join(REGISTRY), rows[name])
         assert listed == [s.name for s in steps], name
+
+
+def test_every_pass_declares_its_version_and_a_pass_without_one_is_refused():
+    assert all(isinstance(cls.__dict__.get("version"), int) for cls in REGISTRY.values())
+    with pytest.raises(TypeError, match="declares no version"):
+        type("Unversioned", (Pass,), {"name": "unversioned", "run": lambda self, ctx, source, config: None})
+    assert "unversioned" not in REGISTRY
