@@ -46,6 +46,10 @@ TORCHVISION_ARCHITECTURES: dict[str, int] = {
 # Each architecture's state_dict keys and shapes (written by tests/architecture_shapes.py, which
 # a test runs against the installed torchvision).
 SHAPES_FILE = Path(__file__).with_name("torchvision_shapes.json.gz")
+# A state_dict's data.pkl holds names and shapes only (the largest listed, EfficientNet-V2-L's:
+# 250 KB, 58k opcodes): walking much more would only cost the API's memory and time.
+MAX_WEIGHTS_PICKLE_BYTES = 4 * 1024**2
+MAX_PICKLE_OPCODES = 500_000
 # Everything a plain (or checkpoint-wrapped) state_dict pickle refers to. Anything else in the
 # pickle's opcodes means it would run other code when loaded: refused, never loaded.
 STATE_DICT_GLOBALS = {
@@ -270,6 +274,9 @@ def _inspect_torch_zip(path: Path, architecture: str | None = None) -> ModelInfo
         if code_files and data_pkl:
             return _inspect_torchscript(zf, code_files, data_pkl[0])
         if data_pkl and architecture is not None:
+            if len(data_pkl) > 1:  # torch reads the one under the first entry's folder: check that one
+                raise InvalidInput(f"the checkpoint holds {len(data_pkl)} data.pkl members; torch.save writes one",
+                                   code="corrupt_model", details={"members": data_pkl[:5]})
             return _inspect_state_dict(zf, data_pkl[0], architecture)
         if data_pkl:
             raise _pickle_refused(
@@ -328,10 +335,17 @@ def _inspect_exported_program(zf: zipfile.ZipFile, member: str) -> ModelInfo:
 
 
 def _inspect_state_dict(zf: zipfile.ZipFile, data_pkl: str, architecture: str) -> ModelInfo:
+    # A state_dict's pickle is its structure only (the tensors' bytes are other members): a few
+    # KB to a few MB. A larger one would only cost the API memory and time to walk.
+    pickle_bytes = zf.getinfo(data_pkl).file_size
+    if pickle_bytes > MAX_WEIGHTS_PICKLE_BYTES:
+        raise UnsupportedMedia(f"the checkpoint's pickle is {pickle_bytes} bytes; a state_dict's is far smaller "
+                               f"(at most {MAX_WEIGHTS_PICKLE_BYTES})", code="corrupt_model")
+    data = zf.read(data_pkl)
     try:
-        checkpoint, foreign = _read_weights_pickle(zf.read(data_pkl))
+        checkpoint, foreign = _read_weights_pickle(data)
     except _UnreadablePickle as exc:
-        checkpoint, foreign = None, exc.foreign
+        checkpoint, foreign = None, exc.foreign or _named_globals(data)
         if not foreign:
             raise UnsupportedMedia(f"the checkpoint's pickle could not be read as weights: {exc}",
                                    code="corrupt_model") from exc
@@ -372,6 +386,17 @@ _PUSH_ARGUMENT = {
 }
 
 
+def _named_globals(data: bytes) -> list[str]:
+    """The globals a pickle names literally (GLOBAL, INST), for the refusal of one the interpreter
+    gave up on before reaching them; never the basis of an acceptance."""
+    try:
+        found = [arg.replace(" ", ".") for op, arg, _ in pickletools.genops(data)
+                 if op.name in ("GLOBAL", "INST") and isinstance(arg, str)]
+    except Exception:  # a malformed stream: what was found before it stands
+        return []
+    return [g for g in dict.fromkeys(found) if g not in STATE_DICT_GLOBALS]
+
+
 class _UnreadablePickle(ValueError):
     def __init__(self, message: str, foreign: list[str]) -> None:
         super().__init__(message)
@@ -387,7 +412,7 @@ def _read_weights_pickle(data: bytes) -> tuple[Any, list[str]]:
     foreign: list[str] = []
     try:
         return _interpret_weights_pickle(data, foreign), foreign
-    except (ValueError, IndexError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, IndexError, KeyError, TypeError, AttributeError, ArithmeticError) as exc:
         raise _UnreadablePickle(str(exc) or type(exc).__name__, foreign) from exc
 
 
@@ -408,7 +433,9 @@ def _interpret_weights_pickle(data: bytes, foreign: list[str]) -> Any:
         del stack[start:]
         return items
 
-    for op, arg, _pos in pickletools.genops(data):
+    for count, (op, arg, _pos) in enumerate(pickletools.genops(data)):
+        if count > MAX_PICKLE_OPCODES:
+            raise ValueError(f"more than {MAX_PICKLE_OPCODES} opcodes")
         name = op.name
         if name in ("PROTO", "FRAME", "STOP"):
             continue
@@ -511,7 +538,8 @@ def _check_state_dict_fits(checkpoint: Any, architecture: str) -> None:
     step's cache. A pruned model saved by this service records its changed shapes beside its
     weights (``module_attributes``): only its keys are checked."""
     state = _unwrap_checkpoint(checkpoint)
-    tensors = {k: v for k, v in state.items() if isinstance(v, _TensorShape)} if isinstance(state, dict) else {}
+    tensors = ({str(k): v for k, v in state.items() if isinstance(v, _TensorShape)}
+               if isinstance(state, dict) else {})
     if not tensors:
         raise InvalidInput("the checkpoint holds no state_dict (no tensors found)", code="state_dict_mismatch",
                            details={"architecture": architecture})

@@ -91,3 +91,52 @@ def test_a_pruned_model_saved_by_the_service_is_checked_by_its_keys(tmp_path):
     torch.save(blob, path)
     with pytest.raises(InvalidInput, match="missing keys"):
         inspect_model(path, architecture="resnet18")
+
+
+def _zip_with_pickle(tmp_path, pickle_bytes: bytes, name="weights.pt", members=("archive/data.pkl",)):
+    import zipfile
+
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w") as zf:  # stored: no compression ratio for the zip-bomb check to see
+        for member in members:
+            zf.writestr(member, pickle_bytes)
+        zf.writestr("archive/version", "3\n")
+    return path
+
+
+def test_a_pickle_bomb_is_refused_without_walking_it(tmp_path):
+    """Millions of opcodes (stored uncompressed, past the zip-bomb ratio check): refused by the
+    pickle's size or its opcode count, quickly."""
+    import time
+
+    from core.errors import UnsupportedMedia
+
+    huge = b"\x80\x02" + b"]" * (20 * 1024**2) + b"."  # 20 M EMPTY_LIST: gigabytes if walked
+    many = b"\x80\x02" + b"]0" * 1_000_000 + b"N."  # 1 M (EMPTY_LIST, POP) under the size cap
+    for data in (huge, many):
+        started = time.monotonic()
+        with pytest.raises(UnsupportedMedia) as refused:
+            inspect_model(_zip_with_pickle(tmp_path, data), architecture="resnet18")
+        assert refused.value.code == "corrupt_model" and time.monotonic() - started < 5
+
+
+def test_odd_pickles_are_4xx_and_every_named_global_is_listed(tmp_path):
+    from core.errors import UnsupportedMedia
+
+    # An object built before a global: the interpreter stops at NEWOBJ; the refusal still names it.
+    newobj = b"\x80\x02N)\x81cos\nsystem\n."
+    with pytest.raises(UnsupportedMedia) as refused:
+        inspect_model(_zip_with_pickle(tmp_path, newobj), architecture="resnet18")
+    assert refused.value.code == "pickle_not_allowed" and "os.system" in refused.value.details["globals"]
+    # A tensor whose size is infinite, and a state_dict keyed by an int: refused, never a crash.
+    import pickle
+
+    inf_size = (b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(NK\x00G\x7f\xf0\x00\x00\x00\x00\x00\x00"
+                b"\x85NtRs.")
+    int_key = pickle.dumps({7: 1}, protocol=2)
+    for data in (inf_size, int_key):
+        with pytest.raises((UnsupportedMedia, InvalidInput)):
+            inspect_model(_zip_with_pickle(tmp_path, data), architecture="resnet18")
+    with pytest.raises(InvalidInput, match="data.pkl"):
+        state = _zip_with_pickle(tmp_path, int_key, members=("a/data.pkl", "b/data.pkl"))
+        inspect_model(state, architecture="resnet18")
