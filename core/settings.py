@@ -114,6 +114,17 @@ class Settings(BaseSettings):
     step_nice: int = Field(default=10, ge=0, le=19)
 
     @model_validator(mode="after")
+    def _lost_workers_are_silent_for_several_heartbeats(self) -> "Settings":
+        # Otherwise the ordinary gap between two beats would look like a dead worker, and a live
+        # worker's job would be given to another (its run then stops: see worker.runner).
+        if self.worker_lost_after_seconds < 3 * self.heartbeat_seconds:
+            raise ValueError(
+                f"CVOPT_WORKER_LOST_AFTER_SECONDS ({self.worker_lost_after_seconds:g}) must be at least 3 x "
+                f"CVOPT_HEARTBEAT_SECONDS ({self.heartbeat_seconds:g})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _production_needs_real_secrets(self) -> "Settings":
         if self.env == "production":
             if self.secret_key.strip().lower() in PLACEHOLDER_SECRETS or len(self.secret_key) < 32:

@@ -234,6 +234,43 @@ def test_a_step_for_another_gpu_kind_hands_the_job_over(sessions, broker, tmp_pa
     assert client.llen("gpu.h100") == 0
 
 
+def test_a_run_whose_job_was_given_to_another_writes_nothing_more(sessions, broker, tmp_path):
+    """The reaper took the job from a worker that only looked dead (cut off from the database,
+    paused): when that run comes back, its heartbeat notices and stops the step, and none of its
+    row writes lands over the new run's."""
+    from worker.runner import _ClaimLost, _Heartbeat, _LogTail
+
+    url, _ = broker
+    settings = settings_for(url, work_dir=tmp_path)
+    runner = JobRunner(settings=settings, store=None, sessions=sessions, celery=make_celery(settings))
+    with sessions() as s:
+        job = make_job(s, status=JobStatus.queued)
+    claim = runner._claim(job.id)
+    runner._claims[job.id] = claim.attempt
+    beat = _Heartbeat(job.id, sessions, 1.0, worker=runner.me, attempt=claim.attempt)
+    beat.beat()
+    assert not beat.lost.is_set()
+    with sessions() as s:  # the reaper re-queued it and another worker claimed it
+        taken = s.get(Job, job.id)
+        taken.worker, taken.attempts = "other-host:1:abc", claim.attempt + 1
+        s.commit()
+    beat.beat()
+    assert beat.lost.is_set() and beat.cancelled.is_set()  # the running step is stopped
+    for write in (lambda: runner._mark_step_done(job.id, job.steps[0].id, {"x": 1}, message=None),
+                  lambda: runner._finish(job.id, JobStatus.succeeded, tail=_LogTail())):
+        with pytest.raises(_ClaimLost):
+            write()
+    with sessions() as s:
+        kept = s.get(Job, job.id)
+        assert kept.status == JobStatus.running and kept.worker == "other-host:1:abc"
+        assert kept.steps[0].status == StepStatus.pending and kept.steps[0].metrics == {}
+
+
+def test_a_worker_is_lost_only_after_several_heartbeats():
+    with pytest.raises(ValueError, match="at least 3 x"):
+        Settings(heartbeat_seconds=20, worker_lost_after_seconds=30)
+
+
 def test_the_migrations_match_the_models(migrated_pg):
     from alembic import command
 

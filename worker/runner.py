@@ -12,6 +12,7 @@ import collections
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -78,26 +79,39 @@ class _LogTail(logging.Handler):
         return "\n".join(self.lines)[-LOG_TAIL_CHARS:]
 
 
-class _Heartbeat(threading.Thread):
-    """Writes heartbeat and progress while a step runs; notices a cancel request."""
+class _ClaimLost(Exception):
+    """The job is no longer this run's: the reaper gave it to another worker (this one looked
+    dead: cut off from the database, paused) or it ended. This run stops and writes nothing."""
 
-    def __init__(self, job_id: str, sessions: sessionmaker[Session], interval: float) -> None:
+
+class _Heartbeat(threading.Thread):
+    """Writes heartbeat and progress while a step runs; notices a cancel request, and that the
+    job was taken from this run (``lost``, which also stops the running step)."""
+
+    def __init__(self, job_id: str, sessions: sessionmaker[Session], interval: float, *, worker: str,
+                 attempt: int) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
         self.job_id, self.sessions, self.interval = job_id, sessions, interval
+        self.worker, self.attempt = worker, attempt
         self.progress = 0.0
         self.cancelled = threading.Event()
+        self.lost = threading.Event()
         self.stopped = threading.Event()
 
     def beat(self) -> None:
         with self.sessions() as s:
-            s.execute(
+            owned = s.execute(
                 update(Job)
-                .where(Job.id == self.job_id, Job.status == JobStatus.running)
+                .where(Job.id == self.job_id, Job.status == JobStatus.running, Job.worker == self.worker,
+                       Job.attempts == self.attempt)
                 .values(heartbeat_at=utcnow(), progress=self.progress)
-            )
+            ).rowcount
             cancel = s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
             s.commit()
-        if cancel:
+        if not owned:
+            self.lost.set()
+            self.cancelled.set()
+        elif cancel:
             self.cancelled.set()
 
     def run(self) -> None:
@@ -122,6 +136,8 @@ class JobRunner:
         self.settings, self.store, self.sessions = settings, store, sessions
         self.celery = celery  # None: the app configured from the environment
         self.me = worker_identity()
+        # The attempt this runner holds of each job it runs: every row write checks it still does.
+        self._claims: dict[str, int] = {}
         # The queues this worker consumes (None: it runs every step it is given).
         self.queues = set(queues) if queues is not None else None
 
@@ -133,6 +149,7 @@ class JobRunner:
         there. The worker that takes it replays the steps before from the artifact cache and
         skips the measurements already made."""
         with self.sessions() as s:
+            self._check_owned(s, job_id)
             job = s.get(Job, job_id)
             job.status, job.queue, job.enqueued_at = JobStatus.queued, queue, utcnow()
             job.worker, job.current_step = None, None
@@ -209,11 +226,17 @@ class JobRunner:
         tail = _LogTail()
         cvopt_logger = logging.getLogger("cvopt")
         cvopt_logger.addHandler(tail)
-        heartbeat = _Heartbeat(job_id, self.sessions, self.settings.heartbeat_seconds)
+        heartbeat = _Heartbeat(job_id, self.sessions, self.settings.heartbeat_seconds, worker=self.me,
+                               attempt=claim.attempt)
         heartbeat.start()
+        self._claims[job_id] = claim.attempt
         try:
             self._run_steps(job_id, work, heartbeat, tail)
+        except _ClaimLost:
+            log.warning("job %s was handed to another run (attempt %d looked lost); this one stops without "
+                        "writing", job_id, claim.attempt)
         finally:
+            self._claims.pop(job_id, None)
             heartbeat.stopped.set()
             heartbeat.join(timeout=5)
             cvopt_logger.removeHandler(tail)
@@ -295,6 +318,10 @@ class JobRunner:
             # The step cache and the files shared between jobs are the tenant's own: another tenant
             # never reuses (nor learns of) an artifact made from the same bytes.
             tenant_prefix = f"tenants/{job.tenant_id}/"
+            # Where earlier runs of this job stored what they made (a step replayed after a
+            # hand-over or a lost worker finds its own object, whichever GPU made it).
+            recorded = {a.step_index: a.storage_key.rsplit("/", 1)[0]
+                        for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))}
 
         current_step: str | None = None
         try:
@@ -345,7 +372,9 @@ class JobRunner:
                 started = time.perf_counter()
                 log.info("job %s: step %d %s started", job_id, index, name)
                 cache_key = None
-                if cls.produces is not None:
+                if cls.produces is not None and step_status == StepStatus.succeeded and index in recorded:
+                    cache_key = recorded[index]
+                elif cls.produces is not None:
                     # Everything that changes what the step makes: its code version and config,
                     # its input, how the upload is read (a state_dict's architecture), the original
                     # (a distillation's teacher), shapes, preprocessing, data and where it runs.
@@ -359,6 +388,8 @@ class JobRunner:
                         "preprocessing": preprocessing.model_dump(mode="json"),
                         "datasets": dataset_digests,
                         "queue": step_queue,
+                        # An engine or compiled package is this GPU's and these libraries' own.
+                        "device": _gpu_facts() if is_gpu_queue(step_queue) else None,
                     })
                 result, cached = self._cached_result(cache_key, step_dir) if cache_key else (None, False)
                 if result is None:
@@ -378,10 +409,15 @@ class JobRunner:
                 self._mark_step_done(job_id, step_id, metrics, message=result.metrics.get("warning"))
                 log.info("job %s: step %d %s finished in %.2fs", job_id, index, name, duration)
             self._finish(job_id, JobStatus.succeeded, tail=tail)
+        except _ClaimLost:
+            raise
         except JobCancelled:
+            if heartbeat.lost.is_set():
+                raise _ClaimLost() from None
             log.info("job %s cancelled during %s", job_id, current_step)
             with self.sessions() as s:
                 job = s.get(Job, job_id)
+                self._check_owned(s, job_id)
                 self._finish_cancelled(job)
                 job.log_tail = tail.text()
                 s.commit()
@@ -459,6 +495,7 @@ class JobRunner:
     def _record_artifact_row(self, job_id, step_id, index, name, ref: ArtifactRef, file_key: str, digest: str,
                              size: int, result: PassResult) -> str:
         with self.sessions() as s:
+            self._check_owned(s, job_id)
             existing = s.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.step_index == index))
             if existing is None:
                 existing = Artifact(job_id=job_id, step_index=index)
@@ -473,11 +510,20 @@ class JobRunner:
 
     # -- row updates -----------------------------------------------------------------------------
 
-    # Each update is whole in itself, so that _db can retry it after a lost connection.
+    # Each update is whole in itself, so that _db can retry it after a lost connection, and is
+    # made only while the job is still this run's.
+
+    def _check_owned(self, s: Session, job_id: str) -> None:
+        row = s.execute(
+            select(Job.status, Job.worker, Job.attempts).where(Job.id == job_id).with_for_update()
+        ).one_or_none()
+        if row is None or tuple(row) != (JobStatus.running, self.me, self._claims.get(job_id)):
+            raise _ClaimLost()
 
     def _mark_step_running(self, job_id: str, step_id: str, name: str, progress: float) -> None:
         def write() -> None:
             with self.sessions() as s:
+                self._check_owned(s, job_id)
                 s.execute(
                     update(JobStep).where(JobStep.id == step_id)
                     .values(status=StepStatus.running, started_at=utcnow(), finished_at=None, message=None)
@@ -493,6 +539,7 @@ class JobRunner:
     def _mark_step_done(self, job_id: str, step_id: str, metrics: dict[str, Any], message: str | None) -> None:
         def write() -> None:
             with self.sessions() as s:
+                self._check_owned(s, job_id)
                 s.execute(
                     update(JobStep).where(JobStep.id == step_id).values(
                         status=StepStatus.succeeded, finished_at=utcnow(), metrics=_json_safe(metrics), message=message,
@@ -512,6 +559,7 @@ class JobRunner:
     def _write_end(self, job_id: str, status: JobStatus, *, tail: _LogTail, step: str | None, code: str | None,
                    message: str | None, extra_log: str | None) -> None:
         with self.sessions() as s:
+            self._check_owned(s, job_id)
             job = s.get(Job, job_id)
             job.status = status
             job.finished_at = utcnow()
@@ -529,6 +577,15 @@ class JobRunner:
                     elif st.status in (StepStatus.pending, StepStatus.running):
                         st.status = StepStatus.skipped
             s.commit()
+
+
+def _gpu_facts() -> dict[str, Any] | None:
+    """What the worker's GPU build depends on, as the worker's main process detected it at start
+    (CVOPT_WORKER_GPU; None outside a GPU worker)."""
+    gpu = json.loads(os.environ.get("CVOPT_WORKER_GPU") or "null")
+    if not gpu:
+        return None
+    return {k: gpu.get(k) for k in ("name", "compute_capability", "cuda", "torch", "tensorrt")}
 
 
 def _with_backoff(operation, *, retry_if, budget_s: float, first_s: float, cap_s: float, warn):
