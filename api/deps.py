@@ -77,10 +77,11 @@ def _presented_key_hash(request: Request) -> str:
 
 
 def _look_up_key(session: Session, key_hash: str) -> ApiKey:
+    generation = API_KEYS.generation
     key = load_live_key(session=session, key_hash=key_hash)
     if key is None:
         raise Unauthorized("the API key is not valid", code="invalid_api_key")
-    API_KEYS.put(key_hash, key, get_settings().api_key_cache_seconds)
+    API_KEYS.put(key_hash, key, get_settings().api_key_cache_seconds, generation)
     return key
 
 

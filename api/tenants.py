@@ -61,6 +61,9 @@ class KeyCache:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, ApiKey]] = {}
+        # Bumped by every forget: a lookup that began before a revocation (and may have read the
+        # key unrevoked) must not put it back afterwards.
+        self.generation = 0
 
     def get(self, key_hash: str) -> ApiKey | None:
         entry = self._entries.get(key_hash)
@@ -71,14 +74,16 @@ class KeyCache:
             return None
         return entry[1]
 
-    def put(self, key_hash: str, key: ApiKey, ttl_seconds: float) -> None:
-        if ttl_seconds <= 0:
+    def put(self, key_hash: str, key: ApiKey, ttl_seconds: float, generation: int) -> None:
+        """Keep ``key`` unless a key was forgotten since ``generation`` (read before the lookup)."""
+        if ttl_seconds <= 0 or generation != self.generation:
             return
         if len(self._entries) >= self.MAX_ENTRIES:
             self._entries.clear()
         self._entries[key_hash] = (time.monotonic() + ttl_seconds, key)
 
     def forget(self, key_id: str) -> None:
+        self.generation += 1
         for key_hash, (_, key) in list(self._entries.items()):
             if key.id == key_id:
                 self._entries.pop(key_hash, None)
@@ -195,7 +200,9 @@ def revoke_key(*, session: Session, key_id: str) -> ApiKey:
         raise NotFound(f"API key {key_id} not found", code="key_not_found", details={"key_id": key_id})
     row.revoked_at = row.revoked_at or utcnow()
     session.flush()
-    API_KEYS.forget(row.id)  # other API processes drop it within CVOPT_API_KEY_CACHE_SECONDS
+    # Here, and again by the route once committed (a lookup between the two read it unrevoked);
+    # other API processes drop it within CVOPT_API_KEY_CACHE_SECONDS.
+    API_KEYS.forget(row.id)
     return row
 
 

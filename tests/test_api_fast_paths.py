@@ -253,3 +253,18 @@ def test_the_report_page_opens_with_the_key_or_with_the_signed_link(api):
     link = api.get(f"/v1/jobs/{job['id']}", headers=bearer(key)).json()["report_url"]
     assert api.get(link, headers={"Authorization": ""}).status_code == 200
     assert api.get(link.replace("sig=", "sig=0"), headers={"Authorization": ""}).status_code == 401
+
+
+def test_a_lookup_that_read_a_key_before_its_revocation_does_not_cache_it():
+    """A request's lookup reads the key, the key is revoked (the cache forgets it), then that
+    lookup would put it back for the cache time: it must not."""
+    from api.tenants import KeyCache
+
+    cache = KeyCache()
+    key = ApiKey(id="k1", tenant_id="t1", name="n", key_hash="h1")
+    before = cache.generation  # read when the lookup begins
+    cache.forget("k1")  # the revocation, while the lookup's query runs
+    cache.put("h1", key, 60, before)
+    assert cache.get("h1") is None
+    cache.put("h1", key, 60, cache.generation)  # a lookup that began after it: kept
+    assert cache.get("h1") is key

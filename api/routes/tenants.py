@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
 
 from api import tenants as svc
+from api.tenants import API_KEYS
 from api.deps import (
     AdminKey,
     CurrentKey,
@@ -107,4 +108,5 @@ def revoke_key(key_id: str, _admin: AdminKey, session: SessionDep) -> Response:
     CVOPT_API_KEY_CACHE_SECONDS in the others."""
     svc.revoke_key(session=session, key_id=key_id)
     session.commit()
+    API_KEYS.forget(key_id)  # a lookup that read the key before the commit must not keep it
     return Response(status_code=204)
