@@ -124,7 +124,7 @@ class ExportOnnx(Pass):
     Config = ExportOnnxConfig
     accepts = ALL_MODEL_FORMATS
     produces = ONNX
-    version = 2
+    version = 3
     format_hints = {
         fmt: "TensorFlow uploads go to TFLite (presets tflite-fp16, tflite-int8, or convert_tflite); for the ONNX "
         "steps, convert the model with tf2onnx and upload the .onnx"
@@ -208,25 +208,39 @@ class ExportOnnx(Pass):
         return candidate, {"batch_axis": "dynamic"}
 
     def _runs_at_any_batch(self, ctx, source, config, path, batch: int) -> str | None:
-        """Why the opened graph is wrong (None when it is not): it must run at a larger batch and give every
-        sample the original's output for that sample."""
+        """Why the opened graph is wrong (None when it is not): at a larger batch, at 1 and at one
+        more than the fixed batch (what evaluate's last partial batch and benchmark use), it must run
+        and give every sample the original's output for that sample."""
         import numpy as np
 
         from worker.runtime import load_runner, sample_feeds
 
-        n = 3 * batch
-        feeds = sample_feeds(ctx.input_spec, batch=n, seed=1)
         reference = load_runner(source, threads=ctx.threads)
-        chunks = [reference({k: v[i : i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
-        want = [np.concatenate(outputs) for outputs in zip(*chunks, strict=True)]
-        try:
-            got = load_runner(ArtifactRef("open_batch.onnx", ONNX, path), threads=ctx.threads)(feeds)
-        except Exception as exc:  # onnxruntime refuses the graph or the shapes with its own error types
-            return f"with the batch opened the graph does not run at batch {n} ({str(exc).splitlines()[0][:200]})"
-        error = _relative_error(want, got)
-        if not error <= config.tolerance:
-            return (f"with the batch opened, batch {n} does not give each sample its batch-{batch} output "
-                    f"(relative error {error:.3g}); the graph mixes samples or hard-codes the batch")
+        opened = load_runner(ArtifactRef("open_batch.onnx", ONNX, path), threads=ctx.threads)
+
+        def per_sample_reference(feeds: dict, n: int) -> list:
+            """The original's outputs for n samples, run ``batch`` at a time (the last chunk padded
+            with copies of its last sample, whose outputs are dropped)."""
+            chunks = []
+            for i in range(0, n, batch):
+                part = {k: v[i : i + batch] for k, v in feeds.items()}
+                short = batch - len(next(iter(part.values())))
+                if short:
+                    part = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in part.items()}
+                chunks.append([o[: batch - short] for o in reference(part)])
+            return [np.concatenate(outputs) for outputs in zip(*chunks, strict=True)]
+
+        for n in dict.fromkeys((3 * batch, 1, batch + 1)):
+            feeds = sample_feeds(ctx.input_spec, batch=n, seed=1)
+            want = per_sample_reference(feeds, n)
+            try:
+                got = opened(feeds)
+            except Exception as exc:  # onnxruntime refuses the graph or the shapes with its own error types
+                return f"with the batch opened the graph does not run at batch {n} ({str(exc).splitlines()[0][:200]})"
+            error = _relative_error(want, got)
+            if not error <= config.tolerance:
+                return (f"with the batch opened, batch {n} does not give each sample its batch-{batch} output "
+                        f"(relative error {error:.3g}); the graph mixes samples or hard-codes the batch")
         return None
 
     def _from_torchscript(self, ctx, source, config, out) -> None:
