@@ -186,8 +186,8 @@ def test_the_cli_manages_tenants_and_keys_on_the_same_database(stack):
 def test_the_step_cache_never_crosses_tenants(stack, digit_assets):
     """Tenant B's job on the same bytes recomputes its own artifact under its own key; tenant A's
     second job still reuses A's."""
-    _, carol = make_tenant(stack, "carol")
-    _, dave = make_tenant(stack, "dave")
+    _, carol = make_tenant(stack, "cache-a")
+    _, dave = make_tenant(stack, "cache-b")
 
     def run(client: httpx.Client) -> tuple[dict, dict]:
         model = upload(client, "/v1/models", digit_assets.models["onnx"], name="same-bytes")
