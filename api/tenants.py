@@ -200,9 +200,6 @@ def revoke_key(*, session: Session, key_id: str) -> ApiKey:
         raise NotFound(f"API key {key_id} not found", code="key_not_found", details={"key_id": key_id})
     row.revoked_at = row.revoked_at or utcnow()
     session.flush()
-    # Here, and again by the route once committed (a lookup between the two read it unrevoked);
-    # other API processes drop it within CVOPT_API_KEY_CACHE_SECONDS.
-    API_KEYS.forget(row.id)
     return row
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from core.datasets import check_zip_sizes
+from core.datasets import check_zip_members
 from core.errors import InvalidInput, UnsupportedMedia
 
 ONNX = "onnx"
@@ -254,7 +254,7 @@ def _inspect_torch_zip(path: Path, architecture: str | None = None) -> ModelInfo
     try:
         zf = zipfile.ZipFile(path)
         names = zf.namelist()
-        check_zip_sizes(zf)
+        check_zip_members(zf)
         bad = zf.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise UnsupportedMedia(f"the archive is corrupt or truncated: {exc}", code="corrupt_model") from exc
@@ -523,9 +523,9 @@ def _architecture_shapes(architecture: str) -> dict[str, Any]:
     return _SHAPES[architecture]
 
 
-def _unwrap_checkpoint(obj: Any) -> Any:
-    """A plain state_dict, or one wrapped the way training scripts save checkpoints (the same
-    keys the worker unwraps)."""
+def unwrap_checkpoint(obj: Any) -> Any:
+    """A plain state_dict, or the one inside a checkpoint wrapped the way training scripts save
+    them (the API checks, and the worker loads, the same one)."""
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             return obj[key]
@@ -537,7 +537,7 @@ def _check_state_dict_fits(checkpoint: Any, architecture: str) -> None:
     mismatches: what the worker would find only when a job runs, and what must never reach a
     step's cache. A pruned model saved by this service records its changed shapes beside its
     weights (``module_attributes``): only its keys are checked."""
-    state = _unwrap_checkpoint(checkpoint)
+    state = unwrap_checkpoint(checkpoint)
     tensors = ({str(k): v for k, v in state.items() if isinstance(v, _TensorShape)}
                if isinstance(state, dict) else {})
     if not tensors:

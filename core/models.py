@@ -280,7 +280,7 @@ class WebhookDelivery(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
     event: Mapped[str] = mapped_column(String(32))  # job.succeeded | job.failed | job.cancelled
     url: Mapped[str] = mapped_column(String(2048))
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed | refused
     attempts: Mapped[list[Any]] = mapped_column(JSON, default=list)
     next_attempt_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)

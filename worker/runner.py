@@ -309,12 +309,18 @@ class JobRunner:
             steps = [(st.id, st.index, st.name, dict(st.config), st.queue, st.status) for st in job.steps]
             input_spec = list(job.input_spec)
             preprocessing = Preprocessing.model_validate(job.preprocessing or {})
-            dataset_digests = {
-                "calibration": calibration.sha256 if calibration else None,
-                "evaluation": evaluation.sha256 if evaluation else None,
-            }
             model_key, model_format, model_sha = model.storage_key, model.format, model.sha256
             model_name, model_details = model.filename, dict(model.details or {})
+            # What every step's result depends on beyond its own pass, config and input.
+            job_facts = {
+                "original": {"sha256": model_sha, "format": model_format, "details": model_details},
+                "input_spec": input_spec,
+                "preprocessing": preprocessing.model_dump(mode="json"),
+                "datasets": {
+                    "calibration": calibration.sha256 if calibration else None,
+                    "evaluation": evaluation.sha256 if evaluation else None,
+                },
+            }
             # The step cache and the files shared between jobs are the tenant's own: another tenant
             # never reuses (nor learns of) an artifact made from the same bytes.
             tenant_prefix = f"tenants/{job.tenant_id}/"
@@ -375,22 +381,8 @@ class JobRunner:
                 if cls.produces is not None and step_status == StepStatus.succeeded and index in recorded:
                     cache_key = recorded[index]
                 elif cls.produces is not None:
-                    # Everything that changes what the step makes: its code version and config,
-                    # its input, how the upload is read (a state_dict's architecture), the original
-                    # (a distillation's teacher), shapes, preprocessing, data and where it runs.
-                    cache_key = tenant_prefix + "artifacts/" + canonical_digest({
-                        "pass": name,
-                        "pass_version": cls.version,
-                        "config": config.model_dump(mode="json"),
-                        "input_sha256": chain_sha,
-                        "original": {"sha256": model_sha, "format": model_format, "details": model_details},
-                        "input_spec": input_spec,
-                        "preprocessing": preprocessing.model_dump(mode="json"),
-                        "datasets": dataset_digests,
-                        "queue": step_queue,
-                        # An engine or compiled package is this GPU's and these libraries' own.
-                        "device": _gpu_facts() if is_gpu_queue(step_queue) else None,
-                    })
+                    cache_key = tenant_prefix + "artifacts/" + _step_digest(cls, config, chain_sha, step_queue,
+                                                                            job_facts)
                 result, cached = self._cached_result(cache_key, step_dir) if cache_key else (None, False)
                 if result is None:
                     result = self._execute(cls, ctx, chain, config, heartbeat)
@@ -577,6 +569,22 @@ class JobRunner:
                     elif st.status in (StepStatus.pending, StepStatus.running):
                         st.status = StepStatus.skipped
             s.commit()
+
+
+def _step_digest(cls, config, input_sha256: str, queue: str, job_facts: dict[str, Any]) -> str:
+    """Everything that changes what a step makes: its code version and config, its input, the
+    job's facts (how the upload is read, e.g. a state_dict's architecture; the original, a
+    distillation's teacher; shapes, preprocessing, data) and where it runs."""
+    return canonical_digest({
+        **job_facts,
+        "pass": cls.name,
+        "pass_version": cls.version,
+        "config": config.model_dump(mode="json"),
+        "input_sha256": input_sha256,
+        "queue": queue,
+        # An engine or compiled package is this GPU's and these libraries' own.
+        "device": _gpu_facts() if is_gpu_queue(queue) else None,
+    })
 
 
 def _gpu_facts() -> dict[str, Any] | None:

@@ -179,6 +179,21 @@ def sample_feeds(input_spec: list[dict[str, Any]], *, batch: int | None = None, 
     return feeds
 
 
+def run_in_fixed_batches(run: Runner, feeds: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
+    """``run``'s outputs for every sample of ``feeds``, for a model that takes exactly ``batch``
+    samples: run ``batch`` at a time, the last chunk padded with copies of its last sample whose
+    outputs are dropped."""
+    n = len(next(iter(feeds.values())))
+    chunks = []
+    for i in range(0, n, batch):
+        part = {k: v[i : i + batch] for k, v in feeds.items()}
+        short = batch - len(next(iter(part.values())))
+        if short:
+            part = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in part.items()}
+        chunks.append([out[: batch - short] for out in run(part)])
+    return [np.concatenate(outputs) for outputs in zip(*chunks, strict=True)]
+
+
 def runtime_info(ref: ArtifactRef, *, threads: int = 1, device: str | None = None) -> dict[str, Any]:
     """Which runtime measures this artifact, on what, for the report."""
     if ref.format == ONNX:

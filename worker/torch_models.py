@@ -4,6 +4,7 @@ architecture, loaded with ``torch.load(weights_only=True)`` (never a full unpick
 from __future__ import annotations
 
 from core.errors import PassError
+from core.model_formats import unwrap_checkpoint
 from worker.passes.base import ArtifactRef
 
 # Module attributes that define tensor shapes; a pruned model records them beside its weights
@@ -60,14 +61,6 @@ def export_open_batch(module, input_spec, log):
         return None, False
 
 
-def _state_dict(obj):
-    """A plain state_dict, or one wrapped the way training scripts save checkpoints."""
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            return obj[key]
-    return obj
-
-
 def module_from_state_dict(ref: ArtifactRef):
     import torch
     import torchvision
@@ -79,7 +72,7 @@ def module_from_state_dict(ref: ArtifactRef):
         blob = torch.load(str(ref.path), map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses anything but tensors and plain containers
         raise PassError(f"the state_dict could not be read as weights only: {exc}", code="invalid_state_dict") from exc
-    state = _state_dict(blob)
+    state = unwrap_checkpoint(blob)
     attributes = blob.get("module_attributes") if isinstance(blob, dict) else None
     if not isinstance(state, dict) or not state:
         raise PassError("the checkpoint holds no state_dict", code="invalid_state_dict")

@@ -108,5 +108,7 @@ def revoke_key(key_id: str, _admin: AdminKey, session: SessionDep) -> Response:
     CVOPT_API_KEY_CACHE_SECONDS in the others."""
     svc.revoke_key(session=session, key_id=key_id)
     session.commit()
-    API_KEYS.forget(key_id)  # a lookup that read the key before the commit must not keep it
+    # Once committed: a lookup in flight read it unrevoked and must not keep it (API_KEYS'
+    # generation); other API processes drop it within CVOPT_API_KEY_CACHE_SECONDS.
+    API_KEYS.forget(key_id)
     return Response(status_code=204)

@@ -156,7 +156,7 @@ class _BatchAdapter:
         self.split = False
 
     def __call__(self, x):
-        import numpy as np
+        from worker.runtime import run_in_fixed_batches
 
         if not self.split:
             try:
@@ -165,12 +165,4 @@ class _BatchAdapter:
                 if len(x) == self.fixed_batch:
                     raise
                 self.split = True
-        step, outputs = self.fixed_batch, []
-        for i in range(0, len(x), step):
-            chunk = x[i : i + step]
-            short = step - len(chunk)
-            if short:
-                # The model takes full batches only: pad with copies of the last sample, drop their outputs.
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], short, axis=0)])
-            outputs.append(self.runner({self.name: chunk})[0][: step - short])
-        return np.concatenate(outputs)
+        return run_in_fixed_batches(self.runner, {self.name: x}, self.fixed_batch)[0]

@@ -211,28 +211,13 @@ class ExportOnnx(Pass):
         """Why the opened graph is wrong (None when it is not): at a larger batch, at 1 and at one
         more than the fixed batch (what evaluate's last partial batch and benchmark use), it must run
         and give every sample the original's output for that sample."""
-        import numpy as np
-
-        from worker.runtime import load_runner, sample_feeds
+        from worker.runtime import load_runner, run_in_fixed_batches, sample_feeds
 
         reference = load_runner(source, threads=ctx.threads)
         opened = load_runner(ArtifactRef("open_batch.onnx", ONNX, path), threads=ctx.threads)
-
-        def per_sample_reference(feeds: dict, n: int) -> list:
-            """The original's outputs for n samples, run ``batch`` at a time (the last chunk padded
-            with copies of its last sample, whose outputs are dropped)."""
-            chunks = []
-            for i in range(0, n, batch):
-                part = {k: v[i : i + batch] for k, v in feeds.items()}
-                short = batch - len(next(iter(part.values())))
-                if short:
-                    part = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in part.items()}
-                chunks.append([o[: batch - short] for o in reference(part)])
-            return [np.concatenate(outputs) for outputs in zip(*chunks, strict=True)]
-
         for n in dict.fromkeys((3 * batch, 1, batch + 1)):
             feeds = sample_feeds(ctx.input_spec, batch=n, seed=1)
-            want = per_sample_reference(feeds, n)
+            want = run_in_fixed_batches(reference, feeds, batch)
             try:
                 got = opened(feeds)
             except Exception as exc:  # onnxruntime refuses the graph or the shapes with its own error types
