@@ -153,6 +153,7 @@ class Dataset(Base):
     labeled: Mapped[bool]
     num_classes: Mapped[int | None] = mapped_column(Integer, nullable=True)
     class_names: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    label_type: Mapped[str | None] = mapped_column(String(16), nullable=True)  # classes | boxes
     sample_shape: Mapped[list[Any]] = mapped_column(JSON)
     layout: Mapped[str] = mapped_column(String(8))  # HWC for images; NCHW | NHWC for npz
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)
@@ -177,6 +178,10 @@ class Job(Base):
     # The resolved input spec: [{"name", "shape", "dtype"}] with every dimension concrete.
     input_spec: Mapped[list[Any]] = mapped_column(JSON)
     preprocessing: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # classification | detection | segmentation, or auto (the worker decides from the outputs).
+    task: Mapped[str] = mapped_column(String(32), default="auto", server_default="auto")
+    # {"max_accuracy_drop": float, "detection": DetectionOptions}
+    task_options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, default=dict)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     current_step: Mapped[str | None] = mapped_column(String(64), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -297,7 +297,7 @@ class JobRunner:
                            what=f"reading the {role} dataset")
         return DatasetRef(
             path=path, format=dataset.format, labeled=dataset.labeled, num_samples=dataset.num_samples,
-            layout=dataset.layout, sample_shape=list(dataset.sample_shape),
+            layout=dataset.layout, sample_shape=list(dataset.sample_shape), label_type=dataset.label_type,
         )
 
     def _run_steps(self, job_id: str, work: Path, heartbeat: _Heartbeat, tail: _LogTail) -> None:
@@ -309,6 +309,7 @@ class JobRunner:
             steps = [(st.id, st.index, st.name, dict(st.config), st.queue, st.status) for st in job.steps]
             input_spec = list(job.input_spec)
             preprocessing = Preprocessing.model_validate(job.preprocessing or {})
+            task, task_options = job.task or "auto", dict(job.task_options or {})
             model_key, model_format, model_sha = model.storage_key, model.format, model.sha256
             model_name, model_details = model.filename, dict(model.details or {})
             # What every step's result depends on beyond its own pass, config and input.
@@ -316,6 +317,7 @@ class JobRunner:
                 "original": {"sha256": model_sha, "format": model_format, "details": model_details},
                 "input_spec": input_spec,
                 "preprocessing": preprocessing.model_dump(mode="json"),
+                "task": {"task": task, **task_options},
                 "datasets": {
                     "calibration": calibration.sha256 if calibration else None,
                     "evaluation": evaluation.sha256 if evaluation else None,
@@ -368,7 +370,8 @@ class JobRunner:
 
                 ctx = PassContext(
                     work_dir=step_dir, original=original, artifacts=list(artifacts), input_spec=input_spec,
-                    preprocessing=preprocessing, calibration_dataset=calibration_ref,
+                    preprocessing=preprocessing, task=task, task_options=task_options,
+                    calibration_dataset=calibration_ref,
                     evaluation_dataset=evaluation_ref, threads=self.settings.benchmark_threads,
                     log=logging.getLogger(f"cvopt.pass.{name}"), report_progress=report,
                     check_cancelled=check_cancelled, shared_prefix=tenant_prefix,

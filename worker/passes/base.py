@@ -79,6 +79,7 @@ class DatasetRef:
     num_samples: int
     layout: str
     sample_shape: list[int]
+    label_type: str | None = None  # classes | boxes (detection targets; core.datasets.read_box_targets)
 
 
 @dataclass
@@ -90,6 +91,10 @@ class PassContext:
     # [{"name", "shape" (all concrete), "dtype"}]
     input_spec: list[dict[str, Any]]
     preprocessing: Preprocessing
+    # classification | detection | segmentation, or auto (measuring passes decide from the outputs).
+    task: str = "auto"
+    # {"max_accuracy_drop": float, "detection": core.schemas.DetectionOptions as a dict}
+    task_options: dict[str, Any] = field(default_factory=dict)
     calibration_dataset: DatasetRef | None = None
     evaluation_dataset: DatasetRef | None = None
     threads: int = 1
