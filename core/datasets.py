@@ -4,10 +4,18 @@ Accepted: a zip or tar of images (one folder per class = labeled, flat = unlabel
 ``.npz`` with ``x`` (N,C,H,W or N,H,W,C) and optional integer ``y``. Pickled arrays are refused
 (``allow_pickle=False`` everywhere). The API uses this to validate an upload; the worker uses
 the same listing to read samples, so both agree on what the dataset contains.
+
+Detection labels ride in the same archives: YOLO txt (``images/<name>.<ext>`` beside
+``labels/<name>.txt``, lines ``class cx cy w h`` normalized to 0..1, class names from
+``classes.txt`` or a ``data.yaml`` ``names:``) or one COCO JSON (``images``, ``annotations``,
+``categories``) at the top of the images. Such an archive lists ``label_type="boxes"``; its
+targets come from ``read_box_targets``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import tarfile
 import zipfile
@@ -27,6 +35,9 @@ MAX_ARCHIVE_BYTES = 256 * 1024**3  # everything in one archive, uncompressed
 MAX_RATIO = 200  # uncompressed / compressed for any member over 1 MiB (images and arrays stay far below)
 # How many images are decoded at upload to prove the archive holds images; the worker reads all.
 VERIFY_SAMPLE = 32
+# YOLO coordinates are normalized; writers round, so a hair outside 0..1 is still a good label.
+LABEL_COORD_SLACK = 1e-3
+YAML_SUFFIXES = {".yaml", ".yml"}
 
 
 @dataclass
@@ -38,14 +49,16 @@ class DatasetInfo:
     class_names: list[str] | None
     sample_shape: list[int]
     layout: str  # HWC (images) | NCHW | NHWC | raw (npz)
+    label_type: str | None = None  # classes (folders, npz y) | boxes (YOLO txt, COCO JSON) | None
 
 
 @dataclass
 class ImageListing:
     format: str  # zip | tar
     members: list[str]
-    labels: list[int] | None
+    labels: list[int] | None  # class index per member (classes); None for boxes: see read_box_targets
     class_names: list[str] | None
+    label_type: str | None = None  # classes | boxes | None
 
 
 def detect_format(path: Path) -> str:
@@ -104,8 +117,22 @@ def _is_ignored(name: str) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
-def list_images(path: Path, fmt: str) -> ImageListing:
+def _is_label_candidate(name: str) -> bool:
+    """Members that may hold box labels or class names. They are read in the listing's own pass
+    over the archive: a compressed tar cannot seek back to them cheaply."""
+    if _is_ignored(name):
+        return False
+    p = PurePosixPath(name)
+    suffix = p.suffix.lower()
+    if suffix == ".txt":
+        return "labels" in p.parts[:-1] or p.name == "classes.txt"
+    return suffix == ".json" or suffix in YAML_SUFFIXES
+
+
+def _scan_archive(path: Path, fmt: str) -> tuple[list[str], dict[str, bytes]]:
+    """Every file member's name, and the bytes of those that may hold labels."""
     names: list[str] = []
+    texts: dict[str, bytes] = {}
     if fmt == "zip":
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
@@ -115,6 +142,8 @@ def list_images(path: Path, fmt: str) -> ImageListing:
             for info in infos:
                 if not info.is_dir():
                     names.append(info.filename)
+                    if _is_label_candidate(info.filename):
+                        texts[info.filename] = zf.read(info)
     else:
         with tarfile.open(path, "r:*") as tf:
             total = 0
@@ -130,6 +159,13 @@ def list_images(path: Path, fmt: str) -> ImageListing:
                                        code="archive_too_large")
                 if member.isfile():
                     names.append(member.name)
+                    if _is_label_candidate(member.name):
+                        fh = tf.extractfile(member)
+                        texts[member.name] = fh.read() if fh else b""
+    return names, texts
+
+
+def _image_members(names: list[str]) -> list[str]:
     images = sorted(
         n for n in names if not _is_ignored(n) and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES
     )
@@ -139,6 +175,16 @@ def list_images(path: Path, fmt: str) -> ImageListing:
             code="dataset_has_no_images",
             details={"files": len(names)},
         )
+    return images
+
+
+def list_images(path: Path, fmt: str) -> ImageListing:
+    names, texts = _scan_archive(path, fmt)
+    images = _image_members(names)
+    boxes = _read_box_labels(images, texts)
+    if boxes is not None:
+        return ImageListing(format=fmt, members=boxes.members, labels=None, class_names=boxes.class_names,
+                            label_type="boxes")
     dirs = [PurePosixPath(n).parts[:-1] for n in images]
     # A single folder wrapping everything (dataset/...) is not a class level.
     while all(len(d) >= 1 for d in dirs) and len({d[0] for d in dirs}) == 1 and any(len(d) > 1 for d in dirs):
@@ -150,13 +196,316 @@ def list_images(path: Path, fmt: str) -> ImageListing:
     if depths == {1}:
         class_names = sorted({d[0] for d in dirs})
         index = {c: i for i, c in enumerate(class_names)}
-        return ImageListing(format=fmt, members=images, labels=[index[d[0]] for d in dirs], class_names=class_names)
+        return ImageListing(format=fmt, members=images, labels=[index[d[0]] for d in dirs], class_names=class_names,
+                            label_type="classes")
     raise InvalidInput(
         "images must either all sit at the top of the archive (unlabeled) or all one folder "
         "deep, one folder per class (labeled)",
         code="mixed_dataset_layout",
         details={"folder_depths": sorted(depths)},
     )
+
+
+# -- box labels ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _BoxLabels:
+    kind: str  # yolo | coco
+    members: list[str]  # the labeled images, sorted
+    class_names: list[str]
+    # Per member, (M, 5): yolo [cls, cx, cy, w, h] normalized; coco [cls, x1, y1, x2, y2] pixels.
+    rows: dict[str, np.ndarray]
+
+
+def _invalid_labels(member: str, reason: str, **details: Any) -> InvalidInput:
+    return InvalidInput(f"the labels in {member!r} are invalid: {reason}", code="invalid_labels",
+                        details={"member": member, "reason": reason, **details})
+
+
+def _text(member: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _invalid_labels(member, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def _read_box_labels(images: list[str], texts: dict[str, bytes]) -> _BoxLabels | None:
+    """The archive's box labels, or None when it carries none (a classification or unlabeled set)."""
+    coco = _coco_labels(images, texts)
+    yolo = _yolo_labels(images, texts)
+    if coco is not None and yolo is not None:
+        raise _invalid_labels(coco[0], "the archive holds both a COCO annotation file and YOLO label files; keep one")
+    if coco is not None:
+        return _parse_coco(coco[0], coco[1], images)
+    return yolo
+
+
+def _yolo_label_member(image: str) -> str | None:
+    """labels/<name>.txt for images/<name>.<ext> (the last images/ folder, as Ultralytics maps it)."""
+    parts = PurePosixPath(image).parts
+    folders = parts[:-1]
+    if "images" not in folders:
+        return None
+    at = len(folders) - 1 - folders[::-1].index("images")
+    return str(PurePosixPath(*parts[:at], "labels", *parts[at + 1 : -1], PurePosixPath(parts[-1]).stem + ".txt"))
+
+
+def _yolo_labels(images: list[str], texts: dict[str, bytes]) -> _BoxLabels | None:
+    label_for = {image: _yolo_label_member(image) for image in images}
+    if not any(label in texts for label in label_for.values() if label is not None):
+        return None
+    outside = [image for image, label in label_for.items() if label is None]
+    if outside:
+        raise _invalid_labels(outside[0], "YOLO labels are read for images under an images/ folder; this image "
+                              "is not in one", images_outside=len(outside))
+    class_names = _yolo_class_names(texts)
+    rows: dict[str, np.ndarray] = {}
+    for image, label in label_for.items():
+        # An image without a label file is an image with no objects (Ultralytics' rule too).
+        rows[image] = _parse_yolo_txt(label, texts[label]) if label in texts else np.zeros((0, 5))
+    top = max((int(r[:, 0].max()) for r in rows.values() if len(r)), default=-1)
+    if class_names is None:
+        class_names = [str(i) for i in range(top + 1)]
+    elif top >= len(class_names):
+        bad = next(label_for[i] for i, r in rows.items() if len(r) and r[:, 0].max() >= len(class_names))
+        raise _invalid_labels(bad, f"class {top} is past the {len(class_names)} class names given")
+    return _BoxLabels(kind="yolo", members=images, class_names=class_names, rows=rows)
+
+
+def _parse_yolo_txt(member: str, data: bytes) -> np.ndarray:
+    """(M, 5) [cls, cx, cy, w, h] normalized. A polygon line (YOLO segmentation labels: class then
+    x y pairs) stands for its bounding box, as Ultralytics reads it for detection."""
+    rows = []
+    for number, line in enumerate(_text(member, data).splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            values = [float(f) for f in fields]
+        except ValueError:
+            raise _invalid_labels(member, f"line {number} is not numbers: {line.strip()[:80]!r}", line=number) from None
+        cls, coords = values[0], values[1:]
+        if not all(math.isfinite(v) for v in values) or cls < 0 or cls != int(cls):
+            raise _invalid_labels(member, f"line {number} does not start with a class index: {line.strip()[:80]!r}",
+                                  line=number)
+        if len(coords) != 4 and (len(coords) < 6 or len(coords) % 2):
+            raise _invalid_labels(member, f"line {number} has {len(values)} values; expected 'class cx cy w h' "
+                                  "(or a polygon: class x1 y1 x2 y2 x3 y3 ...)", line=number)
+        if min(coords) < -LABEL_COORD_SLACK or max(coords) > 1 + LABEL_COORD_SLACK:
+            raise _invalid_labels(member, f"line {number} has coordinates outside 0..1 (they are normalized by the "
+                                  f"image's width and height): {line.strip()[:80]!r}", line=number)
+        if len(coords) == 4:
+            rows.append([cls, *coords])
+        else:
+            xs, ys = coords[0::2], coords[1::2]
+            x1, x2, y1, y2 = min(xs), max(xs), min(ys), max(ys)
+            rows.append([cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+
+
+def _depth_first(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda n: (len(PurePosixPath(n).parts), n))
+
+
+def _yolo_class_names(texts: dict[str, bytes]) -> list[str] | None:
+    """From classes.txt (one name a line), else a YAML's ``names:`` (Ultralytics' data.yaml: a list,
+    or a mapping from class index to name); the shallowest file wins."""
+    listed = _depth_first([n for n in texts if PurePosixPath(n).name == "classes.txt"])
+    if listed:
+        return [line.strip() for line in _text(listed[0], texts[listed[0]]).splitlines() if line.strip()]
+    for member in _depth_first([n for n in texts if PurePosixPath(n).suffix.lower() in YAML_SUFFIXES]):
+        import yaml  # with the API's uvicorn[standard]; only YOLO archives with a data.yaml need it
+
+        try:
+            doc = yaml.safe_load(_text(member, texts[member]))
+        except yaml.YAMLError as exc:
+            raise _invalid_labels(member, f"not readable YAML: {exc}") from exc
+        if isinstance(doc, dict) and "names" in doc:
+            return _yaml_names(member, doc["names"])
+    return None
+
+
+def _yaml_names(member: str, names: Any) -> list[str]:
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    if isinstance(names, dict):
+        try:
+            index = {int(k): str(v) for k, v in names.items()}
+        except (TypeError, ValueError):
+            raise _invalid_labels(member, "names: must map class indices to names") from None
+        if index and min(index) < 0:
+            raise _invalid_labels(member, "names: class indices must be 0 or more")
+        return [index.get(i, str(i)) for i in range(max(index, default=-1) + 1)]
+    raise _invalid_labels(member, "names: must be a list of class names or a mapping from class index to name")
+
+
+def _coco_labels(images: list[str], texts: dict[str, bytes]) -> tuple[str, dict] | None:
+    """The one COCO annotation file at the top of the images (the archive's root, or the folder
+    all images share or one above it), parsed; None when there is none."""
+    folders = [PurePosixPath(n).parts[:-1] for n in images]
+    common: tuple[str, ...] = folders[0]
+    for folder in folders[1:]:
+        shared = 0
+        while shared < min(len(common), len(folder)) and common[shared] == folder[shared]:
+            shared += 1
+        common = common[:shared]
+    found = []
+    for member in sorted(n for n in texts if PurePosixPath(n).suffix.lower() == ".json"):
+        folder = PurePosixPath(member).parts[:-1]
+        if folder != common[: len(folder)]:
+            continue
+        try:
+            doc = json.loads(_text(member, texts[member]))
+        except json.JSONDecodeError as exc:
+            raise _invalid_labels(member, f"not readable JSON: {exc}") from exc
+        if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
+            found.append((member, doc))
+    if len(found) > 1:
+        raise _invalid_labels(found[1][0], "the archive holds several COCO annotation files; keep one",
+                              files=[m for m, _ in found])
+    return found[0] if found else None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _parse_coco(member: str, doc: dict, images: list[str]) -> _BoxLabels:
+    entries, annotations, categories = doc.get("images"), doc.get("annotations"), doc.get("categories")
+    if not isinstance(entries, list) or not isinstance(annotations, list):
+        raise _invalid_labels(member, "'images' and 'annotations' must be lists")
+    if not isinstance(categories, list) or not categories:
+        raise _invalid_labels(member, "'categories' must list the classes ({'id', 'name'} each)")
+    cat_names: dict[int, str] = {}
+    for cat in categories:
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or isinstance(cat.get("id"), bool):
+            raise _invalid_labels(member, f"a category has no integer id: {str(cat)[:80]}")
+        if cat["id"] in cat_names:
+            raise _invalid_labels(member, f"category id {cat['id']} is listed twice")
+        cat_names[cat["id"]] = str(cat.get("name", cat["id"]))
+    # Contiguous class indices in the order of the category ids (COCO's 1..90 become 0..79).
+    cat_index = {cid: i for i, cid in enumerate(sorted(cat_names))}
+    base = PurePosixPath(member).parent
+    present = set(images)
+    by_basename: dict[str, list[str]] = {}
+    for image in images:
+        by_basename.setdefault(PurePosixPath(image).name, []).append(image)
+    member_of: dict[Any, str | None] = {}
+    size_of: dict[str, tuple[float, float] | None] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not _is_id(entry.get("id")) or not isinstance(entry.get("file_name"), str):
+            raise _invalid_labels(member, f"an image entry lacks an id or a file_name: {str(entry)[:80]}")
+        if entry["id"] in member_of:
+            raise _invalid_labels(member, f"image id {entry['id']} is listed twice")
+        file_name = entry["file_name"].replace("\\", "/")
+        here = str(PurePosixPath(base, file_name))
+        if here in present:
+            found: str | None = here
+        else:
+            # Exports name files relative to an images folder the archive may not keep.
+            same = by_basename.get(PurePosixPath(file_name).name, [])
+            found = same[0] if len(same) == 1 else None
+        if found is not None and found in size_of:
+            raise _invalid_labels(member, f"two image entries name the file {found!r}")
+        member_of[entry["id"]] = found
+        if found is not None:
+            w, h = entry.get("width"), entry.get("height")
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (w, h))
+            size_of[found] = (float(w), float(h)) if ok else None
+    if not size_of:
+        raise _invalid_labels(member, f"none of the {len(entries)} images it lists is in the archive",
+                              images_listed=len(entries))
+    rows: dict[str, list[list[float]]] = {m: [] for m in size_of}
+    for ann in annotations:
+        if not isinstance(ann, dict):
+            raise _invalid_labels(member, f"an annotation is not an object: {str(ann)[:80]}")
+        ann_id = ann.get("id")
+        if not _is_id(ann.get("image_id")) or ann["image_id"] not in member_of:
+            raise _invalid_labels(member, f"annotation {ann_id} names image_id {ann.get('image_id')!r}, which "
+                                  "'images' does not list", annotation=ann_id)
+        if ann.get("category_id") not in cat_index or isinstance(ann.get("category_id"), bool):
+            raise _invalid_labels(member, f"annotation {ann_id} names category_id {ann.get('category_id')!r}, "
+                                  "which 'categories' does not list", annotation=ann_id)
+        # Crowd regions are not objects to find (COCO ignores detections on them); not scored here.
+        if ann.get("iscrowd"):
+            continue
+        bbox = ann.get("bbox")
+        if (not isinstance(bbox, list) or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+                or bbox[2] < 0 or bbox[3] < 0):
+            raise _invalid_labels(member, f"annotation {ann_id} has no bbox [x, y, width, height]: {str(bbox)[:80]}",
+                                  annotation=ann_id)
+        image = member_of[ann["image_id"]]
+        if image is None:  # an image the archive does not hold
+            continue
+        x1, y1 = float(bbox[0]), float(bbox[1])
+        x2, y2 = x1 + float(bbox[2]), y1 + float(bbox[3])
+        if size_of[image] is not None:
+            w, h = size_of[image]
+            x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
+            y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
+        rows[image].append([cat_index[ann["category_id"]], x1, y1, x2, y2])
+    return _BoxLabels(
+        kind="coco", members=sorted(rows), class_names=[cat_names[c] for c in sorted(cat_names)],
+        rows={m: np.asarray(r, dtype=np.float64).reshape(-1, 5) for m, r in rows.items()},
+    )
+
+
+def read_box_targets(path: Path, fmt: str) -> dict[str, np.ndarray]:
+    """Each labeled image's boxes, ``(M, 5)`` float64 ``[cls, x1, y1, x2, y2]`` in the original
+    image's pixels (YOLO's normalized boxes are scaled by the image's own size); an image with
+    no objects has an empty ``(0, 5)``. Keys are the listing's members."""
+    names, texts = _scan_archive(path, fmt)
+    labels = _read_box_labels(_image_members(names), texts)
+    if labels is None:
+        raise InvalidInput("the dataset holds no box labels (YOLO labels/*.txt or a COCO JSON)", code="no_box_labels")
+    if labels.kind == "coco":
+        return labels.rows
+    targets = {}
+    for member, (w, h) in zip(labels.members, image_sizes(path, fmt, labels.members), strict=True):
+        rows = labels.rows[member]
+        half_w, half_h = rows[:, 3] / 2, rows[:, 4] / 2
+        targets[member] = np.stack([
+            rows[:, 0],
+            np.clip((rows[:, 1] - half_w) * w, 0, w), np.clip((rows[:, 2] - half_h) * h, 0, h),
+            np.clip((rows[:, 1] + half_w) * w, 0, w), np.clip((rows[:, 2] + half_h) * h, 0, h),
+        ], axis=1).reshape(-1, 5)
+    return targets
+
+
+def image_sizes(path: Path, fmt: str, members: list[str]) -> list[tuple[int, int]]:
+    """(width, height) of each member, from the image headers alone (nothing is decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    def size(fh, name: str) -> tuple[int, int]:
+        try:
+            with Image.open(fh) as img:
+                return img.size
+        except UnidentifiedImageError as exc:
+            raise _invalid_image(name, "not in an image format Pillow reads") from exc
+        except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+            raise _invalid_image(name, str(exc)) from exc
+
+    sizes: dict[str, tuple[int, int]] = {}
+    if fmt == "zip":
+        with zipfile.ZipFile(path) as zf:
+            for name in members:
+                with zf.open(name) as fh:
+                    sizes[name] = size(fh, name)
+    else:
+        wanted = set(members)
+        # One pass in the archive's own order: a compressed tar reads backwards only from its start.
+        with tarfile.open(path, "r:*") as tf:
+            for member in tf:
+                if member.name in wanted and member.isfile():
+                    fh = tf.extractfile(member)
+                    sizes[member.name] = size(fh, member.name)
+    missing = [m for m in members if m not in sizes]
+    if missing:
+        raise InvalidInput(f"dataset member {missing[0]!r} is not in the archive", code="invalid_dataset",
+                           details={"member": missing[0]})
+    return [sizes[m] for m in members]
 
 
 def read_member(path: Path, fmt: str, member: str, handle: Any = None) -> bytes:
@@ -249,6 +598,7 @@ def _inspect_npz(path: Path) -> DatasetInfo:
     return DatasetInfo(
         format="npz", num_samples=int(x_shape[0]), labeled=labeled, num_classes=num_classes,
         class_names=None, sample_shape=[int(s) for s in sample], layout=layout,
+        label_type="classes" if labeled else None,
     )
 
 
@@ -272,11 +622,12 @@ def inspect_dataset(path: Path) -> DatasetInfo:
     return DatasetInfo(
         format=fmt,
         num_samples=len(listing.members),
-        labeled=listing.labels is not None,
+        labeled=listing.label_type is not None,
         num_classes=len(listing.class_names) if listing.class_names else None,
         class_names=listing.class_names,
         sample_shape=[first.height, first.width, channels],
         layout="HWC",
+        label_type=listing.label_type,
     )
 
 
