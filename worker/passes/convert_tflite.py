@@ -323,7 +323,7 @@ def _compare(ctx: PassContext, config: ConvertTfliteConfig, reference, runner, s
     import numpy as np
 
     from worker.data import iter_batches
-    from worker.passes.evaluate import Tally
+    from worker.passes.evaluate import ClassificationTally
 
     spec = ctx.input_spec[0]
     fixed = int(spec["shape"][0])
@@ -338,7 +338,7 @@ def _compare(ctx: PassContext, config: ConvertTfliteConfig, reference, runner, s
         count = max(1, config.verify_samples // fixed)
         batches = (rng.standard_normal(shape).astype(np.float32) for _ in range(count))
         source = "random"
-    tally = Tally()
+    tally = ClassificationTally()
     for x in batches:
-        tally.add(runner({spec["name"]: x})[0], np.asarray(reference(x)), None)
+        tally.add([runner({spec["name"]: x})[0]], [np.asarray(reference(x))], None, None)
     return {"inputs": source, "samples": tally.n, **tally.result(False)["fidelity"]}
