@@ -10,6 +10,7 @@ import math
 from html import escape
 
 from core.models import Job, StepStatus
+from core.recommend import DEFAULT_TOLERANCE, metric_label
 from core.schemas import ReportEntry, ReportRead
 
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f"]
@@ -170,12 +171,16 @@ def _fraction(value: float | None) -> str:
 
 def _quality(e: ReportEntry) -> str:
     """Accuracy and fidelity side by side: an accuracy must not hide an agreement of 0.0, and
-    0.0 is a value, not a missing one."""
+    0.0 is a value, not a missing one. Another task's metric (mAP, F1 against FP32, pixel
+    agreement) comes first."""
     parts = []
-    if e.accuracy:
+    if e.metric and e.metric.get("name") not in ("top1", "top1_agreement"):
+        parts.append(f"{metric_label(e.metric['name'])} {_fraction(e.metric.get('value'))}")
+    if e.accuracy and "top1" in e.accuracy:
         parts.append(f"top-1 {_fraction(e.accuracy.get('top1'))}")
-    if e.fidelity:
+    if e.fidelity and "top1_agreement" in e.fidelity:
         parts.append(f"agreement {_fraction(e.fidelity.get('top1_agreement'))}")
+    if e.fidelity:
         snr = e.fidelity.get("snr_db")
         if snr is not None:
             parts.append("SNR ∞ dB" if math.isinf(snr) else f"SNR {snr:.1f} dB")
@@ -193,6 +198,51 @@ def _throughput(e: ReportEntry, notes: list[str]) -> str:
     mark = f'<sup>{notes.index(e.throughput_error) + 1}</sup>'
     failed = "larger batch failed" if measured else "not measured"
     return f'{measured}{"<br>" if measured else ""}<span class="why">{failed} {mark}</span>'
+
+
+VERDICT_COLOR = {"original": "#555", "meets_tolerance": "#2e7d32", "slower_than_float": "#a04000",
+                 "over_tolerance": "#c62828", "not_measured": "#757575"}
+
+
+def _verdict(e: ReportEntry, recommended: str | None) -> str:
+    if e.verdict is None:
+        return "-"
+    mark = '<br><b class="pick">★ recommended</b>' if e.name == recommended else ""
+    return (f'<span class="verdict" style="color:{VERDICT_COLOR.get(e.verdict, "#000")}">'
+            f'{escape(e.verdict.replace("_", " "))}</span>{mark}')
+
+
+def _verdict_row(e: ReportEntry, columns: int) -> str:
+    """The verdict's numbers, in a line under the artifact's row (too long for a cell)."""
+    if not e.verdict_reason or e.verdict == "original":
+        return ""
+    return (f'<tr class="why-row"><td></td><td colspan="{columns - 1}"><span class="verdict-why">'
+            f"{escape(e.verdict_reason)}</span></td></tr>")
+
+
+def _recommendation(job: Job, report: ReportRead) -> str:
+    """The box the page opens with: which artifact to ship, why, and its numbers; or, in one line,
+    why nothing beats the original."""
+    rec = report.recommended
+    if rec is None:
+        return (f'<section id="recommendation" class="rec pending"><p>No recommendation: the job is '
+                f"{escape(job.status.value)}; one is made once it succeeds.</p></section>")
+    if rec.artifact is None or rec.metrics is None:
+        return (f'<section id="recommendation" class="rec none"><h2>No artifact recommended</h2>'
+                f'<p class="rec-why">{escape(rec.reason)}</p></section>')
+    m = rec.metrics
+    numbers = [f"p50 {_num(m.p50_ms, None)} ms at batch 1"]
+    if m.speedup:
+        numbers.append(f"{m.speedup:.2f}x the original's speed")
+    numbers.append(f"{m.size_bytes / 1e6:.2f} MB ({m.size_ratio:.2f}x the original's size)")
+    if m.metric is not None:
+        numbers.append(f"{metric_label(m.metric.name)} {m.metric.value:.4f}, drop {m.metric.drop:.4f} "
+                       f"(tolerance {rec.tolerance:g})")
+    else:
+        numbers.append("accuracy not measured (lossless float conversion)")
+    return (f'<section id="recommendation" class="rec ok"><h2>Recommended: <code>{escape(rec.artifact)}</code></h2>'
+            f'<p class="rec-why">{escape(rec.reason)}</p>'
+            f'<p class="rec-numbers">{" · ".join(escape(n) for n in numbers)}</p></section>')
 
 
 def render(job: Job, report: ReportRead) -> str:
@@ -221,12 +271,14 @@ def render(job: Job, report: ReportRead) -> str:
         for s in job.steps
     )
     table_rows, throughput_notes = "", []
+    recommended = report.recommended.artifact if report.recommended else None
     for e in entries:
         lat = f"{_num(e.latency_ms['p50_ms'], None)} / {_num(e.latency_ms['p90_ms'], None)}" if e.latency_ms else "-"
         table_rows += (
             f"<tr><td>{escape(e.name)}</td><td>{escape(e.format)}</td><td>{e.size_bytes / 1e6:.2f} MB</td>"
             f"<td>{e.size_ratio:.2f}</td><td>{lat}</td><td>{f'{e.speedup:.2f}x' if e.speedup else '-'}</td>"
-            f"<td>{_throughput(e, throughput_notes)}</td><td>{escape(_quality(e))}</td></tr>"
+            f"<td>{_throughput(e, throughput_notes)}</td><td>{escape(_quality(e))}</td>"
+            f"<td>{_verdict(e, recommended)}</td></tr>{_verdict_row(e, 9)}"
         )
     notes = "".join(f'<p class="why"><sup>{i}</sup> throughput not measured: {escape(note)}</p>'
                     for i, note in enumerate(throughput_notes, 1))
@@ -237,6 +289,7 @@ def render(job: Job, report: ReportRead) -> str:
     machine = report.machine or {}
     title = escape(job.name or job.id)
     recipe = escape(job.preset or "custom steps")
+    tolerance = f"{float((job.task_options or {}).get('max_accuracy_drop', DEFAULT_TOLERANCE)):g}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cvopt report: {title}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -246,8 +299,14 @@ h1 {{ font-size: 22px; margin-bottom: 4px; }} h2 {{ font-size: 17px; margin-top:
 table {{ border-collapse: collapse; margin: 8px 0 16px; }} td, th {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; }}
 code {{ font-size: 12px; }} .muted {{ fill: #888; color: #888; }} .error {{ color: #c62828; font-weight: 600; }}
 svg.chart text {{ font: 12px system-ui, sans-serif; }} svg.chart .title {{ font-weight: 600; font-size: 13px; }}
-.why {{ color: #a04000; font-size: 12px; }} #artifacts td:not(:last-child) {{ white-space: nowrap; }}
+.why {{ color: #a04000; font-size: 12px; }} #artifacts td:nth-child(-n+7), #artifacts td:nth-child(9) {{ white-space: nowrap; }}
+#artifacts tr.why-row td {{ white-space: normal; }}
+#artifacts tr:has(+ tr.why-row) td {{ border-bottom: none; }} #artifacts tr.why-row td {{ padding-top: 0; }}
 .status {{ font-weight: 600; }} .grid {{ display: grid; grid-template-columns: 1fr; gap: 8px; }}
+.rec {{ border: 2px solid #2e7d32; border-radius: 6px; padding: 4px 16px; margin: 16px 0; background: #f3faf3; }}
+.rec.none {{ border-color: #a04000; background: #fff8f0; }} .rec.pending {{ border-color: #9e9e9e; background: #f7f7f7; }}
+.rec h2 {{ margin: 8px 0 4px; }} .verdict {{ font-weight: 600; }} .pick {{ color: #2e7d32; }}
+.verdict-why {{ color: #555; font-size: 12px; }}
 </style></head>
 <body>
 <h1>Job {title}</h1>
@@ -255,11 +314,12 @@ svg.chart text {{ font: 12px system-ui, sans-serif; }} svg.chart .title {{ font-
  · recipe: <b>{recipe}</b> · model <code>{escape(job.model.filename)}</code> ({escape(job.model.format)})
  · created {job.created_at:%Y-%m-%d %H:%M:%S} UTC · measured on {escape(str(machine.get('cpu') or machine.get('gpu') or machine.get('platform') or 'the worker'))}</p>
 {error}
+{_recommendation(job, report)}
 <h2>Steps</h2>
 <table id="steps"><tr><th>#</th><th>step</th><th>status</th><th>duration</th><th>config</th><th>note</th></tr>{step_rows}</table>
 <h2>Original and artifacts</h2>
 <table id="artifacts"><tr><th>name</th><th>format</th><th>size</th><th>size ×</th><th>p50 / p90 ms (batch 1)</th>
-<th>speed-up</th><th>throughput</th><th>quality</th></tr>{table_rows}</table>
+<th>speed-up</th><th>throughput</th><th>quality</th><th>verdict (tolerance {tolerance})</th></tr>{table_rows}</table>
 {notes}
 <div class="grid">
 {_bars("Size", "MB", mb, chart_id="size-chart", digits=2)}

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from api.tenants import check_job_quota, check_upload_quota
 from api.uploads import Upload
 from core.datasets import inspect_dataset
+from core.tasks import resolve_task
 from core.errors import Conflict, InvalidInput, NotFound
 from core.model_formats import inspect_model
 from core.models import (
@@ -28,11 +29,11 @@ from core.models import (
 from core.schemas import (
     ArtifactRead,
     JobCreate,
-    ReportEntry,
     ReportRead,
 )
 from core.settings import Settings
 from core.storage import ObjectStore
+from core.views import job_report
 from core.webhooks import check_url  # noqa: F401  (the routes' name for it)
 from worker.recipes import DatasetFacts, plan_job, resolve_steps
 
@@ -112,7 +113,8 @@ def create_dataset(*, session: Session, store: ObjectStore, upload: Upload, tena
         id=dataset_id, tenant_id=tenant_id, name=upload.fields.get("name") or upload.filename, filename=upload.filename,
         format=info.format, sha256=upload.sha256, size_bytes=upload.size_bytes, storage_key=key,
         num_samples=info.num_samples, labeled=info.labeled,
-        num_classes=info.num_classes, class_names=info.class_names, sample_shape=info.sample_shape,
+        num_classes=info.num_classes, class_names=info.class_names, label_type=info.label_type,
+        sample_shape=info.sample_shape,
         layout=info.layout,
     )
     _store_then_add(session=session, store=store, key=key, path=upload.path, row=row)
@@ -160,7 +162,8 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
             raise InvalidInput(f"{role} dataset {dataset_id} not found", code="dataset_not_found",
                                details={f"{role}_dataset_id": dataset_id})
         return DatasetFacts(id=ds.id, layout=ds.layout, sample_shape=list(ds.sample_shape),
-                            num_classes=ds.num_classes if ds.labeled else None)
+                            # Class labels only: box labels' classes are checked by the worker's detection metrics.
+                            num_classes=ds.num_classes if ds.labeled and ds.label_type != "boxes" else None)
 
     has_dataset = bool(job_in.calibration_dataset_id or job_in.evaluation_dataset_id)
     steps = resolve_steps(preset=job_in.preset, steps=job_in.step_specs(), has_dataset=has_dataset,
@@ -173,6 +176,9 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
         evaluation=facts(job_in.evaluation_dataset_id, "evaluation"),
         preprocessing=job_in.preprocessing,
     )
+    # Decided now when the file records its output shapes; otherwise by the worker from real outputs.
+    task = resolve_task(job_in.task, [o.get("shape") for o in model.outputs],
+                        plan.input_spec[0]["shape"] if len(plan.input_spec) == 1 else None, job_in.detection.layout)
     if job_in.webhook_url:
         check_url(job_in.webhook_url, settings, resolve=False)  # resolved again before each call
     check_job_quota(session, tenant_id, settings)
@@ -180,7 +186,9 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
         id=new_id(), tenant_id=tenant_id, name=job_in.name, status=JobStatus.queued, model_id=model.id,
         calibration_dataset_id=job_in.calibration_dataset_id,
         evaluation_dataset_id=job_in.evaluation_dataset_id, preset=job_in.preset, queue=plan.queue,
-        input_spec=plan.input_spec, preprocessing=job_in.preprocessing.model_dump(mode="json"),
+        input_spec=plan.input_spec, preprocessing=job_in.preprocessing.model_dump(mode="json"), task=task,
+        task_options={"max_accuracy_drop": job_in.max_accuracy_drop,
+                      "detection": job_in.detection.model_dump(mode="json")},
         progress=0.0, attempts=0, cancel_requested=False, enqueued_at=utcnow(), webhook_url=job_in.webhook_url,
         steps=[
             JobStep(index=i, name=s.name, config=s.config, queue=s.queue, status=StepStatus.pending, metrics={})
@@ -240,44 +248,6 @@ def list_artifacts(*, session: Session, store: ObjectStore, job: Job, base_url: 
 
 
 def build_report(*, session: Session, job: Job) -> ReportRead:
-    """Each artifact against the original, from the benchmark and evaluate steps' metrics."""
-
-    def last_metrics(step_name: str) -> dict:
-        done = [s for s in job.steps if s.name == step_name and s.status == StepStatus.succeeded]
-        return done[-1].metrics if done else {}
-
-    bench, evaluation = last_metrics("benchmark"), last_metrics("evaluate")
-    bench_by_name = {r["artifact"]: r for r in bench.get("results", [])}
-    eval_by_name = {r["artifact"]: r for r in evaluation.get("results", [])}
-    original_size = job.model.size_bytes
-    rows = [(job.model.filename, None, job.model.format, original_size)]
-    artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.step_index))
-    rows += [(a.name, a.step, a.format, a.size_bytes) for a in artifacts]
-    entries: list[ReportEntry] = []
-    base_p50 = None
-    for name, step, fmt, size in rows:
-        measured = bench_by_name.get(name, {})
-        lat = measured.get("latency", {}).get("1") or {}
-        batches = sorted((int(b), v) for b, v in measured.get("latency", {}).items() if "images_per_s" in v)
-        throughput = None
-        if batches and batches[-1][0] > 1:
-            batch, stats = batches[-1]
-            throughput = {"batch": batch, "images_per_s": stats["images_per_s"], "p50_ms": stats["p50_ms"]}
-        failed = sorted((int(b), v["error"]) for b, v in measured.get("latency", {}).items() if "error" in v)
-        throughput_error = None
-        if failed and failed[-1][0] > 1 and (not batches or failed[-1][0] > batches[-1][0]):
-            throughput_error = failed[-1][1]
-        latency = {k: lat[k] for k in ("p50_ms", "p90_ms", "p99_ms")} if "p50_ms" in lat else None
-        if step is None and latency:
-            base_p50 = latency["p50_ms"]
-        e = eval_by_name.get(name, {})
-        entries.append(ReportEntry(
-            name=name, step=step, format=fmt, size_bytes=size,
-            size_ratio=size / original_size if original_size else 1.0, latency_ms=latency,
-            speedup=(base_p50 / latency["p50_ms"]) if base_p50 and latency else None,
-            throughput=throughput, throughput_error=throughput_error,
-            memory_mib=measured.get("memory_mib"), runtime=measured.get("runtime"),
-            accuracy=e.get("accuracy"),
-            fidelity={k: float(v) for k, v in e["fidelity"].items()} if "fidelity" in e else None,
-        ))
-    return ReportRead(job_id=job.id, status=job.status, machine=bench.get("machine"), entries=entries)
+    """Each artifact against the original, from the benchmark and evaluate steps' metrics, with
+    its verdict, and the artifact to ship (core.recommend's rules; the job's view shows the same)."""
+    return job_report(session, job)

@@ -75,6 +75,8 @@ class DatasetRead(BaseModel):
     labeled: bool
     num_classes: int | None
     class_names: list[str] | None
+    label_type: str | None = Field(default=None, description="classes (class folders, npz y), boxes (YOLO txt "
+                                   "or COCO JSON), or null when unlabeled")
     sample_shape: list[int]
     layout: str
     created_at: datetime
@@ -111,6 +113,25 @@ class Preprocessing(BaseModel):
         return v
 
 
+TaskName = Literal["classification", "detection", "segmentation"]
+
+
+class DetectionOptions(BaseModel):
+    """How a detector's outputs are read for measuring (decode + NMS run in the worker, in numpy)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layout: Literal["auto", "yolo", "yolo_objectness", "post_nms"] = Field(
+        default="auto",
+        description="yolo: one raw head (N, 4+C, A) or (N, A, 4+C); yolo_objectness: (N, A, 5+C); post_nms: "
+        "boxes (N, K, 4) xyxy, scores (N, K), labels (N, K) [, count]. auto: from the output shapes.",
+    )
+    box_format: Literal["xywh", "xyxy"] = Field(default="xywh", description="Raw heads' boxes, in input pixels.")
+    conf_threshold: float = Field(default=0.25, ge=0, le=1, description="Detections kept for agreement with FP32.")
+    iou_threshold: float = Field(default=0.45, gt=0, le=1, description="NMS IoU.")
+    max_detections: int = Field(default=300, ge=1, le=10_000)
+
+
 class StepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -133,6 +154,19 @@ class JobCreate(BaseModel):
         default=None, description="With a preset: config changes by step name, e.g. {\"distill\": {\"epochs\": 10}}."
     )
     name: Name | None = None
+    task: Literal["auto", "classification", "detection", "segmentation"] = Field(
+        default="auto",
+        description="What the model does; it decides the metric every gate, search and report uses. auto: "
+        "from the model's outputs ((N, C): classification; a YOLO head or boxes/scores/labels: detection; "
+        "(N, C, H, W) maps: segmentation).",
+    )
+    max_accuracy_drop: float = Field(
+        default=0.01, ge=0, le=1,
+        description="The job's tolerance on the task's metric: top-1 accuracy (agreement with FP32 without "
+        "labels), mAP@0.5:0.95 (F1 of detections against FP32's without labels) or pixel agreement. An artifact "
+        "that loses more is never recommended.",
+    )
+    detection: DetectionOptions = Field(default_factory=DetectionOptions)
     webhook_url: str | None = Field(
         default=None, max_length=2048,
         description="POSTed this job's JSON when it ends, signed with the tenant's webhook secret "
@@ -203,6 +237,9 @@ class JobRead(BaseModel):
     queue: str
     input_spec: list[TensorSpec]
     preprocessing: dict[str, Any]
+    task: str = Field(default="auto", description="auto when the outputs did not say; the worker decides then.")
+    max_accuracy_drop: float = 0.01
+    detection: dict[str, Any] | None = None
     progress: float
     current_step: str | None
     attempts: int
@@ -222,6 +259,8 @@ class JobRead(BaseModel):
         default=None, description="The job's HTML report; works without the API key until it expires.")
     webhook_url: str | None = None
     webhook: WebhookRead | None = Field(default=None, description="The webhook's delivery, once the job ended.")
+    recommended: Recommendation | None = Field(
+        default=None, description="Which artifact to ship (as in the job's report); null until the job succeeded.")
 
 
 class JobsRead(BaseModel):
@@ -245,6 +284,9 @@ class ArtifactRead(BaseModel):
 class ArtifactsRead(BaseModel):
     data: list[ArtifactRead]
     count: int
+
+
+Verdict = Literal["original", "meets_tolerance", "slower_than_float", "over_tolerance", "not_measured"]
 
 
 class ReportEntry(BaseModel):
@@ -271,11 +313,53 @@ class ReportEntry(BaseModel):
     )
     accuracy: dict[str, float] | None = None
     fidelity: dict[str, float] | None = None
+    metric: dict[str, Any] | None = Field(
+        default=None,
+        description="The task's metric from the evaluate step: {name (top1, top1_agreement, map50_95, f1_vs_float, "
+        "pixel_agreement), value, reference (the original's), drop (reference - value), higher_is_better}",
+    )
+    verdict: Verdict | None = Field(
+        default=None,
+        description="original (the upload); meets_tolerance; slower_than_float (slower at batch 1 than the fastest "
+        "float model: the original or a lossless export); over_tolerance (loses more of the task's metric than "
+        "the job's max_accuracy_drop); not_measured (no latency, or no accuracy for an artifact that changes "
+        "the weights)",
+    )
+    verdict_reason: str | None = Field(default=None, description="The verdict's numbers, in one line.")
+
+
+class RecommendedMetric(BaseModel):
+    name: str
+    value: float
+    drop: float
+
+
+class RecommendationMetrics(BaseModel):
+    p50_ms: float = Field(description="batch 1 on the worker")
+    speedup: float | None = Field(description="original p50 / this p50; null when the original was not timed")
+    size_bytes: int
+    size_ratio: float = Field(description="size / original size")
+    metric: RecommendedMetric | None = Field(
+        description="The task's metric; null when accuracy was not measured (a lossless float conversion)")
+
+
+class Recommendation(BaseModel):
+    artifact: str | None = Field(
+        description="The artifact to ship: the fastest one measured on the worker that meets the job's tolerance on "
+        "the task's metric (ties within 2% of p50 go to the smaller file). Null when nothing beats the original.")
+    reason: str = Field(description="Why, in one line; when null, why nothing beats the original.")
+    metrics: RecommendationMetrics | None = None
+    tolerance: float = Field(description="The job's max_accuracy_drop.")
+    accuracy_verified: bool = Field(
+        description="False when the job has no evaluate step: only lossless float conversions were considered.")
 
 
 class ReportRead(BaseModel):
     job_id: str
     status: JobStatus
+    recommended: Recommendation | None = Field(
+        default=None, description="Null until the job succeeded.")
+    task: str = Field(default="auto", description="The task whose metric decided the verdicts.")
     machine: dict[str, Any] | None
     entries: list[ReportEntry]
 

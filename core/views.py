@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import time
 
-from core.models import Job, JobStatus
-from core.schemas import JobError, JobRead, StepRead, TensorSpec
+from sqlalchemy import select
+from sqlalchemy.orm import Session, object_session
+
+from core.models import Artifact, Job, JobStatus, Model, StepStatus
+from core.recommend import ArtifactFacts, StepFacts, report_for
+from core.schemas import JobError, JobRead, ReportRead, StepRead, TensorSpec
 from core.settings import get_settings
 from core.storage import sign_local, verify_local
 from core.webhooks import delivery_to_read
@@ -28,6 +32,25 @@ def report_link_valid(job_id: str, expires: int, sig: str) -> bool:
     return verify_local(f"reports/{job_id}", expires, sig, get_settings().signing_key())
 
 
+def job_report(session: Session, job: Job) -> ReportRead:
+    """The job's report (each artifact against the original, its verdict, the recommendation)
+    from one query: the original model's row and the artifacts'. The steps come with the job."""
+    rows = session.execute(
+        select(Model, Artifact).select_from(Model)
+        .outerjoin(Artifact, Artifact.job_id == job.id)
+        .where(Model.id == job.model_id)
+        .order_by(Artifact.step_index)
+    ).all()
+    model = rows[0][0]
+    return report_for(
+        job_id=job.id, status=job.status, task=job.task or "auto", task_options=job.task_options,
+        steps=[StepFacts(s.name, s.status == StepStatus.succeeded, s.metrics or {}) for s in job.steps],
+        original=ArtifactFacts(model.filename, None, model.format, model.size_bytes, dict(model.details or {})),
+        artifacts=[ArtifactFacts(a.name, a.step, a.format, a.size_bytes, dict(a.meta or {}))
+                   for _, a in rows if a is not None],
+    )
+
+
 def job_to_read(job: Job, live_queues: set[str] | None = None, base_url: str | None = None) -> JobRead:
     """``live_queues``: the queues live workers consume; a queued job on another queue says
     what it waits for. ``base_url``: where clients reach the API (for the report link)."""
@@ -37,6 +60,10 @@ def job_to_read(job: Job, live_queues: set[str] | None = None, base_url: str | N
         if st.started_at and st.finished_at:
             read.duration_s = round((st.finished_at - st.started_at).total_seconds(), 3)
         steps.append(read)
+    recommended = None
+    session = object_session(job)
+    if job.status == JobStatus.succeeded and session is not None:
+        recommended = job_report(session, job).recommended
     error = None
     if job.error_code:
         error = JobError(code=job.error_code, message=job.error_message or "", step=job.error_step)
@@ -44,6 +71,8 @@ def job_to_read(job: Job, live_queues: set[str] | None = None, base_url: str | N
         id=job.id, name=job.name, status=job.status, model_id=job.model_id, preset=job.preset,
         calibration_dataset_id=job.calibration_dataset_id, evaluation_dataset_id=job.evaluation_dataset_id,
         queue=job.queue, input_spec=[TensorSpec(**s) for s in job.input_spec], preprocessing=job.preprocessing,
+        task=job.task or "auto", max_accuracy_drop=(job.task_options or {}).get("max_accuracy_drop", 0.01),
+        detection=(job.task_options or {}).get("detection"),
         progress=job.progress, current_step=job.current_step, attempts=job.attempts,
         cancel_requested=job.cancel_requested, steps=steps, error=error, log_tail=job.log_tail,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
@@ -54,4 +83,5 @@ def job_to_read(job: Job, live_queues: set[str] | None = None, base_url: str | N
             if job.status == JobStatus.queued and live_queues is not None and job.queue not in live_queues
             else None
         ),
+        recommended=recommended,
     )

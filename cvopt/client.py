@@ -8,7 +8,7 @@ would otherwise write itself.
         data = cv.upload_dataset("calibration.zip")
         job = cv.submit_job(model_id=model["id"], preset="onnx-int8", calibration_dataset_id=data["id"])
         job = cv.wait(job["id"], timeout=3600)            # raises JobFailed with the job's error
-        files = cv.download_artifacts(job["id"], "out/")  # streamed, sha256 checked
+        files = cv.download_artifacts(job["id"], "out/")  # the recommended one; all=True: every artifact
 
 Every request is retried on connection errors, 5xx and 429 with exponential back-off and jitter,
 honouring ``Retry-After``; a POST that creates something carries an ``Idempotency-Key``, so a
@@ -195,38 +195,54 @@ class Client:
             self._sleep(min(interval, max(0.0, deadline - time.monotonic())))
             interval = min(max_interval, interval * 1.5)
 
-    def download_artifacts(self, job_id: str, dest: str | os.PathLike) -> list[Path]:
-        """Stream every artifact into ``dest`` and check its sha256 against the artifact list.
-        A file whose digest differs is removed and raises ChecksumMismatch."""
+    def recommendation(self, job_id: str) -> dict[str, Any] | None:
+        """The job's ``recommended``: {artifact (null when nothing beats the original), reason,
+        metrics, ...}; None until the job succeeded."""
+        return self.get_job(job_id).get("recommended")
+
+    def download_artifacts(self, job_id: str, dest: str | os.PathLike, *, all: bool = False) -> list[Path]:
+        """Stream the recommended artifact into ``dest`` (every artifact with ``all=True``) and
+        check its sha256 against the artifact list. Returns [] when nothing is recommended (the job
+        has not succeeded, or no artifact beats the original: ``recommendation(job_id)["reason"]``
+        says why). A file whose digest differs is removed and raises ChecksumMismatch."""
+        if all:
+            chosen = self.artifacts(job_id)
+        else:
+            name = (self.recommendation(job_id) or {}).get("artifact")
+            if not name:
+                return []
+            chosen = [a for a in self.artifacts(job_id) if a["name"] == name]
+            if not chosen:
+                raise CvoptClientError(f"job {job_id} recommends {name}, which is not in its artifact list")
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        written = []
-        for artifact in self.artifacts(job_id):
-            target = dest / Path(artifact["name"]).name
-            partial = target.with_name(target.name + ".part")
-            digest = hashlib.sha256()
-            for attempt in range(self.max_retries + 1):
-                try:
-                    # A presigned URL carries its own permission: no API key goes to the store.
-                    with httpx.stream("GET", artifact["url"], timeout=self._http.timeout, follow_redirects=True) as r:
-                        r.raise_for_status()
-                        digest = hashlib.sha256()
-                        with open(partial, "wb") as fh:
-                            for chunk in r.iter_bytes(1024 * 1024):
-                                digest.update(chunk)
-                                fh.write(chunk)
-                    break
-                except (httpx.TransportError, httpx.HTTPStatusError) as exc:
-                    if attempt == self.max_retries:
-                        partial.unlink(missing_ok=True)
-                        raise CvoptClientError(f"downloading {artifact['name']}: {exc}") from exc
-                    self._sleep(self._delay(attempt, None))
-            if digest.hexdigest() != artifact["sha256"]:
-                partial.unlink(missing_ok=True)
-                raise ChecksumMismatch(f"{artifact['name']}: sha256 {digest.hexdigest()} != {artifact['sha256']}")
-            partial.replace(target)
-            written.append(target)
-        return written
+        return [self._download(artifact, dest) for artifact in chosen]
+
+    def _download(self, artifact: dict[str, Any], dest: Path) -> Path:
+        target = dest / Path(artifact["name"]).name
+        partial = target.with_name(target.name + ".part")
+        digest = hashlib.sha256()
+        for attempt in range(self.max_retries + 1):
+            try:
+                # A presigned URL carries its own permission: no API key goes to the store.
+                with httpx.stream("GET", artifact["url"], timeout=self._http.timeout, follow_redirects=True) as r:
+                    r.raise_for_status()
+                    digest = hashlib.sha256()
+                    with open(partial, "wb") as fh:
+                        for chunk in r.iter_bytes(1024 * 1024):
+                            digest.update(chunk)
+                            fh.write(chunk)
+                break
+            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+                if attempt == self.max_retries:
+                    partial.unlink(missing_ok=True)
+                    raise CvoptClientError(f"downloading {artifact['name']}: {exc}") from exc
+                self._sleep(self._delay(attempt, None))
+        if digest.hexdigest() != artifact["sha256"]:
+            partial.unlink(missing_ok=True)
+            raise ChecksumMismatch(f"{artifact['name']}: sha256 {digest.hexdigest()} != {artifact['sha256']}")
+        partial.replace(target)
+        return target
 
 
 def _sha256(path: Path) -> str:

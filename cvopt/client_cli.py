@@ -105,9 +105,17 @@ def _num(value: Any, spec: str, suffix: str = "") -> str:
     return format(value, spec) + suffix
 
 
+METRIC_LABELS = {"map50_95": "mAP@.5:.95", "map50": "mAP@.5", "f1_vs_float": "F1 vs FP32",
+                 "pixel_agreement": "pixel agree"}
+
+
 def _quality(entry: dict[str, Any]) -> str:
-    """Accuracy and fidelity side by side: an agreement of 0.0 is a result, not a blank."""
+    """Accuracy and fidelity side by side: an agreement of 0.0 is a result, not a blank. Another
+    task's metric (mAP, F1 against FP32, pixel agreement) comes first."""
     parts = []
+    metric = entry.get("metric") or {}
+    if metric.get("name") not in (None, "top1", "top1_agreement"):
+        parts.append(f"{METRIC_LABELS.get(metric['name'], metric['name'])} " + _num(metric.get("value"), ".3f"))
     accuracy = entry.get("accuracy") or {}
     if accuracy.get("top1") is not None:
         parts.append("top-1 " + _num(accuracy["top1"], ".3f"))
@@ -126,23 +134,40 @@ def _throughput(entry: dict[str, Any]) -> str:
     return "-"
 
 
+def recommendation_line(report: dict[str, Any]) -> str | None:
+    """"recommended: <name> (<reason>)", or "recommended: none (<why nothing beats the original>)";
+    None until the job succeeded."""
+    rec = report.get("recommended")
+    if not rec:
+        return None
+    return f"recommended: {rec.get('artifact') or 'none'} ({rec.get('reason', '')})"
+
+
 def report_table(report: dict[str, Any]) -> str:
-    """The report as a text table, then one line per artifact that could not be measured."""
-    rows = [("artifact", "format", "size", "size ×", "p50 ms", "speed-up", "img/s @ batch", "accuracy / fidelity")]
+    """The report as a text table with each artifact's verdict, one line per artifact that could
+    not be measured, then the recommendation."""
+    rows = [("artifact", "format", "size", "size ×", "p50 ms", "speed-up", "img/s @ batch", "accuracy / fidelity",
+             "verdict")]
     notes = []
     for e in report.get("entries") or []:
         latency = e.get("latency_ms") or {}
         rows.append((
             str(e.get("name", "?")), str(e.get("format", "?")), _fmt_size(e.get("size_bytes")),
             _num(e.get("size_ratio"), ".2f"), _num(latency.get("p50_ms"), ".2f"), _num(e.get("speedup"), ".2f", "x"),
-            _throughput(e), _quality(e),
+            _throughput(e), _quality(e), str(e.get("verdict") or "-"),
         ))
         if e.get("throughput_error"):
             notes.append(f"* {e.get('name')}: no throughput: {e['throughput_error']}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines + notes)
+    recommended = recommendation_line(report)
+    return "\n".join(lines + notes + ([recommended] if recommended else []))
+
+
+def _say_nothing_recommended(recommended: dict[str, Any] | None) -> None:
+    reason = (recommended or {}).get("reason") or "the job has no recommendation"
+    click.echo(f"nothing downloaded: no artifact is recommended ({reason}); --all fetches every artifact", err=True)
 
 
 class _JsonObject(click.ParamType):
@@ -180,10 +205,12 @@ def register(main: click.Group) -> None:
     @click.option("--wait/--no-wait", default=False, help="Wait for the job to end, showing progress.")
     @click.option("--timeout", default=6 * 3600.0, show_default=True, help="Seconds --wait waits.")
     @click.option("--download", type=click.Path(file_okay=False, path_type=Path),
-                  help="Download the artifacts here (implies --wait); sha256 checked.")
+                  help="Download the recommended artifact here (implies --wait); sha256 checked.")
+    @click.option("--all", "all_artifacts", is_flag=True, help="With --download: every artifact, not only the "
+                  "recommended one.")
     @with_connection
     def submit(model, preset, steps, calibration, evaluation, architecture, input_shape, preprocessing, overrides,
-               name, webhook_url, wait, timeout, download, url, api_key, as_json):
+               name, webhook_url, wait, timeout, download, all_artifacts, url, api_key, as_json):
         """Upload MODEL (and datasets), submit a job, and optionally wait and download."""
         if bool(preset) == bool(steps):
             raise click.UsageError("give --preset or one or more --step")
@@ -211,7 +238,8 @@ def register(main: click.Group) -> None:
                 finally:
                     progress.done()
                 report = cv.report(job["id"])
-                files = [str(p) for p in cv.download_artifacts(job["id"], download)] if download else []
+                files = [str(p) for p in cv.download_artifacts(job["id"], download, all=all_artifacts)] \
+                    if download else []
                 if as_json:
                     click.echo(json.dumps({"ok": True, "job": job, "report": report, "artifacts": cv.artifacts(job["id"]),
                                            "downloaded": files}, default=str))
@@ -219,6 +247,8 @@ def register(main: click.Group) -> None:
                     click.echo(report_table(report))
                     for path in files:
                         click.echo(f"downloaded {path}", err=True)
+                if download and not files:
+                    _say_nothing_recommended(report.get("recommended"))
         except JobFailed as exc:
             _fail(str(exc), 1, as_json, job=exc.job)
         except WaitTimeout as exc:
@@ -253,9 +283,25 @@ def register(main: click.Group) -> None:
     @main.command()
     @click.argument("job_id")
     @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+    @click.option("--all", "all_artifacts", is_flag=True, help="Every artifact, not only the recommended one.")
     @with_connection
-    def download(job_id, dest, url, api_key, as_json):
-        """Download a job's artifacts into DEST, checking each sha256."""
-        files = _call(url, api_key, as_json, lambda cv: cv.download_artifacts(job_id, dest))
-        click.echo(json.dumps({"ok": True, "downloaded": [str(p) for p in files]}) if as_json
-                   else "\n".join(str(p) for p in files))
+    def download(job_id, dest, all_artifacts, url, api_key, as_json):
+        """Download a job's recommended artifact (--all: every artifact) into DEST, checking each sha256."""
+
+        def fetch(cv: Client) -> tuple[list[Path], dict[str, Any] | None]:
+            files = cv.download_artifacts(job_id, dest, all=all_artifacts)
+            # Only when nothing came: the job says why nothing is recommended.
+            return files, (cv.get_job(job_id) if not files and not all_artifacts else None)
+
+        files, job = _call(url, api_key, as_json, fetch)
+        if as_json:
+            click.echo(json.dumps({"ok": True, "downloaded": [str(p) for p in files],
+                                   "recommended": (job or {}).get("recommended")}))
+        elif files:
+            click.echo("\n".join(str(p) for p in files))
+        if job is not None:
+            if job["status"] != "succeeded":
+                click.echo(f"nothing downloaded: job {job_id} is {job['status']}; an artifact is recommended "
+                           "once it succeeds (--all fetches what is there)", err=True)
+            else:
+                _say_nothing_recommended(job.get("recommended"))

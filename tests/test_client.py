@@ -34,7 +34,7 @@ def cli(stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_submit_wait_download_checks_every_file_against_the_artifact_list(stack, digit_assets, tmp_path):
     out = tmp_path / "out"
     done = cli(stack, "submit", str(digit_assets.models["onnx"]), "--preset", "onnx-int8",
-               "--calibration", str(digit_assets.calibration_npz), "--wait", "--download", str(out), "--json")
+               "--calibration", str(digit_assets.calibration_npz), "--wait", "--download", str(out), "--all", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ok"] and result["job"]["status"] == "succeeded"
@@ -44,6 +44,18 @@ def test_submit_wait_download_checks_every_file_against_the_artifact_list(stack,
         assert sha256(path) == listed[path.name]
     assert [Path(p).name for p in result["downloaded"]] == [a["name"] for a in result["artifacts"]]
 
+    # Without --all: the recommended artifact only, or nothing and the reason on stderr.
+    recommended = result["report"]["recommended"]
+    assert recommended == result["job"]["recommended"] and recommended["reason"]
+    one = tmp_path / "one"
+    fetched = cli(stack, "download", result["job"]["id"], str(one))
+    assert fetched.returncode == 0, fetched.stderr
+    if recommended["artifact"]:
+        assert [p.name for p in one.iterdir()] == [recommended["artifact"]]
+        assert sha256(one / recommended["artifact"]) == listed[recommended["artifact"]]
+    else:
+        assert not one.exists() and "no artifact is recommended" in fetched.stderr
+
     table = cli(stack, "submit", str(digit_assets.models["onnx"]), "--preset", "onnx")
     assert table.returncode == 0 and len(table.stdout.strip()) == 32  # without --wait: the job id
     waited = cli(stack, "submit", str(digit_assets.models["onnx"]), "--preset", "onnx", "--wait")
@@ -51,6 +63,7 @@ def test_submit_wait_download_checks_every_file_against_the_artifact_list(stack,
     header = waited.stdout.splitlines()[0].split()
     assert header[:3] == ["artifact", "format", "size"] and "p50" in waited.stdout
     assert "digits.onnx" in waited.stdout and "00-export_onnx.onnx" in waited.stdout
+    assert header[-1] == "verdict" and waited.stdout.splitlines()[-1].startswith("recommended: ")
     assert "% " in waited.stderr and "submitted" in waited.stderr  # progress lines while it waited
 
 
@@ -80,7 +93,7 @@ def test_the_readme_pipeline_line_prints_its_table(stack, digit_assets, request,
         extra = [*extra, "--preprocessing", '{"mean": [0], "std": [1]}']
     out = tmp_path / "out"
     done = cli(stack, "submit", str(model_path), "--preset", preset, "--calibration", str(calibration),
-               "--wait", "--download", str(out), *extra, timeout=900)
+               "--wait", "--download", str(out), "--all", *extra, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "100.0% succeeded" in done.stderr
     lines = done.stdout.splitlines()
@@ -90,6 +103,7 @@ def test_the_readme_pipeline_line_prints_its_table(stack, digit_assets, request,
     names = {line.split()[0] for line in lines[2:] if line and not line.startswith("*")}
     assert set(downloaded) <= names and model_path.name in names  # every artifact, and the original
     assert any("agree" in line or "top-1" in line for line in lines[2:])  # each family evaluates
+    assert lines[0].split()[-1] == "verdict" and lines[-1].startswith("recommended: ")
 
 
 def test_exit_codes_tell_a_pipeline_what_happened(stack, digit_assets):

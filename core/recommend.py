@@ -1,0 +1,399 @@
+"""Which artifact to ship: every artifact's verdict and the job's recommendation, from the
+benchmark and evaluate steps' metrics. Pure functions over plain facts (no database, no HTTP):
+core.views loads the rows and hands them over.
+
+The rules:
+
+- The recommendation is the fastest artifact measured on the worker (p50 at batch 1) that meets
+  the job's tolerance on the task's metric (evaluate's ``metric.drop`` <= ``max_accuracy_drop``).
+  The original competes too: when it wins, nothing is recommended and the reason says why in one
+  line. Ties within 2% of p50 go to the smaller file, so an INT8 model as fast as the FP32 export
+  wins by its size.
+- An artifact that misses the tolerance is never recommended, however fast.
+- Without an evaluate step, accuracy is unverified: only lossless float conversions (see
+  ``step_keeps_float``) can be recommended; everything else is not_measured.
+- A float artifact is a reference for speed: an artifact slower at batch 1 than the fastest float
+  model of the job (the original, or a lossless conversion) by more than the 2% tie is
+  slower_than_float, whatever its accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.models import JobStatus
+from core.schemas import (
+    Recommendation,
+    RecommendationMetrics,
+    RecommendedMetric,
+    ReportEntry,
+    ReportRead,
+    Verdict,
+)
+
+# Two p50s this close are one speed: the smaller file wins. Timings on a shared worker move by
+# about this much between interleaved runs.
+TIE_FRACTION = 0.02
+# A drop computed as 0.99 - 0.98 is 0.010000000000000009: it meets a tolerance of 0.01.
+DROP_EPSILON = 1e-9
+DEFAULT_TOLERANCE = 0.01
+
+# Formats whose artifacts end their branch (worker.passes.base.DEPLOY_FORMATS; a test keeps the
+# two equal): the next step still takes the artifact before them.
+BRANCH_END_FORMATS = frozenset({"tflite", "tensorrt_engine", "aoti_package"})
+# Steps that keep the float32 weights and arithmetic of their source (each checks its output
+# against its source within float rounding).
+LOSSLESS_STEPS = frozenset({"export_onnx", "export_pt2"})
+# Steps that are lossless only at precision fp32 (meta["precision"]).
+LOSSLESS_AT_FP32 = frozenset({"compile_gpu", "convert_tflite"})
+
+METRIC_LABELS = {
+    "top1": "top-1", "top1_agreement": "top-1 agreement", "map50_95": "mAP@0.5:0.95", "map50": "mAP@0.5",
+    "f1_vs_float": "F1 vs FP32", "pixel_agreement": "pixel agreement",
+}
+
+
+def metric_label(name: str) -> str:
+    return METRIC_LABELS.get(name, name)
+
+
+def step_keeps_float(step: str | None, meta: dict[str, Any] | None) -> bool:
+    """Whether a step keeps its source's float32 weights and arithmetic.
+
+    The original (step None), export_onnx and export_pt2 do; compile_gpu and convert_tflite do at
+    precision fp32 only. Everything else changes what the model computes and must prove it meets
+    the tolerance: convert_fp16 (FP16 is not float32), quantize_int8 / quantize_int8_torch,
+    prune_structured / prune_unstructured, distill / finetune, and build_tensorrt at any precision
+    (an "fp32" engine runs convolutions in TF32 on Ampere and later unless told not to). A step
+    this module does not know is a candidate too."""
+    if step is None:
+        return True
+    if step in LOSSLESS_STEPS:
+        return True
+    if step in LOSSLESS_AT_FP32:
+        return (meta or {}).get("precision") == "fp32"
+    return False
+
+
+@dataclass(frozen=True)
+class ArtifactFacts:
+    """What the report needs of an artifact row (or of the original upload, with step None)."""
+
+    name: str
+    step: str | None
+    format: str
+    size_bytes: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def lossless_artifacts(artifacts: Sequence[ArtifactFacts]) -> set[str]:
+    """The names of the artifacts that compute what the original computes, in float32.
+
+    Steps chain: each takes the last artifact that does not end its branch (a TFLite file, an
+    engine or an AOTInductor package), or the original. An export made after pruning or
+    distillation is a float file of a changed model: lossless only if every step before it in its
+    chain is. ``artifacts`` in step order."""
+    chain_lossless = True
+    out = set()
+    for artifact in artifacts:
+        lossless = chain_lossless and step_keeps_float(artifact.step, artifact.meta)
+        if lossless:
+            out.add(artifact.name)
+        if artifact.format not in BRANCH_END_FORMATS:
+            chain_lossless = lossless
+    return out
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One row of the report as the rules see it."""
+
+    name: str
+    step: str | None  # None: the original upload
+    size_bytes: int
+    p50_ms: float | None  # batch 1 on the worker
+    lossless: bool  # keeps the original's float32 arithmetic (lossless_artifacts)
+    metric: dict[str, Any] | None = None  # evaluate's {"name", "value", "reference", "drop", ...}
+    unbenchmarked: str | None = None  # why p50_ms is None
+    throughput: tuple[int, float] | None = None  # (batch, images/s) at the benchmark's largest batch
+    unevaluated: str | None = None  # why metric is None
+
+
+@dataclass(frozen=True)
+class Judgement:
+    verdict: Verdict
+    reason: str
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3g} ms"
+
+
+def _drop_text(metric: dict[str, Any]) -> str:
+    reference = metric.get("reference")
+    versus = f" vs {float(reference):.4f}" if reference is not None else ""
+    return f"{metric_label(metric['name'])} {float(metric['value']):.4f}{versus}, drop {float(metric['drop']):.4f}"
+
+
+def _over(metric: dict[str, Any] | None, tolerance: float) -> bool:
+    return metric is not None and float(metric["drop"]) > tolerance + DROP_EPSILON
+
+
+def recommend(candidates: Sequence[Candidate], *, tolerance: float,
+              evaluated: bool) -> tuple[dict[str, Judgement], Recommendation]:
+    """Each candidate's verdict (by name) and the recommendation. ``candidates``: the original
+    (step None) and every artifact; ``evaluated``: whether the job measured accuracy (it has an
+    evaluate step), else accuracy is unverified and only lossless artifacts can be chosen."""
+    original = next((c for c in candidates if c.step is None), None)
+    base_p50 = original.p50_ms if original else None
+
+    def usable_accuracy(c: Candidate) -> bool:
+        # A lossless conversion needs no measurement to keep the original's accuracy.
+        return c.lossless or (evaluated and c.metric is not None)
+
+    # The float references for speed: timed, and not broken in a way the evaluation saw.
+    floats = [c for c in candidates if c.lossless and c.p50_ms is not None and not _over(c.metric, tolerance)]
+
+    judgements: dict[str, Judgement] = {}
+    for c in candidates:
+        if c.step is None:
+            judgements[c.name] = Judgement("original", "the uploaded model: the reference for speed-ups and drops")
+            continue
+        if _over(c.metric, tolerance):
+            judgements[c.name] = Judgement(
+                "over_tolerance", f"{_drop_text(c.metric)} > tolerance {tolerance:g}")
+            continue
+        missing = []
+        if c.p50_ms is None:
+            missing.append(c.unbenchmarked or "not benchmarked")
+        if not usable_accuracy(c):
+            missing.append((c.unevaluated or "not evaluated") if evaluated
+                           else "accuracy not measured: the job has no evaluate step")
+        if missing:
+            judgements[c.name] = Judgement("not_measured", "; ".join(missing))
+            continue
+        others = [f for f in floats if f.name != c.name]
+        fastest = min(others, key=lambda f: f.p50_ms, default=None)
+        if fastest is not None and c.p50_ms > fastest.p50_ms * (1 + TIE_FRACTION):
+            which = "the original" if fastest.step is None else f"the float artifact {fastest.name}"
+            judgements[c.name] = Judgement(
+                "slower_than_float",
+                f"{c.p50_ms / fastest.p50_ms:.2f}x slower at batch 1 than {which} "
+                f"({_ms(c.p50_ms)} vs {_ms(fastest.p50_ms)} p50)")
+            continue
+        if c.metric is not None:
+            parts = [f"{_drop_text(c.metric)} <= tolerance {tolerance:g}"]
+        else:
+            parts = ["lossless float conversion (accuracy not measured)"]
+        if base_p50:
+            parts.append(f"{base_p50 / c.p50_ms:.2f}x the original's speed at batch 1")
+        judgements[c.name] = Judgement("meets_tolerance", "; ".join(parts))
+
+    # The original competes: when it wins, nothing is recommended.
+    pool = [c for c in candidates
+            if c.p50_ms is not None and (c.step is None or judgements[c.name].verdict == "meets_tolerance")]
+    rec = _choose(pool, candidates, judgements, original, tolerance=tolerance, evaluated=evaluated)
+    return judgements, rec
+
+
+def _choose(pool: list[Candidate], candidates: Sequence[Candidate], judgements: dict[str, Judgement],
+            original: Candidate | None, *, tolerance: float, evaluated: bool) -> Recommendation:
+    unverified = "" if evaluated else (
+        "; accuracy not verified (the job has no evaluate step): only lossless float conversions were considered")
+    if not pool:
+        if not any(c.p50_ms is not None for c in candidates):
+            return Recommendation(artifact=None, tolerance=tolerance, accuracy_verified=evaluated,
+                                  reason="nothing was timed at batch 1: add a benchmark step to the recipe")
+        return Recommendation(artifact=None, tolerance=tolerance, accuracy_verified=evaluated,
+                              reason=_nothing_beats(candidates, judgements, original, tolerance) + unverified)
+    fastest = min(pool, key=lambda c: c.p50_ms)
+    tied = [c for c in pool if c.p50_ms <= fastest.p50_ms * (1 + TIE_FRACTION)]
+    # Equal at batch 1 is not equal under load (FP16 on a CPU without FP16 arithmetic ties at batch 1
+    # and runs several times slower at batch 8): within the tie, what falls behind at the largest
+    # batch both were timed at gives way, before size decides.
+    batches = [c.throughput for c in tied if c.throughput]
+    if batches:
+        batch = max(b for b, _ in batches)
+        best = max(ips for b, ips in batches if b == batch)
+        tied = [c for c in tied if not c.throughput or c.throughput[0] != batch
+                or c.throughput[1] >= best * (1 - TIE_FRACTION)]
+    # Size first within the tie; then speed, and the original last so an equal copy is shipped.
+    winner = min(tied, key=lambda c: (c.size_bytes, c.p50_ms, c.step is None))
+    if winner.step is None:
+        return Recommendation(artifact=None, tolerance=tolerance, accuracy_verified=evaluated,
+                              reason=_nothing_beats(candidates, judgements, original, tolerance) + unverified)
+    base_p50 = original.p50_ms if original else None
+    base_size = original.size_bytes if original else 0
+    speedup = base_p50 / winner.p50_ms if base_p50 else None
+    if winner.metric is not None:
+        why = f"{_drop_text(winner.metric)} <= tolerance {tolerance:g}"
+    else:
+        why = "lossless float conversion"
+    speed = (f"{speedup:.2f}x the original's speed at batch 1 ({_ms(winner.p50_ms)} vs {_ms(base_p50)} p50)"
+             if speedup else f"{_ms(winner.p50_ms)} p50 at batch 1 (the original was not timed)")
+    if winner is fastest:
+        lead = "fastest within the tolerance"
+    else:
+        lead = (f"smallest of the fastest within the tolerance ({winner.size_bytes / max(fastest.size_bytes, 1):.2f}x "
+                f"the size of {fastest.name if fastest.step else 'the original'}, whose p50 of "
+                f"{_ms(fastest.p50_ms)} it matches within {TIE_FRACTION:.0%})")
+    metric = winner.metric
+    return Recommendation(
+        artifact=winner.name, tolerance=tolerance, accuracy_verified=evaluated,
+        reason=f"{lead}: {speed}; {why}{unverified}",
+        metrics=RecommendationMetrics(
+            p50_ms=winner.p50_ms, speedup=speedup, size_bytes=winner.size_bytes,
+            size_ratio=winner.size_bytes / base_size if base_size else 1.0,
+            metric=RecommendedMetric(name=metric["name"], value=float(metric["value"]), drop=float(metric["drop"]))
+            if metric is not None else None,
+        ),
+    )
+
+
+def _nothing_beats(candidates: Sequence[Candidate], judgements: dict[str, Judgement], original: Candidate | None,
+                   tolerance: float) -> str:
+    """One line: nothing beats the original, and each artifact's reason."""
+    parts = []
+    for c in candidates:
+        if c.step is None:
+            continue
+        j = judgements[c.name]
+        if j.verdict == "over_tolerance":
+            parts.append(f"{c.name} loses {float(c.metric['drop']) * 100:.1f} points of "
+                         f"{metric_label(c.metric['name'])} (tolerance {tolerance * 100:.1f})")
+        elif j.verdict == "slower_than_float":
+            parts.append(f"{c.name} is {j.reason}")
+        elif j.verdict == "not_measured":
+            parts.append(f"{c.name} was not measured ({j.reason})")
+        elif original is not None and original.p50_ms and c.p50_ms:
+            # It met the tolerance, yet the original won: a tie on p50 that the original's size decided.
+            parts.append(f"{c.name} matches the original's p50 within {TIE_FRACTION:.0%} ({_ms(c.p50_ms)} vs "
+                         f"{_ms(original.p50_ms)}) and is not smaller ({c.size_bytes / max(original.size_bytes, 1):.2f}x "
+                         "its size)")
+    if not parts:
+        return "nothing beats the original: the job made no artifact"
+    return "nothing beats the original: " + "; ".join(parts)
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepFacts:
+    name: str
+    succeeded: bool
+    metrics: dict[str, Any]
+
+
+def _legacy_metric(result: dict[str, Any], original: dict[str, Any]) -> dict[str, Any] | None:
+    """The task metric of an evaluation recorded before evaluate wrote one (classification only):
+    top-1 with labels, else top-1 agreement with the original."""
+    for group, name in (("accuracy", "top1"), ("fidelity", "top1_agreement")):
+        value = (result.get(group) or {}).get(name)
+        reference = (original.get(group) or {}).get(name)
+        if isinstance(value, (int, float)) and isinstance(reference, (int, float)):
+            return {"name": name, "value": float(value), "reference": float(reference),
+                    "drop": float(reference) - float(value), "higher_is_better": True}
+    return None
+
+
+def _fidelity(values: dict[str, Any]) -> dict[str, float]:
+    """Fidelity numbers as floats (JSON keeps a perfect SNR as the string "inf"); a measure the
+    evaluation could not take (null) is left out rather than shown as a number."""
+    return {k: float(v) for k, v in values.items() if v is not None and not isinstance(v, bool)}
+
+
+def report_for(*, job_id: str, status: JobStatus, task: str, task_options: dict[str, Any] | None,
+               steps: Sequence[StepFacts], original: ArtifactFacts,
+               artifacts: Sequence[ArtifactFacts]) -> ReportRead:
+    """Each artifact against the original, from the last succeeded benchmark and evaluate steps'
+    metrics, with its verdict; the recommendation once the job succeeded. ``artifacts`` in step
+    order."""
+
+    def last_metrics(step_name: str) -> dict[str, Any] | None:
+        done = [s for s in steps if s.name == step_name and s.succeeded]
+        return done[-1].metrics if done else None
+
+    bench, evaluation = last_metrics("benchmark"), last_metrics("evaluate")
+    has_benchmark = any(s.name == "benchmark" for s in steps)
+    bench_by_name = {r["artifact"]: r for r in (bench or {}).get("results", [])}
+    eval_by_name = {r["artifact"]: r for r in (evaluation or {}).get("results", [])}
+    tolerance = float((task_options or {}).get("max_accuracy_drop", DEFAULT_TOLERANCE))
+    lossless = lossless_artifacts(artifacts)
+    original_eval = eval_by_name.get(original.name, {})
+
+    entries: list[ReportEntry] = []
+    candidates: list[Candidate] = []
+    base_p50 = None
+    for facts in [original, *artifacts]:
+        measured = bench_by_name.get(facts.name, {})
+        at = measured.get("latency", {})
+        lat = at.get("1") or {}
+        batches = sorted((int(b), v) for b, v in at.items() if "images_per_s" in v)
+        throughput = None
+        if batches and batches[-1][0] > 1:
+            batch, stats = batches[-1]
+            throughput = {"batch": batch, "images_per_s": stats["images_per_s"], "p50_ms": stats["p50_ms"]}
+        failed = sorted((int(b), v["error"]) for b, v in at.items() if "error" in v)
+        throughput_error = None
+        if failed and failed[-1][0] > 1 and (not batches or failed[-1][0] > batches[-1][0]):
+            throughput_error = failed[-1][1]
+        latency = {k: lat[k] for k in ("p50_ms", "p90_ms", "p99_ms")} if "p50_ms" in lat else None
+        if facts.step is None and latency:
+            base_p50 = latency["p50_ms"]
+
+        if latency is not None:
+            unbenchmarked = None
+        elif not has_benchmark:
+            unbenchmarked = "not benchmarked: the job has no benchmark step"
+        elif bench is None:
+            unbenchmarked = "not benchmarked: the benchmark step did not finish"
+        elif "skipped" in measured:
+            unbenchmarked = f"not benchmarked: {measured['skipped']}"
+        elif "error" in lat:
+            unbenchmarked = f"batch 1 failed: {lat['error']}"
+        else:
+            unbenchmarked = "not benchmarked (made after the benchmark step)"
+
+        e = eval_by_name.get(facts.name, {})
+        metric = e.get("metric") or (_legacy_metric(e, original_eval) if e and "skipped" not in e else None)
+        if metric is not None:
+            unevaluated = None
+        elif "skipped" in e:
+            unevaluated = f"not evaluated: {e['skipped']}"
+        elif evaluation is not None:
+            unevaluated = "not evaluated (made after the evaluate step)"
+        else:
+            unevaluated = "not evaluated: the evaluate step did not finish"
+
+        entries.append(ReportEntry(
+            name=facts.name, step=facts.step, format=facts.format, size_bytes=facts.size_bytes,
+            size_ratio=facts.size_bytes / original.size_bytes if original.size_bytes else 1.0, latency_ms=latency,
+            speedup=(base_p50 / latency["p50_ms"]) if base_p50 and latency else None,
+            throughput=throughput, throughput_error=throughput_error,
+            memory_mib=measured.get("memory_mib"), runtime=measured.get("runtime"),
+            accuracy=e.get("accuracy"),
+            fidelity=_fidelity(e["fidelity"]) if e.get("fidelity") else None,
+            metric=metric,
+        ))
+        candidates.append(Candidate(
+            name=facts.name, step=facts.step, size_bytes=facts.size_bytes,
+            p50_ms=latency["p50_ms"] if latency else None,
+            lossless=facts.step is None or facts.name in lossless, metric=metric,
+            unbenchmarked=unbenchmarked, unevaluated=unevaluated,
+            throughput=(throughput["batch"], throughput["images_per_s"]) if throughput else None,
+        ))
+
+    evaluated = any(s.name == "evaluate" for s in steps)
+    judgements, rec = recommend(candidates, tolerance=tolerance, evaluated=evaluated)
+    for entry in entries:
+        entry.verdict, entry.verdict_reason = judgements[entry.name].verdict, judgements[entry.name].reason
+    resolved_task = task
+    if task == "auto":
+        resolved_task = next((r["task"] for r in eval_by_name.values() if r.get("task")), task)
+    return ReportRead(
+        job_id=job_id, status=status, recommended=rec if status == JobStatus.succeeded else None,
+        task=resolved_task, machine=(bench or {}).get("machine"), entries=entries,
+    )
