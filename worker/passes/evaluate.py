@@ -159,11 +159,11 @@ class DetectionTally:
                 fidelity["worst_class_channel_snr_db"] = min(channels[skip:])
                 fidelity["box_snr_db"] = min(channels[:4])
         out: dict[str, Any] = {"fidelity": fidelity}
-        if labeled:
-            mean_ap = self.map.result()
+        mean_ap = self.map.result() if labeled else None
+        if mean_ap is not None and mean_ap["map50_95"] is not None:
             out["accuracy"] = {"map50": mean_ap["map50"], "map50_95": mean_ap["map50_95"]}
             out["metric"] = {"name": "map50_95", "value": mean_ap["map50_95"]}
-        else:
+        else:  # no labels, or labels with no object in any image measured: agreement with FP32 decides
             out["metric"] = {"name": "f1_vs_float", "value": fidelity["f1"]}
         return out
 
