@@ -232,3 +232,23 @@ def test_int8_falls_back_to_per_tensor_when_the_opset_cannot_be_converted(
     quantized = onnx.load(str(result.artifact))
     assert not [a for n in quantized.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute
                 if a.name == "axis"]
+
+
+def test_an_upload_that_onnxslim_moves_past_the_tolerance_is_kept_unsimplified(tmp_path):
+    """PP-OCRv4's text detector (weights in Constant nodes): onnxslim's fusions move its probability map
+    by 2.5e-3 of its range, more than the check allows. The step keeps the graph as exported and says so,
+    instead of failing the job."""
+    from core.schemas import Preprocessing
+    from tests.real_models import TEXT_DETECTOR, asset
+
+    original = ArtifactRef(TEXT_DETECTOR.file, "onnx", asset(TEXT_DETECTOR.file))
+    work = tmp_path / "work"
+    work.mkdir()
+    ctx = PassContext(work_dir=work, original=original, artifacts=[],
+                      input_spec=[{"name": "x", "shape": TEXT_DETECTOR.input_shape, "dtype": "float32"}],
+                      preprocessing=Preprocessing(**TEXT_DETECTOR.preprocessing))
+    result = run_pass("export_onnx", ctx, original)
+    assert result.metrics["simplified"] is False
+    assert result.metrics["max_relative_error"] <= 1e-3
+    assert "kept the graph without onnxslim" in result.metrics["warning"]
+    assert result.metrics["constants_to_initializers"] > 300  # and its weights are initializers now

@@ -106,6 +106,22 @@ def with_open_batch(model, batch: int):
         return opened
 
 
+def _check_feeds(ctx: PassContext) -> dict:
+    """What the export is checked on: a few of the job's own images when it has a dataset (random inputs
+    drive a deep net where no image does, and amplify rounding there), else random inputs."""
+    from worker.runtime import sample_feeds
+
+    dataset = ctx.evaluation_dataset or ctx.calibration_dataset
+    if dataset is None or len(ctx.input_spec) != 1 or not dataset.num_samples:
+        return sample_feeds(ctx.input_spec)
+    from worker.data import iter_batches
+
+    spec = ctx.input_spec[0]
+    x, _ = next(iter_batches(dataset, spec, ctx.preprocessing, batch_size=int(spec["shape"][0]), limit=int(spec["shape"][0])),
+                (None, None))
+    return {spec["name"]: x} if x is not None and len(x) == int(spec["shape"][0]) else sample_feeds(ctx.input_spec)
+
+
 def _relative_error(reference, candidate) -> float:
     import numpy as np
 
@@ -124,7 +140,7 @@ class ExportOnnx(Pass):
     Config = ExportOnnxConfig
     accepts = ALL_MODEL_FORMATS
     produces = ONNX
-    version = 3
+    version = 4
     format_hints = {
         fmt: "TensorFlow uploads go to TFLite (presets tflite-fp16, tflite-int8, or convert_tflite); for the ONNX "
         "steps, convert the model with tf2onnx and upload the .onnx"
@@ -134,7 +150,7 @@ class ExportOnnx(Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: ExportOnnxConfig) -> PassResult:
         import onnx
 
-        from worker.runtime import load_runner, sample_feeds
+        from worker.runtime import load_runner
 
         out = ctx.work_dir / "model.onnx"
         metrics: dict = {"opset": config.opset}
@@ -150,9 +166,41 @@ class ExportOnnx(Pass):
         metrics["opset"] = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
         metrics["constants_to_initializers"] = constants_to_initializers(model)
         metrics["nodes_before_simplify"] = len(model.graph.node)
-        if config.simplify:
+        feeds = _check_feeds(ctx)
+        reference = load_runner(source, threads=ctx.threads)(feeds)
+        error = self._finish(ctx, source, config, model, out, metrics, feeds, reference, simplify=config.simplify)
+        if not error <= config.tolerance and config.simplify:
+            # onnxslim's fusions can move a deep net's outputs past the tolerance (a real text detector did,
+            # 2.5e-3): the graph as exported is the answer then, and the step says so.
+            plain = self._finish(ctx, source, config, onnx.load(str(ctx.work_dir / "unsimplified.onnx")), out,
+                                 metrics, feeds, reference, simplify=False)
+            if plain <= config.tolerance:
+                metrics["warning"] = (f"the simplified graph differed from the original by {error:.3g} (relative, > "
+                                      f"{config.tolerance}); kept the graph without onnxslim ({plain:.3g})")
+                ctx.log.warning(metrics["warning"])
+                metrics["simplified"] = False
+            error = plain
+        metrics["max_relative_error"] = error
+        if not error <= config.tolerance:
+            raise PassError(
+                f"the ONNX model disagrees with the original (relative error {error:.3g} > "
+                f"{config.tolerance}); an operator may be exported wrongly",
+                code="export_mismatch",
+                details={"max_relative_error": error},
+            )
+        return PassResult(artifact=out, format=ONNX, metrics=metrics)
+
+    def _finish(self, ctx, source, config, model, out, metrics: dict, feeds, reference, *, simplify: bool) -> float:
+        """Simplify (or not), open the batch axis, save, check the graph; its relative error against the
+        original on ``feeds``."""
+        import onnx
+
+        from worker.runtime import load_runner
+
+        if simplify:
             import onnxslim
 
+            onnx.save(model, str(ctx.work_dir / "unsimplified.onnx"))
             try:
                 model = onnxslim.slim(model)
             except Exception as exc:  # onnxslim raises bare Exceptions on graphs it cannot handle
@@ -166,20 +214,8 @@ class ExportOnnx(Pass):
             onnx.checker.check_model(str(out))
         except onnx.checker.ValidationError as exc:
             raise PassError(f"the exported ONNX model is invalid: {exc}", code="invalid_onnx") from exc
-
-        feeds = sample_feeds(ctx.input_spec)
-        reference = load_runner(source, threads=ctx.threads)(feeds)
         exported = load_runner(ArtifactRef("model.onnx", ONNX, out), threads=ctx.threads)(feeds)
-        error = _relative_error(reference, exported)
-        metrics["max_relative_error"] = error
-        if not error <= config.tolerance:
-            raise PassError(
-                f"the ONNX model disagrees with the original (relative error {error:.3g} > "
-                f"{config.tolerance}); an operator may be exported wrongly",
-                code="export_mismatch",
-                details={"max_relative_error": error},
-            )
-        return PassResult(artifact=out, format=ONNX, metrics=metrics)
+        return _relative_error(reference, exported)
 
     def _batch_axis(self, ctx, source, config, model) -> tuple:
         """(model, {"batch_axis": "dynamic" | "fixed", "batch_axis_reason": why it stays fixed})."""
