@@ -1,7 +1,7 @@
 """One self-contained HTML page per job: the recipe, each step's duration, and charts (inline
 SVG, no script, no external file) of size, latency (p50 with a p90 whisker) and accuracy or
 fidelity for the original and each artifact, a size-vs-latency scatter, and the layers the INT8
-fallback kept in float. Everything the user supplied is escaped."""
+step kept in float (by rule, and by the fallback). Everything the user supplied is escaped."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import json
 import math
 from html import escape
 
+from core.metric_names import metric_label
 from core.models import Job, StepStatus
-from core.recommend import DEFAULT_TOLERANCE, metric_label
 from core.schemas import ReportEntry, ReportRead
+from core.tasks import DEFAULT_TOLERANCE
 
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f"]
 STATUS_COLOR = {"succeeded": "#2e7d32", "failed": "#c62828", "cancelled": "#757575", "running": "#1565c0",
@@ -134,9 +135,33 @@ def _scatter(points: list[tuple[str, float, float]]) -> str:
     return "".join(parts)
 
 
+def _float_nodes_table(step) -> str:
+    """The nodes a quantize step kept in float by rule (metrics.float_nodes: a detector's mixed-scale
+    head and the tail after it), one row per reason: a head's tail is one row, its names folded."""
+    nodes = (step.metrics or {}).get("float_nodes") or []
+    if step.status != StepStatus.succeeded or not nodes:
+        return ""
+    groups: list[list[dict]] = []
+    for node in nodes:
+        if groups and groups[-1][0].get("reason") == node.get("reason"):
+            groups[-1].append(node)
+        else:
+            groups.append([node])
+    rows = []
+    for group in groups:
+        names = [escape(str(n.get("node"))) for n in group]
+        shown = names[0] if len(names) == 1 else (
+            f"<details><summary>{len(names)} nodes</summary>{', '.join(names)}</details>")
+        ops = ", ".join(escape(op) for op in dict.fromkeys(str(n.get("op_type", "")) for n in group))
+        rows.append(f"<tr><td>{shown}</td><td>{ops}</td><td>{escape(str(group[0].get('reason', '')))}</td></tr>")
+    return (f'<section class="float-nodes"><h2>Kept in float by rule ({escape(step.name)}, step {step.index})</h2>'
+            f'<table><tr><th>node</th><th>op</th><th>why</th></tr>{"".join(rows)}</table></section>')
+
+
 def _fallback_tables(job: Job) -> str:
     out = []
     for step in job.steps:
+        out.append(_float_nodes_table(step))
         fallback = (step.metrics or {}).get("fallback") if step.status == StepStatus.succeeded else None
         if not fallback:
             continue

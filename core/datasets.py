@@ -8,8 +8,9 @@ the same listing to read samples, so both agree on what the dataset contains.
 Detection labels ride in the same archives: YOLO txt (``images/<name>.<ext>`` beside
 ``labels/<name>.txt``, lines ``class cx cy w h`` normalized to 0..1, class names from
 ``classes.txt`` or a ``data.yaml`` ``names:``) or one COCO JSON (``images``, ``annotations``,
-``categories``) at the top of the images. Such an archive lists ``label_type="boxes"``; its
-targets come from ``read_box_targets``.
+``categories``) at the top of the images; any other JSON or YAML is ignored. Such an archive
+lists ``label_type="boxes"``; its targets come from ``read_box_targets``. Label files are held in
+memory up to MAX_LABEL_FILE_BYTES each and MAX_LABEL_BYTES together.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import InvalidInput, UnsupportedMedia
+from core.tasks import image_layout
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_MEMBERS = 1_000_000
@@ -38,6 +40,10 @@ VERIFY_SAMPLE = 32
 # YOLO coordinates are normalized; writers round, so a hair outside 0..1 is still a good label.
 LABEL_COORD_SLACK = 1e-3
 YAML_SUFFIXES = {".yaml", ".yml"}
+# What the listing holds in memory of the files that may carry labels: one file (COCO val2017's
+# annotations are 25 MB) and all of them together (YOLO txt files are ~100 bytes an image).
+MAX_LABEL_FILE_BYTES = 64 * 1024**2
+MAX_LABEL_BYTES = 256 * 1024**2
 
 
 @dataclass
@@ -129,10 +135,37 @@ def _is_label_candidate(name: str) -> bool:
     return suffix == ".json" or suffix in YAML_SUFFIXES
 
 
-def _scan_archive(path: Path, fmt: str) -> tuple[list[str], dict[str, bytes]]:
+@dataclass
+class _LabelFiles:
+    """The bytes of the members that may hold labels, and the sizes of the JSON and YAML ones too
+    large to read (an error only if one of them is where the labels would be)."""
+
+    texts: dict[str, bytes]
+    too_large: dict[str, int]
+    held: int = 0
+
+    def wants(self, name: str, size: int) -> bool:
+        """Whether to read this member; raises when a label text file or all of them are too large."""
+        if not _is_label_candidate(name):
+            return False
+        if size > MAX_LABEL_FILE_BYTES:
+            if PurePosixPath(name).suffix.lower() == ".txt":
+                raise _invalid_labels(name, f"{size} bytes; label files are read up to {MAX_LABEL_FILE_BYTES}",
+                                      size=size, limit=MAX_LABEL_FILE_BYTES)
+            self.too_large[name] = size
+            return False
+        self.held += size
+        if self.held > MAX_LABEL_BYTES:
+            raise _invalid_labels(name, f"the archive's label, JSON and YAML files add up to more than "
+                                  f"{MAX_LABEL_BYTES} bytes", limit=MAX_LABEL_BYTES)
+        return True
+
+
+def _scan_archive(path: Path, fmt: str) -> tuple[list[str], _LabelFiles]:
     """Every file member's name, and the bytes of those that may hold labels."""
     names: list[str] = []
-    texts: dict[str, bytes] = {}
+    labels = _LabelFiles(texts={}, too_large={})
+    texts = labels.texts
     if fmt == "zip":
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
@@ -142,7 +175,7 @@ def _scan_archive(path: Path, fmt: str) -> tuple[list[str], dict[str, bytes]]:
             for info in infos:
                 if not info.is_dir():
                     names.append(info.filename)
-                    if _is_label_candidate(info.filename):
+                    if labels.wants(info.filename, info.file_size):
                         texts[info.filename] = zf.read(info)
     else:
         with tarfile.open(path, "r:*") as tf:
@@ -159,10 +192,10 @@ def _scan_archive(path: Path, fmt: str) -> tuple[list[str], dict[str, bytes]]:
                                        code="archive_too_large")
                 if member.isfile():
                     names.append(member.name)
-                    if _is_label_candidate(member.name):
+                    if labels.wants(member.name, member.size):
                         fh = tf.extractfile(member)
                         texts[member.name] = fh.read() if fh else b""
-    return names, texts
+    return names, labels
 
 
 def _image_members(names: list[str]) -> list[str]:
@@ -179,9 +212,9 @@ def _image_members(names: list[str]) -> list[str]:
 
 
 def list_images(path: Path, fmt: str) -> ImageListing:
-    names, texts = _scan_archive(path, fmt)
+    names, label_files = _scan_archive(path, fmt)
     images = _image_members(names)
-    boxes = _read_box_labels(images, texts)
+    boxes = _read_box_labels(images, label_files)
     if boxes is not None:
         return ImageListing(format=fmt, members=boxes.members, labels=None, class_names=boxes.class_names,
                             label_type="boxes")
@@ -230,10 +263,10 @@ def _text(member: str, data: bytes) -> str:
         raise _invalid_labels(member, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
-def _read_box_labels(images: list[str], texts: dict[str, bytes]) -> _BoxLabels | None:
+def _read_box_labels(images: list[str], files: _LabelFiles) -> _BoxLabels | None:
     """The archive's box labels, or None when it carries none (a classification or unlabeled set)."""
-    coco = _coco_labels(images, texts)
-    yolo = _yolo_labels(images, texts)
+    coco = _coco_labels(images, files)
+    yolo = _yolo_labels(images, files.texts)
     if coco is not None and yolo is not None:
         raise _invalid_labels(coco[0], "the archive holds both a COCO annotation file and YOLO label files; keep one")
     if coco is not None:
@@ -317,10 +350,14 @@ def _yolo_class_names(texts: dict[str, bytes]) -> list[str] | None:
     for member in _depth_first([n for n in texts if PurePosixPath(n).suffix.lower() in YAML_SUFFIXES]):
         import yaml  # with the API's uvicorn[standard]; only YOLO archives with a data.yaml need it
 
+        data = texts[member]
         try:
-            doc = yaml.safe_load(_text(member, texts[member]))
-        except yaml.YAMLError as exc:
-            raise _invalid_labels(member, f"not readable YAML: {exc}") from exc
+            doc = yaml.safe_load(data.decode("utf-8-sig"))
+        except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+            # Other YAML (a training config, a notes file) is not ours to judge; one that says names is.
+            if b"names:" in data:
+                raise _invalid_labels(member, f"not readable YAML: {exc}") from exc
+            continue
         if isinstance(doc, dict) and "names" in doc:
             return _yaml_names(member, doc["names"])
     return None
@@ -340,9 +377,16 @@ def _yaml_names(member: str, names: Any) -> list[str]:
     raise _invalid_labels(member, "names: must be a list of class names or a mapping from class index to name")
 
 
-def _coco_labels(images: list[str], texts: dict[str, bytes]) -> tuple[str, dict] | None:
+def _looks_like_coco(data: bytes) -> bool:
+    return b'"annotations"' in data and b'"images"' in data
+
+
+def _coco_labels(images: list[str], files: _LabelFiles) -> tuple[str, dict] | None:
     """The one COCO annotation file at the top of the images (the archive's root, or the folder
-    all images share or one above it), parsed; None when there is none."""
+    all images share or one above it), parsed; None when there is none. A JSON there is COCO only
+    when it is an object with "images" and "annotations": other JSON (metadata.json) is ignored, and
+    so is one that does not parse unless it names both keys (a broken COCO file is the user's to fix)."""
+    texts = files.texts
     folders = [PurePosixPath(n).parts[:-1] for n in images]
     common: tuple[str, ...] = folders[0]
     for folder in folders[1:]:
@@ -350,15 +394,23 @@ def _coco_labels(images: list[str], texts: dict[str, bytes]) -> tuple[str, dict]
         while shared < min(len(common), len(folder)) and common[shared] == folder[shared]:
             shared += 1
         common = common[:shared]
-    found = []
-    for member in sorted(n for n in texts if PurePosixPath(n).suffix.lower() == ".json"):
+    def at_the_top(member: str) -> bool:
         folder = PurePosixPath(member).parts[:-1]
-        if folder != common[: len(folder)]:
-            continue
+        return PurePosixPath(member).suffix.lower() == ".json" and folder == common[: len(folder)]
+
+    for member, size in sorted(files.too_large.items()):
+        if at_the_top(member):
+            raise _invalid_labels(member, f"{size} bytes; a JSON beside the images is read as COCO annotations up "
+                                  f"to {MAX_LABEL_FILE_BYTES} bytes", size=size, limit=MAX_LABEL_FILE_BYTES)
+    found = []
+    for member in sorted(n for n in texts if at_the_top(n)):
+        data = texts[member]
         try:
-            doc = json.loads(_text(member, texts[member]))
-        except json.JSONDecodeError as exc:
-            raise _invalid_labels(member, f"not readable JSON: {exc}") from exc
+            doc = json.loads(data.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            if _looks_like_coco(data):
+                raise _invalid_labels(member, f"not readable JSON: {exc}") from exc
+            continue
         if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
             found.append((member, doc))
     if len(found) > 1:
@@ -456,8 +508,8 @@ def read_box_targets(path: Path, fmt: str) -> dict[str, np.ndarray]:
     """Each labeled image's boxes, ``(M, 5)`` float64 ``[cls, x1, y1, x2, y2]`` in the original
     image's pixels (YOLO's normalized boxes are scaled by the image's own size); an image with
     no objects has an empty ``(0, 5)``. Keys are the listing's members."""
-    names, texts = _scan_archive(path, fmt)
-    labels = _read_box_labels(_image_members(names), texts)
+    names, label_files = _scan_archive(path, fmt)
+    labels = _read_box_labels(_image_members(names), label_files)
     if labels is None:
         raise InvalidInput("the dataset holds no box labels (YOLO labels/*.txt or a COCO JSON)", code="no_box_labels")
     if labels.kind == "coco":
@@ -632,12 +684,9 @@ def inspect_dataset(path: Path) -> DatasetInfo:
 
 
 def model_layout(shape: list[int]) -> str:
-    """NCHW or NHWC for an image model's 4-D input; raw for anything else."""
-    if len(shape) == 4 and shape[1] in (1, 3):
-        return "NCHW"
-    if len(shape) == 4 and shape[3] in (1, 3):
-        return "NHWC"
-    return "raw"
+    """NCHW or NHWC for an image model's 4-D input; raw for anything else (core.tasks' rule, which
+    the task's input size also follows)."""
+    return image_layout(shape)
 
 
 def dataset_fit_error(*, layout: str, sample_shape: list[int], input_shape: list[int]) -> str | None:

@@ -9,7 +9,9 @@ The rules:
   The original competes too: when it wins, nothing is recommended and the reason says why in one
   line. Ties within 2% of p50 go to the smaller file, so an INT8 model as fast as the FP32 export
   wins by its size.
-- An artifact that misses the tolerance is never recommended, however fast.
+- An artifact that misses the tolerance is never recommended, however fast; nor is one that misses
+  its metric's floor (``metric["floor"]["met"] is False``: a raw-head detector whose worst class
+  channel falls below the SNR floor, whatever its F1).
 - Without an evaluate step, accuracy is unverified: only lossless float conversions (see
   ``step_keeps_float``) can be recommended; everything else is not_measured.
 - A float artifact is a reference for speed: an artifact slower at batch 1 than the fastest float
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.metric_names import metric_label
 from core.models import JobStatus
 from core.schemas import (
     Recommendation,
@@ -32,13 +35,13 @@ from core.schemas import (
     ReportRead,
     Verdict,
 )
+from core.tasks import DEFAULT_TOLERANCE
 
 # Two p50s this close are one speed: the smaller file wins. Timings on a shared worker move by
 # about this much between interleaved runs.
 TIE_FRACTION = 0.02
 # A drop computed as 0.99 - 0.98 is 0.010000000000000009: it meets a tolerance of 0.01.
 DROP_EPSILON = 1e-9
-DEFAULT_TOLERANCE = 0.01
 
 # Formats whose artifacts end their branch (worker.passes.base.DEPLOY_FORMATS; a test keeps the
 # two equal): the next step still takes the artifact before them.
@@ -48,16 +51,6 @@ BRANCH_END_FORMATS = frozenset({"tflite", "tensorrt_engine", "aoti_package"})
 LOSSLESS_STEPS = frozenset({"export_onnx", "export_pt2"})
 # Steps that are lossless only at precision fp32 (meta["precision"]).
 LOSSLESS_AT_FP32 = frozenset({"compile_gpu", "convert_tflite"})
-
-METRIC_LABELS = {
-    "top1": "top-1", "top1_agreement": "top-1 agreement", "map50_95": "mAP@0.5:0.95", "map50": "mAP@0.5",
-    "f1_vs_float": "F1 vs FP32", "pixel_agreement": "pixel agreement",
-}
-
-
-def metric_label(name: str) -> str:
-    return METRIC_LABELS.get(name, name)
-
 
 def step_keeps_float(step: str | None, meta: dict[str, Any] | None) -> bool:
     """Whether a step keeps its source's float32 weights and arithmetic.
@@ -137,8 +130,45 @@ def _drop_text(metric: dict[str, Any]) -> str:
     return f"{metric_label(metric['name'])} {float(metric['value']):.4f}{versus}, drop {float(metric['drop']):.4f}"
 
 
-def _over(metric: dict[str, Any] | None, tolerance: float) -> bool:
+def _missed_floor(metric: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The metric's floor when the artifact misses it (evaluate writes {"name", "min", "value",
+    "met"}), else None."""
+    floor = (metric or {}).get("floor")
+    return floor if isinstance(floor, dict) and floor.get("met") is False else None
+
+
+def _floor_text(floor: dict[str, Any], relation: str) -> str:
+    unit = " dB" if str(floor.get("name", "")).endswith("_db") else ""
+    value = floor.get("value")
+    shown = f"{float(value):.1f}{unit}" if isinstance(value, (int, float)) else "not measured"
+    return f"{metric_label(str(floor.get('name')))} {shown} {relation} floor {float(floor['min']):g}{unit}"
+
+
+def _drop_over(metric: dict[str, Any] | None, tolerance: float) -> bool:
     return metric is not None and float(metric["drop"]) > tolerance + DROP_EPSILON
+
+
+def _over(metric: dict[str, Any] | None, tolerance: float) -> bool:
+    """Loses more of the task's metric than the tolerance, or misses the metric's floor."""
+    return _drop_over(metric, tolerance) or _missed_floor(metric) is not None
+
+
+def _over_reason(metric: dict[str, Any], tolerance: float) -> str:
+    parts = []
+    if _drop_over(metric, tolerance):
+        parts.append(f"{_drop_text(metric)} > tolerance {tolerance:g}")
+    floor = _missed_floor(metric)
+    if floor is not None:
+        parts.append(_floor_text(floor, "<"))
+    return "; ".join(parts)
+
+
+def _meets_reason(metric: dict[str, Any], tolerance: float) -> str:
+    text = f"{_drop_text(metric)} <= tolerance {tolerance:g}"
+    floor = metric.get("floor")
+    if isinstance(floor, dict) and floor.get("met") is True:
+        text += f", {_floor_text(floor, '>=')}"
+    return text
 
 
 def recommend(candidates: Sequence[Candidate], *, tolerance: float,
@@ -162,8 +192,7 @@ def recommend(candidates: Sequence[Candidate], *, tolerance: float,
             judgements[c.name] = Judgement("original", "the uploaded model: the reference for speed-ups and drops")
             continue
         if _over(c.metric, tolerance):
-            judgements[c.name] = Judgement(
-                "over_tolerance", f"{_drop_text(c.metric)} > tolerance {tolerance:g}")
+            judgements[c.name] = Judgement("over_tolerance", _over_reason(c.metric, tolerance))
             continue
         missing = []
         if c.p50_ms is None:
@@ -184,7 +213,7 @@ def recommend(candidates: Sequence[Candidate], *, tolerance: float,
                 f"({_ms(c.p50_ms)} vs {_ms(fastest.p50_ms)} p50)")
             continue
         if c.metric is not None:
-            parts = [f"{_drop_text(c.metric)} <= tolerance {tolerance:g}"]
+            parts = [_meets_reason(c.metric, tolerance)]
         else:
             parts = ["lossless float conversion (accuracy not measured)"]
         if base_p50:
@@ -198,6 +227,39 @@ def recommend(candidates: Sequence[Candidate], *, tolerance: float,
     return judgements, rec
 
 
+@dataclass(frozen=True)
+class _Behind:
+    """A candidate tied at batch 1 that the throughput rule set aside: its images/s at ``batch``
+    against the best there (``leader``'s)."""
+
+    batch: int
+    images_per_s: float
+    best: float
+    leader: str
+
+
+def _tie_break(pool: list[Candidate]) -> tuple[Candidate, Candidate, dict[str, _Behind]]:
+    """(winner, fastest at batch 1, who fell behind under load) among the pool."""
+    fastest = min(pool, key=lambda c: c.p50_ms)
+    tied = [c for c in pool if c.p50_ms <= fastest.p50_ms * (1 + TIE_FRACTION)]
+    # Equal at batch 1 is not equal under load (FP16 on a CPU without FP16 arithmetic ties at batch 1
+    # and runs several times slower at batch 8): within the tie, what falls behind at the largest
+    # batch both were timed at gives way, before size decides.
+    behind: dict[str, _Behind] = {}
+    batches = [c.throughput for c in tied if c.throughput]
+    if batches:
+        batch = max(b for b, _ in batches)
+        leader = max((c for c in tied if c.throughput and c.throughput[0] == batch), key=lambda c: c.throughput[1])
+        best = leader.throughput[1]
+        for c in tied:
+            if c.throughput and c.throughput[0] == batch and c.throughput[1] < best * (1 - TIE_FRACTION):
+                behind[c.name] = _Behind(batch, c.throughput[1], best, leader.name)
+        tied = [c for c in tied if c.name not in behind]
+    # Size first within the tie; then speed, and the original last so an equal copy is shipped.
+    winner = min(tied, key=lambda c: (c.size_bytes, c.p50_ms, c.step is None))
+    return winner, fastest, behind
+
+
 def _choose(pool: list[Candidate], candidates: Sequence[Candidate], judgements: dict[str, Judgement],
             original: Candidate | None, *, tolerance: float, evaluated: bool) -> Recommendation:
     unverified = "" if evaluated else (
@@ -207,30 +269,15 @@ def _choose(pool: list[Candidate], candidates: Sequence[Candidate], judgements: 
             return Recommendation(artifact=None, tolerance=tolerance, accuracy_verified=evaluated,
                                   reason="nothing was timed at batch 1: add a benchmark step to the recipe")
         return Recommendation(artifact=None, tolerance=tolerance, accuracy_verified=evaluated,
-                              reason=_nothing_beats(candidates, judgements, original, tolerance) + unverified)
-    fastest = min(pool, key=lambda c: c.p50_ms)
-    tied = [c for c in pool if c.p50_ms <= fastest.p50_ms * (1 + TIE_FRACTION)]
-    # Equal at batch 1 is not equal under load (FP16 on a CPU without FP16 arithmetic ties at batch 1
-    # and runs several times slower at batch 8): within the tie, what falls behind at the largest
-    # batch both were timed at gives way, before size decides.
-    batches = [c.throughput for c in tied if c.throughput]
-    if batches:
-        batch = max(b for b, _ in batches)
-        best = max(ips for b, ips in batches if b == batch)
-        tied = [c for c in tied if not c.throughput or c.throughput[0] != batch
-                or c.throughput[1] >= best * (1 - TIE_FRACTION)]
-    # Size first within the tie; then speed, and the original last so an equal copy is shipped.
-    winner = min(tied, key=lambda c: (c.size_bytes, c.p50_ms, c.step is None))
+                              reason=_nothing_beats(candidates, judgements, original, tolerance, {}) + unverified)
+    winner, fastest, behind = _tie_break(pool)
     if winner.step is None:
         return Recommendation(artifact=None, tolerance=tolerance, accuracy_verified=evaluated,
-                              reason=_nothing_beats(candidates, judgements, original, tolerance) + unverified)
+                              reason=_nothing_beats(candidates, judgements, original, tolerance, behind) + unverified)
     base_p50 = original.p50_ms if original else None
     base_size = original.size_bytes if original else 0
     speedup = base_p50 / winner.p50_ms if base_p50 else None
-    if winner.metric is not None:
-        why = f"{_drop_text(winner.metric)} <= tolerance {tolerance:g}"
-    else:
-        why = "lossless float conversion"
+    why = _meets_reason(winner.metric, tolerance) if winner.metric is not None else "lossless float conversion"
     speed = (f"{speedup:.2f}x the original's speed at batch 1 ({_ms(winner.p50_ms)} vs {_ms(base_p50)} p50)"
              if speedup else f"{_ms(winner.p50_ms)} p50 at batch 1 (the original was not timed)")
     if winner is fastest:
@@ -253,7 +300,7 @@ def _choose(pool: list[Candidate], candidates: Sequence[Candidate], judgements: 
 
 
 def _nothing_beats(candidates: Sequence[Candidate], judgements: dict[str, Judgement], original: Candidate | None,
-                   tolerance: float) -> str:
+                   tolerance: float, behind: dict[str, _Behind]) -> str:
     """One line: nothing beats the original, and each artifact's reason."""
     parts = []
     for c in candidates:
@@ -261,12 +308,25 @@ def _nothing_beats(candidates: Sequence[Candidate], judgements: dict[str, Judgem
             continue
         j = judgements[c.name]
         if j.verdict == "over_tolerance":
-            parts.append(f"{c.name} loses {float(c.metric['drop']) * 100:.1f} points of "
-                         f"{metric_label(c.metric['name'])} (tolerance {tolerance * 100:.1f})")
+            losses = []
+            if _drop_over(c.metric, tolerance):
+                losses.append(f"loses {float(c.metric['drop']) * 100:.1f} points of "
+                              f"{metric_label(c.metric['name'])} (tolerance {tolerance * 100:.1f})")
+            floor = _missed_floor(c.metric)
+            if floor is not None:
+                losses.append(f"misses its floor ({_floor_text(floor, '<')})")
+            parts.append(f"{c.name} " + " and ".join(losses))
         elif j.verdict == "slower_than_float":
             parts.append(f"{c.name} is {j.reason}")
         elif j.verdict == "not_measured":
             parts.append(f"{c.name} was not measured ({j.reason})")
+        elif c.name in behind:
+            # Tied at batch 1, yet it fell behind under load: the throughput rule set it aside.
+            b = behind[c.name]
+            leader = "the original" if original is not None and b.leader == original.name else b.leader
+            parts.append(f"{c.name} ties at batch 1 ({_ms(c.p50_ms)} p50, within {TIE_FRACTION:.0%} of the fastest) "
+                         f"but falls behind at batch {b.batch} ({b.images_per_s:.0f} vs {b.best:.0f} images/s for "
+                         f"{leader})")
         elif original is not None and original.p50_ms and c.p50_ms:
             # It met the tolerance, yet the original won: a tie on p50 that the original's size decided.
             parts.append(f"{c.name} matches the original's p50 within {TIE_FRACTION:.0%} ({_ms(c.p50_ms)} vs "
@@ -305,95 +365,137 @@ def _fidelity(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if v is not None and not isinstance(v, bool)}
 
 
+@dataclass(frozen=True)
+class _Measured:
+    """The benchmark's and evaluate's findings on one artifact, as the report shows them."""
+
+    latency: dict[str, float] | None
+    throughput: dict[str, Any] | None
+    throughput_error: str | None
+    unbenchmarked: str | None
+    metric: dict[str, Any] | None
+    unevaluated: str | None
+
+
+@dataclass(frozen=True)
+class _StepResults:
+    """The last succeeded benchmark and evaluate steps' per-artifact results."""
+
+    bench: dict[str, Any] | None
+    evaluation: dict[str, Any] | None
+    has_benchmark: bool
+    bench_by_name: dict[str, dict[str, Any]]
+    eval_by_name: dict[str, dict[str, Any]]
+
+    @classmethod
+    def of(cls, steps: Sequence[StepFacts]) -> _StepResults:
+        def last_metrics(step_name: str) -> dict[str, Any] | None:
+            done = [s for s in steps if s.name == step_name and s.succeeded]
+            return done[-1].metrics if done else None
+
+        bench, evaluation = last_metrics("benchmark"), last_metrics("evaluate")
+        return cls(
+            bench=bench, evaluation=evaluation, has_benchmark=any(s.name == "benchmark" for s in steps),
+            bench_by_name={r["artifact"]: r for r in (bench or {}).get("results", [])},
+            eval_by_name={r["artifact"]: r for r in (evaluation or {}).get("results", [])},
+        )
+
+
+def _timings(measured: dict[str, Any]) -> tuple[dict[str, float] | None, dict[str, Any] | None, str | None]:
+    """(batch-1 latency, throughput at the largest batch timed above 1, why that larger batch failed)."""
+    at = measured.get("latency", {})
+    lat = at.get("1") or {}
+    batches = sorted((int(b), v) for b, v in at.items() if "images_per_s" in v)
+    throughput = None
+    if batches and batches[-1][0] > 1:
+        batch, stats = batches[-1]
+        throughput = {"batch": batch, "images_per_s": stats["images_per_s"], "p50_ms": stats["p50_ms"]}
+    failed = sorted((int(b), v["error"]) for b, v in at.items() if "error" in v)
+    throughput_error = None
+    if failed and failed[-1][0] > 1 and (not batches or failed[-1][0] > batches[-1][0]):
+        throughput_error = failed[-1][1]
+    latency = {k: lat[k] for k in ("p50_ms", "p90_ms", "p99_ms")} if "p50_ms" in lat else None
+    return latency, throughput, throughput_error
+
+
+def _why_unbenchmarked(results: _StepResults, measured: dict[str, Any]) -> str:
+    lat = measured.get("latency", {}).get("1") or {}
+    if not results.has_benchmark:
+        return "not benchmarked: the job has no benchmark step"
+    if results.bench is None:
+        return "not benchmarked: the benchmark step did not finish"
+    if "skipped" in measured:
+        return f"not benchmarked: {measured['skipped']}"
+    if "error" in lat:
+        return f"batch 1 failed: {lat['error']}"
+    return "not benchmarked (made after the benchmark step)"
+
+
+def _why_unevaluated(results: _StepResults, evaluated: dict[str, Any]) -> str:
+    if "skipped" in evaluated:
+        return f"not evaluated: {evaluated['skipped']}"
+    if results.evaluation is not None:
+        return "not evaluated (made after the evaluate step)"
+    return "not evaluated: the evaluate step did not finish"
+
+
+def _measured(results: _StepResults, name: str, original_eval: dict[str, Any]) -> _Measured:
+    bench = results.bench_by_name.get(name, {})
+    latency, throughput, throughput_error = _timings(bench)
+    e = results.eval_by_name.get(name, {})
+    metric = e.get("metric") or (_legacy_metric(e, original_eval) if e and "skipped" not in e else None)
+    return _Measured(
+        latency=latency, throughput=throughput, throughput_error=throughput_error,
+        unbenchmarked=None if latency is not None else _why_unbenchmarked(results, bench),
+        metric=metric, unevaluated=None if metric is not None else _why_unevaluated(results, e),
+    )
+
+
 def report_for(*, job_id: str, status: JobStatus, task: str, task_options: dict[str, Any] | None,
                steps: Sequence[StepFacts], original: ArtifactFacts,
                artifacts: Sequence[ArtifactFacts]) -> ReportRead:
     """Each artifact against the original, from the last succeeded benchmark and evaluate steps'
     metrics, with its verdict; the recommendation once the job succeeded. ``artifacts`` in step
     order."""
-
-    def last_metrics(step_name: str) -> dict[str, Any] | None:
-        done = [s for s in steps if s.name == step_name and s.succeeded]
-        return done[-1].metrics if done else None
-
-    bench, evaluation = last_metrics("benchmark"), last_metrics("evaluate")
-    has_benchmark = any(s.name == "benchmark" for s in steps)
-    bench_by_name = {r["artifact"]: r for r in (bench or {}).get("results", [])}
-    eval_by_name = {r["artifact"]: r for r in (evaluation or {}).get("results", [])}
+    results = _StepResults.of(steps)
     tolerance = float((task_options or {}).get("max_accuracy_drop", DEFAULT_TOLERANCE))
     lossless = lossless_artifacts(artifacts)
-    original_eval = eval_by_name.get(original.name, {})
+    original_eval = results.eval_by_name.get(original.name, {})
 
     entries: list[ReportEntry] = []
     candidates: list[Candidate] = []
     base_p50 = None
     for facts in [original, *artifacts]:
-        measured = bench_by_name.get(facts.name, {})
-        at = measured.get("latency", {})
-        lat = at.get("1") or {}
-        batches = sorted((int(b), v) for b, v in at.items() if "images_per_s" in v)
-        throughput = None
-        if batches and batches[-1][0] > 1:
-            batch, stats = batches[-1]
-            throughput = {"batch": batch, "images_per_s": stats["images_per_s"], "p50_ms": stats["p50_ms"]}
-        failed = sorted((int(b), v["error"]) for b, v in at.items() if "error" in v)
-        throughput_error = None
-        if failed and failed[-1][0] > 1 and (not batches or failed[-1][0] > batches[-1][0]):
-            throughput_error = failed[-1][1]
-        latency = {k: lat[k] for k in ("p50_ms", "p90_ms", "p99_ms")} if "p50_ms" in lat else None
-        if facts.step is None and latency:
-            base_p50 = latency["p50_ms"]
-
-        if latency is not None:
-            unbenchmarked = None
-        elif not has_benchmark:
-            unbenchmarked = "not benchmarked: the job has no benchmark step"
-        elif bench is None:
-            unbenchmarked = "not benchmarked: the benchmark step did not finish"
-        elif "skipped" in measured:
-            unbenchmarked = f"not benchmarked: {measured['skipped']}"
-        elif "error" in lat:
-            unbenchmarked = f"batch 1 failed: {lat['error']}"
-        else:
-            unbenchmarked = "not benchmarked (made after the benchmark step)"
-
-        e = eval_by_name.get(facts.name, {})
-        metric = e.get("metric") or (_legacy_metric(e, original_eval) if e and "skipped" not in e else None)
-        if metric is not None:
-            unevaluated = None
-        elif "skipped" in e:
-            unevaluated = f"not evaluated: {e['skipped']}"
-        elif evaluation is not None:
-            unevaluated = "not evaluated (made after the evaluate step)"
-        else:
-            unevaluated = "not evaluated: the evaluate step did not finish"
-
+        m = _measured(results, facts.name, original_eval)
+        if facts.step is None and m.latency:
+            base_p50 = m.latency["p50_ms"]
+        bench = results.bench_by_name.get(facts.name, {})
+        e = results.eval_by_name.get(facts.name, {})
         entries.append(ReportEntry(
             name=facts.name, step=facts.step, format=facts.format, size_bytes=facts.size_bytes,
-            size_ratio=facts.size_bytes / original.size_bytes if original.size_bytes else 1.0, latency_ms=latency,
-            speedup=(base_p50 / latency["p50_ms"]) if base_p50 and latency else None,
-            throughput=throughput, throughput_error=throughput_error,
-            memory_mib=measured.get("memory_mib"), runtime=measured.get("runtime"),
+            size_ratio=facts.size_bytes / original.size_bytes if original.size_bytes else 1.0, latency_ms=m.latency,
+            speedup=(base_p50 / m.latency["p50_ms"]) if base_p50 and m.latency else None,
+            throughput=m.throughput, throughput_error=m.throughput_error,
+            memory_mib=bench.get("memory_mib"), runtime=bench.get("runtime"),
             accuracy=e.get("accuracy"),
             fidelity=_fidelity(e["fidelity"]) if e.get("fidelity") else None,
-            metric=metric,
+            metric=m.metric,
         ))
         candidates.append(Candidate(
             name=facts.name, step=facts.step, size_bytes=facts.size_bytes,
-            p50_ms=latency["p50_ms"] if latency else None,
-            lossless=facts.step is None or facts.name in lossless, metric=metric,
-            unbenchmarked=unbenchmarked, unevaluated=unevaluated,
-            throughput=(throughput["batch"], throughput["images_per_s"]) if throughput else None,
+            p50_ms=m.latency["p50_ms"] if m.latency else None,
+            lossless=facts.step is None or facts.name in lossless, metric=m.metric,
+            unbenchmarked=m.unbenchmarked, unevaluated=m.unevaluated,
+            throughput=(m.throughput["batch"], m.throughput["images_per_s"]) if m.throughput else None,
         ))
 
-    evaluated = any(s.name == "evaluate" for s in steps)
-    judgements, rec = recommend(candidates, tolerance=tolerance, evaluated=evaluated)
+    judgements, rec = recommend(candidates, tolerance=tolerance, evaluated=any(s.name == "evaluate" for s in steps))
     for entry in entries:
         entry.verdict, entry.verdict_reason = judgements[entry.name].verdict, judgements[entry.name].reason
     resolved_task = task
     if task == "auto":
-        resolved_task = next((r["task"] for r in eval_by_name.values() if r.get("task")), task)
+        resolved_task = next((r["task"] for r in results.eval_by_name.values() if r.get("task")), task)
     return ReportRead(
         job_id=job_id, status=status, recommended=rec if status == JobStatus.succeeded else None,
-        task=resolved_task, machine=(bench or {}).get("machine"), entries=entries,
+        task=resolved_task, machine=(results.bench or {}).get("machine"), entries=entries,
     )

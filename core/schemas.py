@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.models import JobStatus, StepStatus
+from core.tasks import DEFAULT_TOLERANCE
 
 
 def check_name(value: str) -> str:
@@ -161,7 +162,7 @@ class JobCreate(BaseModel):
         "(N, C, H, W) maps: segmentation).",
     )
     max_accuracy_drop: float = Field(
-        default=0.01, ge=0, le=1,
+        default=DEFAULT_TOLERANCE, ge=0, le=1,
         description="The job's tolerance on the task's metric: top-1 accuracy (agreement with FP32 without "
         "labels), mAP@0.5:0.95 (F1 of detections against FP32's without labels) or pixel agreement. An artifact "
         "that loses more is never recommended.",
@@ -238,7 +239,7 @@ class JobRead(BaseModel):
     input_spec: list[TensorSpec]
     preprocessing: dict[str, Any]
     task: str = Field(default="auto", description="auto when the outputs did not say; the worker decides then.")
-    max_accuracy_drop: float = 0.01
+    max_accuracy_drop: float = DEFAULT_TOLERANCE
     detection: dict[str, Any] | None = None
     progress: float
     current_step: str | None
@@ -260,7 +261,9 @@ class JobRead(BaseModel):
     webhook_url: str | None = None
     webhook: WebhookRead | None = Field(default=None, description="The webhook's delivery, once the job ended.")
     recommended: Recommendation | None = Field(
-        default=None, description="Which artifact to ship (as in the job's report); null until the job succeeded.")
+        default=None, description="Which artifact to ship (as in the job's report); null until the job succeeded, "
+        "and always null in the job list (GET /v1/jobs), which does not build each job's report: read the job "
+        "(GET /v1/jobs/{id}) or its report for it.")
 
 
 class JobsRead(BaseModel):

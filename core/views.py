@@ -13,6 +13,7 @@ from core.recommend import ArtifactFacts, StepFacts, report_for
 from core.schemas import JobError, JobRead, ReportRead, StepRead, TensorSpec
 from core.settings import get_settings
 from core.storage import sign_local, verify_local
+from core.tasks import DEFAULT_TOLERANCE
 from core.webhooks import delivery_to_read
 from core.workers import waiting_for
 
@@ -51,19 +52,22 @@ def job_report(session: Session, job: Job) -> ReportRead:
     )
 
 
-def job_to_read(job: Job, live_queues: set[str] | None = None, base_url: str | None = None) -> JobRead:
+def job_to_read(job: Job, live_queues: set[str] | None = None, base_url: str | None = None, *,
+                recommended: bool = True) -> JobRead:
     """``live_queues``: the queues live workers consume; a queued job on another queue says
-    what it waits for. ``base_url``: where clients reach the API (for the report link)."""
+    what it waits for. ``base_url``: where clients reach the API (for the report link).
+    ``recommended``: compute the recommendation (one query for a succeeded job); the job list
+    passes False so that a page of jobs is not one report query per job."""
     steps = []
     for st in job.steps:
         read = StepRead.model_validate(st)
         if st.started_at and st.finished_at:
             read.duration_s = round((st.finished_at - st.started_at).total_seconds(), 3)
         steps.append(read)
-    recommended = None
+    recommendation = None
     session = object_session(job)
-    if job.status == JobStatus.succeeded and session is not None:
-        recommended = job_report(session, job).recommended
+    if recommended and job.status == JobStatus.succeeded and session is not None:
+        recommendation = job_report(session, job).recommended
     error = None
     if job.error_code:
         error = JobError(code=job.error_code, message=job.error_message or "", step=job.error_step)
@@ -71,7 +75,7 @@ def job_to_read(job: Job, live_queues: set[str] | None = None, base_url: str | N
         id=job.id, name=job.name, status=job.status, model_id=job.model_id, preset=job.preset,
         calibration_dataset_id=job.calibration_dataset_id, evaluation_dataset_id=job.evaluation_dataset_id,
         queue=job.queue, input_spec=[TensorSpec(**s) for s in job.input_spec], preprocessing=job.preprocessing,
-        task=job.task or "auto", max_accuracy_drop=(job.task_options or {}).get("max_accuracy_drop", 0.01),
+        task=job.task or "auto", max_accuracy_drop=(job.task_options or {}).get("max_accuracy_drop", DEFAULT_TOLERANCE),
         detection=(job.task_options or {}).get("detection"),
         progress=job.progress, current_step=job.current_step, attempts=job.attempts,
         cancel_requested=job.cancel_requested, steps=steps, error=error, log_tail=job.log_tail,
@@ -83,5 +87,5 @@ def job_to_read(job: Job, live_queues: set[str] | None = None, base_url: str | N
             if job.status == JobStatus.queued and live_queues is not None and job.queue not in live_queues
             else None
         ),
-        recommended=recommended,
+        recommended=recommendation,
     )

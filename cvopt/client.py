@@ -8,7 +8,7 @@ would otherwise write itself.
         data = cv.upload_dataset("calibration.zip")
         job = cv.submit_job(model_id=model["id"], preset="onnx-int8", calibration_dataset_id=data["id"])
         job = cv.wait(job["id"], timeout=3600)            # raises JobFailed with the job's error
-        files = cv.download_artifacts(job["id"], "out/")  # the recommended one; all=True: every artifact
+        files = cv.download_artifacts(job["id"], "out/")  # the recommended one (all_artifacts=True: every one)
 
 Every request is retried on connection errors, 5xx and 429 with exponential back-off and jitter,
 honouring ``Retry-After``; a POST that creates something carries an ``Idempotency-Key``, so a
@@ -200,12 +200,12 @@ class Client:
         metrics, ...}; None until the job succeeded."""
         return self.get_job(job_id).get("recommended")
 
-    def download_artifacts(self, job_id: str, dest: str | os.PathLike, *, all: bool = False) -> list[Path]:
-        """Stream the recommended artifact into ``dest`` (every artifact with ``all=True``) and
-        check its sha256 against the artifact list. Returns [] when nothing is recommended (the job
-        has not succeeded, or no artifact beats the original: ``recommendation(job_id)["reason"]``
+    def download_artifacts(self, job_id: str, dest: str | os.PathLike, *, all_artifacts: bool = False) -> list[Path]:
+        """Stream the recommended artifact into ``dest`` (every artifact with ``all_artifacts=True``)
+        and check its sha256 against the artifact list. Returns [] when nothing is recommended (the
+        job has not succeeded, or no artifact beats the original: ``recommendation(job_id)["reason"]``
         says why). A file whose digest differs is removed and raises ChecksumMismatch."""
-        if all:
+        if all_artifacts:
             chosen = self.artifacts(job_id)
         else:
             name = (self.recommendation(job_id) or {}).get("artifact")

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from core.metric_names import metric_label
 from cvopt.client import ApiError, Client, CvoptClientError, JobFailed, WaitTimeout
 
 connection = [
@@ -105,17 +106,13 @@ def _num(value: Any, spec: str, suffix: str = "") -> str:
     return format(value, spec) + suffix
 
 
-METRIC_LABELS = {"map50_95": "mAP@.5:.95", "map50": "mAP@.5", "f1_vs_float": "F1 vs FP32",
-                 "pixel_agreement": "pixel agree"}
-
-
 def _quality(entry: dict[str, Any]) -> str:
     """Accuracy and fidelity side by side: an agreement of 0.0 is a result, not a blank. Another
     task's metric (mAP, F1 against FP32, pixel agreement) comes first."""
     parts = []
     metric = entry.get("metric") or {}
     if metric.get("name") not in (None, "top1", "top1_agreement"):
-        parts.append(f"{METRIC_LABELS.get(metric['name'], metric['name'])} " + _num(metric.get("value"), ".3f"))
+        parts.append(f"{metric_label(metric['name'])} " + _num(metric.get("value"), ".3f"))
     accuracy = entry.get("accuracy") or {}
     if accuracy.get("top1") is not None:
         parts.append("top-1 " + _num(accuracy["top1"], ".3f"))
@@ -238,8 +235,8 @@ def register(main: click.Group) -> None:
                 finally:
                     progress.done()
                 report = cv.report(job["id"])
-                files = [str(p) for p in cv.download_artifacts(job["id"], download, all=all_artifacts)] \
-                    if download else []
+                files = [str(p) for p in cv.download_artifacts(job["id"], download,
+                                                                 all_artifacts=all_artifacts)] if download else []
                 if as_json:
                     click.echo(json.dumps({"ok": True, "job": job, "report": report, "artifacts": cv.artifacts(job["id"]),
                                            "downloaded": files}, default=str))
@@ -288,18 +285,18 @@ def register(main: click.Group) -> None:
     def download(job_id, dest, all_artifacts, url, api_key, as_json):
         """Download a job's recommended artifact (--all: every artifact) into DEST, checking each sha256."""
 
-        def fetch(cv: Client) -> tuple[list[Path], dict[str, Any] | None]:
-            files = cv.download_artifacts(job_id, dest, all=all_artifacts)
-            # Only when nothing came: the job says why nothing is recommended.
-            return files, (cv.get_job(job_id) if not files and not all_artifacts else None)
+        def fetch(cv: Client) -> tuple[list[Path], dict[str, Any]]:
+            files = cv.download_artifacts(job_id, dest, all_artifacts=all_artifacts)
+            # The job carries the recommendation: what was chosen and why, or why nothing was.
+            return files, cv.get_job(job_id)
 
         files, job = _call(url, api_key, as_json, fetch)
         if as_json:
             click.echo(json.dumps({"ok": True, "downloaded": [str(p) for p in files],
-                                   "recommended": (job or {}).get("recommended")}))
+                                   "recommended": job.get("recommended")}))
         elif files:
             click.echo("\n".join(str(p) for p in files))
-        if job is not None:
+        if not files and not all_artifacts:
             if job["status"] != "succeeded":
                 click.echo(f"nothing downloaded: job {job_id} is {job['status']}; an artifact is recommended "
                            "once it succeeds (--all fetches what is there)", err=True)

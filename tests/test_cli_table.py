@@ -5,6 +5,16 @@ service, once per preset family, is in test_client.py."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from cvopt import client_cli
 from cvopt.client_cli import report_table
 
 
@@ -51,7 +61,7 @@ def test_the_table_names_the_recommended_artifact_and_a_detector_metric():
               "entries": [entry("01-quantize_int8.onnx", step="quantize_int8", verdict="meets_tolerance",
                                 metric={"name": "map50_95", "value": 0.412, "reference": 0.415, "drop": 0.003})]}
     table = report_table(report)
-    assert "mAP@.5:.95 0.412" in rows(table)["01-quantize_int8.onnx"]
+    assert "mAP@0.5:0.95 0.412" in rows(table)["01-quantize_int8.onnx"]
     assert rows(table)["01-quantize_int8.onnx"].split()[-1] == "meets_tolerance"
     assert table.splitlines()[-1] == "recommended: 01-quantize_int8.onnx (fastest within the tolerance)"
 
@@ -60,3 +70,53 @@ def test_an_empty_or_partial_report_prints():
     assert report_table({"entries": []}).splitlines()[0].startswith("artifact")
     assert report_table({}).splitlines()[0].startswith("artifact")
     assert "?" in report_table({"entries": [{"latency_ms": {"p50_ms": None}, "throughput": {"batch": 8}}]})
+
+
+# -- cvopt download, against a stand-in for the service's client ---------------------------------
+
+RECOMMENDED = {"artifact": "01-quantize_int8.onnx", "reason": "fastest within the tolerance", "tolerance": 0.01}
+
+
+class FakeClient:
+    """What ``cvopt download`` asks of cvopt.client.Client, for a job that recommends INT8."""
+
+    def __init__(self, url: str, api_key: str) -> None:
+        self.calls: list[tuple] = []
+
+    def __enter__(self) -> FakeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def download_artifacts(self, job_id: str, dest: Path, *, all_artifacts: bool = False) -> list[Path]:
+        names = ["00-export_onnx.onnx", "01-quantize_int8.onnx"] if all_artifacts else [RECOMMENDED["artifact"]]
+        return [Path(dest) / n for n in names]
+
+    def get_job(self, job_id: str) -> dict:
+        return {"id": job_id, "status": "succeeded", "recommended": RECOMMENDED}
+
+
+def cli():
+    group = click.Group()
+    client_cli.register(group)
+    return group
+
+
+@pytest.mark.parametrize("every", [False, True])
+def test_download_json_names_the_recommendation_beside_what_it_fetched(monkeypatch, tmp_path, every):
+    monkeypatch.setattr(client_cli, "Client", FakeClient)
+    args = ["download", "j1", str(tmp_path), "--api-key", "k", "--json", *(["--all"] if every else [])]
+    result = CliRunner().invoke(cli(), args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["recommended"] == RECOMMENDED
+    assert [Path(p).name for p in out["downloaded"]] == (
+        ["00-export_onnx.onnx", "01-quantize_int8.onnx"] if every else ["01-quantize_int8.onnx"])
+
+
+def test_the_client_commands_load_without_the_service():
+    # The metric names the table prints come from the service's package without its database layer.
+    code = "import sys, cvopt.client_cli; print(sorted(m for m in ('sqlalchemy', 'pydantic') if m in sys.modules))"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "[]"

@@ -129,6 +129,56 @@ def test_a_tie_at_batch_1_goes_to_what_keeps_up_at_the_largest_batch():
     assert rec.artifact == "01-convert_fp16.onnx"
 
 
+def test_a_tie_lost_under_load_says_so_with_the_numbers_not_that_it_is_not_smaller():
+    # Half the original's size and as fast at batch 1, but 4x slower at batch 8: the original keeps it.
+    base = Candidate(ORIGINAL, None, 4_000_000, 10.0, lossless=True, metric=metric(0.80), throughput=(8, 2000.0))
+    fp16 = Candidate("01-convert_fp16.onnx", "convert_fp16", 2_000_000, 10.1, lossless=False, metric=metric(0.80),
+                     throughput=(8, 500.0))
+    _, rec = recommend([base, fp16], tolerance=0.01, evaluated=True)
+    assert rec.artifact is None
+    assert rec.reason == ("nothing beats the original: 01-convert_fp16.onnx ties at batch 1 (10.1 ms p50, within 2% "
+                          "of the fastest) but falls behind at batch 8 (500 vs 2000 images/s for the original)")
+
+
+def floor(value: float, met: bool) -> dict:
+    return {"name": "worst_class_channel_snr_db", "min": 15.0, "value": value, "met": met}
+
+
+def test_a_detector_under_its_class_channel_floor_is_over_tolerance_whatever_its_f1():
+    coarse = Candidate("01-quantize_int8.onnx", "quantize_int8", 1_000_000, 4.0, lossless=False,
+                       metric={**metric(0.99, reference=1.0, name="f1_vs_float"), "floor": floor(9.34, False)})
+    verdicts, rec = recommend([original(10.0), coarse], tolerance=0.01, evaluated=True)
+    judged = verdicts[coarse.name]
+    assert judged.verdict == "over_tolerance"
+    assert judged.reason == "worst class-channel SNR 9.3 dB < floor 15 dB"  # the F1 drop (0.01) alone meets it
+    assert rec.artifact is None and rec.reason == (
+        "nothing beats the original: 01-quantize_int8.onnx misses its floor (worst class-channel SNR 9.3 dB < "
+        "floor 15 dB)")
+    # Over on both counts, both are named; a floor met is said beside the drop.
+    both = Candidate("q", "quantize_int8", 1, 4.0, lossless=False,
+                     metric={**metric(0.9, reference=1.0, name="f1_vs_float"), "floor": floor(3.0, False)})
+    assert recommend([original(10.0), both], tolerance=0.01, evaluated=True)[0]["q"].reason == (
+        "F1 vs FP32 0.9000 vs 1.0000, drop 0.1000 > tolerance 0.01; worst class-channel SNR 3.0 dB < floor 15 dB")
+    fine = Candidate("q", "quantize_int8", 1, 4.0, lossless=False,
+                     metric={**metric(0.995, reference=1.0, name="f1_vs_float"), "floor": floor(21.04, True)})
+    verdicts, rec = recommend([original(10.0), fine], tolerance=0.01, evaluated=True)
+    assert rec.artifact == "q" and "worst class-channel SNR 21.0 dB >= floor 15 dB" in verdicts["q"].reason
+
+
+def test_one_default_tolerance():
+    from core.schemas import JobCreate, JobRead
+    from core.tasks import DEFAULT_TOLERANCE
+
+    assert JobCreate(model_id="m", preset="onnx").max_accuracy_drop == DEFAULT_TOLERANCE
+    assert JobRead.model_fields["max_accuracy_drop"].default == DEFAULT_TOLERANCE
+    steps = [StepFacts("benchmark", True, BENCH), StepFacts("evaluate", True, {"results": [
+        {"artifact": ORIGINAL, "metric": {**metric(0.80), "drop": 0.0}},
+        {"artifact": "01-quantize_int8.onnx", "metric": metric(0.80 - DEFAULT_TOLERANCE)}]})]
+    report = report_for(job_id="j", status=JobStatus.succeeded, task="classification", task_options={}, steps=steps,
+                        original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000), artifacts=ARTIFACTS[1:2])
+    assert report.recommended.tolerance == DEFAULT_TOLERANCE and report.recommended.artifact == "01-quantize_int8.onnx"
+
+
 def test_without_an_evaluate_step_only_lossless_float_conversions_compete():
     candidates = [original(10.0, size=4_000_000), fp32(8.0, m=None),
                   int8(2.0, top1=None)]
@@ -262,11 +312,11 @@ def test_a_stricter_tolerance_from_the_job_changes_the_answer_and_old_evaluation
 # -- through the API ------------------------------------------------------------------------------
 
 
-def test_the_api_reports_the_recommendation_and_the_job_shows_it_for_one_more_query(api):  # noqa: F811
+def _succeeded_job(api, key: str) -> str:  # noqa: F811
+    """A job (tolerance 0.02) written as succeeded with three artifacts, timed and evaluated."""
     from core.db import get_sessionmaker
     from core.models import Artifact, Job, JobStep, StepStatus, utcnow
 
-    _, _, key = new_tenant_key(api, "recommend")
     model = api.post("/v1/models", files={"file": ("tiny.onnx", tiny_onnx())}, headers=bearer(key)).json()
     job = api.post("/v1/jobs", json={"model_id": model["id"], "preset": "onnx", "max_accuracy_drop": 0.02},
                    headers=bearer(key)).json()
@@ -288,6 +338,12 @@ def test_the_api_reports_the_recommendation_and_the_job_shows_it_for_one_more_qu
                             format="onnx", storage_key=f"artifacts/{name}", sha256="0" * 64, size_bytes=size)
                    for i, (name, size) in enumerate(zip(names[1:], [400, 100, 200], strict=True))])
         s.commit()
+    return job["id"]
+
+
+def test_the_api_reports_the_recommendation_and_the_job_shows_it_for_one_more_query(api):  # noqa: F811
+    _, _, key = new_tenant_key(api, "recommend")
+    job = {"id": _succeeded_job(api, key)}
 
     report = api.get(f"/v1/jobs/{job['id']}/report", headers=bearer(key)).json()
     assert list(report)[:3] == ["job_id", "status", "recommended"]
@@ -314,6 +370,20 @@ def test_the_api_reports_the_recommendation_and_the_job_shows_it_for_one_more_qu
     assert "over tolerance" in page and "★ recommended" in page
 
 
+def test_the_job_list_builds_no_report_per_job(api):  # noqa: F811
+    _, _, key = new_tenant_key(api, "listing")
+    ids = [_succeeded_job(api, key) for _ in range(3)]
+    api.get("/v1/tenant", headers=bearer(key))  # the key is now known to this process
+    with Statements() as sent:
+        listed = api.get("/v1/jobs", headers=bearer(key)).json()
+    assert sorted(j["id"] for j in listed["data"]) == sorted(ids)
+    assert [j["recommended"] for j in listed["data"]] == [None, None, None]
+    assert not [q for q in sent.sql if "FROM models LEFT OUTER JOIN artifacts" in q], sent.sql
+    # One job read still carries it.
+    assert api.get(f"/v1/jobs/{ids[0]}", headers=bearer(key)).json()["recommended"]["artifact"] == (
+        "02-convert_fp16.onnx")
+
+
 def test_the_page_leads_with_why_nothing_beats_the_original():
     from api.report_html import render
     from core.models import Job, Model, utcnow
@@ -334,3 +404,29 @@ def test_the_page_leads_with_why_nothing_beats_the_original():
     assert ("nothing beats the original: 00-export_onnx.onnx is 1.10x slower at batch 1 than the original "
             "(11 ms vs 10 ms p50); 01-quantize_int8.onnx loses 4.1 points of top-1 (tolerance 1.0)") in box
     assert "★ recommended" not in page and page.count("over tolerance") == 1
+
+
+def test_the_page_lists_the_nodes_kept_in_float_by_rule_one_row_per_reason():
+    from api.report_html import render
+    from core.models import Job, JobStep, Model, StepStatus, utcnow
+
+    head = {"node": "/model.22/Concat_5", "op_type": "Concat",
+            "reason": "mixed-scale head: its inputs' calibrated ranges differ 640x", "range_ratio": 640.0}
+    tail = [{"node": f"/model.22/Sigmoid_{i}", "op_type": op,
+             "reason": "after the mixed-scale head /model.22/Concat_5, up to the outputs"}
+            for i, op in enumerate(["Sigmoid", "Mul", "Transpose"])]
+    step = JobStep(index=1, name="quantize_int8", config={}, status=StepStatus.succeeded,
+                   metrics={"float_nodes": [head, *tail]})
+    job = Job(id="j", name="det", status=JobStatus.succeeded, preset="onnx-int8", created_at=utcnow(),
+              task_options={}, steps=[step], model=Model(filename=ORIGINAL, format="onnx"))
+    report = report_for(job_id="j", status=JobStatus.succeeded, task="detection", task_options={}, steps=[],
+                        original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000), artifacts=[])
+    page = render(job, report)
+    section = page[page.index('<section class="float-nodes">'):]
+    section = section[:section.index("</section>")]
+    assert "Kept in float by rule (quantize_int8, step 1)" in section
+    assert section.count("<tr>") == 3  # the header, the head, its tail folded into one row
+    assert ("/model.22/Concat_5</td><td>Concat</td><td>mixed-scale head: its inputs&#x27; calibrated ranges "
+            "differ 640x") in section
+    assert "<summary>3 nodes</summary>/model.22/Sigmoid_0, /model.22/Sigmoid_1, /model.22/Sigmoid_2" in section
+    assert "<td>Sigmoid, Mul, Transpose</td>" in section

@@ -80,7 +80,9 @@ def list_jobs(key: CurrentKey, session: SessionDep, base_url: BaseUrlDep, status
     rows, count = services.list_jobs(session=session, tenant_id=key.tenant_id, status=status, limit=limit,
                                      offset=offset)
     live = _live_queues_for(session, *rows)
-    return rendered(session, JobsRead(data=[job_to_read(j, live, base_url) for j in rows], count=count))
+    # No report per job: `recommended` is null in the list (one query per succeeded job otherwise).
+    data = [job_to_read(j, live, base_url, recommended=False) for j in rows]
+    return rendered(session, JobsRead(data=data, count=count))
 
 
 @router.get("/{job_id}", response_model=JobRead)
