@@ -26,7 +26,7 @@ import numpy as np
 from core.model_formats import inspect_model
 from core.schemas import Preprocessing
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
-from worker.passes.evaluate import snr_db
+from worker.metrics.fidelity import snr_db
 from worker.passes.registry import get_pass
 
 

@@ -148,8 +148,9 @@ def _drop_over(metric: dict[str, Any] | None, tolerance: float) -> bool:
     return metric is not None and float(metric["drop"]) > tolerance + DROP_EPSILON
 
 
-def _over(metric: dict[str, Any] | None, tolerance: float) -> bool:
-    """Loses more of the task's metric than the tolerance, or misses the metric's floor."""
+def over_tolerance(metric: dict[str, Any] | None, tolerance: float) -> bool:
+    """Loses more of the task's metric than the tolerance, or misses the metric's floor (the one rule for
+    verdicts here and for the INT8 search's gate in the worker)."""
     return _drop_over(metric, tolerance) or _missed_floor(metric) is not None
 
 
@@ -184,14 +185,14 @@ def recommend(candidates: Sequence[Candidate], *, tolerance: float,
         return c.lossless or (evaluated and c.metric is not None)
 
     # The float references for speed: timed, and not broken in a way the evaluation saw.
-    floats = [c for c in candidates if c.lossless and c.p50_ms is not None and not _over(c.metric, tolerance)]
+    floats = [c for c in candidates if c.lossless and c.p50_ms is not None and not over_tolerance(c.metric, tolerance)]
 
     judgements: dict[str, Judgement] = {}
     for c in candidates:
         if c.step is None:
             judgements[c.name] = Judgement("original", "the uploaded model: the reference for speed-ups and drops")
             continue
-        if _over(c.metric, tolerance):
+        if over_tolerance(c.metric, tolerance):
             judgements[c.name] = Judgement("over_tolerance", _over_reason(c.metric, tolerance))
             continue
         missing = []

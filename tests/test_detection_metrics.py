@@ -14,19 +14,23 @@ import numpy as np
 import pytest
 
 from core.datasets import image_sizes, inspect_dataset, list_images, read_box_targets
-from core.errors import InvalidInput, PassError
+from core.errors import InvalidInput
+from core.schemas import DetectionOptions
+from core.tasks import detection_layout
 from worker.metrics.detection import (
     AgreementTally,
     Detections,
     MeanAveragePrecision,
     box_iou,
     class_channel_snr_db,
+    batchless_post_nms,
     decode,
-    infer_layout,
     match_agreement,
+    scores_are_logits,
     nms,
     targets_to_input_pixels,
 )
+from worker.metrics.tasks import DetectionTally
 
 # --------------------------------------------------------------------------------------------
 # NMS and decoding
@@ -193,17 +197,9 @@ def test_decode_boxes_with_a_class_score_matrix_runs_nms():
         ([(1, 3, 4)], (64, 64), None),
     ],
 )
-def test_infer_layout_on_real_world_shapes(shapes, input_hw, expected):
-    assert infer_layout(shapes, input_hw) == expected
-
-
-def test_a_layout_hint_must_fit_the_outputs():
-    assert infer_layout([(1, 84, 8400)], (640, 640), hint="yolo_objectness") == "yolo_objectness"
-    with pytest.raises(PassError) as err:
-        infer_layout([(1, 1000)], (224, 224), hint="yolo")
-    assert err.value.code == "detection_layout_mismatch"
-    with pytest.raises(PassError):
-        infer_layout([(1, 84, 8400)], (640, 640), hint="post_nms")
+def test_layouts_of_real_world_shapes(shapes, input_hw, expected):
+    """The layout rule is core.tasks' (one for the API and the worker); decode reads every layout it names."""
+    assert detection_layout(shapes, input_hw) == expected
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,6 +361,50 @@ def test_class_channel_snr_finds_the_damaged_class():
     assert r["box_snr_db"] > 40 > r["worst_class_channel_snr_db"]
     assert class_channel_snr_db(ref, ref, "yolo")["worst_class_channel_snr_db"] == float("inf")
     assert class_channel_snr_db(ref, cand, "post_nms") == {}
+
+
+def test_an_anchors_first_head_is_measured_per_channel_with_objectness_as_a_score_channel():
+    """(N, A, 5+C): the channel axis is the shorter one, not axis 1 (that would be one SNR per anchor)."""
+    rng = np.random.default_rng(1)
+    ref = np.concatenate([rng.uniform(0, 640, (2, 500, 4)), rng.uniform(0.01, 1, (2, 500, 1 + 3))], axis=2)
+    cand = ref.copy()
+    cand[..., 4] *= 0.5  # objectness halved: 10 log10(4) dB on that channel, every other channel exact
+    anchors_first = class_channel_snr_db(ref, cand, "yolo_objectness")
+    channels_first = class_channel_snr_db(ref.transpose(0, 2, 1), cand.transpose(0, 2, 1), "yolo_objectness")
+    assert anchors_first == channels_first
+    assert anchors_first["worst_class_channel_snr_db"] == pytest.approx(10 * np.log10(4))
+    assert anchors_first["box_snr_db"] == float("inf")
+
+
+def test_a_head_that_turns_nan_has_no_snr_left():
+    ref = np.concatenate([np.full((1, 4, 50), 100.0), np.full((1, 3, 50), 0.5)], axis=1)
+    cand = ref.copy()
+    cand[0, 5, 7] = np.nan
+    cand[0, 0, 3] = np.inf
+    assert class_channel_snr_db(ref, cand, "yolo") == {"worst_class_channel_snr_db": float("-inf"),
+                                                        "box_snr_db": float("-inf")}
+
+
+def test_logits_are_decided_once_from_the_float_original():
+    """An INT8 probability a hair past 1 must not make its whole head read as logits."""
+    reference, candidate = _raw_head(), _raw_head()
+    candidate[0, 0, 4 + 1] = 1.03
+    fp32_says = scores_are_logits([reference], "yolo")
+    assert fp32_says is False and scores_are_logits([candidate], "yolo") is True
+    assert len(decode([candidate], "yolo")[0]) > 10  # decided per call: every empty anchor squashed to 0.5
+    (d,) = decode([candidate], "yolo", scores_are_logits=fp32_says)
+    assert d.labels.tolist() == [1, 2] and d.scores[0] == pytest.approx(1.03)
+    tally = DetectionTally("yolo", DetectionOptions(), labeled=False)
+    tally.add([candidate], [reference])
+    assert tally.result()["metric"]["value"] == 1.0  # F1 against FP32's detections
+
+
+def test_batchless_post_nms_is_told_by_ranks_not_by_counts():
+    assert batchless_post_nms([(1, 4), (1,), (1,)])  # one image with exactly one detection
+    assert batchless_post_nms([(0, 4), (0,), (0,)]) and batchless_post_nms([(5, 4), (5,), (5,)])
+    assert not batchless_post_nms([(1, 1, 4), (1, 1), (1, 1)])
+    assert not batchless_post_nms([(1, 100, 4), (1, 100), (1, 100), (1,)])  # TF style, with a count
+    assert not batchless_post_nms([(1, 4)])  # a four-class classifier
 
 
 def test_box_iou():

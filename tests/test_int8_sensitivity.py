@@ -6,6 +6,7 @@ and the trained digit CNN: setup, execute, assert on the artifacts and their num
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +14,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from core.schemas import Preprocessing
+from core.schemas import DetectionOptions, Preprocessing
 from tests import synthetic_detector as shapes
 from worker.metrics import detection
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
-from worker.passes.quantize_int8 import (
-    MIN_CLASS_CHANNEL_SNR_DB,
-    QuantizeInt8,
-    QuantizeInt8Config,
-    added_error_ranking,
-    mixed_scale_heads,
-)
+from worker.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
+from worker.quantization.heads import mixed_scale_heads
+from worker.quantization.probe import added_error_ranking
 
 YOLO_ONNX = shapes.FIXTURES / shapes.FIXTURE_FILES["yolo"]
 SIZE = shapes.IMAGE_SIZE
@@ -33,6 +30,7 @@ DETECTION_OPTIONS = {"layout": "auto", "box_format": "xywh", "conf_threshold": 0
                      "max_detections": 300}
 CALIBRATION_IMAGES = 24
 HELD_OUT_IMAGES = 48
+FLOOR_DB = DetectionOptions().min_class_channel_snr_db  # the class-channel floor a job gets by default
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -129,7 +127,7 @@ def test_the_head_guard_keeps_the_head_in_float_and_the_detections(yolo, guarded
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in {o for c in model.graph.node if c.name == concat
                                                                     for o in c.output} for n in model.graph.node)
     snr, agreement = head_agreement(yolo, guarded_int8.artifact)
-    assert snr["worst_class_channel_snr_db"] >= MIN_CLASS_CHANNEL_SNR_DB
+    assert snr["worst_class_channel_snr_db"] >= FLOOR_DB
     assert agreement["f1"] >= 0.95 and agreement["reference_detections"] >= HELD_OUT_IMAGES
 
 
@@ -193,17 +191,25 @@ def test_added_error_ranks_the_head_first_where_accumulated_error_does_not(yolo,
     assert accumulated.index(concat) >= 16
 
 
+def unlabeled(dataset: DatasetRef) -> DatasetRef:
+    """The same images read as a set without labels."""
+    return replace(dataset, labeled=False, label_type=None)
+
+
 def test_detection_fallback_searches_on_f1_and_class_snr(yolo):
-    ctx = yolo_context(yolo["root"] / "fallback", yolo["source"], yolo["calibration"])
+    """Without box labels the gate judges F1 against FP32's detections, and the head's floor."""
+    ctx = yolo_context(yolo["root"] / "fallback", yolo["source"], unlabeled(yolo["calibration"]))
     result = quantize(ctx, yolo["source"], keep_mixed_scale_heads_float=False, max_accuracy_drop=0.05,
                       validation_samples=16)
     fallback = result.metrics["fallback"]
     assert fallback["task"] == "detection" and fallback["metric"] == "f1_vs_float" and fallback["layout"] == "yolo"
+    assert fallback["floor"] == {"name": "worst_class_channel_snr_db", "min": FLOOR_DB}
     first = fallback["attempts"][0]
-    assert first["float_layers"] == 0 and first["worst_class_channel_snr_db"] < MIN_CLASS_CHANNEL_SNR_DB
+    assert first["float_layers"] == 0 and first["worst_class_channel_snr_db"] < FLOOR_DB
+    assert first["floor_met"] is False
     last = fallback["attempts"][-1]
-    assert fallback["tolerance_met"] and last["drop"] <= 0.05
-    assert last["worst_class_channel_snr_db"] >= MIN_CLASS_CHANNEL_SNR_DB
+    assert fallback["tolerance_met"] and last["drop"] <= 0.05 and last["floor_met"]
+    assert last["worst_class_channel_snr_db"] >= FLOOR_DB
     kept = {layer["node"]: layer for layer in fallback["kept_float"]}
     assert head_concat(YOLO_ONNX) in kept and len(kept) <= 2
     assert "alone" in kept[head_concat(YOLO_ONNX)]["reason"]
@@ -217,7 +223,7 @@ def test_job_tolerance_drives_the_speed_search_on_the_detector_metric(yolo):
     assert fallback["tolerance"] == 0.03 and fallback["task"] == "detection"  # from the job, task from outputs
     assert fallback["tolerance_met"] and fallback["kept_float"] == []  # the head guard was enough
     chosen = search["candidates"][search["chosen"]]
-    assert chosen["drop"] <= 0.03 and chosen["worst_class_channel_snr_db"] >= MIN_CLASS_CHANNEL_SNR_DB
+    assert chosen["drop"] <= 0.03 and chosen["worst_class_channel_snr_db"] >= FLOOR_DB
     assert set(search["candidates"]) >= {"qdq", "qdq_weighted_only"}
 
 
@@ -229,19 +235,21 @@ def fixed_batch_copy(source: Path, dest: Path, batch: int) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("fixed_batch", [None, 4])
-def test_seven_validation_samples_with_a_partial_last_batch(yolo, fixed_batch):
-    root = yolo["root"] / f"seven_{fixed_batch}"
+@pytest.mark.parametrize(("fixed_batch", "size"), [(None, 7), (4, 7), (4, 3)])
+def test_small_sets_count_every_sample_at_any_fixed_batch(yolo, fixed_batch, size):
+    """7 samples for a model fixed at batch 4, or 3: calibration pads its last batch and validation
+    runs padded fixed batches; no sample is dropped and none is refused."""
+    root = yolo["root"] / f"small_{fixed_batch}_{size}"
     root.mkdir()
     path = YOLO_ONNX if fixed_batch is None else fixed_batch_copy(YOLO_ONNX, root / "b4.onnx", fixed_batch)
     source = ArtifactRef(path.name, "onnx", path)
-    seven = box_zip(root / "seven.zip", 7, shapes.HELD_OUT_SEED)
-    ctx = yolo_context(root / "work", source, seven, spec=[dict(YOLO_SPEC[0], shape=[fixed_batch or 1, 3, SIZE, SIZE])])
+    few = box_zip(root / "few.zip", size, shapes.HELD_OUT_SEED)
+    ctx = yolo_context(root / "work", source, few, spec=[dict(YOLO_SPEC[0], shape=[fixed_batch or 1, 3, SIZE, SIZE])])
     result = quantize(ctx, source, batch_size=4, max_accuracy_drop=0.05)
     fallback = result.metrics["fallback"]
-    assert fallback["samples"] == 7 and fallback["metric"] == "f1_vs_float"
-    assert result.metrics["calibration_samples"] == (4 if fixed_batch else 7)  # whole fixed batches only
-    assert fallback["attempts"][0]["f1_vs_float"] >= 0.9
+    assert result.metrics["calibration_samples"] == size
+    assert fallback["samples"] == size and fallback["metric"] == "map50_95" and fallback["fp32"] > 0.5
+    assert fallback["attempts"][0]["drop"] <= 0.05 and fallback["tolerance_met"]
     out = session(result.artifact).run(None, {"images": yolo["x"][:fixed_batch or 3]})[0]
     assert out.shape == (fixed_batch or 3, 4 + shapes.NUM_CLASSES, 336)
 
@@ -280,13 +288,19 @@ def test_classifier_fallback_judges_top1_with_labels(digit_assets, tmp_path):
     assert (session(result.artifact).run(None, {"image": x})[0].argmax(1) == y).mean() >= fallback["fp32"] - 0.02
 
 
-def test_classifier_without_labels_judges_top1_agreement(digit_assets, tmp_path):
+def test_classifier_without_labels_judges_top1_agreement(digit_assets, tmp_path, monkeypatch):
     source = ArtifactRef("digits.onnx", "onnx", digit_assets.models["onnx"])
-    ctx = plain_context(tmp_path, source, DIGIT_SPEC, calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256))
-    result = quantize(ctx, source, max_accuracy_drop=0.02, validation_samples=64)
+    calibration = npz_ref(digit_assets.calibration_npz, False, 256)
+    result = quantize(plain_context(tmp_path / "held", source, DIGIT_SPEC, calibration_dataset=calibration), source,
+                      max_accuracy_drop=0.02, validation_samples=64)
     fallback = result.metrics["fallback"]
     assert fallback["task"] == "classification" and fallback["metric"] == "top1_agreement"
     assert fallback["fp32"] == 1.0 and fallback["attempts"][0]["top1_agreement"] >= 0.95
+    # A set too large to hold is read and run through FP32 again for each candidate: the same judgement.
+    monkeypatch.setattr("worker.quantization.gate.VALIDATION_CACHE_BYTES", 0)
+    again = quantize(plain_context(tmp_path / "streamed", source, DIGIT_SPEC, calibration_dataset=calibration),
+                     source, max_accuracy_drop=0.02, validation_samples=64)
+    assert again.metrics["fallback"]["attempts"] == fallback["attempts"]
 
 
 def segmenter(path: Path) -> Path:
@@ -323,3 +337,50 @@ def test_dynamic_mode_still_needs_no_calibration(digit_assets, tmp_path):
     source = ArtifactRef("digits.onnx", "onnx", digit_assets.models["onnx"])
     result = quantize(plain_context(tmp_path, source, DIGIT_SPEC), source, mode="dynamic")
     assert result.metrics["mode"] == "dynamic" and result.metrics["quantized_nodes"] > 0
+
+
+def test_the_gate_judges_with_the_verdicts_metric(yolo, tmp_path):
+    """With box labels the gate's metric is evaluate's mAP: the artifact it returns scores, in
+    evaluate, what the gate said it scores."""
+    from worker.passes.registry import get_pass
+
+    ctx = yolo_context(yolo["root"] / "gate", yolo["source"], yolo["calibration"])
+    result = quantize(ctx, yolo["source"], max_accuracy_drop=0.05, validation_samples=CALIBRATION_IMAGES)
+    fallback = result.metrics["fallback"]
+    assert fallback["metric"] == "map50_95" and fallback["samples"] == CALIBRATION_IMAGES
+    int8 = ArtifactRef("int8.onnx", "onnx", result.artifact, step="quantize_int8")
+    eval_ctx = PassContext(work_dir=tmp_path, original=yolo["source"], artifacts=[int8], input_spec=YOLO_SPEC,
+                           preprocessing=YOLO_PREP, task="detection", task_options=ctx.task_options,
+                           evaluation_dataset=yolo["calibration"], threads=2)
+    evaluate = get_pass("evaluate")
+    original, verdict = evaluate().run(eval_ctx, yolo["source"], evaluate.Config()).metrics["results"]
+    assert verdict["metric"]["name"] == "map50_95"
+    assert verdict["metric"]["value"] == pytest.approx(fallback["result"], abs=1e-6)
+    assert original["metric"]["value"] == pytest.approx(fallback["fp32"], abs=1e-6)
+    gate_floor = fallback["attempts"][-1]["worst_class_channel_snr_db"]
+    assert verdict["metric"]["floor"]["value"] == pytest.approx(gate_floor, abs=0.05)
+    assert verdict["metric"]["floor"]["met"] == fallback["attempts"][-1]["floor_met"] is True
+
+
+def test_no_tolerance_means_no_verdict_on_it(digit_assets, tmp_path):
+    """search_speed without a tolerance (none in the config, none in the job) judges nothing met."""
+    source = ArtifactRef("digits.onnx", "onnx", digit_assets.models["onnx"])
+    ctx = plain_context(tmp_path, source, DIGIT_SPEC, calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 64))
+    result = quantize(ctx, source, search_speed=True, num_calibration_samples=64, validation_samples=32)
+    fallback = result.metrics["fallback"]
+    assert fallback["tolerance"] is None and fallback["tolerance_met"] is None
+    assert fallback["attempts"][0]["top1_agreement"] > 0.9
+    assert result.metrics["speed_search"]["chosen"] in result.metrics["speed_search"]["candidates"]
+
+
+def test_a_node_whose_twin_turns_nan_ranks_worst():
+    from worker.quantization.probe import _ChannelError
+
+    finite, broken = _ChannelError(), _ChannelError()
+    reference = np.ones((2, 4, 3, 3), np.float32)
+    finite.add(reference, reference * 0.9)
+    got = reference.copy()
+    got[0, 1, 0, 0] = np.nan
+    broken.add(reference, got)
+    assert finite.worst_and_whole() == pytest.approx((20.0, 20.0))
+    assert broken.worst_and_whole() == (float("-inf"), float("-inf"))

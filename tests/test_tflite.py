@@ -8,7 +8,7 @@ import pytest
 
 from core.errors import InvalidInput
 from core.schemas import StepSpec
-from tests.test_passes import SPEC, context, keep, npz_ref, run_pass
+from tests.test_passes import PREP, SPEC, context, keep, npz_ref, run_pass
 from worker.litert import TfliteRunner, io_details
 from worker.passes.base import ArtifactRef
 from worker.recipes import plan_job, resolve_steps
@@ -161,3 +161,44 @@ def test_a_score_channel_swamped_by_int8_noise_is_refused_when_asked(digit_asset
         run_pass("convert_tflite", context(tmp_path / "b", source, calibration_dataset=calibration), source,
                  precision="int8", min_channel_snr_db=15)
     assert err.value.code == "tflite_mismatch" and "worst output channel" in err.value.message
+
+
+@pytest.fixture(scope="module")
+def dynamic_batch_original(digit_assets, tmp_path_factory) -> ArtifactRef:
+    """The digit net exported with an open batch axis (the fixture's .pt2 bakes in a batch of 1)."""
+    import torch
+
+    from tests.digits import build_net
+
+    net = build_net()
+    net.load_state_dict(torch.load(digit_assets.models["state_dict"], weights_only=True))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(net.eval(), (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: batch},))
+    path = tmp_path_factory.mktemp("dynamic") / "digits_dynamic.pt2"
+    torch.export.save(program, path)
+    return ArtifactRef(path.name, "exported_program", path)
+
+
+@pytest.mark.parametrize("samples", [7, 20])
+def test_int8_calibrates_on_every_sample_of_a_small_set(dynamic_batch_original, digit_assets, tmp_path, samples):
+    # 7 is under one batch of 16, 20 is one and a bit: each image counts, none is refused.
+    original = dynamic_batch_original
+    ctx = context(tmp_path, original, calibration_dataset=npz_ref(digit_assets.calibration_npz, False, samples))
+    ctx.input_spec = [{**SPEC[0], "shape": [2, 1, 8, 8]}]  # a batch of 1 would specialize the export to it
+    result = run_pass("convert_tflite", ctx, original, precision="int8", batch_size=16, verify_samples=8)
+    assert result.metrics["calibration_samples"] == samples
+    assert result.metrics["verification"]["top1_agreement"] > 0.8
+
+
+def test_a_baked_batch_calibrates_the_last_partial_batch_padded_with_its_own_samples(digit_assets):
+    from worker.passes.convert_tflite import calibration_batches
+
+    dataset = npz_ref(digit_assets.calibration_npz, False, 7)
+    spec = {**SPEC[0], "shape": [4, 1, 8, 8]}
+    baked = list(calibration_batches(dataset, spec, PREP, batch_size=16, baked_batch=4, limit=7))
+    assert [(len(x), real) for x, real in baked] == [(4, 4), (4, 3)]
+    last = baked[1][0]
+    np.testing.assert_array_equal(last[3], last[0])  # the pad repeats the batch's first sample
+    np.testing.assert_array_equal(last[:3], digit_assets.x[4:7])
+    dynamic = list(calibration_batches(dataset, spec, PREP, batch_size=16, baked_batch=None, limit=7))
+    assert [(len(x), real) for x, real in dynamic] == [(7, 7)]

@@ -179,19 +179,84 @@ def sample_feeds(input_spec: list[dict[str, Any]], *, batch: int | None = None, 
     return feeds
 
 
+def pad_batch(x: np.ndarray, batch: int) -> np.ndarray:
+    """``x`` with copies of its last sample appended up to ``batch`` rows: a fixed-batch model's
+    last, short batch (a repeat changes no calibrated min/max, and its outputs are dropped)."""
+    short = batch - len(x)
+    return np.concatenate([x, np.repeat(x[-1:], short, axis=0)]) if short > 0 else x
+
+
 def run_in_fixed_batches(run: Runner, feeds: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
     """``run``'s outputs for every sample of ``feeds``, for a model that takes exactly ``batch``
-    samples: run ``batch`` at a time, the last chunk padded with copies of its last sample whose
-    outputs are dropped."""
+    samples: run ``batch`` at a time, the last chunk padded (pad_batch) and its padding's outputs
+    dropped."""
     n = len(next(iter(feeds.values())))
     chunks = []
     for i in range(0, n, batch):
         part = {k: v[i : i + batch] for k, v in feeds.items()}
-        short = batch - len(next(iter(part.values())))
-        if short:
-            part = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in part.items()}
-        chunks.append([out[: batch - short] for out in run(part)])
+        real = len(next(iter(part.values())))
+        chunks.append([out[:real] for out in run({k: pad_batch(v, batch) for k, v in part.items()})])
     return [np.concatenate(outputs) for outputs in zip(*chunks, strict=True)]
+
+
+class PerSample(list):
+    """Each sample's own outputs (a list of output lists, batch axis 1), when their shapes differ
+    between samples: post-NMS detections of a batch-less export. Only the detection measures take them."""
+
+
+class BatchRunner:
+    """A variant fed batches of any size, returning every output with a leading batch axis (or
+    PerSample). The whole batch is tried first; a model that refuses that size (exports with the
+    batch fixed at 1 are common) runs ``model_batch`` samples at a time from then on, the last chunk
+    padded with copies of its last sample (run_in_fixed_batches), so no sample is ever dropped.
+
+    Batch-less outputs (post-NMS detections of one image, boxes (K, 4)) are decided once, from the
+    ranks of the first outputs, and then run a sample at a time, each output given its batch axis:
+    deciding per call from sizes would read one detection's (1, 4) boxes as a batch of one."""
+
+    def __init__(self, run: Runner, input_name: str, model_batch: int | None = None, *,
+                 batchless: bool | None = None) -> None:
+        self.run, self.input_name = run, input_name
+        self.model_batch = max(int(model_batch or 1), 1)
+        self.batchless = batchless
+        self.split = bool(batchless)
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray] | PerSample:
+        from worker.passes.base import is_out_of_memory
+
+        if not self.split:
+            try:
+                outputs = self.run({self.input_name: x})
+            except Exception as exc:  # runtimes raise their own types for a batch size they refuse
+                if is_out_of_memory(exc) or len(x) == self.model_batch:
+                    raise
+                self.split = True
+            else:
+                if self._decide_batchless(outputs):
+                    if len(x) == 1:
+                        return [o[None] for o in outputs]
+                    self.split = True  # one image's detections came back for the whole batch: not usable
+                else:
+                    return list(outputs)
+        if self.batchless or self.model_batch == 1:
+            return self._one_at_a_time(x)
+        return run_in_fixed_batches(self.run, {self.input_name: x}, self.model_batch)
+
+    def _decide_batchless(self, outputs: list[np.ndarray]) -> bool:
+        if self.batchless is None:
+            from worker.metrics.detection import batchless_post_nms
+
+            self.batchless = batchless_post_nms([o.shape for o in outputs])
+        return self.batchless
+
+    def _one_at_a_time(self, x: np.ndarray) -> list[np.ndarray] | PerSample:
+        per_sample = []
+        for i in range(len(x)):
+            outputs = self.run({self.input_name: x[i : i + 1]})
+            per_sample.append([o[None] for o in outputs] if self._decide_batchless(outputs) else list(outputs))
+        if any(len({p[k].shape for p in per_sample}) > 1 for k in range(len(per_sample[0]))):
+            return PerSample(per_sample)  # a detection count that varies by image
+        return [np.concatenate(parts) for parts in zip(*per_sample, strict=True)]
 
 
 def runtime_info(ref: ArtifactRef, *, threads: int = 1, device: str | None = None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import PassError
+from worker.metrics.fidelity import ChannelSums, channel_axis
 
 LAYOUTS = ("yolo", "yolo_objectness", "post_nms")
 BOX_FORMATS = ("xywh", "xyxy")
@@ -187,52 +188,23 @@ def targets_to_input_pixels(boxes_xyxy: np.ndarray, image_wh: tuple[int, int], i
 # Layouts
 
 
-def _dims(shape: Any) -> tuple[int, ...]:
-    """Symbolic or unknown dimensions (``"batch"``, None) become -1."""
-    return tuple(int(d) if isinstance(d, (int, np.integer)) else -1 for d in shape)
-
-
-def _layout_fits(layout: str, shapes: list[tuple[int, ...]]) -> bool:
-    if layout in ("yolo", "yolo_objectness"):
-        need = 5 if layout == "yolo" else 6
-        known = [d for d in shapes[0][-2:] if d >= 0] if shapes else []
-        return len(shapes) >= 1 and len(shapes[0]) in (2, 3) and (not known or min(known) >= need)
-    if len(shapes) == 1:
-        return len(shapes[0]) in (2, 3) and shapes[0][-1] == 6
-    return any(len(s) >= 2 and s[-1] == 4 for s in shapes)
-
-
-def infer_layout(output_shapes: list[tuple[int, ...]], input_hw: tuple[int, int], hint: str = "auto") -> str | None:
-    """The detection layout of a model's outputs, or None when they are not a detector's.
-
-    ``hint`` (the job's ``detection.layout``) wins when the shapes can hold it; a hint the shapes
-    cannot hold is an error the user can act on rather than a silent fallback.
-    """
-    shapes = [_dims(s) for s in output_shapes]
-    if hint == "auto":
-        from core.tasks import detection_layout
-
-        return detection_layout(shapes, tuple(int(v) for v in input_hw))
-    if hint not in LAYOUTS:
-        raise PassError(f"unknown detection layout {hint!r} (one of auto, {', '.join(LAYOUTS)})",
-                        code="invalid_detection_layout")
-    if not _layout_fits(hint, shapes):
-        raise PassError(
-            f"the model's outputs {[list(s) for s in shapes]} cannot be a {hint!r} detection head",
-            code="detection_layout_mismatch", details={"layout": hint, "output_shapes": [list(s) for s in shapes]},
-        )
-    return hint
+def batchless_post_nms(output_shapes: list[tuple[int, ...]]) -> bool:
+    """Whether outputs are one image's post-NMS detections with no batch axis (torchvision-style
+    exports): boxes (K, 4) beside scores (K,). Decided from the ranks, never from a count: with
+    exactly one detection, boxes (1, 4) look like a batch of one."""
+    shapes = [tuple(s) for s in output_shapes]
+    return any(len(b) == 2 and b[-1] == 4 and any(len(o) == 1 and o[0] == b[0] for o in shapes) for b in shapes)
 
 
 def _anchor_rows(output: np.ndarray) -> np.ndarray:
-    """A raw head as (N, anchors, channels): anchors are the longer axis."""
+    """A raw head as (N, anchors, channels): channels are the shorter axis (fidelity.channel_axis)."""
     out = np.asarray(output)
     if out.ndim == 2:
         out = out[None]
     if out.ndim != 3:
         raise PassError(f"a YOLO head is one (N, 4 + C, A) or (N, A, 4 + C) tensor, got shape {list(out.shape)}",
                         code="detection_layout_mismatch")
-    return out.transpose(0, 2, 1) if out.shape[1] < out.shape[2] else out
+    return out if channel_axis(out.shape) == 2 else out.transpose(0, 2, 1)
 
 
 def _are_logits(x: np.ndarray) -> bool:
@@ -252,10 +224,30 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))  # no exp overflow
 
 
-def _as_probabilities(x: np.ndarray) -> np.ndarray:
-    """Scores as 0..1: logits go through a sigmoid."""
+def _as_probabilities(x: np.ndarray, logits: bool | None = None) -> np.ndarray:
+    """Scores as 0..1: logits go through a sigmoid (``logits`` None: decided from ``x``)."""
     x = np.asarray(x)
-    return _sigmoid(x) if _are_logits(x) else x.astype(np.float64)
+    if logits is None:
+        logits = _are_logits(x)
+    return _sigmoid(x) if logits else x.astype(np.float64)
+
+
+def scores_are_logits(outputs: list[np.ndarray], layout: str) -> bool | None:
+    """Whether this output's score tensors (a raw head's class and objectness channels, or a
+    post-NMS per-class score matrix) are logits; None when the layout has none to decide.
+
+    Decide it once, from the float original's output, and pass it to ``decode`` for every
+    candidate: decided per call, an INT8 candidate whose probabilities round a hair past 1 would be
+    squashed again (and one whose logits all land in 0..1 would not be), so its boxes would rank
+    differently from FP32's for no fault of their own."""
+    if layout in ("yolo", "yolo_objectness"):
+        _, class_scores, objectness = _raw_head_parts(outputs[0], layout)
+        scores = class_scores if objectness is None else np.concatenate([class_scores, objectness[..., None]], axis=2)
+        return _are_logits(scores)
+    if layout == "post_nms" and len(outputs) > 1:
+        matrix = _class_score_matrix(outputs)
+        return None if matrix is None else _are_logits(matrix)
+    return None
 
 
 def _raw_head_parts(output: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -283,14 +275,17 @@ def _select(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, *, conf_t
     return Detections(boxes[kept], scores[kept], labels[kept])
 
 
-def _decode_raw_head(output: np.ndarray, layout: str, *, box_format: str, **select: Any) -> list[Detections]:
+def _decode_raw_head(output: np.ndarray, layout: str, *, box_format: str, logits: bool | None,
+                     **select: Any) -> list[Detections]:
     raw_boxes, class_scores, objectness = _raw_head_parts(output, layout)
+    if logits is None:
+        logits = scores_are_logits([output], layout)
     # The sigmoid keeps the order, so only each anchor's best class needs it.
     labels = class_scores.argmax(axis=2)
     scores = np.take_along_axis(class_scores, labels[..., None], axis=2)[..., 0]
-    scores = _sigmoid(scores) if _are_logits(class_scores) else scores.astype(np.float64)
+    scores = _sigmoid(scores) if logits else scores.astype(np.float64)
     if objectness is not None:
-        scores = scores * _as_probabilities(objectness)
+        scores = scores * _as_probabilities(objectness, logits)
     raw_boxes = np.asarray(raw_boxes, dtype=np.float64)
     boxes = xywh_to_xyxy(raw_boxes) if box_format == "xywh" else raw_boxes
     return [_select(boxes[i], scores[i], labels[i], **select) for i in range(len(boxes))]
@@ -319,17 +314,10 @@ def _labels_and_scores(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
                     code="detection_layout_mismatch")
 
 
-def _post_nms_parts(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, bool]:
-    """(boxes (N, K, 4), scores (N, K), labels (N, K), counts (N,) or None, needs NMS)."""
+def _per_box_outputs(outputs: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
+    """(boxes (N, K, 4), the outputs with one value or row per box, counts (N,) or None) of post-NMS
+    outputs (several; a batch-less export gets its batch axis)."""
     outs = [np.asarray(o) for o in outputs]
-    if len(outs) == 1:
-        rows = outs[0]
-        if rows.ndim == 2:
-            rows = rows[None]
-        if rows.ndim != 3 or rows.shape[2] != 6:
-            raise PassError(f"a single post-NMS output must be (N, K, 6) [x1, y1, x2, y2, score, label], got "
-                            f"shape {list(outs[0].shape)}", code="detection_layout_mismatch")
-        return rows[..., :4], rows[..., 4], rows[..., 5], None, False
     box_index = next((i for i, o in enumerate(outs) if o.ndim in (2, 3) and o.shape[-1] == 4), None)
     if box_index is None:
         raise PassError(f"no post-NMS boxes output (N, K, 4) among shapes {[list(o.shape) for o in outs]}",
@@ -346,11 +334,34 @@ def _post_nms_parts(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, 
             per_box.append(o.reshape(n, k) if o.ndim == 3 and o.shape[2] == 1 else o)
         elif o.size == n:
             counts.append(o)
-    count = np.asarray(counts[0]).reshape(n) if counts else None
+    return boxes, per_box, (np.asarray(counts[0]).reshape(n) if counts else None)
+
+
+def _class_score_matrix(outputs: list[np.ndarray]) -> np.ndarray | None:
+    """The per-class score matrix (N, K, C) of post-NMS outputs that have one and no score vector."""
+    _, per_box, _ = _per_box_outputs(outputs)
     matrices = [o for o in per_box if o.ndim == 3]
+    return matrices[0] if matrices and not any(o.ndim == 2 for o in per_box) else None
+
+
+def _post_nms_parts(outputs: list[np.ndarray], logits: bool | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, bool]:
+    """(boxes (N, K, 4), scores (N, K), labels (N, K), counts (N,) or None, needs NMS)."""
+    outs = [np.asarray(o) for o in outputs]
+    if len(outs) == 1:
+        rows = outs[0]
+        if rows.ndim == 2:
+            rows = rows[None]
+        if rows.ndim != 3 or rows.shape[2] != 6:
+            raise PassError(f"a single post-NMS output must be (N, K, 6) [x1, y1, x2, y2, score, label], got "
+                            f"shape {list(outs[0].shape)}", code="detection_layout_mismatch")
+        return rows[..., :4], rows[..., 4], rows[..., 5], None, False
+    boxes, per_box, count = _per_box_outputs(outs)
+    n, k = boxes.shape[:2]
+    matrix = _class_score_matrix(outs)
     vectors = [o for o in per_box if o.ndim == 2]
-    if matrices and not vectors:
-        scores = _as_probabilities(matrices[0])
+    if matrix is not None:
+        scores = _as_probabilities(matrix, logits)
         labels = scores.argmax(axis=2)
         return boxes, np.take_along_axis(scores, labels[..., None], axis=2)[..., 0], labels, count, True
     if len(vectors) == 1:  # a single-class detector exports no labels
@@ -362,9 +373,9 @@ def _post_nms_parts(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, 
                     code="detection_layout_mismatch")
 
 
-def _decode_post_nms(outputs: list[np.ndarray], *, conf_threshold: float, iou_threshold: float,
-                     max_detections: int) -> list[Detections]:
-    boxes, scores, labels, count, needs_nms = _post_nms_parts(outputs)
+def _decode_post_nms(outputs: list[np.ndarray], *, logits: bool | None, conf_threshold: float,
+                     iou_threshold: float, max_detections: int) -> list[Detections]:
+    boxes, scores, labels, count, needs_nms = _post_nms_parts(outputs, logits)
     boxes = np.asarray(boxes, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.where(np.isfinite(labels), labels, -1).astype(np.int64)
@@ -381,17 +392,21 @@ def _decode_post_nms(outputs: list[np.ndarray], *, conf_threshold: float, iou_th
 
 
 def decode(outputs: list[np.ndarray], layout: str, *, box_format: str = "xywh", conf_threshold: float = 0.25,
-           iou_threshold: float = 0.45, max_detections: int = 300) -> list[Detections]:
+           iou_threshold: float = 0.45, max_detections: int = 300,
+           scores_are_logits: bool | None = None) -> list[Detections]:
     """One image's detections per batch row: scores above ``conf_threshold``, class-aware NMS at
-    ``iou_threshold`` (raw heads), at most ``max_detections`` best-scored boxes."""
+    ``iou_threshold`` (raw heads), at most ``max_detections`` best-scored boxes.
+
+    ``scores_are_logits``: whether score tensors go through a sigmoid; None decides from these
+    outputs (see ``scores_are_logits``, which a caller comparing models runs once on the original's)."""
     if box_format not in BOX_FORMATS:
         raise PassError(f"unknown box format {box_format!r} (one of {', '.join(BOX_FORMATS)})",
                         code="invalid_detection_options")
     select = {"conf_threshold": conf_threshold, "iou_threshold": iou_threshold, "max_detections": max_detections}
     if layout in ("yolo", "yolo_objectness"):
-        return _decode_raw_head(outputs[0], layout, box_format=box_format, **select)
+        return _decode_raw_head(outputs[0], layout, box_format=box_format, logits=scores_are_logits, **select)
     if layout == "post_nms":
-        return _decode_post_nms(outputs, **select)
+        return _decode_post_nms(outputs, logits=scores_are_logits, **select)
     raise PassError(f"unknown detection layout {layout!r} (one of {', '.join(LAYOUTS)})",
                     code="invalid_detection_layout")
 
@@ -567,25 +582,40 @@ class MeanAveragePrecision:
 # Raw-head fidelity
 
 
-def _snr_db(signal: float, noise: float) -> float:
-    if not math.isfinite(noise):
-        return float("-inf")
-    return float("inf") if noise == 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
+RAW_HEAD_LAYOUTS = ("yolo", "yolo_objectness")
+
+
+class HeadChannelSnr:
+    """SNR of a raw head's candidate against its reference per kind of channel, batch after batch:
+    the worst score channel (each class, and objectness, on its own: a class that INT8 flattens
+    hides in a whole-tensor SNR dominated by box pixels) and the four box channels together. The
+    channel axis is the head's shorter one, whether it is (N, 4+C, A) or (N, A, 5+C)."""
+
+    def __init__(self, layout: str) -> None:
+        if layout not in RAW_HEAD_LAYOUTS:
+            raise ValueError(f"{layout!r} is no raw head: its rows are not the same boxes in both models")
+        self.layout = layout
+        self.channels = ChannelSums()
+
+    def add(self, reference_out: np.ndarray, candidate_out: np.ndarray) -> None:
+        ref, cand = _anchor_rows(reference_out), _anchor_rows(candidate_out)
+        if ref.shape != cand.shape:
+            raise ValueError(f"reference {list(ref.shape)} and candidate {list(cand.shape)} heads differ in shape")
+        self.channels.add(ref, cand, axis=2)
+
+    def result(self) -> dict[str, float]:
+        """{"worst_class_channel_snr_db", "box_snr_db"}; empty before any sample."""
+        scores = self.channels.snrs(slice(4, None))
+        if not scores:
+            return {}
+        return {"worst_class_channel_snr_db": min(scores), "box_snr_db": self.channels.pooled_snr(slice(0, 4))}
 
 
 def class_channel_snr_db(reference_out: np.ndarray, candidate_out: np.ndarray, layout: str) -> dict[str, float]:
-    """SNR of a raw head's candidate against its reference, per kind of channel: the worst score
-    channel (each class, and objectness, on its own: a class that INT8 flattens hides in a
-    whole-tensor SNR dominated by box pixels) and the four box channels together. Empty for
-    ``post_nms``, whose rows are not the same boxes in both models."""
-    if layout not in ("yolo", "yolo_objectness"):
+    """HeadChannelSnr over one pair of outputs; empty for ``post_nms``, whose rows are not the same
+    boxes in both models."""
+    if layout not in RAW_HEAD_LAYOUTS:
         return {}
-    ref = _anchor_rows(reference_out).astype(np.float64)
-    cand = _anchor_rows(candidate_out).astype(np.float64)
-    if ref.shape != cand.shape:
-        raise ValueError(f"reference {list(ref.shape)} and candidate {list(cand.shape)} heads differ in shape")
-    signal = (ref**2).sum(axis=(0, 1))
-    noise = ((ref - cand) ** 2).sum(axis=(0, 1))
-    box_snr = _snr_db(float(signal[:4].sum()), float(noise[:4].sum()))
-    worst = min(_snr_db(float(s), float(n)) for s, n in zip(signal[4:], noise[4:], strict=True))
-    return {"worst_class_channel_snr_db": worst, "box_snr_db": box_snr}
+    tally = HeadChannelSnr(layout)
+    tally.add(reference_out, candidate_out)
+    return tally.result()

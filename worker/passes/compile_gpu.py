@@ -83,7 +83,7 @@ class CompileGpu(Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: CompileGpuConfig) -> PassResult:
         import torch
 
-        from worker.passes.evaluate import snr_db
+        from worker.metrics.fidelity import snr_db
         from worker.runtime import sample_tensors
         from worker.torch_models import load_module
 

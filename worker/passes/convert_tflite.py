@@ -25,8 +25,10 @@ The step reports how much of the graph XNNPACK took and which op types fell back
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from core.errors import PassError
@@ -79,7 +81,8 @@ class ConvertTfliteConfig(PassConfig):
 
 class ConvertTflite(Pass):
     name = "convert_tflite"
-    version = 1
+    # 2: PyTorch int8 calibrates on every sample (a last partial batch too), from a single image up.
+    version = 2
     description = "PyTorch model to a verified .tflite (FP32, FP16 weights, or full INT8) for phones."
     Config = ConvertTfliteConfig
     accepts = frozenset({EXPORTED_PROGRAM, STATE_DICT}) | TF_FORMATS
@@ -141,8 +144,6 @@ class ConvertTflite(Pass):
                          calibration_samples=calibration_samples, extra={"io_layout": config.io_layout})
 
     def _from_tensorflow(self, ctx: PassContext, source: ArtifactRef, config: ConvertTfliteConfig) -> PassResult:
-        import numpy as np
-
         from worker.data import iter_batches
         from worker.tf_models import (
             extract_saved_model,
@@ -207,8 +208,6 @@ class ConvertTflite(Pass):
         from litert_torch.quantize.quant_config import QuantConfig
         from torchao.quantization.pt2e import quantize_pt2e
 
-        from worker.data import iter_batches
-
         quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
             pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=config.per_channel)
         )
@@ -216,30 +215,44 @@ class ConvertTflite(Pass):
         batch = torch.export.Dim("batch", min=1, max=4096)
         try:
             graph = torch.export.export(module, args, dynamic_shapes=({0: batch},)).module()
-            step = config.batch_size
+            baked = None
         except Exception:  # the batch is baked into the graph: calibrate at its own batch size
             graph = torch.export.export(module, args).module()
-            step = fixed
+            baked = fixed
         prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
         dataset = ctx.calibration_dataset
         total = min(config.num_calibration_samples, dataset.num_samples)
-        total -= total % step
         if total == 0:
-            raise PassError(
-                f"the calibration dataset has fewer than {step} samples", code="dataset_too_small"
-            )
+            raise PassError("the calibration dataset holds no samples", code="empty_dataset")
         seen = 0
         with torch.no_grad():
-            for x, _ in iter_batches(dataset, ctx.input_spec[0], ctx.preprocessing, batch_size=step, limit=total):
+            for x, real in calibration_batches(dataset, ctx.input_spec[0], ctx.preprocessing,
+                                               batch_size=config.batch_size, baked_batch=baked, limit=total):
                 ctx.check_cancelled()
                 tensor = torch.from_numpy(x)
                 if config.io_layout == "nhwc":
                     tensor = tensor.permute(0, 2, 3, 1).contiguous()
                 prepared(tensor)
-                seen += len(x)
+                seen += real
                 ctx.report_progress(0.4 * seen / total)
         converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
         return litert_torch.convert(converted, args, quant_config=QuantConfig(pt2e_quantizer=quantizer)), seen
+
+
+def calibration_batches(dataset, spec: dict, preprocessing, *, batch_size: int, baked_batch: int | None,
+                        limit: int) -> Iterator[tuple[np.ndarray, int]]:
+    """(inputs, how many of them are real samples) over every one of the first ``limit`` samples.
+    A graph with a dynamic batch takes the last partial batch at its own size; one whose batch is
+    baked in gets it padded with its own samples repeated (a repeated sample adds nothing to the
+    range a min/max observer records, and little to a histogram's)."""
+    from worker.data import iter_batches
+
+    step = baked_batch or batch_size
+    for x, _ in iter_batches(dataset, spec, preprocessing, batch_size=step, limit=limit):
+        real = len(x)
+        if baked_batch and real < baked_batch:
+            x = x[np.arange(baked_batch) % real]
+        yield x, real
 
 
 def _verified(ctx: PassContext, config: ConvertTfliteConfig, target, *, layout: str, reference, shape: tuple,
@@ -320,10 +333,8 @@ def _compare(ctx: PassContext, config: ConvertTfliteConfig, reference, runner, s
     """Top-1 agreement and the worst output channel's SNR of the .tflite against the model it
     was converted from (``reference``: numpy batch -> numpy output), on the job's images when it
     has any (random inputs otherwise)."""
-    import numpy as np
-
     from worker.data import iter_batches
-    from worker.passes.evaluate import ClassificationTally
+    from worker.metrics.tasks import ClassificationTally
 
     spec = ctx.input_spec[0]
     fixed = int(spec["shape"][0])
@@ -338,7 +349,7 @@ def _compare(ctx: PassContext, config: ConvertTfliteConfig, reference, runner, s
         count = max(1, config.verify_samples // fixed)
         batches = (rng.standard_normal(shape).astype(np.float32) for _ in range(count))
         source = "random"
-    tally = ClassificationTally()
+    tally = ClassificationTally(labeled=False)
     for x in batches:
-        tally.add([runner({spec["name"]: x})[0]], [np.asarray(reference(x))], None, None)
-    return {"inputs": source, "samples": tally.n, **tally.result(False)["fidelity"]}
+        tally.add([runner({spec["name"]: x})[0]], [np.asarray(reference(x))])
+    return {"inputs": source, "samples": tally.n, **tally.result()["fidelity"]}
