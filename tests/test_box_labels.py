@@ -2,42 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
-import zipfile
-from pathlib import Path
 
 import pytest
 
 from core import datasets
 from core.datasets import inspect_dataset, read_box_targets
 from core.errors import InvalidInput
+from tests.archives import png_bytes, tar_of, zip_of
 
 
-def _png(w: int = 16, h: int = 16) -> bytes:
-    from PIL import Image
 
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (40, 80, 120)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _zip(path: Path, files: dict[str, bytes | str]) -> Path:
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return path
-
-
-def _tar(path: Path, files: dict[str, bytes | str]) -> Path:
-    with tarfile.open(path, "w:gz") as tf:
-        for name, data in files.items():
-            raw = data.encode() if isinstance(data, str) else data
-            info = tarfile.TarInfo(name)
-            info.size = len(raw)
-            tf.addfile(info, io.BytesIO(raw))
-    return path
 
 
 def _coco() -> dict:
@@ -52,10 +27,10 @@ def _coco() -> dict:
     "[" * 100_000,  # nested past the parser's recursion limit
     '{"images": 3}',  # an object, but no COCO ("annotations" missing)
 ])
-@pytest.mark.parametrize("pack", [_zip, _tar])
+@pytest.mark.parametrize("pack", [zip_of, tar_of])
 def test_a_stray_json_beside_class_folders_is_ignored(tmp_path, stray, pack):
-    png = _png()
-    path = pack(tmp_path / ("cls.zip" if pack is _zip else "cls.tar.gz"),
+    png = png_bytes()
+    path = pack(tmp_path / ("cls.zip" if pack is zip_of else "cls.tar.gz"),
                 {"cat/1.png": png, "dog/2.png": png, "metadata.json": stray})
     info = inspect_dataset(path)
     assert (info.label_type, info.class_names, info.num_samples) == ("classes", ["cat", "dog"], 2)
@@ -64,14 +39,14 @@ def test_a_stray_json_beside_class_folders_is_ignored(tmp_path, stray, pack):
 def test_a_broken_coco_file_is_still_a_422(tmp_path):
     text = json.dumps(_coco())[:-5]  # truncated: it names images and annotations but does not parse
     with pytest.raises(InvalidInput) as err:
-        inspect_dataset(_zip(tmp_path / "coco.zip", {"labels.json": text, "images/a.png": _png()}))
+        inspect_dataset(zip_of(tmp_path / "coco.zip", {"labels.json": text, "images/a.png": png_bytes()}))
     assert err.value.code == "invalid_labels" and err.value.details["member"] == "labels.json"
     assert "not readable JSON" in err.value.message
 
 
 def test_a_coco_file_over_the_cap_is_a_422_with_its_size(tmp_path, monkeypatch):
     text = json.dumps(_coco())
-    path = _zip(tmp_path / "coco.zip", {"labels.json": text, "images/a.png": _png()})
+    path = zip_of(tmp_path / "coco.zip", {"labels.json": text, "images/a.png": png_bytes()})
     assert read_box_targets(path, "zip")["images/a.png"].tolist() == [[0, 2, 2, 10, 10]]
     monkeypatch.setattr(datasets, "MAX_LABEL_FILE_BYTES", len(text) - 1)
     with pytest.raises(InvalidInput) as err:
@@ -82,9 +57,9 @@ def test_a_coco_file_over_the_cap_is_a_422_with_its_size(tmp_path, monkeypatch):
 
 def test_a_large_json_below_the_images_is_not_read(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "MAX_LABEL_FILE_BYTES", 100)
-    png = _png()
+    png = png_bytes()
     # A per-image sidecar inside a class folder is not where COCO annotations sit: never read, no error.
-    path = _zip(tmp_path / "cls.zip", {"cat/1.png": png, "cat/1.json": json.dumps({"pad": "x" * 500}),
+    path = zip_of(tmp_path / "cls.zip", {"cat/1.png": png, "cat/1.json": json.dumps({"pad": "x" * 500}),
                                        "dog/2.png": png})
     assert inspect_dataset(path).class_names == ["cat", "dog"]
 
@@ -93,19 +68,19 @@ def test_all_label_files_together_are_capped(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "MAX_LABEL_BYTES", 1000)
     files: dict[str, bytes | str] = {}
     for i in range(60):
-        files[f"images/{i}.png"] = _png(8, 8)
+        files[f"images/{i}.png"] = png_bytes(8, 8)
         files[f"labels/{i}.txt"] = "0 0.5 0.5 0.25 0.25\n"  # 20 bytes each: 1200 in all
     with pytest.raises(InvalidInput) as err:
-        inspect_dataset(_zip(tmp_path / "many.zip", files))
+        inspect_dataset(zip_of(tmp_path / "many.zip", files))
     assert err.value.code == "invalid_labels" and err.value.details["limit"] == 1000
 
 
 def test_yaml_that_is_not_the_class_names_is_ignored(tmp_path):
     # aug.yaml (not YAML that parses) is read before data.yaml.
-    files = {"images/a.png": _png(), "labels/a.txt": "1 0.5 0.5 0.5 0.5\n", "aug.yaml": "lr: [0.01\n",
+    files = {"images/a.png": png_bytes(), "labels/a.txt": "1 0.5 0.5 0.5 0.5\n", "aug.yaml": "lr: [0.01\n",
              "data.yaml": "names: [cat, dog]\n"}
-    assert inspect_dataset(_zip(tmp_path / "ok.zip", files)).class_names == ["cat", "dog"]
+    assert inspect_dataset(zip_of(tmp_path / "ok.zip", files)).class_names == ["cat", "dog"]
     files["data.yaml"] = "names: [cat, dog\n"  # says names but does not parse: the user's to fix
     with pytest.raises(InvalidInput) as err:
-        inspect_dataset(_zip(tmp_path / "bad.zip", files))
+        inspect_dataset(zip_of(tmp_path / "bad.zip", files))
     assert err.value.code == "invalid_labels" and err.value.details["member"] == "data.yaml"

@@ -6,9 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import tarfile
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +28,7 @@ from worker.metrics.detection import (
     targets_to_input_pixels,
 )
 from worker.metrics.tasks import DetectionTally
+from tests.archives import png_bytes, tar_of, zip_of
 
 # --------------------------------------------------------------------------------------------
 # NMS and decoding
@@ -446,46 +444,24 @@ def test_targets_follow_the_image_preprocessing(resize):
 # Box labels in dataset archives
 
 
-def _png(w: int, h: int) -> bytes:
-    from PIL import Image
 
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (40, 80, 120)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _zip(path: Path, files: dict[str, bytes | str]) -> Path:
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return path
-
-
-def _tar(path: Path, files: dict[str, bytes | str]) -> Path:
-    with tarfile.open(path, "w:gz") as tf:
-        for name, data in files.items():
-            raw = data.encode() if isinstance(data, str) else data
-            info = tarfile.TarInfo(name)
-            info.size = len(raw)
-            tf.addfile(info, io.BytesIO(raw))
-    return path
 
 
 def _yolo_files() -> dict[str, bytes | str]:
     return {
         "data/data.yaml": "path: .\nnames:\n  0: person\n  1: car\n  2: dog\n",
-        "data/images/a.png": _png(200, 100),
+        "data/images/a.png": png_bytes(200, 100),
         "data/labels/a.txt": "0 0.5 0.5 0.2 0.4\n\n2 0.1 0.2 0.2 0.2\n",
-        "data/images/b.jpg": _png(100, 50),
+        "data/images/b.jpg": png_bytes(100, 50),
         "data/labels/b.txt": "1 0.25 0.5 0.3 0.4 0.35 0.8\n",  # a polygon: its bounding box counts
-        "data/images/c.png": _png(64, 64),  # no label file: no objects
+        "data/images/c.png": png_bytes(64, 64),  # no label file: no objects
         "data/labels/orphan.txt": "0 0.5 0.5 0.1 0.1\n",  # no image: ignored
     }
 
 
-@pytest.mark.parametrize("pack", [_zip, _tar])
+@pytest.mark.parametrize("pack", [zip_of, tar_of])
 def test_yolo_labels_are_read_in_original_pixels(tmp_path, pack):
-    path = pack(tmp_path / ("d.zip" if pack is _zip else "d.tar.gz"), _yolo_files())
+    path = pack(tmp_path / ("d.zip" if pack is zip_of else "d.tar.gz"), _yolo_files())
     info = inspect_dataset(path)
     assert (info.label_type, info.labeled, info.num_samples, info.class_names) == (
         "boxes", True, 3, ["person", "car", "dog"])
@@ -500,14 +476,14 @@ def test_yolo_labels_are_read_in_original_pixels(tmp_path, pack):
 
 
 def test_yolo_class_names_from_classes_txt_or_ids(tmp_path):
-    files = {"images/a.png": _png(32, 32), "labels/a.txt": "4 0.5 0.5 0.5 0.5\n"}
-    assert inspect_dataset(_zip(tmp_path / "ids.zip", files)).class_names == ["0", "1", "2", "3", "4"]
+    files = {"images/a.png": png_bytes(32, 32), "labels/a.txt": "4 0.5 0.5 0.5 0.5\n"}
+    assert inspect_dataset(zip_of(tmp_path / "ids.zip", files)).class_names == ["0", "1", "2", "3", "4"]
     files["classes.txt"] = "cat\ndog\n"
     with pytest.raises(InvalidInput) as err:
-        inspect_dataset(_zip(tmp_path / "short.zip", files))
+        inspect_dataset(zip_of(tmp_path / "short.zip", files))
     assert err.value.code == "invalid_labels" and err.value.details["member"] == "labels/a.txt"
     files["labels/a.txt"] = "1 0.5 0.5 0.5 0.5\n"
-    assert inspect_dataset(_zip(tmp_path / "named.zip", files)).class_names == ["cat", "dog"]
+    assert inspect_dataset(zip_of(tmp_path / "named.zip", files)).class_names == ["cat", "dog"]
 
 
 @pytest.mark.parametrize(
@@ -521,17 +497,17 @@ def test_yolo_class_names_from_classes_txt_or_ids(tmp_path):
     ],
 )
 def test_bad_yolo_lines_are_a_422_naming_the_file(tmp_path, line, why):
-    files = {"images/a.png": _png(32, 32), "labels/a.txt": "0 0.5 0.5 0.2 0.2\n",
-             "images/b.png": _png(32, 32), "labels/b.txt": "1 0.5 0.5 0.2 0.2\n" + line + "\n"}
+    files = {"images/a.png": png_bytes(32, 32), "labels/a.txt": "0 0.5 0.5 0.2 0.2\n",
+             "images/b.png": png_bytes(32, 32), "labels/b.txt": "1 0.5 0.5 0.2 0.2\n" + line + "\n"}
     with pytest.raises(InvalidInput) as err:
-        inspect_dataset(_zip(tmp_path / "bad.zip", files))
+        inspect_dataset(zip_of(tmp_path / "bad.zip", files))
     assert err.value.code == "invalid_labels"
     assert err.value.details["member"] == "labels/b.txt" and err.value.details["line"] == 2
     assert why in err.value.message
 
 
 def test_a_hair_outside_zero_one_is_clipped_not_refused(tmp_path):
-    path = _zip(tmp_path / "ok.zip", {"images/a.png": _png(100, 100), "labels/a.txt": "0 0.9 0.5 0.2005 0.2\n"})
+    path = zip_of(tmp_path / "ok.zip", {"images/a.png": png_bytes(100, 100), "labels/a.txt": "0 0.9 0.5 0.2005 0.2\n"})
     np.testing.assert_allclose(read_box_targets(path, "zip")["images/a.png"], [[0, 79.975, 40, 100, 60]])
 
 
@@ -551,8 +527,8 @@ def _coco_doc() -> dict:
 
 
 def test_coco_labels_map_category_ids_to_contiguous_classes(tmp_path):
-    path = _zip(tmp_path / "coco.zip", {"instances.json": json.dumps(_coco_doc()), "images/x.png": _png(100, 80),
-                                        "images/y.png": _png(50, 50)})
+    path = zip_of(tmp_path / "coco.zip", {"instances.json": json.dumps(_coco_doc()), "images/x.png": png_bytes(100, 80),
+                                        "images/y.png": png_bytes(50, 50)})
     info = inspect_dataset(path)
     assert (info.label_type, info.num_samples, info.num_classes, info.class_names) == (
         "boxes", 2, 3, ["person", "car", "dog"])
@@ -567,8 +543,8 @@ def test_coco_labels_map_category_ids_to_contiguous_classes(tmp_path):
 def test_coco_in_a_wrapping_folder_as_roboflow_exports_it(tmp_path):
     doc = _coco_doc()
     doc["images"][0]["file_name"] = "x.png"
-    path = _tar(tmp_path / "rf.tar.gz", {"train/_annotations.coco.json": json.dumps(doc),
-                                         "train/x.png": _png(100, 80), "train/y.png": _png(50, 50)})
+    path = tar_of(tmp_path / "rf.tar.gz", {"train/_annotations.coco.json": json.dumps(doc),
+                                         "train/x.png": png_bytes(100, 80), "train/y.png": png_bytes(50, 50)})
     targets = read_box_targets(path, "tar")
     np.testing.assert_allclose(targets["train/x.png"][:, 0], [2, 0])
 
@@ -588,8 +564,8 @@ def test_coco_in_a_wrapping_folder_as_roboflow_exports_it(tmp_path):
 def test_bad_coco_annotations_are_a_422_naming_the_file(tmp_path, change, reason):
     doc = _coco_doc()
     change(doc)
-    path = _zip(tmp_path / "coco.zip", {"labels.json": json.dumps(doc), "images/x.png": _png(100, 80),
-                                        "images/y.png": _png(50, 50)})
+    path = zip_of(tmp_path / "coco.zip", {"labels.json": json.dumps(doc), "images/x.png": png_bytes(100, 80),
+                                        "images/y.png": png_bytes(50, 50)})
     with pytest.raises(InvalidInput) as err:
         inspect_dataset(path)
     assert err.value.code == "invalid_labels" and err.value.details["member"] == "labels.json"
@@ -597,11 +573,11 @@ def test_bad_coco_annotations_are_a_422_naming_the_file(tmp_path, change, reason
 
 
 def test_other_archives_keep_their_meaning(tmp_path):
-    png = _png(16, 16)
-    folders = _zip(tmp_path / "cls.zip", {"cat/1.png": png, "dog/2.png": png, "notes.json": '{"a": 1}'})
+    png = png_bytes(16, 16)
+    folders = zip_of(tmp_path / "cls.zip", {"cat/1.png": png, "dog/2.png": png, "notes.json": '{"a": 1}'})
     info = inspect_dataset(folders)
     assert (info.label_type, info.class_names) == ("classes", ["cat", "dog"])
-    flat = inspect_dataset(_zip(tmp_path / "flat.zip", {"images/1.png": png, "images/2.png": png}))
+    flat = inspect_dataset(zip_of(tmp_path / "flat.zip", {"images/1.png": png, "images/2.png": png}))
     assert (flat.label_type, flat.labeled) == (None, False)
     with pytest.raises(InvalidInput) as err:
         read_box_targets(folders, "zip")
