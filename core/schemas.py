@@ -105,6 +105,16 @@ class Preprocessing(BaseModel):
     mean: list[float] | None = Field(default=None, description="Default: ImageNet for 3 channels, 0 for 1.")
     std: list[float] | None = Field(default=None, description="Default: ImageNet for 3 channels, 1 for 1.")
     channel_order: Literal["RGB", "BGR"] = "RGB"
+    letterbox: bool = Field(
+        default=False, description="Scale keeping the aspect ratio until the image fits the input, then pad the "
+        "rest with grey (114), centred: how YOLO models are fed. Box labels follow the same mapping.",
+    )
+
+    @model_validator(mode="after")
+    def _one_resize(self) -> "Preprocessing":
+        if self.letterbox and self.resize is not None:
+            raise ValueError("give resize (shorter side, then a centre crop) or letterbox, not both")
+        return self
 
     @field_validator("std")
     @classmethod

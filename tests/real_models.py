@@ -88,7 +88,7 @@ ORIENTATION = RealModel(
 )
 YOLOV8N = RealModel(
     "yolov8n_320", "yolov8n_320.onnx", "detection", [1, 3, 320, 320],
-    {"mean": [0.0], "std": [1.0]},  # RGB /255, as Ultralytics feeds it
+    {"letterbox": True, "mean": [0.0], "std": [1.0]},  # RGB /255 letterboxed, as Ultralytics feeds it
     "YOLOv8n (Ultralytics 8.2 export, 18 classes), raw head (N, 22, A), dynamic batch/height/width",
 )
 TEXT_DETECTOR = RealModel(

@@ -440,6 +440,35 @@ def test_targets_follow_the_image_preprocessing(resize):
     np.testing.assert_allclose(four, [[0, 0, 80, 64]])
 
 
+def test_letterboxed_targets_follow_the_letterboxed_image():
+    """YOLO's letterbox: 240x150 fits 80x64 at 1/3 (80x50), centred 7 px down on grey padding; the
+    rectangle lands where the box mapping says, and the padding is the grey Ultralytics uses."""
+    from PIL import Image
+
+    from core.schemas import Preprocessing
+    from worker.data import LETTERBOX_FILL, _image_to_array
+
+    image = np.zeros((150, 240, 3), np.uint8)
+    image[30:90, 100:180] = 255
+    arr = _image_to_array(Image.fromarray(image), height=64, width=80, channels=3,
+                          prep=Preprocessing(letterbox=True, mean=[0, 0, 0], std=[1, 1, 1]))
+    assert arr.shape == (64, 80, 3)
+    np.testing.assert_allclose(arr[0, 0], LETTERBOX_FILL / 255, atol=1e-6)  # a padded row
+    box = targets_to_input_pixels(np.array([[1, 100, 30, 180, 90]]), (240, 150), (80, 64), None, letterbox=True)
+    np.testing.assert_allclose(box[0, 1:], [100 / 3, 30 / 3 + 7, 180 / 3, 90 / 3 + 7])
+    ys, xs = np.nonzero(arr[..., 0] > 0.9)
+    np.testing.assert_allclose(box[0, 1:], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=1.0)
+
+
+def test_letterbox_and_resize_are_one_choice():
+    from pydantic import ValidationError
+
+    from core.schemas import Preprocessing
+
+    with pytest.raises(ValidationError, match="resize .* or letterbox"):
+        Preprocessing(resize=256, letterbox=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Box labels in dataset archives
 

@@ -29,7 +29,9 @@ def _image_to_array(img, *, height: int, width: int, channels: int, prep: Prepro
     from PIL import Image
 
     img = img.convert("L" if channels == 1 else "RGB")
-    if prep.resize:
+    if prep.letterbox:
+        img = _letterbox(img, width, height)
+    elif prep.resize:
         scale = prep.resize / min(img.width, img.height)
         img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))), Image.BILINEAR)
         left, top = (img.width - width) // 2, (img.height - height) // 2
@@ -42,6 +44,28 @@ def _image_to_array(img, *, height: int, width: int, channels: int, prep: Prepro
     mean = prep.mean if prep.mean is not None else (IMAGENET_MEAN if channels == 3 else [0.0])
     std = prep.std if prep.std is not None else (IMAGENET_STD if channels == 3 else [1.0])
     return (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def letterbox_geometry(image_wh: tuple[int, int], input_wh: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(new width, new height, left, top) of a letterboxed image: scaled by the smaller ratio so it fits
+    the input whole, centred (worker.metrics.detection maps box labels with the same numbers)."""
+    (img_w, img_h), (in_w, in_h) = image_wh, input_wh
+    scale = min(in_w / img_w, in_h / img_h)
+    new_w, new_h = min(in_w, max(1, round(img_w * scale))), min(in_h, max(1, round(img_h * scale)))
+    return new_w, new_h, (in_w - new_w) // 2, (in_h - new_h) // 2
+
+
+# Ultralytics pads letterboxed images with this grey.
+LETTERBOX_FILL = 114
+
+
+def _letterbox(img, width: int, height: int):
+    from PIL import Image
+
+    new_w, new_h, left, top = letterbox_geometry((img.width, img.height), (width, height))
+    canvas = Image.new(img.mode, (width, height), LETTERBOX_FILL if img.mode == "L" else (LETTERBOX_FILL,) * 3)
+    canvas.paste(img.resize((new_w, new_h), Image.BILINEAR), (left, top))
+    return canvas
 
 
 def iter_batches(

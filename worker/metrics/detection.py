@@ -152,10 +152,11 @@ def nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold
 
 
 def targets_to_input_pixels(boxes_xyxy: np.ndarray, image_wh: tuple[int, int], input_wh: tuple[int, int],
-                            resize: int | None) -> np.ndarray:
+                            resize: int | None, *, letterbox: bool = False) -> np.ndarray:
     """Boxes in an original image's pixels, moved to the model input's pixels the way
     worker/data.py ``_image_to_array`` moves the image: a straight resize to ``input_wh``, or
-    (``resize`` set) the shorter side scaled to ``resize`` then a centre crop of ``input_wh``.
+    (``resize`` set) the shorter side scaled to ``resize`` then a centre crop of ``input_wh``, or
+    (``letterbox``) scaled to fit whole and centred on a padded canvas.
 
     ``boxes_xyxy`` is (M, 4) xyxy, or (M, 5) ``[cls, x1, y1, x2, y2]`` (the class column is
     kept). Boxes are clipped to the input; those left without area are dropped.
@@ -168,7 +169,12 @@ def targets_to_input_pixels(boxes_xyxy: np.ndarray, image_wh: tuple[int, int], i
     xyxy = boxes[:, columns - 4:]
     img_w, img_h = (int(v) for v in image_wh)
     in_w, in_h = (int(v) for v in input_wh)
-    if resize:
+    if letterbox:
+        from worker.data import letterbox_geometry
+
+        new_w, new_h, left, top = letterbox_geometry((img_w, img_h), (in_w, in_h))
+        left, top = -left, -top  # the image moves right and down on its canvas
+    elif resize:
         # Mirrors _image_to_array: the resized size is rounded and never below the crop.
         scale = resize / min(img_w, img_h)
         new_w, new_h = max(in_w, round(img_w * scale)), max(in_h, round(img_h * scale))

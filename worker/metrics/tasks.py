@@ -224,7 +224,8 @@ def box_targets(dataset, input_shape: Sequence[int], preprocessing, total: int) 
     targets = []
     for member, size in zip(members, image_sizes(dataset.path, dataset.format, members), strict=True):
         rows = boxes.get(member, np.zeros((0, 5)))
-        mapped = targets_to_input_pixels(rows, size, (width, height), preprocessing.resize)
+        mapped = targets_to_input_pixels(rows, size, (width, height), preprocessing.resize,
+                                         letterbox=preprocessing.letterbox)
         targets.append(Detections(boxes=mapped[:, 1:5], scores=np.ones(len(mapped)),
                                   labels=mapped[:, 0].astype(np.int64)))
     return targets
