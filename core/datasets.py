@@ -507,13 +507,14 @@ def _parse_coco(member: str, doc: dict, images: list[str]) -> _BoxLabels:
 def read_box_targets(path: Path, fmt: str) -> dict[str, np.ndarray]:
     """Each labeled image's boxes, ``(M, 5)`` float64 ``[cls, x1, y1, x2, y2]`` in the original
     image's pixels (YOLO's normalized boxes are scaled by the image's own size); an image with
-    no objects has an empty ``(0, 5)``. Keys are the listing's members."""
+    no objects has an empty ``(0, 5)``. Keys are the listing's members, in the listing's order
+    (list_images, iter_batches)."""
     names, label_files = _scan_archive(path, fmt)
     labels = _read_box_labels(_image_members(names), label_files)
     if labels is None:
         raise InvalidInput("the dataset holds no box labels (YOLO labels/*.txt or a COCO JSON)", code="no_box_labels")
     if labels.kind == "coco":
-        return labels.rows
+        return {member: labels.rows[member] for member in labels.members}
     targets = {}
     for member, (w, h) in zip(labels.members, image_sizes(path, fmt, labels.members), strict=True):
         rows = labels.rows[member]

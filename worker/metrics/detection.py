@@ -611,10 +611,16 @@ class HeadChannelSnr:
 
     def result(self) -> dict[str, float]:
         """{"worst_class_channel_snr_db", "box_snr_db"}; empty before any sample."""
-        scores = self.channels.snrs(slice(4, None))
-        if not scores:
-            return {}
-        return {"worst_class_channel_snr_db": min(scores), "box_snr_db": self.channels.pooled_snr(slice(0, 4))}
+        return head_channel_snrs(self.channels)
+
+
+def head_channel_snrs(channels: ChannelSums) -> dict[str, float]:
+    """A raw head's per-channel sums (4 box channels first, then its score channels) read as
+    {"worst_class_channel_snr_db", "box_snr_db"}; empty before any sample."""
+    scores = channels.snrs(slice(4, None))
+    if not scores:
+        return {}
+    return {"worst_class_channel_snr_db": min(scores), "box_snr_db": channels.pooled_snr(slice(0, 4))}
 
 
 def class_channel_snr_db(reference_out: np.ndarray, candidate_out: np.ndarray, layout: str) -> dict[str, float]:

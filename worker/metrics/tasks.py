@@ -25,9 +25,9 @@ from worker.metrics.detection import (
     RAW_HEAD_LAYOUTS,
     AgreementTally,
     Detections,
-    HeadChannelSnr,
     MeanAveragePrecision,
     decode,
+    head_channel_snrs,
     scores_are_logits,
 )
 from worker.metrics.fidelity import Fidelity
@@ -115,9 +115,9 @@ class DetectionTally:
         self.layout, self.options, self.labeled = layout, options, labeled
         self.agreement = AgreementTally()
         self.map = MeanAveragePrecision()
-        raw_head = layout in RAW_HEAD_LAYOUTS
-        self.head = HeadChannelSnr(layout) if raw_head else None
-        self.fidelity = Fidelity() if raw_head else None
+        # A raw head's channels lie along its shorter axis, as Fidelity's do: its per-channel sums
+        # give both the fidelity and the score channels' SNR.
+        self.fidelity = Fidelity() if layout in RAW_HEAD_LAYOUTS else None
         self.logits: bool | None = None
         self.logits_decided = False
 
@@ -136,15 +136,20 @@ class DetectionTally:
             # Once, from the original: every candidate's scores are read the way FP32's are.
             first = reference[0] if isinstance(reference, PerSample) else reference
             self.logits, self.logits_decided = scores_are_logits(first, self.layout), True
-        self.agreement.add(self.decode(reference), self.decode(outputs))
+        reference_detections = self.decode(reference)
+        # The original's own tally is fed its outputs as both: decoded once.
+        self.agreement.add(reference_detections,
+                           reference_detections if outputs is reference else self.decode(outputs))
         if self.labeled and targets is not None:
             self.map.add(self.decode(outputs, for_map=True), list(targets))
-        if self.head is not None and not isinstance(outputs, PerSample) and not isinstance(reference, PerSample):
-            self.head.add(reference[0], outputs[0])
+        if self.fidelity is not None and not isinstance(outputs, PerSample) and not isinstance(reference, PerSample):
             self.fidelity.add(outputs[0], reference[0])
 
+    def head_snrs(self) -> dict[str, float]:
+        return head_channel_snrs(self.fidelity.channels) if self.fidelity is not None else {}
+
     def floor(self) -> dict[str, Any] | None:
-        measured = self.head.result() if self.head is not None else {}
+        measured = self.head_snrs()
         if "worst_class_channel_snr_db" not in measured:
             return None
         value = measured["worst_class_channel_snr_db"]
@@ -157,7 +162,7 @@ class DetectionTally:
         fidelity["detections"] = agreement["candidate_detections"]
         if self.fidelity is not None and self.fidelity.samples:
             fidelity.update(self.fidelity.result())
-            fidelity.update(self.head.result())
+            fidelity.update(self.head_snrs())
         out: dict[str, Any] = {"fidelity": fidelity}
         mean_ap = self.map.result() if self.labeled else None
         if mean_ap is not None and mean_ap["map50_95"] is not None:
@@ -214,16 +219,16 @@ def box_targets(dataset, input_shape: Sequence[int], preprocessing, total: int) 
     labels), in the order worker.data.iter_batches reads the images."""
     if dataset.label_type != "boxes":
         return None
-    from core.datasets import image_sizes, list_images, read_box_targets
+    from core.datasets import image_sizes, read_box_targets
     from core.tasks import input_hw
     from worker.metrics.detection import targets_to_input_pixels
 
     height, width = input_hw(input_shape)
-    members = list_images(dataset.path, dataset.format).members[:total]
-    boxes = read_box_targets(dataset.path, dataset.format)
+    boxes = read_box_targets(dataset.path, dataset.format)  # keyed in the listing's order
+    members = list(boxes)[:total]
     targets = []
     for member, size in zip(members, image_sizes(dataset.path, dataset.format, members), strict=True):
-        rows = boxes.get(member, np.zeros((0, 5)))
+        rows = boxes[member]
         mapped = targets_to_input_pixels(rows, size, (width, height), preprocessing.resize,
                                          letterbox=preprocessing.letterbox)
         targets.append(Detections(boxes=mapped[:, 1:5], scores=np.ones(len(mapped)),
