@@ -180,9 +180,9 @@ def _judge_and_search(ctx: PassContext, config: QuantizeInt8Config, tolerance: f
 
     validation = ValidationSet(ctx, spec, quantizer.prepared, batch_size=fixed_batch or config.batch_size,
                                samples=config.validation_samples, fixed_batch=fixed_batch)
-    out, metrics["fallback"] = per_layer_fallback(ctx, config, tolerance, quantizer, validation, out)
+    out, judged, metrics["fallback"] = per_layer_fallback(ctx, config, tolerance, quantizer, validation, out)
     if config.search_speed:
-        out, metrics["speed_search"] = speed_search(ctx, config, tolerance, quantizer, validation, out,
+        out, metrics["speed_search"] = speed_search(ctx, config, tolerance, quantizer, validation, out, judged,
                                                     metrics["fallback"])
         metrics["quant_format"] = "QOperator" if metrics["speed_search"]["chosen"] == "qoperator" else "QDQ"
     warnings = [w for w in (metrics.get("warning"), validation.note, metrics.get("speed_search", {}).get("warning"))

@@ -182,8 +182,9 @@ def _float_counts(most: int) -> list[int]:
 
 
 def per_layer_fallback(ctx: PassContext, config: QuantizeInt8Config, tolerance: float | None,
-                       quantizer: Quantizer, validation: ValidationSet, full: Path) -> tuple[Path, dict[str, Any]]:
-    """(the chosen graph, the report): ``full`` when it meets the tolerance (or none is given), else
+                       quantizer: Quantizer, validation: ValidationSet,
+                       full: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(the chosen graph, its metric, the report): ``full`` when it meets the tolerance (or none is given), else
     the nodes that add the most error kept in float, doubling their number, until the task's metric
     is within the tolerance (and above its floor); the best found when none is."""
     from worker.quantization.probe import added_error_ranking
@@ -194,7 +195,7 @@ def per_layer_fallback(ctx: PassContext, config: QuantizeInt8Config, tolerance: 
     ctx.report_progress(SEARCH_PROGRESS)
     if tolerance is None or meets_tolerance(metric, tolerance):
         report.update(tolerance_met=None if tolerance is None else True, result=metric["value"])
-        return full, report
+        return full, metric, report
 
     ranked = added_error_ranking(quantizer.prepared, full, validation.probe_batches(), validation.spec["name"],
                                  skip=set(config.exclude_nodes) | set(quantizer.head_nodes), threads=ctx.threads)
@@ -220,7 +221,7 @@ def per_layer_fallback(ctx: PassContext, config: QuantizeInt8Config, tolerance: 
     if not report["tolerance_met"]:
         report["reason"] = shortfall_reason(metric, tolerance, most)
         ctx.log.warning(report["reason"])
-    return chosen, report
+    return chosen, metric, report
 
 
 def _fallback_report(validation: ValidationSet, tolerance: float | None) -> dict[str, Any]:
@@ -260,9 +261,11 @@ def shortfall_reason(metric: dict[str, Any], tolerance: float, most: int) -> str
 
 
 def speed_search(ctx: PassContext, config: QuantizeInt8Config, tolerance: float | None, quantizer: Quantizer,
-                 validation: ValidationSet, chosen: Path, fallback: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    """Time the quality-approved INT8 graph against alternatives and the FP32 graph, on this
-    worker, and keep the fastest INT8 that still meets the tolerance."""
+                 validation: ValidationSet, chosen: Path, chosen_metric: dict[str, Any],
+                 fallback: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Time the quality-approved INT8 graph (``chosen``, judged ``chosen_metric`` by the fallback)
+    against alternatives and the FP32 graph, on this worker, and keep the fastest INT8 that still
+    meets the tolerance."""
     from worker.passes.benchmark import time_interleaved
 
     kept = [layer["node"] for layer in fallback["kept_float"]]
@@ -275,7 +278,7 @@ def speed_search(ctx: PassContext, config: QuantizeInt8Config, tolerance: float 
     if config.op_types is None:
         candidates["qdq_weighted_only"] = quantizer.quantize(
             kept, ctx.work_dir / "model.int8.weighted.onnx", op_types=["Conv", "Gemm", "MatMul"])
-    judged = {label: validation.judge(path) for label, path in candidates.items()}
+    judged = {label: chosen_metric if label == "qdq" else validation.judge(path) for label, path in candidates.items()}
     results = {label: {**attempt_entry(judged[label]), "size_bytes": path.stat().st_size}
                for label, path in candidates.items()}
     timings = time_interleaved({"fp32": quantizer.prepared, **candidates},
