@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session
 from api.tenants import check_job_quota, check_upload_quota
 from api.uploads import Upload
 from core.datasets import inspect_dataset
-from core.tasks import resolve_task
 from core.errors import Conflict, InvalidInput, NotFound
 from core.model_formats import inspect_model
 from core.models import (
@@ -33,6 +32,7 @@ from core.schemas import (
 )
 from core.settings import Settings
 from core.storage import ObjectStore
+from core.tasks import resolve_task
 from core.views import job_report
 from core.webhooks import check_url  # noqa: F401  (the routes' name for it)
 from worker.recipes import DatasetFacts, plan_job, resolve_steps

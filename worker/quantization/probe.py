@@ -33,7 +33,6 @@ class _Twin:
     concat_axis: int = 1
 
 
-
 def channel_axes(shape: tuple[int, ...]) -> set[int]:
     """Axes along which an intermediate tensor may hold channels: fidelity.channel_axis's, and for a
     3-D tensor whose axes 1 and 2 are equally long (nothing says which holds the channels) both."""
@@ -92,7 +91,6 @@ class _ChannelError:
                 worst = min(worst, min(_db(float(s), float(n)) for s, n in zip(sig[live], self.noise[axis][live],
                                                                                 strict=True)))
         return worst, whole
-
 
 
 def _db(signal: float, noise: float) -> float:
