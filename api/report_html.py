@@ -270,6 +270,23 @@ def _recommendation(job: Job, report: ReportRead) -> str:
             f'<p class="rec-numbers">{" · ".join(escape(n) for n in numbers)}</p></section>')
 
 
+_STYLE = """\
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1000px; color: #222; padding: 0 16px; }
+h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28px; }
+table { border-collapse: collapse; margin: 8px 0 16px; } td, th { border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; }
+code { font-size: 12px; } .muted { fill: #888; color: #888; } .error { color: #c62828; font-weight: 600; }
+svg.chart text { font: 12px system-ui, sans-serif; } svg.chart .title { font-weight: 600; font-size: 13px; }
+.why { color: #a04000; font-size: 12px; } #artifacts td:nth-child(-n+7), #artifacts td:nth-child(9) { white-space: nowrap; }
+#artifacts tr.why-row td { white-space: normal; }
+#artifacts tr:has(+ tr.why-row) td { border-bottom: none; } #artifacts tr.why-row td { padding-top: 0; }
+.status { font-weight: 600; } .grid { display: grid; grid-template-columns: 1fr; gap: 8px; }
+.rec { border: 2px solid #2e7d32; border-radius: 6px; padding: 4px 16px; margin: 16px 0; background: #f3faf3; }
+.rec.none { border-color: #a04000; background: #fff8f0; } .rec.pending { border-color: #9e9e9e; background: #f7f7f7; }
+.rec h2 { margin: 8px 0 4px; } .verdict { font-weight: 600; } .pick { color: #2e7d32; }
+.verdict-why { color: #555; font-size: 12px; }
+"""
+
+
 def render(job: Job, report: ReportRead) -> str:
     entries = report.entries
     mb = [(e.name, e.size_bytes / 1e6, None) for e in entries]
@@ -319,20 +336,7 @@ def render(job: Job, report: ReportRead) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>cvopt report: {title}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
-body {{ font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1000px; color: #222; padding: 0 16px; }}
-h1 {{ font-size: 22px; margin-bottom: 4px; }} h2 {{ font-size: 17px; margin-top: 28px; }}
-table {{ border-collapse: collapse; margin: 8px 0 16px; }} td, th {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; }}
-code {{ font-size: 12px; }} .muted {{ fill: #888; color: #888; }} .error {{ color: #c62828; font-weight: 600; }}
-svg.chart text {{ font: 12px system-ui, sans-serif; }} svg.chart .title {{ font-weight: 600; font-size: 13px; }}
-.why {{ color: #a04000; font-size: 12px; }} #artifacts td:nth-child(-n+7), #artifacts td:nth-child(9) {{ white-space: nowrap; }}
-#artifacts tr.why-row td {{ white-space: normal; }}
-#artifacts tr:has(+ tr.why-row) td {{ border-bottom: none; }} #artifacts tr.why-row td {{ padding-top: 0; }}
-.status {{ font-weight: 600; }} .grid {{ display: grid; grid-template-columns: 1fr; gap: 8px; }}
-.rec {{ border: 2px solid #2e7d32; border-radius: 6px; padding: 4px 16px; margin: 16px 0; background: #f3faf3; }}
-.rec.none {{ border-color: #a04000; background: #fff8f0; }} .rec.pending {{ border-color: #9e9e9e; background: #f7f7f7; }}
-.rec h2 {{ margin: 8px 0 4px; }} .verdict {{ font-weight: 600; }} .pick {{ color: #2e7d32; }}
-.verdict-why {{ color: #555; font-size: 12px; }}
-</style></head>
+{_STYLE}</style></head>
 <body>
 <h1>Job {title}</h1>
 <p><span class="status" id="job-status" style="color:{STATUS_COLOR.get(job.status.value, '#000')}">{job.status.value}</span>
