@@ -52,21 +52,35 @@ def find(session: Session, api_key: ApiKey, route: str, key: str, digest: str) -
     if record.request_hash != digest:
         raise InvalidInput(
             f"{HEADER} {key!r} was already used with a different request; use a new key for a new request",
-            code="idempotency_key_reused", details={"resource_id": record.resource_id},
+            code="idempotency_key_reused",
+            details={"resource_id": record.resource_id},
         )
     return record
 
 
-def remember(session: Session, api_key: ApiKey, route: str, key: str, digest: str, resource_id: str,
-             status_code: int) -> None:
+def remember(
+    session: Session, api_key: ApiKey, route: str, key: str, digest: str, resource_id: str, status_code: int
+) -> None:
     """Add the record to the resource's transaction (and drop this key's expired one)."""
     ttl = timedelta(seconds=get_settings().idempotency_ttl_seconds)
-    session.execute(delete(IdempotencyRecord).where(
-        IdempotencyRecord.api_key_id == api_key.id, IdempotencyRecord.route == route, IdempotencyRecord.key == key,
-        IdempotencyRecord.created_at < utcnow() - ttl,
-    ))
-    session.add(IdempotencyRecord(api_key_id=api_key.id, route=route, key=key, request_hash=digest,
-                                  resource_id=resource_id, status_code=status_code))
+    session.execute(
+        delete(IdempotencyRecord).where(
+            IdempotencyRecord.api_key_id == api_key.id,
+            IdempotencyRecord.route == route,
+            IdempotencyRecord.key == key,
+            IdempotencyRecord.created_at < utcnow() - ttl,
+        )
+    )
+    session.add(
+        IdempotencyRecord(
+            api_key_id=api_key.id,
+            route=route,
+            key=key,
+            request_hash=digest,
+            resource_id=resource_id,
+            status_code=status_code,
+        )
+    )
 
 
 def mark_replayed(response: Response, record: IdempotencyRecord) -> None:
@@ -74,9 +88,19 @@ def mark_replayed(response: Response, record: IdempotencyRecord) -> None:
     response.headers["Idempotent-Replayed"] = "true"
 
 
-def create_once(session: Session, api_key: ApiKey, route: str, key: str | None, digest: str, *,
-                make: Callable[[], T], load: Callable[[str], T], status_code: int, response: Response,
-                discard: Callable[[T], None] | None = None) -> tuple[T, bool]:
+def create_once(
+    session: Session,
+    api_key: ApiKey,
+    route: str,
+    key: str | None,
+    digest: str,
+    *,
+    make: Callable[[], T],
+    load: Callable[[str], T],
+    status_code: int,
+    response: Response,
+    discard: Callable[[T], None] | None = None,
+) -> tuple[T, bool]:
     """Make and commit a resource, once per idempotency key: (the resource, whether it is a
     replay). ``make`` adds the row (id set, not committed), ``load`` reads one back by id,
     ``discard`` undoes what ``make`` did outside the database (a stored object) when a

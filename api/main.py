@@ -31,8 +31,9 @@ def ensure_bootstrap_key() -> None:
     with session_scope() as session:
         tenant = ensure_default_tenant(session)
         if session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key))) is None:
-            session.add(ApiKey(tenant_id=tenant.id, name="bootstrap", prefix=key[:8], key_hash=hash_key(key),
-                               is_admin=True))
+            session.add(
+                ApiKey(tenant_id=tenant.id, name="bootstrap", prefix=key[:8], key_hash=hash_key(key), is_admin=True)
+            )
             log.info("created the bootstrap API key")
 
 

@@ -48,9 +48,18 @@ class RequestContext:
             if template != "/metrics":
                 metrics.observe(scope["method"], template, status["code"], started)
             if self.access_log:
-                log.info("%s %s %d", scope["method"], scope["path"], status["code"], extra={
-                    "method": scope["method"], "route": template, "status": status["code"],
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+                log.info(
+                    "%s %s %d",
+                    scope["method"],
+                    scope["path"],
+                    status["code"],
+                    extra={
+                        "method": scope["method"],
+                        "route": template,
+                        "status": status["code"],
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    },
+                )
             logs.request_id.reset(token)
 
 

@@ -15,8 +15,15 @@ from core.schemas import ReportEntry, ReportRead
 from core.tasks import DEFAULT_TOLERANCE
 
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f"]
-STATUS_COLOR = {"succeeded": "#2e7d32", "failed": "#c62828", "cancelled": "#757575", "running": "#1565c0",
-                "queued": "#6a1b9a", "skipped": "#9e9e9e", "pending": "#9e9e9e"}
+STATUS_COLOR = {
+    "succeeded": "#2e7d32",
+    "failed": "#c62828",
+    "cancelled": "#757575",
+    "running": "#1565c0",
+    "queued": "#6a1b9a",
+    "skipped": "#9e9e9e",
+    "pending": "#9e9e9e",
+}
 
 
 def _num(value: float, digits: int | None) -> str:
@@ -26,40 +33,57 @@ def _num(value: float, digits: int | None) -> str:
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def _bars(title: str, unit: str, rows: list[tuple[str, float | None, float | None]], *, chart_id: str,
-          digits: int | None = None, scale_max: float | None = None) -> str:
+def _bars(
+    title: str,
+    unit: str,
+    rows: list[tuple[str, float | None, float | None]],
+    *,
+    chart_id: str,
+    digits: int | None = None,
+    scale_max: float | None = None,
+) -> str:
     """Horizontal bars (value, optional whisker end); rows without a value say 'not measured'.
     ``scale_max``: a fixed full scale, drawn as a grey track, for values read as absolutes (an
     accuracy of 0.06 must look small); without it the largest value fills the bar."""
     label_w, bar_w, row_h = 230, 380, 26
     height = 34 + row_h * max(1, len(rows))
-    top = scale_max or max([v for _, v, _ in rows if v is not None] + [w for _, _, w in rows if w is not None]
-                           + [1e-9])
-    parts = [f'<svg class="chart" id="{chart_id}" role="img" aria-label="{escape(title)}" '
-             f'viewBox="0 0 {label_w + bar_w + 90} {height}" width="{label_w + bar_w + 90}" height="{height}">',
-             f'<text x="0" y="16" class="title">{escape(title)}</text>']
+    top = scale_max or max([v for _, v, _ in rows if v is not None] + [w for _, _, w in rows if w is not None] + [1e-9])
+    parts = [
+        f'<svg class="chart" id="{chart_id}" role="img" aria-label="{escape(title)}" '
+        f'viewBox="0 0 {label_w + bar_w + 90} {height}" width="{label_w + bar_w + 90}" height="{height}">',
+        f'<text x="0" y="16" class="title">{escape(title)}</text>',
+    ]
     for i, (label, value, whisker) in enumerate(rows):
         y = 30 + i * row_h
-        parts.append(f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end" class="label">{escape(label[:34])}</text>')
+        parts.append(
+            f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end" class="label">{escape(label[:34])}</text>'
+        )
         if value is None:
             parts.append(f'<text x="{label_w + 4}" y="{y + 15}" class="muted">not measured</text>')
             continue
         w = bar_w * min(value, top) / top
         color = PALETTE[i % len(PALETTE)]
         if scale_max:
-            parts.append(f'<rect class="track" x="{label_w}" y="{y + 3}" width="{bar_w}" height="{row_h - 8}" '
-                         f'fill="#eee"/>')
-        parts.append(f'<rect class="bar" x="{label_w}" y="{y + 3}" width="{max(w, 1):.1f}" height="{row_h - 8}" '
-                     f'fill="{color}"><title>{escape(label)}: {_num(value, digits)} {unit}</title></rect>')
+            parts.append(
+                f'<rect class="track" x="{label_w}" y="{y + 3}" width="{bar_w}" height="{row_h - 8}" fill="#eee"/>'
+            )
+        parts.append(
+            f'<rect class="bar" x="{label_w}" y="{y + 3}" width="{max(w, 1):.1f}" height="{row_h - 8}" '
+            f'fill="{color}"><title>{escape(label)}: {_num(value, digits)} {unit}</title></rect>'
+        )
         end = bar_w if scale_max else w
         if whisker is not None and whisker > value:
             x1, x2 = label_w + w, label_w + bar_w * whisker / top
             mid = y + 3 + (row_h - 8) / 2
-            parts.append(f'<line class="whisker" x1="{x1:.1f}" y1="{mid:.1f}" x2="{x2:.1f}" y2="{mid:.1f}" '
-                         f'stroke="#333"/><line x1="{x2:.1f}" y1="{mid - 5:.1f}" x2="{x2:.1f}" y2="{mid + 5:.1f}" '
-                         f'stroke="#333"/>')
+            parts.append(
+                f'<line class="whisker" x1="{x1:.1f}" y1="{mid:.1f}" x2="{x2:.1f}" y2="{mid:.1f}" '
+                f'stroke="#333"/><line x1="{x2:.1f}" y1="{mid - 5:.1f}" x2="{x2:.1f}" y2="{mid + 5:.1f}" '
+                f'stroke="#333"/>'
+            )
             end = x2 - label_w
-        parts.append(f'<text x="{label_w + end + 6:.1f}" y="{y + 15}" class="value">{_num(value, digits)} {unit}</text>')
+        parts.append(
+            f'<text x="{label_w + end + 6:.1f}" y="{y + 15}" class="value">{_num(value, digits)} {unit}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -73,8 +97,9 @@ def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def _place_labels(points: list[tuple[str, float, float]], bounds: tuple[float, float, float, float],
-                  radius: float) -> list[tuple[float, float, str, bool]]:
+def _place_labels(
+    points: list[tuple[str, float, float]], bounds: tuple[float, float, float, float], radius: float
+) -> list[tuple[float, float, str, bool]]:
     """(x, baseline y, text-anchor, needs a leader line) for each point's label: the nearest spot
     beside or above/below its point that stays in ``bounds`` and clears every point and every label
     placed before it. Artifacts often sit on top of each other (an export and its copy)."""
@@ -88,8 +113,11 @@ def _place_labels(points: list[tuple[str, float, float]], bounds: tuple[float, f
             for anchor, tx in (("start", x + radius + 3), ("end", x - radius - 3)):
                 x0 = tx if anchor == "start" else tx - width
                 candidates.append((tx, ty, anchor, shift != 0, (x0, ty - ASCENT, x0 + width, ty + DESCENT)))
-        inside = [c for c in candidates if bounds[0] <= c[4][0] and c[4][2] <= bounds[2]
-                  and bounds[1] <= c[4][1] and c[4][3] <= bounds[3]] or candidates
+        inside = [
+            c
+            for c in candidates
+            if bounds[0] <= c[4][0] and c[4][2] <= bounds[2] and bounds[1] <= c[4][1] and c[4][3] <= bounds[3]
+        ] or candidates
         free = (c for c in inside if not any(_overlap(c[4], t) for t in taken))
         tx, ty, anchor, leader, box = next(free, inside[0])
         taken.append(box)
@@ -106,31 +134,44 @@ def _scatter(points: list[tuple[str, float, float]]) -> str:
         return '<p class="muted">No latency measured: add a benchmark step to the recipe.</p>'
     max_x = max(p[1] for p in points) * 1.15 or 1
     max_y = max(p[2] for p in points) * 1.15 or 1
-    parts = [f'<svg class="chart" id="scatter" role="img" aria-label="size against latency" viewBox="0 0 {w} {h}" '
-             f'width="{w}" height="{h}">',
-             f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="#555"/>',
-             f'<line x1="{left}" y1="10" x2="{left}" y2="{h - bottom}" stroke="#555"/>',
-             f'<text x="{(w - right + left) / 2}" y="{h - 16}" text-anchor="middle" class="label">size (MB)</text>',
-             f'<text x="16" y="{(h - bottom) / 2}" transform="rotate(-90 16 {(h - bottom) / 2})" text-anchor="middle" '
-             f'class="label">p50 latency, batch 1 (ms)</text>']
+    parts = [
+        f'<svg class="chart" id="scatter" role="img" aria-label="size against latency" viewBox="0 0 {w} {h}" '
+        f'width="{w}" height="{h}">',
+        f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="#555"/>',
+        f'<line x1="{left}" y1="10" x2="{left}" y2="{h - bottom}" stroke="#555"/>',
+        f'<text x="{(w - right + left) / 2}" y="{h - 16}" text-anchor="middle" class="label">size (MB)</text>',
+        f'<text x="16" y="{(h - bottom) / 2}" transform="rotate(-90 16 {(h - bottom) / 2})" text-anchor="middle" '
+        f'class="label">p50 latency, batch 1 (ms)</text>',
+    ]
     for frac in (0, 0.5, 1):
-        parts.append(f'<text x="{left + frac * (w - left - right):.0f}" y="{h - bottom + 16}" text-anchor="middle" '
-                     f'class="tick">{_num(frac * max_x, None)}</text>')
-        parts.append(f'<text x="{left - 6}" y="{h - bottom - frac * (h - bottom - 10) + 4:.0f}" text-anchor="end" '
-                     f'class="tick">{_num(frac * max_y, None)}</text>')
-    xy = [(label[:28], left + size / max_x * (w - left - right), h - bottom - latency / max_y * (h - bottom - 10))
-          for label, size, latency in points]
+        parts.append(
+            f'<text x="{left + frac * (w - left - right):.0f}" y="{h - bottom + 16}" text-anchor="middle" '
+            f'class="tick">{_num(frac * max_x, None)}</text>'
+        )
+        parts.append(
+            f'<text x="{left - 6}" y="{h - bottom - frac * (h - bottom - 10) + 4:.0f}" text-anchor="end" '
+            f'class="tick">{_num(frac * max_y, None)}</text>'
+        )
+    xy = [
+        (label[:28], left + size / max_x * (w - left - right), h - bottom - latency / max_y * (h - bottom - 10))
+        for label, size, latency in points
+    ]
     labels = _place_labels(xy, (left + 2, 0, w, h - bottom - 2), radius=6)
     for i, ((label, x, y), (tx, ty, anchor, leader)) in enumerate(zip(xy, labels, strict=True)):
         color = PALETTE[i % len(PALETTE)]
         name, size, latency = points[i]
-        parts.append(f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{color}">'
-                     f'<title>{escape(name)}: {size:.2f} MB, {_num(latency, None)} ms</title></circle>')
+        parts.append(
+            f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{color}">'
+            f"<title>{escape(name)}: {size:.2f} MB, {_num(latency, None)} ms</title></circle>"
+        )
         if leader:
-            parts.append(f'<line class="leader" x1="{x:.1f}" y1="{y:.1f}" x2="{tx:.1f}" y2="{ty - 4:.1f}" '
-                         f'stroke="{color}" stroke-width="0.8"/>')
-        parts.append(f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="{anchor}" class="point-label">'
-                     f'{escape(label)}</text>')
+            parts.append(
+                f'<line class="leader" x1="{x:.1f}" y1="{y:.1f}" x2="{tx:.1f}" y2="{ty - 4:.1f}" '
+                f'stroke="{color}" stroke-width="0.8"/>'
+            )
+        parts.append(
+            f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="{anchor}" class="point-label">{escape(label)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -150,12 +191,17 @@ def _float_nodes_table(step) -> str:
     rows = []
     for group in groups:
         names = [escape(str(n.get("node"))) for n in group]
-        shown = names[0] if len(names) == 1 else (
-            f"<details><summary>{len(names)} nodes</summary>{', '.join(names)}</details>")
+        shown = (
+            names[0]
+            if len(names) == 1
+            else (f"<details><summary>{len(names)} nodes</summary>{', '.join(names)}</details>")
+        )
         ops = ", ".join(escape(op) for op in dict.fromkeys(str(n.get("op_type", "")) for n in group))
         rows.append(f"<tr><td>{shown}</td><td>{ops}</td><td>{escape(str(group[0].get('reason', '')))}</td></tr>")
-    return (f'<section class="float-nodes"><h2>Kept in float by rule ({escape(step.name)}, step {step.index})</h2>'
-            f'<table><tr><th>node</th><th>op</th><th>why</th></tr>{"".join(rows)}</table></section>')
+    return (
+        f'<section class="float-nodes"><h2>Kept in float by rule ({escape(step.name)}, step {step.index})</h2>'
+        f"<table><tr><th>node</th><th>op</th><th>why</th></tr>{''.join(rows)}</table></section>"
+    )
 
 
 def _fallback_tables(job: Job) -> str:
@@ -168,22 +214,26 @@ def _fallback_tables(job: Job) -> str:
         kept = fallback.get("kept_float") or []
         attempts = fallback.get("attempts") or []
         metric = fallback.get("metric", "score")
-        rows = "".join(
-            f"<tr><td>{escape(str(layer.get('node')))}</td><td>{escape(str(layer.get('op_type', '')))}</td>"
-            f"<td>{layer.get('worst_channel_snr_db', float('nan')):.1f}</td><td>{layer.get('snr_db', float('nan')):.1f}</td>"
-            f"<td>{escape(str(layer.get('reason', '')))}</td></tr>"
-            for layer in kept
-        ) or '<tr><td colspan="5">none: every quantizable layer runs in INT8</td></tr>'
+        rows = (
+            "".join(
+                f"<tr><td>{escape(str(layer.get('node')))}</td><td>{escape(str(layer.get('op_type', '')))}</td>"
+                f"<td>{layer.get('worst_channel_snr_db', float('nan')):.1f}</td><td>{layer.get('snr_db', float('nan')):.1f}</td>"
+                f"<td>{escape(str(layer.get('reason', '')))}</td></tr>"
+                for layer in kept
+            )
+            or '<tr><td colspan="5">none: every quantizable layer runs in INT8</td></tr>'
+        )
         tries = "".join(
             f"<tr><td>{a.get('float_layers')}</td><td>{a.get(metric, float('nan')):.4f}</td>"
-            f"<td>{a.get('drop', float('nan')):.4f}</td></tr>" for a in attempts
+            f"<td>{a.get('drop', float('nan')):.4f}</td></tr>"
+            for a in attempts
         )
         out.append(
             f'<section class="fallback"><h2>Per-layer precision ({escape(step.name)}, step {step.index})</h2>'
             f"<p>Tolerance {escape(str(fallback.get('tolerance')))} on {escape(metric)}, validated on "
             f"{escape(str(fallback.get('validated_on')))} ({fallback.get('samples')} samples); "
             f"{'met' if fallback.get('tolerance_met') else 'not met'}.</p>"
-            f'<table><tr><th>layer kept in float</th><th>op</th><th>worst channel SNR dB</th><th>SNR dB</th>'
+            f"<table><tr><th>layer kept in float</th><th>op</th><th>worst channel SNR dB</th><th>SNR dB</th>"
             f"<th>why</th></tr>{rows}</table>"
             f"<table><tr><th>layers in float</th><th>{escape(metric)}</th><th>drop</th></tr>{tries}</table></section>"
         )
@@ -220,29 +270,38 @@ def _throughput(e: ReportEntry, notes: list[str]) -> str:
         return measured or "-"
     if e.throughput_error not in notes:
         notes.append(e.throughput_error)
-    mark = f'<sup>{notes.index(e.throughput_error) + 1}</sup>'
+    mark = f"<sup>{notes.index(e.throughput_error) + 1}</sup>"
     failed = "larger batch failed" if measured else "not measured"
     return f'{measured}{"<br>" if measured else ""}<span class="why">{failed} {mark}</span>'
 
 
-VERDICT_COLOR = {"original": "#555", "meets_tolerance": "#2e7d32", "slower_than_float": "#a04000",
-                 "over_tolerance": "#c62828", "not_measured": "#757575"}
+VERDICT_COLOR = {
+    "original": "#555",
+    "meets_tolerance": "#2e7d32",
+    "slower_than_float": "#a04000",
+    "over_tolerance": "#c62828",
+    "not_measured": "#757575",
+}
 
 
 def _verdict(e: ReportEntry, recommended: str | None) -> str:
     if e.verdict is None:
         return "-"
     mark = '<br><b class="pick">★ recommended</b>' if e.name == recommended else ""
-    return (f'<span class="verdict" style="color:{VERDICT_COLOR.get(e.verdict, "#000")}">'
-            f'{escape(e.verdict.replace("_", " "))}</span>{mark}')
+    return (
+        f'<span class="verdict" style="color:{VERDICT_COLOR.get(e.verdict, "#000")}">'
+        f"{escape(e.verdict.replace('_', ' '))}</span>{mark}"
+    )
 
 
 def _verdict_row(e: ReportEntry, columns: int) -> str:
     """The verdict's numbers, in a line under the artifact's row (too long for a cell)."""
     if not e.verdict_reason or e.verdict == "original":
         return ""
-    return (f'<tr class="why-row"><td></td><td colspan="{columns - 1}"><span class="verdict-why">'
-            f"{escape(e.verdict_reason)}</span></td></tr>")
+    return (
+        f'<tr class="why-row"><td></td><td colspan="{columns - 1}"><span class="verdict-why">'
+        f"{escape(e.verdict_reason)}</span></td></tr>"
+    )
 
 
 def _recommendation(job: Job, report: ReportRead) -> str:
@@ -250,24 +309,32 @@ def _recommendation(job: Job, report: ReportRead) -> str:
     why nothing beats the original."""
     rec = report.recommended
     if rec is None:
-        return (f'<section id="recommendation" class="rec pending"><p>No recommendation: the job is '
-                f"{escape(job.status.value)}; one is made once it succeeds.</p></section>")
+        return (
+            f'<section id="recommendation" class="rec pending"><p>No recommendation: the job is '
+            f"{escape(job.status.value)}; one is made once it succeeds.</p></section>"
+        )
     if rec.artifact is None or rec.metrics is None:
-        return (f'<section id="recommendation" class="rec none"><h2>No artifact recommended</h2>'
-                f'<p class="rec-why">{escape(rec.reason)}</p></section>')
+        return (
+            f'<section id="recommendation" class="rec none"><h2>No artifact recommended</h2>'
+            f'<p class="rec-why">{escape(rec.reason)}</p></section>'
+        )
     m = rec.metrics
     numbers = [f"p50 {_num(m.p50_ms, None)} ms at batch 1"]
     if m.speedup:
         numbers.append(f"{m.speedup:.2f}x the original's speed")
     numbers.append(f"{m.size_bytes / 1e6:.2f} MB ({m.size_ratio:.2f}x the original's size)")
     if m.metric is not None:
-        numbers.append(f"{metric_label(m.metric.name)} {m.metric.value:.4f}, drop {m.metric.drop:.4f} "
-                       f"(tolerance {rec.tolerance:g})")
+        numbers.append(
+            f"{metric_label(m.metric.name)} {m.metric.value:.4f}, drop {m.metric.drop:.4f} "
+            f"(tolerance {rec.tolerance:g})"
+        )
     else:
         numbers.append("accuracy not measured (lossless float conversion)")
-    return (f'<section id="recommendation" class="rec ok"><h2>Recommended: <code>{escape(rec.artifact)}</code></h2>'
-            f'<p class="rec-why">{escape(rec.reason)}</p>'
-            f'<p class="rec-numbers">{" · ".join(escape(n) for n in numbers)}</p></section>')
+    return (
+        f'<section id="recommendation" class="rec ok"><h2>Recommended: <code>{escape(rec.artifact)}</code></h2>'
+        f'<p class="rec-why">{escape(rec.reason)}</p>'
+        f'<p class="rec-numbers">{" · ".join(escape(n) for n in numbers)}</p></section>'
+    )
 
 
 _STYLE = """\
@@ -290,22 +357,33 @@ svg.chart text { font: 12px system-ui, sans-serif; } svg.chart .title { font-wei
 def render(job: Job, report: ReportRead) -> str:
     entries = report.entries
     mb = [(e.name, e.size_bytes / 1e6, None) for e in entries]
-    latency = [(e.name, e.latency_ms["p50_ms"] if e.latency_ms else None,
-                e.latency_ms.get("p90_ms") if e.latency_ms else None) for e in entries]
+    latency = [
+        (e.name, e.latency_ms["p50_ms"] if e.latency_ms else None, e.latency_ms.get("p90_ms") if e.latency_ms else None)
+        for e in entries
+    ]
     labeled = any(e.accuracy for e in entries)
     accuracy = [(e.name, (e.accuracy or {}).get("top1"), None) for e in entries]
-    agreement = [(e.name, e.fidelity.get("top1_agreement") if e.fidelity else (1.0 if e.step is None else None), None)
-                 for e in entries]
+    agreement = [
+        (e.name, e.fidelity.get("top1_agreement") if e.fidelity else (1.0 if e.step is None else None), None)
+        for e in entries
+    ]
     quality_charts = ""
     if labeled:
-        quality_charts += _bars("Top-1 accuracy on the evaluation set", "", accuracy, chart_id="accuracy-chart",
-                                digits=4, scale_max=1.0)
+        quality_charts += _bars(
+            "Top-1 accuracy on the evaluation set", "", accuracy, chart_id="accuracy-chart", digits=4, scale_max=1.0
+        )
     if not labeled or any(e.fidelity for e in entries):
-        quality_charts += _bars("Fidelity: top-1 agreement with the original", "", agreement,
-                                chart_id="agreement-chart", digits=4, scale_max=1.0)
+        quality_charts += _bars(
+            "Fidelity: top-1 agreement with the original",
+            "",
+            agreement,
+            chart_id="agreement-chart",
+            digits=4,
+            scale_max=1.0,
+        )
     points = [(e.name, e.size_bytes / 1e6, e.latency_ms["p50_ms"]) for e in entries if e.latency_ms]
     step_rows = "".join(
-        f'<tr><td>{s.index}</td><td>{escape(s.name)}</td>'
+        f"<tr><td>{s.index}</td><td>{escape(s.name)}</td>"
         f'<td><span class="status" style="color:{STATUS_COLOR.get(s.status.value, "#000")}">{s.status.value}</span></td>'
         f"<td>{((s.finished_at - s.started_at).total_seconds() if s.started_at and s.finished_at else 0):.2f} s</td>"
         f"<td><code>{escape(json.dumps(s.config, sort_keys=True))}</code></td>"
@@ -322,12 +400,16 @@ def render(job: Job, report: ReportRead) -> str:
             f"<td>{_throughput(e, throughput_notes)}</td><td>{escape(_quality(e))}</td>"
             f"<td>{_verdict(e, recommended)}</td></tr>{_verdict_row(e, 9)}"
         )
-    notes = "".join(f'<p class="why"><sup>{i}</sup> throughput not measured: {escape(note)}</p>'
-                    for i, note in enumerate(throughput_notes, 1))
+    notes = "".join(
+        f'<p class="why"><sup>{i}</sup> throughput not measured: {escape(note)}</p>'
+        for i, note in enumerate(throughput_notes, 1)
+    )
     error = ""
     if job.error_code:
-        error = (f'<p class="error">Failed at step {escape(job.error_step or "-")}: {escape(job.error_code)}: '
-                 f"{escape(job.error_message or '')}</p>")
+        error = (
+            f'<p class="error">Failed at step {escape(job.error_step or "-")}: {escape(job.error_code)}: '
+            f"{escape(job.error_message or '')}</p>"
+        )
     machine = report.machine or {}
     title = escape(job.name or job.id)
     recipe = escape(job.preset or "custom steps")
@@ -339,9 +421,9 @@ def render(job: Job, report: ReportRead) -> str:
 {_STYLE}</style></head>
 <body>
 <h1>Job {title}</h1>
-<p><span class="status" id="job-status" style="color:{STATUS_COLOR.get(job.status.value, '#000')}">{job.status.value}</span>
+<p><span class="status" id="job-status" style="color:{STATUS_COLOR.get(job.status.value, "#000")}">{job.status.value}</span>
  · recipe: <b>{recipe}</b> · model <code>{escape(job.model.filename)}</code> ({escape(job.model.format)})
- · created {job.created_at:%Y-%m-%d %H:%M:%S} UTC · measured on {escape(str(machine.get('cpu') or machine.get('gpu') or machine.get('platform') or 'the worker'))}</p>
+ · created {job.created_at:%Y-%m-%d %H:%M:%S} UTC · measured on {escape(str(machine.get("cpu") or machine.get("gpu") or machine.get("platform") or "the worker"))}</p>
 {error}
 {_recommendation(job, report)}
 <h2>Steps</h2>

@@ -55,9 +55,9 @@ def _soft_delete(*, session: Session, store: ObjectStore, row: Model | Dataset, 
     """Hide the row (jobs keep their history) and remove its object, unless a job still needs it."""
     if active_jobs:
         raise Conflict(
-            f"{row.__tablename__[:-1]} {row.id} is used by {active_jobs} queued or running jobs; "
-            "cancel them first",
-            code=code, details={"active_jobs": active_jobs},
+            f"{row.__tablename__[:-1]} {row.id} is used by {active_jobs} queued or running jobs; cancel them first",
+            code=code,
+            details={"active_jobs": active_jobs},
         )
     row.deleted_at = utcnow()
     # The idempotency keys that made it are free again: a pipeline may upload the same file anew.
@@ -76,9 +76,17 @@ def create_model(*, session: Session, store: ObjectStore, upload: Upload, tenant
     model_id = new_id()
     key = f"models/{model_id}/{upload.filename}"
     row = Model(
-        id=model_id, tenant_id=tenant_id, name=upload.fields.get("name") or upload.filename, filename=upload.filename,
-        format=info.format, sha256=upload.sha256, size_bytes=upload.size_bytes, storage_key=key,
-        inputs=info.inputs, outputs=info.outputs, details=info.details,
+        id=model_id,
+        tenant_id=tenant_id,
+        name=upload.fields.get("name") or upload.filename,
+        filename=upload.filename,
+        format=info.format,
+        sha256=upload.sha256,
+        size_bytes=upload.size_bytes,
+        storage_key=key,
+        inputs=info.inputs,
+        outputs=info.outputs,
+        details=info.details,
     )
     _store_then_add(session=session, store=store, key=key, path=upload.path, row=row)
     return row
@@ -94,7 +102,8 @@ def get_model(*, session: Session, model_id: str, tenant_id: str) -> Model:
 def delete_model(*, session: Session, store: ObjectStore, model_id: str, tenant_id: str) -> None:
     model = get_model(session=session, model_id=model_id, tenant_id=tenant_id)
     active = session.scalar(
-        select(func.count()).select_from(Job)
+        select(func.count())
+        .select_from(Job)
         .where(Job.model_id == model_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
     )
     _soft_delete(session=session, store=store, row=model, active_jobs=active, code="model_in_use")
@@ -103,17 +112,27 @@ def delete_model(*, session: Session, store: ObjectStore, model_id: str, tenant_
 # -- datasets ----------------------------------------------------------------------------------
 
 
-def create_dataset(*, session: Session, store: ObjectStore, upload: Upload, tenant_id: str,
-                   settings: Settings) -> Dataset:
+def create_dataset(
+    *, session: Session, store: ObjectStore, upload: Upload, tenant_id: str, settings: Settings
+) -> Dataset:
     info = inspect_dataset(upload.path)
     check_upload_quota(session, tenant_id, settings, upload.size_bytes)
     dataset_id = new_id()
     key = f"datasets/{dataset_id}/{upload.filename}"
     row = Dataset(
-        id=dataset_id, tenant_id=tenant_id, name=upload.fields.get("name") or upload.filename, filename=upload.filename,
-        format=info.format, sha256=upload.sha256, size_bytes=upload.size_bytes, storage_key=key,
-        num_samples=info.num_samples, labeled=info.labeled,
-        num_classes=info.num_classes, class_names=info.class_names, label_type=info.label_type,
+        id=dataset_id,
+        tenant_id=tenant_id,
+        name=upload.fields.get("name") or upload.filename,
+        filename=upload.filename,
+        format=info.format,
+        sha256=upload.sha256,
+        size_bytes=upload.size_bytes,
+        storage_key=key,
+        num_samples=info.num_samples,
+        labeled=info.labeled,
+        num_classes=info.num_classes,
+        class_names=info.class_names,
+        label_type=info.label_type,
         sample_shape=info.sample_shape,
         layout=info.layout,
     )
@@ -131,7 +150,9 @@ def get_dataset(*, session: Session, dataset_id: str, tenant_id: str) -> Dataset
 def delete_dataset(*, session: Session, store: ObjectStore, dataset_id: str, tenant_id: str) -> None:
     dataset = get_dataset(session=session, dataset_id=dataset_id, tenant_id=tenant_id)
     active = session.scalar(
-        select(func.count()).select_from(Job).where(
+        select(func.count())
+        .select_from(Job)
+        .where(
             (Job.calibration_dataset_id == dataset_id) | (Job.evaluation_dataset_id == dataset_id),
             Job.status.in_([JobStatus.queued, JobStatus.running]),
         )
@@ -148,28 +169,41 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
     dataset reads exactly like one that does not exist."""
     model = session.get(Model, job_in.model_id)
     if model is None or model.tenant_id != tenant_id:
-        raise InvalidInput(f"model {job_in.model_id} not found", code="model_not_found",
-                           details={"model_id": job_in.model_id})
+        raise InvalidInput(
+            f"model {job_in.model_id} not found", code="model_not_found", details={"model_id": job_in.model_id}
+        )
     if model.deleted_at is not None:
-        raise InvalidInput(f"model {job_in.model_id} was deleted", code="model_deleted",
-                           details={"model_id": job_in.model_id})
+        raise InvalidInput(
+            f"model {job_in.model_id} was deleted", code="model_deleted", details={"model_id": job_in.model_id}
+        )
 
     def facts(dataset_id: str | None, role: str) -> DatasetFacts | None:
         if dataset_id is None:
             return None
         ds = session.get(Dataset, dataset_id)
         if ds is None or ds.deleted_at is not None or ds.tenant_id != tenant_id:
-            raise InvalidInput(f"{role} dataset {dataset_id} not found", code="dataset_not_found",
-                               details={f"{role}_dataset_id": dataset_id})
-        return DatasetFacts(id=ds.id, layout=ds.layout, sample_shape=list(ds.sample_shape),
-                            # Class labels only: box labels' classes are checked by the worker's detection metrics.
-                            num_classes=ds.num_classes if ds.labeled and ds.label_type != "boxes" else None)
+            raise InvalidInput(
+                f"{role} dataset {dataset_id} not found",
+                code="dataset_not_found",
+                details={f"{role}_dataset_id": dataset_id},
+            )
+        return DatasetFacts(
+            id=ds.id,
+            layout=ds.layout,
+            sample_shape=list(ds.sample_shape),
+            # Class labels only: box labels' classes are checked by the worker's detection metrics.
+            num_classes=ds.num_classes if ds.labeled and ds.label_type != "boxes" else None,
+        )
 
     has_dataset = bool(job_in.calibration_dataset_id or job_in.evaluation_dataset_id)
-    steps = resolve_steps(preset=job_in.preset, steps=job_in.step_specs(), has_dataset=has_dataset,
-                          overrides=job_in.overrides)
+    steps = resolve_steps(
+        preset=job_in.preset, steps=job_in.step_specs(), has_dataset=has_dataset, overrides=job_in.overrides
+    )
     plan = plan_job(
-        model_format=model.format, model_inputs=list(model.inputs), model_outputs=list(model.outputs), steps=steps,
+        model_format=model.format,
+        model_inputs=list(model.inputs),
+        model_outputs=list(model.outputs),
+        steps=steps,
         default_input_shape=(model.details or {}).get("default_input_shape"),
         input_shape=job_in.input_shape,
         calibration=facts(job_in.calibration_dataset_id, "calibration"),
@@ -177,19 +211,37 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
         preprocessing=job_in.preprocessing,
     )
     # Decided now when the file records its output shapes; otherwise by the worker from real outputs.
-    task = resolve_task(job_in.task, [o.get("shape") for o in model.outputs],
-                        plan.input_spec[0]["shape"] if len(plan.input_spec) == 1 else None, job_in.detection.layout)
+    task = resolve_task(
+        job_in.task,
+        [o.get("shape") for o in model.outputs],
+        plan.input_spec[0]["shape"] if len(plan.input_spec) == 1 else None,
+        job_in.detection.layout,
+    )
     if job_in.webhook_url:
         check_url(job_in.webhook_url, settings, resolve=False)  # resolved again before each call
     check_job_quota(session, tenant_id, settings)
     job = Job(
-        id=new_id(), tenant_id=tenant_id, name=job_in.name, status=JobStatus.queued, model_id=model.id,
+        id=new_id(),
+        tenant_id=tenant_id,
+        name=job_in.name,
+        status=JobStatus.queued,
+        model_id=model.id,
         calibration_dataset_id=job_in.calibration_dataset_id,
-        evaluation_dataset_id=job_in.evaluation_dataset_id, preset=job_in.preset, queue=plan.queue,
-        input_spec=plan.input_spec, preprocessing=job_in.preprocessing.model_dump(mode="json"), task=task,
-        task_options={"max_accuracy_drop": job_in.max_accuracy_drop,
-                      "detection": job_in.detection.model_dump(mode="json")},
-        progress=0.0, attempts=0, cancel_requested=False, enqueued_at=utcnow(), webhook_url=job_in.webhook_url,
+        evaluation_dataset_id=job_in.evaluation_dataset_id,
+        preset=job_in.preset,
+        queue=plan.queue,
+        input_spec=plan.input_spec,
+        preprocessing=job_in.preprocessing.model_dump(mode="json"),
+        task=task,
+        task_options={
+            "max_accuracy_drop": job_in.max_accuracy_drop,
+            "detection": job_in.detection.model_dump(mode="json"),
+        },
+        progress=0.0,
+        attempts=0,
+        cancel_requested=False,
+        enqueued_at=utcnow(),
+        webhook_url=job_in.webhook_url,
         steps=[
             JobStep(index=i, name=s.name, config=s.config, queue=s.queue, status=StepStatus.pending, metrics={})
             for i, s in enumerate(plan.steps)
@@ -207,8 +259,9 @@ def get_job(*, session: Session, job_id: str, tenant_id: str) -> Job:
     return job
 
 
-def list_jobs(*, session: Session, tenant_id: str, status: JobStatus | None, limit: int,
-              offset: int) -> tuple[list[Job], int]:
+def list_jobs(
+    *, session: Session, tenant_id: str, status: JobStatus | None, limit: int, offset: int
+) -> tuple[list[Job], int]:
     query = select(Job).where(Job.tenant_id == tenant_id)
     count_query = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id)
     if status is not None:
@@ -221,8 +274,11 @@ def list_jobs(*, session: Session, tenant_id: str, status: JobStatus | None, lim
 def cancel_job(*, session: Session, job_id: str, tenant_id: str) -> Job:
     job = get_job(session=session, job_id=job_id, tenant_id=tenant_id)
     if job.status.terminal:
-        raise Conflict(f"job {job_id} already ended ({job.status.value})", code="job_finished",
-                       details={"status": job.status.value})
+        raise Conflict(
+            f"job {job_id} already ended ({job.status.value})",
+            code="job_finished",
+            details={"status": job.status.value},
+        )
     job.cancel_requested = True
     if job.status == JobStatus.queued:
         # Nobody runs it yet: end it now; a worker that receives its id later skips it.
@@ -239,11 +295,20 @@ def list_artifacts(*, session: Session, store: ObjectStore, job: Job, base_url: 
     out = []
     for row in rows:
         signed = store.download_url(row.storage_key, filename=row.name, base_url=base_url)
-        out.append(ArtifactRead(
-            id=row.id, name=row.name, step=row.step, step_index=row.step_index, format=row.format,
-            size_bytes=row.size_bytes, sha256=row.sha256, meta=row.meta, url=signed.url,
-            expires_at=signed.expires_at,
-        ))
+        out.append(
+            ArtifactRead(
+                id=row.id,
+                name=row.name,
+                step=row.step,
+                step_index=row.step_index,
+                format=row.format,
+                size_bytes=row.size_bytes,
+                sha256=row.sha256,
+                meta=row.meta,
+                url=signed.url,
+                expires_at=signed.expires_at,
+            )
+        )
     return out
 
 

@@ -125,8 +125,9 @@ def create_tenant(*, session: Session, tenant_in: TenantCreate) -> Tenant:
         session.flush()
     except IntegrityError as exc:  # the name is unique: taken before, or by a concurrent request
         session.rollback()
-        raise Conflict(f"a tenant named {tenant_in.name!r} exists", code="tenant_exists",
-                       details={"name": tenant_in.name}) from exc
+        raise Conflict(
+            f"a tenant named {tenant_in.name!r} exists", code="tenant_exists", details={"name": tenant_in.name}
+        ) from exc
     return tenant
 
 
@@ -149,32 +150,48 @@ def effective_quotas(tenant: Tenant, settings: Settings) -> dict[str, int]:
 
 
 def _active_jobs(session: Session, tenant_id: str) -> int:
-    return session.scalar(
-        select(func.count()).select_from(Job)
-        .where(Job.tenant_id == tenant_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
-    ) or 0
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.tenant_id == tenant_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
+        )
+        or 0
+    )
 
 
 def _stored_bytes(session: Session, tenant_id: str) -> int:
-    return int(sum(
-        session.scalar(
-            select(func.coalesce(func.sum(table.size_bytes), 0))
-            .where(table.tenant_id == tenant_id, table.deleted_at.is_(None))
-        ) or 0
-        for table in (Model, Dataset)
-    ))
+    return int(
+        sum(
+            session.scalar(
+                select(func.coalesce(func.sum(table.size_bytes), 0)).where(
+                    table.tenant_id == tenant_id, table.deleted_at.is_(None)
+                )
+            )
+            or 0
+            for table in (Model, Dataset)
+        )
+    )
 
 
 def usage(session: Session, tenant_id: str) -> TenantUsage:
-    return TenantUsage(active_jobs=_active_jobs(session, tenant_id), storage_bytes=_stored_bytes(session, tenant_id),
-                       uploads_last_minute=len(_recent_uploads(session, tenant_id)))
+    return TenantUsage(
+        active_jobs=_active_jobs(session, tenant_id),
+        storage_bytes=_stored_bytes(session, tenant_id),
+        uploads_last_minute=len(_recent_uploads(session, tenant_id)),
+    )
 
 
 def tenant_to_read(session: Session, tenant: Tenant, settings: Settings, *, with_usage: bool = True) -> TenantRead:
     return TenantRead(
-        id=tenant.id, name=tenant.name, created_at=tenant.created_at,
-        quotas=Quotas(max_concurrent_jobs=tenant.max_concurrent_jobs, max_storage_bytes=tenant.max_storage_bytes,
-                      max_uploads_per_minute=tenant.max_uploads_per_minute),
+        id=tenant.id,
+        name=tenant.name,
+        created_at=tenant.created_at,
+        quotas=Quotas(
+            max_concurrent_jobs=tenant.max_concurrent_jobs,
+            max_storage_bytes=tenant.max_storage_bytes,
+            max_uploads_per_minute=tenant.max_uploads_per_minute,
+        ),
         effective_quotas=effective_quotas(tenant, settings),
         usage=usage(session, tenant.id) if with_usage else None,
     )
@@ -240,8 +257,9 @@ def check_job_quota(session: Session, tenant_id: str, settings: Settings) -> Non
     active = _active_jobs(session, tenant_id)
     if active >= limit:
         raise QuotaExceeded(
-            f"tenant {tenant.name!r} has {active} queued or running jobs, its limit; wait for one to end "
-            "or cancel one", code="quota_concurrent_jobs", retry_after=JOBS_RETRY_AFTER_S,
+            f"tenant {tenant.name!r} has {active} queued or running jobs, its limit; wait for one to end or cancel one",
+            code="quota_concurrent_jobs",
+            retry_after=JOBS_RETRY_AFTER_S,
             details={"limit": limit, "active_jobs": active},
         )
 
@@ -259,7 +277,8 @@ def check_upload_quota(session: Session, tenant_id: str, settings: Settings, inc
             wait = 60 - (utcnow() - oldest).total_seconds()
             raise QuotaExceeded(
                 f"tenant {tenant.name!r} made {len(recent)} uploads in the last minute, its limit",
-                code="quota_upload_rate", retry_after=math.ceil(wait),
+                code="quota_upload_rate",
+                retry_after=math.ceil(wait),
                 details={"limit_per_minute": rate, "uploads_last_minute": len(recent)},
             )
     cap = quotas["max_storage_bytes"]
@@ -269,6 +288,7 @@ def check_upload_quota(session: Session, tenant_id: str, settings: Settings, inc
             raise QuotaExceeded(
                 f"tenant {tenant.name!r} stores {used} bytes; {incoming_bytes} more would pass its limit of "
                 f"{cap} bytes; delete models or datasets it no longer needs",
-                code="quota_storage", retry_after=STORAGE_RETRY_AFTER_S,
+                code="quota_storage",
+                retry_after=STORAGE_RETRY_AFTER_S,
                 details={"limit_bytes": cap, "used_bytes": used, "incoming_bytes": incoming_bytes},
             )

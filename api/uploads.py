@@ -65,8 +65,9 @@ def content_length(request: Request) -> int | None:
     if not values:
         return None
     if len(set(values)) > 1 or not re.fullmatch(r"[0-9]{1,18}", values[0].strip()):
-        raise BadRequest(f"the Content-Length header {', '.join(values)!r} is not a number of bytes",
-                         code="invalid_content_length")
+        raise BadRequest(
+            f"the Content-Length header {', '.join(values)!r} is not a number of bytes", code="invalid_content_length"
+        )
     return int(values[0])
 
 
@@ -80,8 +81,7 @@ def _check_name_field(value: str) -> str:
         return _NAME.validate_python(value)
     except ValidationError as exc:
         errors = [{"loc": ["body", "name"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        raise InvalidInput(f"name: {errors[0]['msg']}", code="validation_error",
-                           details={"errors": errors}) from None
+        raise InvalidInput(f"name: {errors[0]['msg']}", code="validation_error", details={"errors": errors}) from None
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -204,8 +204,9 @@ async def receive_upload(request: Request, *, file_field: str, max_bytes: int, t
 T = TypeVar("T")
 
 
-async def handle_upload(request: Request, settings: Settings, create: Callable[[Upload], T],
-                        admit: Callable[[int], None] | None = None) -> T:
+async def handle_upload(
+    request: Request, settings: Settings, create: Callable[[Upload], T], admit: Callable[[int], None] | None = None
+) -> T:
     """Receive the ``file`` field, hand it to ``create`` (in a thread: it inspects and stores
     it), and remove the temporary file whatever happens. ``admit(file_bytes)`` runs first, before
     any of the body is read (quotas), with the file's size as far as Content-Length tells it (the
@@ -213,8 +214,9 @@ async def handle_upload(request: Request, settings: Settings, create: Callable[[
     if admit is not None:
         length = content_length(request) or 0
         await run_in_threadpool(admit, max(0, length - MULTIPART_SLACK))
-    upload = await receive_upload(request, file_field="file", max_bytes=settings.max_upload_bytes,
-                                  tmp_dir=settings.upload_tmp_dir)
+    upload = await receive_upload(
+        request, file_field="file", max_bytes=settings.max_upload_bytes, tmp_dir=settings.upload_tmp_dir
+    )
     try:
         return await run_in_threadpool(create, upload)
     finally:
@@ -236,7 +238,9 @@ def multipart_openapi(description: str) -> dict:
                             "name": {"type": "string", "description": "A display name (default: the file name)."},
                             "architecture": {
                                 "type": "string",
-                                "description": "Models only: the torchvision architecture of a state_dict upload (e.g. resnet18).",
+                                "description": (
+                                    "Models only: the torchvision architecture of a state_dict upload (e.g. resnet18)."
+                                ),
                             },
                         },
                     }

@@ -80,8 +80,9 @@ def build_variants(name: str, device: str, batches: list[int], work: Path, log: 
             cls = get_pass(step)
             step_dir = work / f"{name}-{step}-{config.get('package', '')}"
             step_dir.mkdir(exist_ok=True)
-            ctx = PassContext(work_dir=step_dir, original=original, artifacts=[], input_spec=spec,
-                              preprocessing=Preprocessing())
+            ctx = PassContext(
+                work_dir=step_dir, original=original, artifacts=[], input_spec=spec, preprocessing=Preprocessing()
+            )
             t0 = time.perf_counter()
             result = cls().run(ctx, original, cls.Config(**config))
             log.setdefault("steps", {})[f"{name} {step} {config}"] = {
@@ -98,8 +99,9 @@ def build_variants(name: str, device: str, batches: list[int], work: Path, log: 
         precision = "fp16" if device == "cuda" else "bf16"
         for label, package in ((f"aoti {precision}", "aoti"), (f"{precision} compiled at load", "exported_program")):
             try:
-                ref = run_step("compile_gpu", precision=precision, device=device, package=package,
-                               max_batch=max(batches))
+                ref = run_step(
+                    "compile_gpu", precision=precision, device=device, package=package, max_batch=max(batches)
+                )
                 if package == "aoti" and ref.format != "aoti_package":
                     log.setdefault("errors", {})[f"{name} {label}"] = "fell back to an ExportedProgram"
                     continue
@@ -112,8 +114,9 @@ def build_variants(name: str, device: str, batches: list[int], work: Path, log: 
             try:
                 onnx_ref = run_step("export_onnx")
                 cls = get_pass("build_tensorrt")
-                ctx = PassContext(work_dir=work, original=original, artifacts=[], input_spec=spec,
-                                  preprocessing=Preprocessing())
+                ctx = PassContext(
+                    work_dir=work, original=original, artifacts=[], input_spec=spec, preprocessing=Preprocessing()
+                )
                 result = cls().run(ctx, onnx_ref, cls.Config(precision="fp16"))
                 engine = load_runner(ArtifactRef("e", result.format, result.artifact, meta=dict(result.meta)))
                 variants["tensorrt fp16"] = lambda x, _r=engine: _r({"x": x.cpu().numpy()})
@@ -147,8 +150,16 @@ def bench_model(name: str, device: str, batches: list[int], rounds: int, iters: 
         base = statistics.median(samples["fp32 eager"])
         for label, values in samples.items():
             ms = statistics.median(values)
-            rows.append({"model": name, "batch": batch, "variant": label, "ms": round(ms, 3),
-                         "images_per_s": round(batch * 1000 / ms, 1), "speedup_vs_fp32_eager": round(base / ms, 2)})
+            rows.append(
+                {
+                    "model": name,
+                    "batch": batch,
+                    "variant": label,
+                    "ms": round(ms, 3),
+                    "images_per_s": round(batch * 1000 / ms, 1),
+                    "speedup_vs_fp32_eager": round(base / ms, 2),
+                }
+            )
     return rows
 
 
@@ -165,7 +176,9 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     machine = {
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
         "cuda_device": args.device == "cuda",
     }
     log: dict = {"machine": machine, "rows": []}
@@ -187,8 +200,11 @@ def print_table(log: dict, name: str) -> None:
     print("| batch | variant | ms | images/s | vs FP32 eager |")
     print("|---:|---|---:|---:|---:|")
     for r in (r for r in log["rows"] if r["model"] == name):
-        print(f"| {r['batch']} | {r['variant']} | {r['ms']:.3f} | {r['images_per_s']:.0f} | {r['speedup_vs_fp32_eager']:.2f}x |",
-              flush=True)
+        print(
+            f"| {r['batch']} | {r['variant']} | {r['ms']:.3f} | {r['images_per_s']:.0f} "
+            f"| {r['speedup_vs_fp32_eager']:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

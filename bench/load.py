@@ -73,7 +73,8 @@ def tiny_onnx_model(path: Path) -> None:
         helper.make_node("Gemm", ["f", "w2"], ["y"], transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 32, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
         [w1, w2],
@@ -89,8 +90,13 @@ class Stack:
         self.procs: list[subprocess.Popen] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CVOPT_")}
         # The quota would turn the backlog of submitted jobs into 429s; this measures latency.
-        self.env.update({"CVOPT_DATA_DIR": str(tmp / "data"), "CVOPT_BOOTSTRAP_API_KEY": API_KEY,
-                         "CVOPT_QUOTA_CONCURRENT_JOBS": "0"})
+        self.env.update(
+            {
+                "CVOPT_DATA_DIR": str(tmp / "data"),
+                "CVOPT_BOOTSTRAP_API_KEY": API_KEY,
+                "CVOPT_QUOTA_CONCURRENT_JOBS": "0",
+            }
+        )
         self.port = free_port()
         self.api_workers = api_workers
         self.db_name = None
@@ -108,23 +114,44 @@ class Stack:
             s3_port = free_port()
             s3_env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
             self.env.update(s3_env)
-            self.procs.append(subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
-                                               env=self.env, stdout=log, stderr=subprocess.STDOUT))
+            self.procs.append(
+                subprocess.Popen(
+                    [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
             endpoint = f"http://127.0.0.1:{s3_port}"
             wait_http(endpoint + "/moto-api/")
-            boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
-                         region_name="us-east-1").create_bucket(Bucket="bench")
-            self.env.update({
-                "CVOPT_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db_name}",
-                "CVOPT_BROKER_URL": "redis://127.0.0.1:6379/13",
-                "CVOPT_STORAGE_URL": "s3://bench/cvopt",
-                "CVOPT_S3_ENDPOINT_URL": endpoint,
-                "CVOPT_SECRET_KEY": "bench-" + "s" * 40,
-            })
-            subprocess.run([str(BIN / "cvopt"), "migrate"], env=self.env, check=True, stdout=log, stderr=subprocess.STDOUT)
+            boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                aws_access_key_id="bench",
+                aws_secret_access_key="bench",
+                region_name="us-east-1",
+            ).create_bucket(Bucket="bench")
+            self.env.update(
+                {
+                    "CVOPT_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db_name}",
+                    "CVOPT_BROKER_URL": "redis://127.0.0.1:6379/13",
+                    "CVOPT_STORAGE_URL": "s3://bench/cvopt",
+                    "CVOPT_S3_ENDPOINT_URL": endpoint,
+                    "CVOPT_SECRET_KEY": "bench-" + "s" * 40,
+                }
+            )
+            subprocess.run(
+                [str(BIN / "cvopt"), "migrate"], env=self.env, check=True, stdout=log, stderr=subprocess.STDOUT
+            )
             if self.with_worker:
-                self.procs.append(subprocess.Popen([str(BIN / "cvopt"), "worker", "--queues", "cpu"], env=self.env,
-                                                   stdout=log, stderr=subprocess.STDOUT))
+                self.procs.append(
+                    subprocess.Popen(
+                        [str(BIN / "cvopt"), "worker", "--queues", "cpu"],
+                        env=self.env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
             cmd.append("--no-worker")
         elif not self.with_worker:
             cmd.append("--no-worker")
@@ -137,8 +164,11 @@ class Stack:
         """The uvicorn process(es) serving requests (children of `cvopt serve` when --workers > 1)."""
         serve = self.procs[-1].pid
         out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(serve)], capture_output=True, text=True).stdout
-        kids = [int(line.split()[0]) for line in out.splitlines() if "worker" not in line.split(None, 1)[1]
-                or "multiprocessing" in line]
+        kids = [
+            int(line.split()[0])
+            for line in out.splitlines()
+            if "worker" not in line.split(None, 1)[1] or "multiprocessing" in line
+        ]
         return [serve] + kids
 
     def stop(self) -> None:
@@ -160,8 +190,9 @@ class Stack:
             redis.Redis.from_url("redis://127.0.0.1:6379/13").flushdb()
 
 
-async def drive(base: str, model_id: str, api_pids: list[int], *, clients: int, duration: float,
-                think_s: float) -> dict:
+async def drive(
+    base: str, model_id: str, api_pids: list[int], *, clients: int, duration: float, think_s: float
+) -> dict:
     # aiohttp, not httpx: httpx's async pool itself capped this at ~130 req/s on 2 cores.
     import aiohttp
 
@@ -271,16 +302,25 @@ def upload_memory(base: str, pids: list[int], size_mb: int, tmp: Path) -> dict:
     sampler.start()
     t0 = time.perf_counter()
     with open(path, "rb") as fh:
-        resp = httpx.post(base + "/v1/datasets", files={"file": ("big.npz", fh)},
-                          headers={"Authorization": f"Bearer {API_KEY}"}, timeout=600)
+        resp = httpx.post(
+            base + "/v1/datasets",
+            files={"file": ("big.npz", fh)},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=600,
+        )
     elapsed = time.perf_counter() - t0
     stop.set()
     sampler.join()
     size = path.stat().st_size
     path.unlink()
-    return {"status": resp.status_code, "bytes": size, "seconds": elapsed,
-            "rss_before_mib": before / 1024, "rss_peak_mib": peak[0] / 1024,
-            "growth_mib": (peak[0] - before) / 1024}
+    return {
+        "status": resp.status_code,
+        "bytes": size,
+        "seconds": elapsed,
+        "rss_before_mib": before / 1024,
+        "rss_peak_mib": peak[0] / 1024,
+        "growth_mib": (peak[0] - before) / 1024,
+    }
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> None:
@@ -292,29 +332,41 @@ def run_mode(mode: str, args: argparse.Namespace) -> None:
         model = tmp / "tiny.onnx"
         tiny_onnx_model(model)
         with open(model, "rb") as fh:
-            model_id = httpx.post(base + "/v1/models", files={"file": ("tiny.onnx", fh)},
-                                  headers={"Authorization": f"Bearer {API_KEY}"}).json()["id"]
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                   platform.machine())
-        print(f"\nmode={mode} worker={'on' if args.worker else 'off'} api_workers={args.api_workers} "
-              f"clients={args.clients} duration={args.duration}s cpu={cpu} x{os.cpu_count()}")
+            model_id = httpx.post(
+                base + "/v1/models", files={"file": ("tiny.onnx", fh)}, headers={"Authorization": f"Bearer {API_KEY}"}
+            ).json()["id"]
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.machine(),
+        )
+        print(
+            f"\nmode={mode} worker={'on' if args.worker else 'off'} api_workers={args.api_workers} "
+            f"clients={args.clients} duration={args.duration}s cpu={cpu} x{os.cpu_count()}"
+        )
         api = stack.api_pids()
         for think in args.think_ms:
-            result = asyncio.run(drive(base, model_id, api, clients=args.clients, duration=args.duration,
-                                       think_s=think / 1000))
+            result = asyncio.run(
+                drive(base, model_id, api, clients=args.clients, duration=args.duration, think_s=think / 1000)
+            )
             served = sum(len(values) for values in result["samples"].values())
-            print(f"\nthink time {think:g} ms per client between requests; API CPU "
-                  f"{result['api_cpu_s'] * 1000 / max(served, 1):.2f} ms per request")
+            print(
+                f"\nthink time {think:g} ms per client between requests; API CPU "
+                f"{result['api_cpu_s'] * 1000 / max(served, 1):.2f} ms per request"
+            )
             print("| endpoint | requests | req/s | p50 ms | p99 ms | errors |")
             print("|---|---:|---:|---:|---:|---:|")
             for name, values in result["samples"].items():
-                print(f"| {name} | {len(values)} | {len(values) / args.duration:.0f} | {pct(values, 50):.1f} | "
-                      f"{pct(values, 99):.1f} | {result['errors'][name]} |")
+                print(
+                    f"| {name} | {len(values)} | {len(values) / args.duration:.0f} | {pct(values, 50):.1f} | "
+                    f"{pct(values, 99):.1f} | {result['errors'][name]} |"
+                )
         if args.upload_mb:
             up = upload_memory(base, api, args.upload_mb, tmp)
-            print(f"\nupload of {up['bytes'] / 2**20:.0f} MiB: HTTP {up['status']} in {up['seconds']:.1f}s; "
-                  f"API RSS {up['rss_before_mib']:.0f} -> peak {up['rss_peak_mib']:.0f} MiB "
-                  f"(growth {up['growth_mib']:.0f} MiB)")
+            print(
+                f"\nupload of {up['bytes'] / 2**20:.0f} MiB: HTTP {up['status']} in {up['seconds']:.1f}s; "
+                f"API RSS {up['rss_before_mib']:.0f} -> peak {up['rss_peak_mib']:.0f} MiB "
+                f"(growth {up['growth_mib']:.0f} MiB)"
+            )
     finally:
         stack.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -325,14 +377,29 @@ def main() -> None:
     ap.add_argument("--mode", choices=["embedded", "distributed"], nargs="+", default=["embedded", "distributed"])
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--duration", type=float, default=20)
-    ap.add_argument("--think-ms", type=float, nargs="+", default=[1000, 200, 0],
-                    help="Pause between a client's requests; 0 = closed loop (saturation).")
+    ap.add_argument(
+        "--think-ms",
+        type=float,
+        nargs="+",
+        default=[1000, 200, 0],
+        help="Pause between a client's requests; 0 = closed loop (saturation).",
+    )
     ap.add_argument("--api-workers", type=int, default=1)
     ap.add_argument("--upload-mb", type=int, default=500)
-    ap.add_argument("--worker", action=argparse.BooleanOptionalAction, default=True,
-                    help="Run a worker during the load (on this 2-core machine it takes the API's CPU).")
-    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="CVOPT_X=VALUE",
-                    help="A setting for the service (the bench otherwise ignores CVOPT_* in its environment).")
+    ap.add_argument(
+        "--worker",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Run a worker during the load (on this 2-core machine it takes the API's CPU).",
+    )
+    ap.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="CVOPT_X=VALUE",
+        help="A setting for the service (the bench otherwise ignores CVOPT_* in its environment).",
+    )
     args = ap.parse_args()
     for mode in args.mode:
         run_mode(mode, args)

@@ -85,9 +85,15 @@ def main() -> None:
     def step(name, source, sub, dataset=None, **config):
         d = work / sub
         d.mkdir(exist_ok=True)
-        ctx = PassContext(work_dir=d, original=original, artifacts=[], input_spec=spec,
-                          preprocessing=Preprocessing(mean=[0, 0, 0], std=[1, 1, 1]),
-                          calibration_dataset=datasets[dataset] if dataset else None, threads=args.threads)
+        ctx = PassContext(
+            work_dir=d,
+            original=original,
+            artifacts=[],
+            input_spec=spec,
+            preprocessing=Preprocessing(mean=[0, 0, 0], std=[1, 1, 1]),
+            calibration_dataset=datasets[dataset] if dataset else None,
+            threads=args.threads,
+        )
         cls = get_pass(name)
         result = cls().run(ctx, source, cls.Config(**config))
         return ArtifactRef(result.artifact.name, result.format, result.artifact, step=name, meta=result.meta)
@@ -131,8 +137,11 @@ def main() -> None:
         pred = np.concatenate([run(x[test][i : i + 50]).argmax(1) for i in range(0, 500, 50)])
         acc = float((pred == y[test]).mean())
         macs, params, size = stats[label]
-        print(f"| {label} | {params / stats[base][1]:.2f}x | {macs / stats[base][0]:.2f}x | "
-              f"{size / stats[base][2]:.2f}x | {lat1[label] / lat1[base]:.2f}x | {lat8[label] / lat8[base]:.2f}x | {acc:.3f} |")
+        print(
+            f"| {label} | {params / stats[base][1]:.2f}x | {macs / stats[base][0]:.2f}x | "
+            f"{size / stats[base][2]:.2f}x | {lat1[label] / lat1[base]:.2f}x | "
+            f"{lat8[label] / lat8[base]:.2f}x | {acc:.3f} |"
+        )
 
 
 if __name__ == "__main__":

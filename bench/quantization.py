@@ -25,8 +25,8 @@ import numpy as np
 
 from core.model_formats import inspect_model
 from core.schemas import Preprocessing
-from worker.passes.base import ArtifactRef, DatasetRef, PassContext
 from worker.metrics.fidelity import snr_db
+from worker.passes.base import ArtifactRef, DatasetRef, PassContext
 from worker.passes.registry import get_pass
 
 
@@ -67,10 +67,21 @@ def train_mnist_cnn(x, y, epochs: int = 8):
             return torch.relu(t + self.b2(self.c2(torch.relu(self.b1(self.c1(t))))))
 
     net = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), Block(32),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(), Block(64),
-        nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.BatchNorm2d(128), nn.ReLU(), Block(128),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        Block(32),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        Block(64),
+        nn.Conv2d(64, 128, 3, stride=2, padding=1),
+        nn.BatchNorm2d(128),
+        nn.ReLU(),
+        Block(128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, 10),
     )
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -169,8 +180,15 @@ def bench_model(name: str, module, input_shape, calib_x, eval_x, eval_y, work: P
     def step(pass_name, source, sub, **config):
         d = work / sub
         d.mkdir(exist_ok=True)
-        ctx = PassContext(work_dir=d, original=original, artifacts=[], input_spec=spec,
-                          preprocessing=Preprocessing(), calibration_dataset=calibration, threads=threads)
+        ctx = PassContext(
+            work_dir=d,
+            original=original,
+            artifacts=[],
+            input_spec=spec,
+            preprocessing=Preprocessing(),
+            calibration_dataset=calibration,
+            threads=threads,
+        )
         cls = get_pass(pass_name)
         result = cls().run(ctx, source, cls.Config(**config))
         return ArtifactRef(result.artifact.name, "onnx", result.artifact), result.metrics
@@ -179,11 +197,13 @@ def bench_model(name: str, module, input_shape, calib_x, eval_x, eval_y, work: P
     input_name = __import__("onnx").load(str(fp32.path)).graph.input[0].name
     artifacts = {"ORT FP32 (cvopt export_onnx)": fp32.path}
     artifacts["ORT INT8 by hand (quantize_static defaults)"] = by_hand_int8(
-        fp32.path, work / "by_hand.onnx", calib_x[:128], input_name)
+        fp32.path, work / "by_hand.onnx", calib_x[:128], input_name
+    )
     int8, _ = step("quantize_int8", fp32, "int8", num_calibration_samples=256)
     artifacts["cvopt quantize_int8 (QDQ, per-channel, u8/s8)"] = int8.path
-    auto, auto_metrics = step("quantize_int8", fp32, "auto", num_calibration_samples=256,
-                              max_accuracy_drop=0.01, search_speed=True)
+    auto, auto_metrics = step(
+        "quantize_int8", fp32, "auto", num_calibration_samples=256, max_accuracy_drop=0.01, search_speed=True
+    )
     artifacts["cvopt onnx-int8-auto"] = auto.path
     fp16, _ = step("convert_fp16", fp32, "fp16")
     artifacts["cvopt convert_fp16"] = fp16.path
@@ -201,8 +221,18 @@ def bench_model(name: str, module, input_shape, calib_x, eval_x, eval_y, work: P
         out = outputs(run, eval_x)
         pred = out.argmax(1)
         quality = float((pred == eval_y).mean()) if eval_y is not None else float((pred == reference.argmax(1)).mean())
-        rows.append((label, sizes[label] / base_size, lat1[label] / lat1["torch eager FP32"],
-                     lat8[label] / lat8["torch eager FP32"], quality, snr_db(reference, out), lat1[label], lat8[label]))
+        rows.append(
+            (
+                label,
+                sizes[label] / base_size,
+                lat1[label] / lat1["torch eager FP32"],
+                lat8[label] / lat8["torch eager FP32"],
+                quality,
+                snr_db(reference, out),
+                lat1[label],
+                lat8[label],
+            )
+        )
     ort_fp32 = "ORT FP32 (cvopt export_onnx)"
     return rows, lat8[ort_fp32], auto_metrics
 
@@ -218,8 +248,10 @@ def main() -> None:
     import torchvision
 
     x, y, (train, calib, test) = mnist_splits()
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; threads {args.threads}; "
-          f"rounds {args.rounds} (median)")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; threads {args.threads}; "
+        f"rounds {args.rounds} (median)"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="cvopt-qbench-"))
     for name in args.models.split(","):
         t0 = time.time()
@@ -231,8 +263,9 @@ def main() -> None:
             module = torchvision.models.get_model(name, weights=None).eval()
             calib_x, eval_x, eval_y = to_rgb224(x[calib][:64]), to_rgb224(x[test][:64]), None
             quality = "top-1 agreement"
-        rows, _, auto = bench_model(name, module, calib_x.shape, calib_x, eval_x, eval_y, tmp / name,
-                                    args.threads, args.rounds)
+        rows, _, auto = bench_model(
+            name, module, calib_x.shape, calib_x, eval_x, eval_y, tmp / name, args.threads, args.rounds
+        )
         chosen = auto.get("speed_search", {}).get("chosen")
         kept = len(auto.get("fallback", {}).get("kept_float", []))
         print(f"\n{name} ({quality}; auto chose {chosen}, {kept} layers kept in float; {time.time() - t0:.0f}s)")

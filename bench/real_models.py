@@ -49,8 +49,15 @@ class Case:
 
 def dataset_ref(path: Path) -> DatasetRef:
     info = inspect_dataset(path)
-    return DatasetRef(path=path, format=info.format, labeled=info.labeled, num_samples=info.num_samples,
-                      layout=info.layout, sample_shape=info.sample_shape, label_type=info.label_type)
+    return DatasetRef(
+        path=path,
+        format=info.format,
+        labeled=info.labeled,
+        num_samples=info.num_samples,
+        layout=info.layout,
+        sample_shape=info.sample_shape,
+        label_type=info.label_type,
+    )
 
 
 def mobilenet_v2_pt2(tmp: Path) -> Path:
@@ -70,29 +77,78 @@ def cases(tmp: Path, names: list[str]) -> list[Case]:
     out = []
     if "orientation" in names:
         pages = rm.orientation_zip(tmp / "orientation.zip")
-        out.append(Case("orientation", rm.asset(rm.ORIENTATION.file), "onnx", "x", rm.ORIENTATION.input_shape,
-                        rm.ORIENTATION.preprocessing, pages, pages,
-                        rm.ORIENTATION.description + "; 48 hand-labeled page crops (calibrated on the same set)"))
+        out.append(
+            Case(
+                "orientation",
+                rm.asset(rm.ORIENTATION.file),
+                "onnx",
+                "x",
+                rm.ORIENTATION.input_shape,
+                rm.ORIENTATION.preprocessing,
+                pages,
+                pages,
+                rm.ORIENTATION.description + "; 48 hand-labeled page crops (calibrated on the same set)",
+            )
+        )
     if "yolov8n" in names:
         photos = rm.photos_zip(tmp / "photos.zip")
-        out.append(Case("yolov8n", rm.asset(rm.YOLOV8N.file), "onnx", "images", rm.YOLOV8N.input_shape,
-                        rm.YOLOV8N.preprocessing, photos, photos,
-                        rm.YOLOV8N.description + f"; {len(rm.PHOTOS)} photos, no labels (F1 against FP32)"))
+        out.append(
+            Case(
+                "yolov8n",
+                rm.asset(rm.YOLOV8N.file),
+                "onnx",
+                "images",
+                rm.YOLOV8N.input_shape,
+                rm.YOLOV8N.preprocessing,
+                photos,
+                photos,
+                rm.YOLOV8N.description + f"; {len(rm.PHOTOS)} photos, no labels (F1 against FP32)",
+            )
+        )
     if "shapes" in names:
-        out.append(Case("shapes", sd.FIXTURES / sd.FIXTURE_FILES["yolo"], "onnx", "images", [1, 3, 128, 128],
-                        sd.PREPROCESSING, sd.write_yolo_zip(tmp / "calibration.zip", 64, sd.CALIBRATION_SEED),
-                        sd.write_yolo_zip(tmp / "held_out.zip", 200, sd.HELD_OUT_SEED),
-                        "tiny YOLOv8-style detector (ours, synthetic shapes); 200 held-out images with YOLO labels"))
+        out.append(
+            Case(
+                "shapes",
+                sd.FIXTURES / sd.FIXTURE_FILES["yolo"],
+                "onnx",
+                "images",
+                [1, 3, 128, 128],
+                sd.PREPROCESSING,
+                sd.write_yolo_zip(tmp / "calibration.zip", 64, sd.CALIBRATION_SEED),
+                sd.write_yolo_zip(tmp / "held_out.zip", 200, sd.HELD_OUT_SEED),
+                "tiny YOLOv8-style detector (ours, synthetic shapes); 200 held-out images with YOLO labels",
+            )
+        )
     if "text_det" in names:
         pages = rm.photos_zip(tmp / "pages.zip", rm.TEXT_PAGES + rm.PHOTOS)
-        out.append(Case("text_det", rm.asset(rm.TEXT_DETECTOR.file), "onnx", "x", rm.TEXT_DETECTOR.input_shape,
-                        rm.TEXT_DETECTOR.preprocessing, pages, pages,
-                        rm.TEXT_DETECTOR.description + "; 2 pages + 10 photos (pixel agreement with FP32)"))
+        out.append(
+            Case(
+                "text_det",
+                rm.asset(rm.TEXT_DETECTOR.file),
+                "onnx",
+                "x",
+                rm.TEXT_DETECTOR.input_shape,
+                rm.TEXT_DETECTOR.preprocessing,
+                pages,
+                pages,
+                rm.TEXT_DETECTOR.description + "; 2 pages + 10 photos (pixel agreement with FP32)",
+            )
+        )
     if "mobilenet_v2" in names:
         photos = rm.photos_zip(tmp / "imagenet_photos.zip")
-        out.append(Case("mobilenet_v2", mobilenet_v2_pt2(tmp), "exported_program", "x", [1, 3, 224, 224],
-                        {"resize": 256}, photos, photos,
-                        "torchvision MobileNetV2 (ImageNet weights) as a batch-1 .pt2; 10 photos (agreement)"))
+        out.append(
+            Case(
+                "mobilenet_v2",
+                mobilenet_v2_pt2(tmp),
+                "exported_program",
+                "x",
+                [1, 3, 224, 224],
+                {"resize": 256},
+                photos,
+                photos,
+                "torchvision MobileNetV2 (ImageNet weights) as a batch-1 .pt2; 10 photos (agreement)",
+            )
+        )
     return out
 
 
@@ -103,8 +159,12 @@ def peer_int8(fp32: Path, case: Case, out: Path) -> Path:
     from worker.data import iter_batches
 
     spec = {"name": case.input_name, "shape": case.input_shape, "dtype": "float32"}
-    batches = [x for x, _ in iter_batches(dataset_ref(case.calibration), spec, Preprocessing(**case.preprocessing),
-                                          batch_size=1, limit=64)]
+    batches = [
+        x
+        for x, _ in iter_batches(
+            dataset_ref(case.calibration), spec, Preprocessing(**case.preprocessing), batch_size=1, limit=64
+        )
+    ]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -132,10 +192,16 @@ def run_case(case: Case, work: Path, threads: int) -> dict:
         step_dir = work / f"{index:02d}-{name}"
         step_dir.mkdir(parents=True, exist_ok=True)
         ctx = PassContext(
-            work_dir=step_dir, original=original, artifacts=list(artifacts), input_spec=spec,
-            preprocessing=Preprocessing(**case.preprocessing), task="auto",
-            task_options={"max_accuracy_drop": TOLERANCE, "detection": {}}, threads=threads,
-            calibration_dataset=dataset_ref(case.calibration), evaluation_dataset=dataset_ref(case.evaluation),
+            work_dir=step_dir,
+            original=original,
+            artifacts=list(artifacts),
+            input_spec=spec,
+            preprocessing=Preprocessing(**case.preprocessing),
+            task="auto",
+            task_options={"max_accuracy_drop": TOLERANCE, "detection": {}},
+            threads=threads,
+            calibration_dataset=dataset_ref(case.calibration),
+            evaluation_dataset=dataset_ref(case.evaluation),
         )
         cls = get_pass(name)
         started = time.perf_counter()
@@ -158,22 +224,34 @@ def run_case(case: Case, work: Path, threads: int) -> dict:
     step("benchmark", 3, fp32, batch_sizes=[1], runs=30)
     step("evaluate", 4, fp32)
     report = report_for(
-        job_id=case.name, status=JobStatus.succeeded, task="auto",
+        job_id=case.name,
+        status=JobStatus.succeeded,
+        task="auto",
         task_options={"max_accuracy_drop": TOLERANCE},
-        steps=steps, original=ArtifactFacts(original.name, None, case.fmt, case.model.stat().st_size),
+        steps=steps,
+        original=ArtifactFacts(original.name, None, case.fmt, case.model.stat().st_size),
         artifacts=[ArtifactFacts(a.name, a.step, a.format, a.path.stat().st_size, a.meta) for a in artifacts],
     )
     quantize = next(s.metrics for s in steps if s.name == "quantize_int8")
-    return {"case": case.name, "what": case.what, "report": report.model_dump(mode="json"),
-            "float_nodes": quantize.get("float_nodes", []), "fallback": quantize.get("fallback"),
-            "speed_search": quantize.get("speed_search"), "step_seconds": timings}
+    return {
+        "case": case.name,
+        "what": case.what,
+        "report": report.model_dump(mode="json"),
+        "float_nodes": quantize.get("float_nodes", []),
+        "fallback": quantize.get("fallback"),
+        "speed_search": quantize.get("speed_search"),
+        "step_seconds": timings,
+    }
 
 
 def table(result: dict) -> str:
     report = result["report"]
-    lines = [f"**{result['case']}**: {result['what']}. Task: {report['task']}.", "",
-             "| artifact | task metric | drop | p50 ms (batch 1) | vs FP32 ONNX | size MB | verdict |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"**{result['case']}**: {result['what']}. Task: {report['task']}.",
+        "",
+        "| artifact | task metric | drop | p50 ms (batch 1) | vs FP32 ONNX | size MB | verdict |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     fp32 = next((e for e in report["entries"] if e["step"] == "export_onnx"), None)
     base = fp32["latency_ms"]["p50_ms"] if fp32 and fp32["latency_ms"] else None
     for e in report["entries"]:
@@ -183,12 +261,16 @@ def table(result: dict) -> str:
         lines.append(
             f"| {e['name']}{star} | {m.get('name', '-')} {m['value']:.3f} | {m['drop']:+.3f} | "
             f"{p50:.2f} | {base / p50:.2f}x | {e['size_bytes'] / 1e6:.2f} | {e['verdict']} |"
-            if m and p50 and base else f"| {e['name']} | - | - | - | - | {e['size_bytes'] / 1e6:.2f} | {e['verdict']} |")
+            if m and p50 and base
+            else f"| {e['name']} | - | - | - | - | {e['size_bytes'] / 1e6:.2f} | {e['verdict']} |"
+        )
     rec = report["recommended"] or {}
     lines += ["", f"Recommended: {rec.get('artifact') or 'none (keep the original)'}: {rec.get('reason')}"]
     if result["float_nodes"]:
-        lines.append("Kept in float by the head guard: " + ", ".join(
-            f"{n['node']} ({n['op_type']})" for n in result["float_nodes"][:6]))
+        lines.append(
+            "Kept in float by the head guard: "
+            + ", ".join(f"{n['node']} ({n['op_type']})" for n in result["float_nodes"][:6])
+        )
     return "\n".join(lines)
 
 
@@ -201,8 +283,10 @@ def main() -> None:
     machine = machine_info(args.threads)
     from worker.passes.quantize_int8 import cpu_has_vnni
 
-    print(f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, {args.threads} threads, "
-          f"VNNI {'yes' if cpu_has_vnni() else 'no'}, onnxruntime {machine['onnxruntime']}\n")
+    print(
+        f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, {args.threads} threads, "
+        f"VNNI {'yes' if cpu_has_vnni() else 'no'}, onnxruntime {machine['onnxruntime']}\n"
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="cvopt-bench-") as tmp:
         for case in cases(Path(tmp), args.models.split(",")):

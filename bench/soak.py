@@ -51,19 +51,29 @@ class Soak:
         self.redis_port, self.s3_port, self.api_port = free_port(), free_port(), free_port()
         self.db = f"cvopt_soak_{uuid.uuid4().hex[:8]}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CVOPT_")}
-        self.env.update({
-            "CVOPT_DATA_DIR": str(tmp / "data"), "CVOPT_BOOTSTRAP_API_KEY": API_KEY,
-            "CVOPT_SECRET_KEY": "soak-" + "s" * 40,
-            "CVOPT_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db}",
-            "CVOPT_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "CVOPT_STORAGE_URL": "s3://soak/cvopt", "CVOPT_S3_ENDPOINT_URL": f"http://127.0.0.1:{self.s3_port}",
-            "AWS_ACCESS_KEY_ID": "soak", "AWS_SECRET_ACCESS_KEY": "soak", "AWS_DEFAULT_REGION": "us-east-1",
-            # Fast failure detection: a killed worker's job is taken up again within seconds.
-            "CVOPT_HEARTBEAT_SECONDS": "1", "CVOPT_STALE_AFTER_SECONDS": "6", "CVOPT_REAPER_INTERVAL_SECONDS": "2",
-            "CVOPT_REQUEUE_AFTER_SECONDS": "15", "CVOPT_MAX_ATTEMPTS": "5",
-            # The storm is the point here, not the tenant's quota.
-            "CVOPT_QUOTA_CONCURRENT_JOBS": "0", "CVOPT_QUOTA_UPLOADS_PER_MINUTE": "0",
-        })
+        self.env.update(
+            {
+                "CVOPT_DATA_DIR": str(tmp / "data"),
+                "CVOPT_BOOTSTRAP_API_KEY": API_KEY,
+                "CVOPT_SECRET_KEY": "soak-" + "s" * 40,
+                "CVOPT_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db}",
+                "CVOPT_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+                "CVOPT_STORAGE_URL": "s3://soak/cvopt",
+                "CVOPT_S3_ENDPOINT_URL": f"http://127.0.0.1:{self.s3_port}",
+                "AWS_ACCESS_KEY_ID": "soak",
+                "AWS_SECRET_ACCESS_KEY": "soak",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                # Fast failure detection: a killed worker's job is taken up again within seconds.
+                "CVOPT_HEARTBEAT_SECONDS": "1",
+                "CVOPT_STALE_AFTER_SECONDS": "6",
+                "CVOPT_REAPER_INTERVAL_SECONDS": "2",
+                "CVOPT_REQUEUE_AFTER_SECONDS": "15",
+                "CVOPT_MAX_ATTEMPTS": "5",
+                # The storm is the point here, not the tenant's quota.
+                "CVOPT_QUOTA_CONCURRENT_JOBS": "0",
+                "CVOPT_QUOTA_UPLOADS_PER_MINUTE": "0",
+            }
+        )
         self.redis: subprocess.Popen | None = None
         self.others: list[subprocess.Popen] = []
         self.workers: list[subprocess.Popen] = []
@@ -72,18 +82,40 @@ class Soak:
     # -- processes -------------------------------------------------------------------------------
 
     def start_redis(self) -> None:
-        self.redis = subprocess.Popen(["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
-                                       "--save", "", "--appendonly", "no", "--dir", str(self.tmp)],
-                                      stdout=self.log, stderr=subprocess.STDOUT)
+        self.redis = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.tmp),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         for _ in range(100):
-            if subprocess.run(["redis-cli", "-p", str(self.redis_port), "ping"], capture_output=True).stdout.strip() == b"PONG":
+            if (
+                subprocess.run(["redis-cli", "-p", str(self.redis_port), "ping"], capture_output=True).stdout.strip()
+                == b"PONG"
+            ):
                 return
             time.sleep(0.1)
         raise RuntimeError("redis-server did not start")
 
     def start_worker(self) -> subprocess.Popen:
-        proc = subprocess.Popen([str(BIN / "cvopt"), "worker", "--queues", "cpu"], env=self.env,
-                                stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(BIN / "cvopt"), "worker", "--queues", "cpu"],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.workers.append(proc)
         return proc
 
@@ -94,15 +126,34 @@ class Soak:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.db}"')
         self.start_redis()
-        self.others.append(subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
-                                            env=self.env, stdout=self.log, stderr=subprocess.STDOUT))
+        self.others.append(
+            subprocess.Popen(
+                [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
+                env=self.env,
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+            )
+        )
         wait_http(f"http://127.0.0.1:{self.s3_port}/moto-api/")
-        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.s3_port}", aws_access_key_id="soak",
-                     aws_secret_access_key="soak", region_name="us-east-1").create_bucket(Bucket="soak")
-        subprocess.run([str(BIN / "cvopt"), "migrate"], env=self.env, check=True, stdout=self.log, stderr=subprocess.STDOUT)
-        self.others.append(subprocess.Popen(
-            [str(BIN / "cvopt"), "serve", "--port", str(self.api_port), "--no-worker"], env=self.env, cwd=self.tmp,
-            stdout=self.log, stderr=subprocess.STDOUT))
+        boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{self.s3_port}",
+            aws_access_key_id="soak",
+            aws_secret_access_key="soak",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="soak")
+        subprocess.run(
+            [str(BIN / "cvopt"), "migrate"], env=self.env, check=True, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        self.others.append(
+            subprocess.Popen(
+                [str(BIN / "cvopt"), "serve", "--port", str(self.api_port), "--no-worker"],
+                env=self.env,
+                cwd=self.tmp,
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+            )
+        )
         for _ in range(self.n_workers):
             self.start_worker()
         base = f"http://127.0.0.1:{self.api_port}"
@@ -151,8 +202,17 @@ class Soak:
                 broker_done = True
 
 
-def run_clients(base: str, model_id: str, jobs: int, clients: int, drain_timeout: float, latencies: list[float],
-                accepted: dict[str, str], states: dict[str, dict], errors: dict[str, int]) -> None:
+def run_clients(
+    base: str,
+    model_id: str,
+    jobs: int,
+    clients: int,
+    drain_timeout: float,
+    latencies: list[float],
+    accepted: dict[str, str],
+    states: dict[str, dict],
+    errors: dict[str, int],
+) -> None:
     """``clients`` threads, each a pipeline: it submits its share of ``jobs`` (each POST with an
     Idempotency-Key, retried with the same key on connection errors, 5xx and 429, honouring
     Retry-After), then polls its jobs until each has ended, as a pipeline waiting would. Every
@@ -190,8 +250,13 @@ def run_clients(base: str, model_id: str, jobs: int, clients: int, drain_timeout
                 key = f"soak-{n}"
                 steps = ["export_onnx", bench] if n % 10 == 0 else ["export_onnx"]
                 for _attempt in range(60):
-                    resp = timed(client, "POST", "/v1/jobs", json={"model_id": model_id, "steps": steps, "name": key},
-                                 headers={"Idempotency-Key": key})
+                    resp = timed(
+                        client,
+                        "POST",
+                        "/v1/jobs",
+                        json={"model_id": model_id, "steps": steps, "name": key},
+                        headers={"Idempotency-Key": key},
+                    )
                     if resp is not None and resp.status_code == 202:
                         with lock:
                             accepted[key] = resp.json()["id"]
@@ -232,10 +297,11 @@ def count(base: str, accepted: dict[str, str], states: dict[str, dict]) -> dict:
             duplicated_results += 1
     failed = [j for j in states.values() if j["status"] == "failed"]
     return {
-        "accepted": len(accepted), "in_database": total_in_db,
+        "accepted": len(accepted),
+        "in_database": total_in_db,
         "succeeded": sum(j["status"] == "succeeded" for j in states.values()),
-        "failed": len(failed), "failure_reasons": sorted({f"{j['error']['code']}: {j['error']['message'][:80]}"
-                                                          for j in failed}),
+        "failed": len(failed),
+        "failure_reasons": sorted({f"{j['error']['code']}: {j['error']['message'][:80]}" for j in failed}),
         "lost": len(set(accepted.values()) - set(states)),
         "duplicated": max(0, total_in_db - 1 - len(accepted)) + duplicated_results,  # -1: the warm-up job
         "attempts_max": max((j["attempts"] for j in states.values()), default=0),
@@ -273,11 +339,13 @@ def main() -> None:
         tiny_onnx_model(model_path)
         headers = {"Authorization": f"Bearer {API_KEY}"}
         with open(model_path, "rb") as fh:
-            model = httpx.post(base + "/v1/models", files={"file": ("tiny.onnx", fh)}, headers=headers,
-                               timeout=60).json()
+            model = httpx.post(
+                base + "/v1/models", files={"file": ("tiny.onnx", fh)}, headers=headers, timeout=60
+            ).json()
         # One job before the storm, so that the storm measures the service, not the first import.
-        warm = httpx.post(base + "/v1/jobs", json={"model_id": model["id"], "steps": ["export_onnx"]},
-                          headers=headers, timeout=60).json()
+        warm = httpx.post(
+            base + "/v1/jobs", json={"model_id": model["id"], "steps": ["export_onnx"]}, headers=headers, timeout=60
+        ).json()
         while httpx.get(f"{base}/v1/jobs/{warm['id']}", headers=headers).json()["status"] not in TERMINAL:
             time.sleep(0.5)
 
@@ -290,8 +358,7 @@ def main() -> None:
         started = time.monotonic()
         chaos.start()
         # The storm lasts until the clients saw their last job end.
-        run_clients(base, model["id"], args.jobs, args.clients, args.drain_timeout, latencies, accepted, states,
-                    errors)
+        run_clients(base, model["id"], args.jobs, args.clients, args.drain_timeout, latencies, accepted, states, errors)
         elapsed = time.monotonic() - started
         stop.set()
         chaos.join()
@@ -299,20 +366,30 @@ def main() -> None:
         lat = np.array(latencies)
         report = {
             "machine": f"{cpu_name()}, {os.cpu_count()} cores",
-            "jobs": args.jobs, "clients": args.clients, "workers": args.workers, **soak.faults,
-            **result, "total_s": round(elapsed, 1),
-            "api_requests": len(latencies), "api_p50_ms": round(float(np.percentile(lat, 50)), 1),
-            "api_p99_ms": round(float(np.percentile(lat, 99)), 1), "api_errors": errors,
+            "jobs": args.jobs,
+            "clients": args.clients,
+            "workers": args.workers,
+            **soak.faults,
+            **result,
+            "total_s": round(elapsed, 1),
+            "api_requests": len(latencies),
+            "api_p50_ms": round(float(np.percentile(lat, 50)), 1),
+            "api_p99_ms": round(float(np.percentile(lat, 99)), 1),
+            "api_errors": errors,
         }
         print(json.dumps(report, indent=2))
         print()
-        print("| jobs submitted | succeeded | failed | lost | duplicated | workers killed | broker restarts "
-              "| jobs taken up again | API requests | API p50 ms | API p99 ms | wall s |")
+        print(
+            "| jobs submitted | succeeded | failed | lost | duplicated | workers killed | broker restarts "
+            "| jobs taken up again | API requests | API p50 ms | API p99 ms | wall s |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        print(f"| {report['accepted']} | {report['succeeded']} | {report['failed']} | {report['lost']} "
-              f"| {report['duplicated']} | {report['workers_killed']} | {report['broker_restarts']} "
-              f"| {report['taken_up_again']} | {report['api_requests']} | {report['api_p50_ms']} "
-              f"| {report['api_p99_ms']} | {report['total_s']} |")
+        print(
+            f"| {report['accepted']} | {report['succeeded']} | {report['failed']} | {report['lost']} "
+            f"| {report['duplicated']} | {report['workers_killed']} | {report['broker_restarts']} "
+            f"| {report['taken_up_again']} | {report['api_requests']} | {report['api_p50_ms']} "
+            f"| {report['api_p99_ms']} | {report['total_s']} |"
+        )
     finally:
         soak.stop()
         print(f"(logs in {tmp})", file=sys.stderr)

@@ -32,8 +32,8 @@ from bench.quantization import (
 from core.errors import PassError
 from core.model_formats import inspect_model
 from core.schemas import Preprocessing
-from worker.passes.base import ArtifactRef, DatasetRef, PassContext
 from worker.metrics.fidelity import snr_db
+from worker.passes.base import ArtifactRef, DatasetRef, PassContext
 from worker.passes.registry import get_pass
 
 
@@ -54,8 +54,15 @@ def bench_model(name, module, calib_x, eval_x, eval_y, work: Path, threads: int,
     def step(pass_name, sub, **config):
         d = work / sub
         d.mkdir(exist_ok=True)
-        ctx = PassContext(work_dir=d, original=original, artifacts=[], input_spec=spec,
-                          preprocessing=Preprocessing(), calibration_dataset=calibration, threads=threads)
+        ctx = PassContext(
+            work_dir=d,
+            original=original,
+            artifacts=[],
+            input_spec=spec,
+            preprocessing=Preprocessing(),
+            calibration_dataset=calibration,
+            threads=threads,
+        )
         cls = get_pass(pass_name)
         t0 = time.perf_counter()
         result = cls().run(ctx, original, cls.Config(**config))
@@ -64,16 +71,21 @@ def bench_model(name, module, calib_x, eval_x, eval_y, work: Path, threads: int,
     timer = Timer(threads)
     onnx_result, _ = step("export_onnx", "onnx")
     input_name = __import__("onnx").load(str(onnx_result.artifact)).graph.input[0].name
-    runners = {"torch eager FP32": timer.torch_runner(module),
-               "ORT FP32 (export_onnx)": timer.onnx_runner(onnx_result.artifact, input_name)}
-    sizes = {"torch eager FP32": onnx_result.artifact.stat().st_size,
-             "ORT FP32 (export_onnx)": onnx_result.artifact.stat().st_size}
+    runners = {
+        "torch eager FP32": timer.torch_runner(module),
+        "ORT FP32 (export_onnx)": timer.onnx_runner(onnx_result.artifact, input_name),
+    }
+    sizes = {
+        "torch eager FP32": onnx_result.artifact.stat().st_size,
+        "ORT FP32 (export_onnx)": onnx_result.artifact.stat().st_size,
+    }
     notes, refused = {}, {}
     for precision in ("fp32", "fp16", "int8"):
         label = f"TFLite {precision.upper()} (convert_tflite)"
         try:
-            result, seconds = step("convert_tflite", f"tflite-{precision}", precision=precision,
-                                   num_calibration_samples=256)
+            result, seconds = step(
+                "convert_tflite", f"tflite-{precision}", precision=precision, num_calibration_samples=256
+            )
         except PassError as exc:  # the step's verification refused the file: a row, not a crash
             refused[label] = f"refused by the step's check: {exc.message}"
             continue
@@ -81,9 +93,11 @@ def bench_model(name, module, calib_x, eval_x, eval_y, work: Path, threads: int,
         runners[label] = lambda x, _r=runner: _r({spec[0]["name"]: x})[0]
         sizes[label] = result.artifact.stat().st_size
         coverage = delegate_coverage(result.artifact, threads)
-        notes[label] = (f"{coverage['ops_delegated']}/{coverage['ops']} ops in XNNPACK"
-                        + (f", fell back: {', '.join(coverage['fallback_op_types'])}" if coverage["ops_fallback"] else "")
-                        + f"; converted in {seconds:.0f}s")
+        notes[label] = (
+            f"{coverage['ops_delegated']}/{coverage['ops']} ops in XNNPACK"
+            + (f", fell back: {', '.join(coverage['fallback_op_types'])}" if coverage["ops_fallback"] else "")
+            + f"; converted in {seconds:.0f}s"
+        )
     lat1 = measure(runners, eval_x[:1], rounds=rounds, calls=20)
     reference = np.concatenate([runners["torch eager FP32"](eval_x[i : i + 1]) for i in range(len(eval_x))])
     rows = []
@@ -91,8 +105,17 @@ def bench_model(name, module, calib_x, eval_x, eval_y, work: Path, threads: int,
         out = np.concatenate([run(eval_x[i : i + 1]) for i in range(len(eval_x))]).astype(np.float64)
         pred = out.argmax(1)
         quality = float((pred == eval_y).mean()) if eval_y is not None else float((pred == reference.argmax(1)).mean())
-        rows.append((label, sizes[label] / sizes["torch eager FP32"], lat1[label] / lat1["torch eager FP32"], quality,
-                     snr_db(reference.astype(np.float64), out), lat1[label], notes.get(label, "")))
+        rows.append(
+            (
+                label,
+                sizes[label] / sizes["torch eager FP32"],
+                lat1[label] / lat1["torch eager FP32"],
+                quality,
+                snr_db(reference.astype(np.float64), out),
+                lat1[label],
+                notes.get(label, ""),
+            )
+        )
     rows += [(label, None, None, None, None, None, reason) for label, reason in refused.items()]
     return rows
 
@@ -109,8 +132,10 @@ def main() -> None:
     import torchvision
 
     x, y, (train, calib, test) = mnist_splits()
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; threads {args.threads}; "
-          f"rounds {args.rounds} (median); batch 1")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; threads {args.threads}; "
+        f"rounds {args.rounds} (median); batch 1"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="cvopt-tflite-bench-"))
     for name in args.models.split(","):
         t0 = time.time()
@@ -119,7 +144,12 @@ def main() -> None:
             calib_x, eval_x, eval_y, quality = x[calib][:256], x[test], y[test], "accuracy"
         else:
             module = torchvision.models.get_model(name, weights=None).eval()
-            calib_x, eval_x, eval_y, quality = to_rgb224(x[calib][:64]), to_rgb224(x[test][:64]), None, "top-1 agreement"
+            calib_x, eval_x, eval_y, quality = (
+                to_rgb224(x[calib][:64]),
+                to_rgb224(x[test][:64]),
+                None,
+                "top-1 agreement",
+            )
         rows = bench_model(name, module, calib_x, eval_x, eval_y, tmp / name, args.threads, args.rounds)
         print(f"\n{name} ({quality}; {time.time() - t0:.0f}s)")
         print(f"| variant | size | latency b1 | {quality} | logits SNR dB | b1 ms | interpreter |")

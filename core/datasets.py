@@ -106,16 +106,20 @@ def check_zip_members(zf: zipfile.ZipFile, *, member_cap: int = MAX_ARCHIVE_BYTE
         _check_member_name(info.filename)
         total += info.file_size
         if info.file_size > member_cap:
-            raise InvalidInput(f"archive member {info.filename!r} expands to {info.file_size} bytes "
-                               f"(at most {member_cap})", code="archive_too_large")
+            raise InvalidInput(
+                f"archive member {info.filename!r} expands to {info.file_size} bytes (at most {member_cap})",
+                code="archive_too_large",
+            )
         if info.file_size > 1024**2 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
             raise InvalidInput(
                 f"archive member {info.filename!r} expands {info.file_size // max(info.compress_size, 1)}:1 "
-                f"(at most {MAX_RATIO}:1): a zip bomb?", code="zip_bomb",
+                f"(at most {MAX_RATIO}:1): a zip bomb?",
+                code="zip_bomb",
             )
     if total > MAX_ARCHIVE_BYTES:
-        raise InvalidInput(f"the archive expands to {total} bytes (at most {MAX_ARCHIVE_BYTES})",
-                           code="archive_too_large")
+        raise InvalidInput(
+            f"the archive expands to {total} bytes (at most {MAX_ARCHIVE_BYTES})", code="archive_too_large"
+        )
 
 
 def _is_ignored(name: str) -> bool:
@@ -150,14 +154,21 @@ class _LabelFiles:
             return False
         if size > MAX_LABEL_FILE_BYTES:
             if PurePosixPath(name).suffix.lower() == ".txt":
-                raise _invalid_labels(name, f"{size} bytes; label files are read up to {MAX_LABEL_FILE_BYTES}",
-                                      size=size, limit=MAX_LABEL_FILE_BYTES)
+                raise _invalid_labels(
+                    name,
+                    f"{size} bytes; label files are read up to {MAX_LABEL_FILE_BYTES}",
+                    size=size,
+                    limit=MAX_LABEL_FILE_BYTES,
+                )
             self.too_large[name] = size
             return False
         self.held += size
         if self.held > MAX_LABEL_BYTES:
-            raise _invalid_labels(name, f"the archive's label, JSON and YAML files add up to more than "
-                                  f"{MAX_LABEL_BYTES} bytes", limit=MAX_LABEL_BYTES)
+            raise _invalid_labels(
+                name,
+                f"the archive's label, JSON and YAML files add up to more than {MAX_LABEL_BYTES} bytes",
+                limit=MAX_LABEL_BYTES,
+            )
         return True
 
 
@@ -188,8 +199,9 @@ def _scan_archive(path: Path, fmt: str) -> tuple[list[str], _LabelFiles]:
                     raise InvalidInput(f"archive member {member.name!r} is a link", code="unsafe_archive")
                 total += member.size
                 if member.size > MAX_IMAGE_BYTES or total > MAX_ARCHIVE_BYTES:
-                    raise InvalidInput(f"archive member {member.name!r} is too large ({member.size} bytes)",
-                                       code="archive_too_large")
+                    raise InvalidInput(
+                        f"archive member {member.name!r} is too large ({member.size} bytes)", code="archive_too_large"
+                    )
                 if member.isfile():
                     names.append(member.name)
                     if labels.wants(member.name, member.size):
@@ -199,9 +211,7 @@ def _scan_archive(path: Path, fmt: str) -> tuple[list[str], _LabelFiles]:
 
 
 def _image_members(names: list[str]) -> list[str]:
-    images = sorted(
-        n for n in names if not _is_ignored(n) and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES
-    )
+    images = sorted(n for n in names if not _is_ignored(n) and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise InvalidInput(
             "the dataset holds no images (accepted: " + ", ".join(sorted(IMAGE_SUFFIXES)) + ")",
@@ -216,8 +226,9 @@ def list_images(path: Path, fmt: str) -> ImageListing:
     images = _image_members(names)
     boxes = _read_box_labels(images, label_files)
     if boxes is not None:
-        return ImageListing(format=fmt, members=boxes.members, labels=None, class_names=boxes.class_names,
-                            label_type="boxes")
+        return ImageListing(
+            format=fmt, members=boxes.members, labels=None, class_names=boxes.class_names, label_type="boxes"
+        )
     dirs = [PurePosixPath(n).parts[:-1] for n in images]
     # A single folder wrapping everything (dataset/...) is not a class level.
     while all(len(d) >= 1 for d in dirs) and len({d[0] for d in dirs}) == 1 and any(len(d) > 1 for d in dirs):
@@ -229,8 +240,13 @@ def list_images(path: Path, fmt: str) -> ImageListing:
     if depths == {1}:
         class_names = sorted({d[0] for d in dirs})
         index = {c: i for i, c in enumerate(class_names)}
-        return ImageListing(format=fmt, members=images, labels=[index[d[0]] for d in dirs], class_names=class_names,
-                            label_type="classes")
+        return ImageListing(
+            format=fmt,
+            members=images,
+            labels=[index[d[0]] for d in dirs],
+            class_names=class_names,
+            label_type="classes",
+        )
     raise InvalidInput(
         "images must either all sit at the top of the archive (unlabeled) or all one folder "
         "deep, one folder per class (labeled)",
@@ -252,8 +268,11 @@ class _BoxLabels:
 
 
 def _invalid_labels(member: str, reason: str, **details: Any) -> InvalidInput:
-    return InvalidInput(f"the labels in {member!r} are invalid: {reason}", code="invalid_labels",
-                        details={"member": member, "reason": reason, **details})
+    return InvalidInput(
+        f"the labels in {member!r} are invalid: {reason}",
+        code="invalid_labels",
+        details={"member": member, "reason": reason, **details},
+    )
 
 
 def _text(member: str, data: bytes) -> str:
@@ -290,8 +309,11 @@ def _yolo_labels(images: list[str], texts: dict[str, bytes]) -> _BoxLabels | Non
         return None
     outside = [image for image, label in label_for.items() if label is None]
     if outside:
-        raise _invalid_labels(outside[0], "YOLO labels are read for images under an images/ folder; this image "
-                              "is not in one", images_outside=len(outside))
+        raise _invalid_labels(
+            outside[0],
+            "YOLO labels are read for images under an images/ folder; this image is not in one",
+            images_outside=len(outside),
+        )
     class_names = _yolo_class_names(texts)
     rows: dict[str, np.ndarray] = {}
     for image, label in label_for.items():
@@ -320,14 +342,23 @@ def _parse_yolo_txt(member: str, data: bytes) -> np.ndarray:
             raise _invalid_labels(member, f"line {number} is not numbers: {line.strip()[:80]!r}", line=number) from None
         cls, coords = values[0], values[1:]
         if not all(math.isfinite(v) for v in values) or cls < 0 or cls != int(cls):
-            raise _invalid_labels(member, f"line {number} does not start with a class index: {line.strip()[:80]!r}",
-                                  line=number)
+            raise _invalid_labels(
+                member, f"line {number} does not start with a class index: {line.strip()[:80]!r}", line=number
+            )
         if len(coords) != 4 and (len(coords) < 6 or len(coords) % 2):
-            raise _invalid_labels(member, f"line {number} has {len(values)} values; expected 'class cx cy w h' "
-                                  "(or a polygon: class x1 y1 x2 y2 x3 y3 ...)", line=number)
+            raise _invalid_labels(
+                member,
+                f"line {number} has {len(values)} values; expected 'class cx cy w h' "
+                "(or a polygon: class x1 y1 x2 y2 x3 y3 ...)",
+                line=number,
+            )
         if min(coords) < -LABEL_COORD_SLACK or max(coords) > 1 + LABEL_COORD_SLACK:
-            raise _invalid_labels(member, f"line {number} has coordinates outside 0..1 (they are normalized by the "
-                                  f"image's width and height): {line.strip()[:80]!r}", line=number)
+            raise _invalid_labels(
+                member,
+                f"line {number} has coordinates outside 0..1 (they are normalized by the "
+                f"image's width and height): {line.strip()[:80]!r}",
+                line=number,
+            )
         if len(coords) == 4:
             rows.append([cls, *coords])
         else:
@@ -394,14 +425,20 @@ def _coco_labels(images: list[str], files: _LabelFiles) -> tuple[str, dict] | No
         while shared < min(len(common), len(folder)) and common[shared] == folder[shared]:
             shared += 1
         common = common[:shared]
+
     def at_the_top(member: str) -> bool:
         folder = PurePosixPath(member).parts[:-1]
         return PurePosixPath(member).suffix.lower() == ".json" and folder == common[: len(folder)]
 
     for member, size in sorted(files.too_large.items()):
         if at_the_top(member):
-            raise _invalid_labels(member, f"{size} bytes; a JSON beside the images is read as COCO annotations up "
-                                  f"to {MAX_LABEL_FILE_BYTES} bytes", size=size, limit=MAX_LABEL_FILE_BYTES)
+            raise _invalid_labels(
+                member,
+                f"{size} bytes; a JSON beside the images is read as COCO annotations up "
+                f"to {MAX_LABEL_FILE_BYTES} bytes",
+                size=size,
+                limit=MAX_LABEL_FILE_BYTES,
+            )
     found = []
     for member in sorted(n for n in texts if at_the_top(n)):
         data = texts[member]
@@ -414,8 +451,9 @@ def _coco_labels(images: list[str], files: _LabelFiles) -> tuple[str, dict] | No
         if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
             found.append((member, doc))
     if len(found) > 1:
-        raise _invalid_labels(found[1][0], "the archive holds several COCO annotation files; keep one",
-                              files=[m for m, _ in found])
+        raise _invalid_labels(
+            found[1][0], "the archive holds several COCO annotation files; keep one", files=[m for m, _ in found]
+        )
     return found[0] if found else None
 
 
@@ -466,28 +504,40 @@ def _parse_coco(member: str, doc: dict, images: list[str]) -> _BoxLabels:
             ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (w, h))
             size_of[found] = (float(w), float(h)) if ok else None
     if not size_of:
-        raise _invalid_labels(member, f"none of the {len(entries)} images it lists is in the archive",
-                              images_listed=len(entries))
+        raise _invalid_labels(
+            member, f"none of the {len(entries)} images it lists is in the archive", images_listed=len(entries)
+        )
     rows: dict[str, list[list[float]]] = {m: [] for m in size_of}
     for ann in annotations:
         if not isinstance(ann, dict):
             raise _invalid_labels(member, f"an annotation is not an object: {str(ann)[:80]}")
         ann_id = ann.get("id")
         if not _is_id(ann.get("image_id")) or ann["image_id"] not in member_of:
-            raise _invalid_labels(member, f"annotation {ann_id} names image_id {ann.get('image_id')!r}, which "
-                                  "'images' does not list", annotation=ann_id)
+            raise _invalid_labels(
+                member,
+                f"annotation {ann_id} names image_id {ann.get('image_id')!r}, which 'images' does not list",
+                annotation=ann_id,
+            )
         if ann.get("category_id") not in cat_index or isinstance(ann.get("category_id"), bool):
-            raise _invalid_labels(member, f"annotation {ann_id} names category_id {ann.get('category_id')!r}, "
-                                  "which 'categories' does not list", annotation=ann_id)
+            raise _invalid_labels(
+                member,
+                f"annotation {ann_id} names category_id {ann.get('category_id')!r}, which 'categories' does not list",
+                annotation=ann_id,
+            )
         # Crowd regions are not objects to find (COCO ignores detections on them); not scored here.
         if ann.get("iscrowd"):
             continue
         bbox = ann.get("bbox")
-        if (not isinstance(bbox, list) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
-                or bbox[2] < 0 or bbox[3] < 0):
-            raise _invalid_labels(member, f"annotation {ann_id} has no bbox [x, y, width, height]: {str(bbox)[:80]}",
-                                  annotation=ann_id)
+        if (
+            not isinstance(bbox, list)
+            or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+            or bbox[2] < 0
+            or bbox[3] < 0
+        ):
+            raise _invalid_labels(
+                member, f"annotation {ann_id} has no bbox [x, y, width, height]: {str(bbox)[:80]}", annotation=ann_id
+            )
         image = member_of[ann["image_id"]]
         if image is None:  # an image the archive does not hold
             continue
@@ -499,7 +549,9 @@ def _parse_coco(member: str, doc: dict, images: list[str]) -> _BoxLabels:
             y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
         rows[image].append([cat_index[ann["category_id"]], x1, y1, x2, y2])
     return _BoxLabels(
-        kind="coco", members=sorted(rows), class_names=[cat_names[c] for c in sorted(cat_names)],
+        kind="coco",
+        members=sorted(rows),
+        class_names=[cat_names[c] for c in sorted(cat_names)],
         rows={m: np.asarray(r, dtype=np.float64).reshape(-1, 5) for m, r in rows.items()},
     )
 
@@ -519,11 +571,16 @@ def read_box_targets(path: Path, fmt: str) -> dict[str, np.ndarray]:
     for member, (w, h) in zip(labels.members, image_sizes(path, fmt, labels.members), strict=True):
         rows = labels.rows[member]
         half_w, half_h = rows[:, 3] / 2, rows[:, 4] / 2
-        targets[member] = np.stack([
-            rows[:, 0],
-            np.clip((rows[:, 1] - half_w) * w, 0, w), np.clip((rows[:, 2] - half_h) * h, 0, h),
-            np.clip((rows[:, 1] + half_w) * w, 0, w), np.clip((rows[:, 2] + half_h) * h, 0, h),
-        ], axis=1).reshape(-1, 5)
+        targets[member] = np.stack(
+            [
+                rows[:, 0],
+                np.clip((rows[:, 1] - half_w) * w, 0, w),
+                np.clip((rows[:, 2] - half_h) * h, 0, h),
+                np.clip((rows[:, 1] + half_w) * w, 0, w),
+                np.clip((rows[:, 2] + half_h) * h, 0, h),
+            ],
+            axis=1,
+        ).reshape(-1, 5)
     return targets
 
 
@@ -556,8 +613,11 @@ def image_sizes(path: Path, fmt: str, members: list[str]) -> list[tuple[int, int
                     sizes[member.name] = size(fh, member.name)
     missing = [m for m in members if m not in sizes]
     if missing:
-        raise InvalidInput(f"dataset member {missing[0]!r} is not in the archive", code="invalid_dataset",
-                           details={"member": missing[0]})
+        raise InvalidInput(
+            f"dataset member {missing[0]!r} is not in the archive",
+            code="invalid_dataset",
+            details={"member": missing[0]},
+        )
     return [sizes[m] for m in members]
 
 
@@ -598,8 +658,11 @@ def decode_image(data: bytes, name: str):
 
 
 def _invalid_image(name: str, why: str) -> InvalidInput:
-    return InvalidInput(f"dataset member {name!r} is not a readable image: {why}", code="invalid_image",
-                        details={"member": name, "reason": why})
+    return InvalidInput(
+        f"dataset member {name!r} is not a readable image: {why}",
+        code="invalid_image",
+        details={"member": name, "reason": why},
+    )
 
 
 def _npy_header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -649,8 +712,13 @@ def _inspect_npz(path: Path) -> DatasetInfo:
     else:
         layout = "raw"
     return DatasetInfo(
-        format="npz", num_samples=int(x_shape[0]), labeled=labeled, num_classes=num_classes,
-        class_names=None, sample_shape=[int(s) for s in sample], layout=layout,
+        format="npz",
+        num_samples=int(x_shape[0]),
+        labeled=labeled,
+        num_classes=num_classes,
+        class_names=None,
+        sample_shape=[int(s) for s in sample],
+        layout=layout,
         label_type="classes" if labeled else None,
     )
 

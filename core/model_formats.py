@@ -32,16 +32,36 @@ SAVED_MODEL = "saved_model"  # a TensorFlow SavedModel directory, zipped, TFLite
 # Kept here as data, so the API needs no torchvision; a test checks them against torchvision.
 TORCHVISION_ARCHITECTURES: dict[str, int] = {
     **{f"resnet{d}": 224 for d in (18, 34, 50, 101, 152)},
-    "resnext50_32x4d": 224, "resnext101_32x8d": 224, "wide_resnet50_2": 224, "wide_resnet101_2": 224,
-    "mobilenet_v2": 224, "mobilenet_v3_small": 224, "mobilenet_v3_large": 224,
+    "resnext50_32x4d": 224,
+    "resnext101_32x8d": 224,
+    "wide_resnet50_2": 224,
+    "wide_resnet101_2": 224,
+    "mobilenet_v2": 224,
+    "mobilenet_v3_small": 224,
+    "mobilenet_v3_large": 224,
     **{f"efficientnet_b{i}": 224 for i in range(8)},
-    "efficientnet_v2_s": 224, "efficientnet_v2_m": 224, "efficientnet_v2_l": 224,
+    "efficientnet_v2_s": 224,
+    "efficientnet_v2_m": 224,
+    "efficientnet_v2_l": 224,
     **{f"densenet{d}": 224 for d in (121, 161, 169, 201)},
-    "shufflenet_v2_x0_5": 224, "shufflenet_v2_x1_0": 224, "shufflenet_v2_x1_5": 224, "shufflenet_v2_x2_0": 224,
-    "squeezenet1_0": 224, "squeezenet1_1": 224, "mnasnet0_5": 224, "mnasnet1_0": 224,
-    "regnet_y_400mf": 224, "regnet_y_800mf": 224, "regnet_x_400mf": 224,
-    "convnext_tiny": 224, "convnext_small": 224, "vgg11": 224, "vgg16": 224, "alexnet": 224,
-    "googlenet": 224, "inception_v3": 299,
+    "shufflenet_v2_x0_5": 224,
+    "shufflenet_v2_x1_0": 224,
+    "shufflenet_v2_x1_5": 224,
+    "shufflenet_v2_x2_0": 224,
+    "squeezenet1_0": 224,
+    "squeezenet1_1": 224,
+    "mnasnet0_5": 224,
+    "mnasnet1_0": 224,
+    "regnet_y_400mf": 224,
+    "regnet_y_800mf": 224,
+    "regnet_x_400mf": 224,
+    "convnext_tiny": 224,
+    "convnext_small": 224,
+    "vgg11": 224,
+    "vgg16": 224,
+    "alexnet": 224,
+    "googlenet": 224,
+    "inception_v3": 299,
 }
 # Each architecture's state_dict keys and shapes (written by tests/architecture_shapes.py, which
 # a test runs against the installed torchvision).
@@ -53,10 +73,19 @@ MAX_PICKLE_OPCODES = 500_000
 # Everything a plain (or checkpoint-wrapped) state_dict pickle refers to. Anything else in the
 # pickle's opcodes means it would run other code when loaded: refused, never loaded.
 STATE_DICT_GLOBALS = {
-    "collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
-    "torch.FloatStorage", "torch.HalfStorage", "torch.BFloat16Storage", "torch.DoubleStorage",
-    "torch.LongStorage", "torch.IntStorage", "torch.ShortStorage", "torch.CharStorage",
-    "torch.ByteStorage", "torch.BoolStorage",
+    "collections.OrderedDict",
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter",
+    "torch.FloatStorage",
+    "torch.HalfStorage",
+    "torch.BFloat16Storage",
+    "torch.DoubleStorage",
+    "torch.LongStorage",
+    "torch.IntStorage",
+    "torch.ShortStorage",
+    "torch.CharStorage",
+    "torch.ByteStorage",
+    "torch.BoolStorage",
 }
 
 
@@ -98,8 +127,7 @@ def _pickle_refused(what: str) -> UnsupportedMedia:
 
 def _unrecognized() -> UnsupportedMedia:
     return UnsupportedMedia(
-        "the file is not a recognised model format (expected ONNX, TorchScript or a "
-        "torch.export .pt2 archive)",
+        "the file is not a recognised model format (expected ONNX, TorchScript or a torch.export .pt2 archive)",
         code="unrecognized_model_format",
     )
 
@@ -107,8 +135,19 @@ def _unrecognized() -> UnsupportedMedia:
 # -- ONNX --------------------------------------------------------------------------------------
 
 _ONNX_DTYPES = {
-    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
-    9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16",
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    4: "uint16",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
+    16: "bfloat16",
 }
 
 
@@ -245,8 +284,16 @@ def _inspect_onnx(path: Path) -> ModelInfo:
 
 # torch/_export/serde/schema.py ScalarType
 _EXPORT_DTYPES = {
-    1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float16", 7: "float32",
-    8: "float64", 12: "bool", 13: "bfloat16",
+    1: "uint8",
+    2: "int8",
+    3: "int16",
+    4: "int32",
+    5: "int64",
+    6: "float16",
+    7: "float32",
+    8: "float64",
+    12: "bool",
+    13: "bfloat16",
 }
 
 
@@ -266,7 +313,9 @@ def _inspect_torch_zip(path: Path, architecture: str | None = None) -> ModelInfo
         saved = [n for n in names if n == "saved_model.pb" or n.endswith("/saved_model.pb")]
         if saved:
             return _inspect_saved_model(zf, min(saved, key=len))
-        model_json = [n for n in names if n.endswith("/models/model.json") or n.endswith("serialized_exported_program.json")]
+        model_json = [
+            n for n in names if n.endswith("/models/model.json") or n.endswith("serialized_exported_program.json")
+        ]
         if model_json:
             return _inspect_exported_program(zf, model_json[0])
         code_files = [n for n in names if "/code/" in n and n.endswith(".py")]
@@ -275,8 +324,11 @@ def _inspect_torch_zip(path: Path, architecture: str | None = None) -> ModelInfo
             return _inspect_torchscript(zf, code_files, data_pkl[0])
         if data_pkl and architecture is not None:
             if len(data_pkl) > 1:  # torch reads the one under the first entry's folder: check that one
-                raise InvalidInput(f"the checkpoint holds {len(data_pkl)} data.pkl members; torch.save writes one",
-                                   code="corrupt_model", details={"members": data_pkl[:5]})
+                raise InvalidInput(
+                    f"the checkpoint holds {len(data_pkl)} data.pkl members; torch.save writes one",
+                    code="corrupt_model",
+                    details={"members": data_pkl[:5]},
+                )
             return _inspect_state_dict(zf, data_pkl[0], architecture)
         if data_pkl:
             raise _pickle_refused(
@@ -339,20 +391,25 @@ def _inspect_state_dict(zf: zipfile.ZipFile, data_pkl: str, architecture: str) -
     # KB to a few MB. A larger one would only cost the API memory and time to walk.
     pickle_bytes = zf.getinfo(data_pkl).file_size
     if pickle_bytes > MAX_WEIGHTS_PICKLE_BYTES:
-        raise UnsupportedMedia(f"the checkpoint's pickle is {pickle_bytes} bytes; a state_dict's is far smaller "
-                               f"(at most {MAX_WEIGHTS_PICKLE_BYTES})", code="corrupt_model")
+        raise UnsupportedMedia(
+            f"the checkpoint's pickle is {pickle_bytes} bytes; a state_dict's is far smaller "
+            f"(at most {MAX_WEIGHTS_PICKLE_BYTES})",
+            code="corrupt_model",
+        )
     data = zf.read(data_pkl)
     try:
         checkpoint, foreign = _read_weights_pickle(data)
     except _UnreadablePickle as exc:
         checkpoint, foreign = None, exc.foreign or _named_globals(data)
         if not foreign:
-            raise UnsupportedMedia(f"the checkpoint's pickle could not be read as weights: {exc}",
-                                   code="corrupt_model") from exc
+            raise UnsupportedMedia(
+                f"the checkpoint's pickle could not be read as weights: {exc}", code="corrupt_model"
+            ) from exc
     if foreign:
         raise UnsupportedMedia(
             "the checkpoint is not a plain state_dict: its pickle refers to "
-            + ", ".join(foreign[:5]) + "; it is refused and never loaded",
+            + ", ".join(foreign[:5])
+            + "; it is refused and never loaded",
             code="pickle_not_allowed",
             details={"globals": foreign[:20]},
         )
@@ -380,8 +437,24 @@ class _Global:
 
 
 _PUSH_ARGUMENT = {
-    "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "BININT", "BININT1", "BININT2", "INT", "LONG",
-    "LONG1", "LONG4", "BINFLOAT", "FLOAT", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BINSTRING", "SHORT_BINSTRING",
+    "BINUNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE8",
+    "UNICODE",
+    "BININT",
+    "BININT1",
+    "BININT2",
+    "INT",
+    "LONG",
+    "LONG1",
+    "LONG4",
+    "BINFLOAT",
+    "FLOAT",
+    "BINBYTES",
+    "SHORT_BINBYTES",
+    "BINBYTES8",
+    "BINSTRING",
+    "SHORT_BINSTRING",
     "STRING",
 }
 
@@ -390,8 +463,11 @@ def _named_globals(data: bytes) -> list[str]:
     """The globals a pickle names literally (GLOBAL, INST), for the refusal of one the interpreter
     gave up on before reaching them; never the basis of an acceptance."""
     try:
-        found = [arg.replace(" ", ".") for op, arg, _ in pickletools.genops(data)
-                 if op.name in ("GLOBAL", "INST") and isinstance(arg, str)]
+        found = [
+            arg.replace(" ", ".")
+            for op, arg, _ in pickletools.genops(data)
+            if op.name in ("GLOBAL", "INST") and isinstance(arg, str)
+        ]
     except Exception:  # a malformed stream: what was found before it stands
         return []
     return [g for g in dict.fromkeys(found) if g not in STATE_DICT_GLOBALS]
@@ -451,8 +527,13 @@ def _interpret_weights_pickle(data: bytes, foreign: list[str]) -> Any:
             stack.append({"EMPTY_DICT": {}, "EMPTY_LIST": [], "EMPTY_TUPLE": ()}[name])
         elif name in ("DICT", "LIST", "TUPLE"):
             items = pop_mark()
-            stack.append(dict(zip(items[::2], items[1::2], strict=True)) if name == "DICT"
-                         else list(items) if name == "LIST" else tuple(items))
+            stack.append(
+                dict(zip(items[::2], items[1::2], strict=True))
+                if name == "DICT"
+                else list(items)
+                if name == "LIST"
+                else tuple(items)
+            )
         elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
             n = int(name[-1])
             items = tuple(stack[-n:])
@@ -538,11 +619,13 @@ def _check_state_dict_fits(checkpoint: Any, architecture: str) -> None:
     step's cache. A pruned model saved by this service records its changed shapes beside its
     weights (``module_attributes``): only its keys are checked."""
     state = unwrap_checkpoint(checkpoint)
-    tensors = ({str(k): v for k, v in state.items() if isinstance(v, _TensorShape)}
-               if isinstance(state, dict) else {})
+    tensors = {str(k): v for k, v in state.items() if isinstance(v, _TensorShape)} if isinstance(state, dict) else {}
     if not tensors:
-        raise InvalidInput("the checkpoint holds no state_dict (no tensors found)", code="state_dict_mismatch",
-                           details={"architecture": architecture})
+        raise InvalidInput(
+            "the checkpoint holds no state_dict (no tensors found)",
+            code="state_dict_mismatch",
+            details={"architecture": architecture},
+        )
     pruned = isinstance(checkpoint, dict) and isinstance(checkpoint.get("module_attributes"), dict)
     expected = _architecture_shapes(architecture)
     want: dict[str, list[int | None]] = expected["tensors"]
@@ -552,22 +635,37 @@ def _check_state_dict_fits(checkpoint: Any, architecture: str) -> None:
     # Checkpoints from before BatchNorm counted its batches load without those counters.
     missing = [k for k in want if k not in tensors and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in tensors if k not in want]
-    wrong = [] if pruned else [
-        f"{k}: {list(tensors[k].shape)} (expected {['*' if d is None else d for d in want[k]]})"
-        for k in want if k in tensors and (len(tensors[k].shape) != len(want[k]) or any(
-            d is not None and d != got for d, got in zip(want[k], tensors[k].shape, strict=False)))
-    ]
+    wrong = (
+        []
+        if pruned
+        else [
+            f"{k}: {list(tensors[k].shape)} (expected {['*' if d is None else d for d in want[k]]})"
+            for k in want
+            if k in tensors
+            and (
+                len(tensors[k].shape) != len(want[k])
+                or any(d is not None and d != got for d, got in zip(want[k], tensors[k].shape, strict=False))
+            )
+        ]
+    )
     if missing or unexpected or wrong:
-        parts = [f"{len(v)} {what} (first: {', '.join(v[:3])})" for what, v in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if v]
+        parts = [
+            f"{len(v)} {what} (first: {', '.join(v[:3])})"
+            for what, v in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong))
+            if v
+        ]
         hint = ""
         if unexpected and all(k.startswith("module.") for k in unexpected):
             hint = "; the keys start with 'module.' (saved from DataParallel): save model.module.state_dict()"
         raise InvalidInput(
             f"the weights do not fit torchvision's {architecture}: " + "; ".join(parts) + hint,
             code="state_dict_mismatch",
-            details={"architecture": architecture, "missing_keys": missing[:20], "unexpected_keys": unexpected[:20],
-                     "shape_mismatches": wrong[:20]},
+            details={
+                "architecture": architecture,
+                "missing_keys": missing[:20],
+                "unexpected_keys": unexpected[:20],
+                "shape_mismatches": wrong[:20],
+            },
         )
 
 
@@ -612,8 +710,17 @@ def _inspect_torchscript(zf: zipfile.ZipFile, code_files: list[str], data_pkl: s
 # -- TensorFlow: Keras .keras archives and zipped SavedModels (read, never loaded) -----------------
 
 MAX_SAVED_MODEL_PB = 64 * 1024 * 1024  # the graph; weights live in variables/
-_TF_DTYPES = {1: "float32", 2: "float64", 3: "int32", 4: "uint8", 6: "int8", 9: "int64", 10: "bool", 19: "float16",
-              14: "bfloat16"}
+_TF_DTYPES = {
+    1: "float32",
+    2: "float64",
+    3: "int32",
+    4: "uint8",
+    6: "int8",
+    9: "int64",
+    10: "bool",
+    19: "float16",
+    14: "bfloat16",
+}
 
 
 def _keras_dtype(value: Any) -> str:
@@ -640,22 +747,36 @@ def _inspect_keras(zf: zipfile.ZipFile) -> ModelInfo:
             c = layer.get("config") or {}
             shape = c.get("batch_shape") or c.get("batch_input_shape")
             if shape is not None:
-                inputs.append({"name": c.get("name", f"input_{len(inputs)}"),
-                               "shape": [d if isinstance(d, int) else None for d in shape],
-                               "dtype": _keras_dtype(c.get("dtype"))})
+                inputs.append(
+                    {
+                        "name": c.get("name", f"input_{len(inputs)}"),
+                        "shape": [d if isinstance(d, int) else None for d in shape],
+                        "dtype": _keras_dtype(c.get("dtype")),
+                    }
+                )
     if not inputs:
         shape = (config.get("build_config") or {}).get("input_shape")
         if shape is not None:
-            inputs.append({"name": "input", "shape": [d if isinstance(d, int) else None for d in shape],
-                           "dtype": "float32"})
+            inputs.append(
+                {"name": "input", "shape": [d if isinstance(d, int) else None for d in shape], "dtype": "float32"}
+            )
     outputs = []
     if layers:
         last = layers[-1]
         units = (last.get("config") or {}).get("units")
-        outputs.append({"name": (last.get("config") or {}).get("name", "output"),
-                        "shape": [None, units] if isinstance(units, int) else None, "dtype": "float32"})
-    return ModelInfo(format=KERAS, inputs=inputs, outputs=outputs,
-                     details={"keras_version": metadata.get("keras_version"), "class_name": config.get("class_name")})
+        outputs.append(
+            {
+                "name": (last.get("config") or {}).get("name", "output"),
+                "shape": [None, units] if isinstance(units, int) else None,
+                "dtype": "float32",
+            }
+        )
+    return ModelInfo(
+        format=KERAS,
+        inputs=inputs,
+        outputs=outputs,
+        details={"keras_version": metadata.get("keras_version"), "class_name": config.get("class_name")},
+    )
 
 
 def _inspect_saved_model(zf: zipfile.ZipFile, member: str) -> ModelInfo:
@@ -682,11 +803,20 @@ def _inspect_saved_model(zf: zipfile.ZipFile, member: str) -> ModelInfo:
         raise UnsupportedMedia(f"saved_model.pb is not a valid SavedModel: {exc}", code="corrupt_model") from exc
     signature = signatures.get("serving_default") or next(iter(signatures.values()), None)
     if signature is None:
-        raise InvalidInput("the SavedModel has no signature to convert (export it with a serving_default "
-                           "signature, e.g. keras Model.export)", code="no_signature")
-    return ModelInfo(format=SAVED_MODEL, inputs=signature["inputs"], outputs=signature["outputs"],
-                     details={"signature": "serving_default" if "serving_default" in signatures else next(iter(signatures)),
-                              "root": root})
+        raise InvalidInput(
+            "the SavedModel has no signature to convert (export it with a serving_default "
+            "signature, e.g. keras Model.export)",
+            code="no_signature",
+        )
+    return ModelInfo(
+        format=SAVED_MODEL,
+        inputs=signature["inputs"],
+        outputs=signature["outputs"],
+        details={
+            "signature": "serving_default" if "serving_default" in signatures else next(iter(signatures)),
+            "root": root,
+        },
+    )
 
 
 def _message(data: bytes) -> list[tuple[int, int | bytes]]:
@@ -725,8 +855,10 @@ def _map_entries(data: bytes, field_number: int) -> list[tuple[str, bytes]]:
 def _signature_defs(meta_graph: bytes) -> dict[str, dict]:
     """MetaGraphDef.signature_def = 5; SignatureDef {inputs = 1; outputs = 2} (maps to TensorInfo)."""
     return {
-        name: {"inputs": [_tensor_info(k, v) for k, v in _map_entries(sig, 1)],
-               "outputs": [_tensor_info(k, v) for k, v in _map_entries(sig, 2)]}
+        name: {
+            "inputs": [_tensor_info(k, v) for k, v in _map_entries(sig, 1)],
+            "outputs": [_tensor_info(k, v) for k, v in _map_entries(sig, 2)],
+        }
         for name, sig in _map_entries(meta_graph, 5)
     }
 

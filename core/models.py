@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import secrets
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -36,7 +36,7 @@ NAMING_CONVENTION = {
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_id() -> str:
@@ -56,12 +56,12 @@ class TZDateTime(TypeDecorator):
 
     def process_bind_param(self, value, dialect):
         if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value
 
     def process_result_value(self, value, dialect):
         if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value
 
 
@@ -199,11 +199,11 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
 
-    steps: Mapped[list["JobStep"]] = relationship(
+    steps: Mapped[list[JobStep]] = relationship(
         back_populates="job", order_by="JobStep.index", cascade="all, delete-orphan", lazy="selectin"
     )
     model: Mapped[Model] = relationship(lazy="select")
-    webhook_delivery: Mapped["WebhookDelivery | None"] = relationship(lazy="select", uselist=False, viewonly=True)
+    webhook_delivery: Mapped[WebhookDelivery | None] = relationship(lazy="select", uselist=False, viewonly=True)
 
 
 class JobStep(Base):
@@ -217,9 +217,7 @@ class JobStep(Base):
     # Where the step must run (null: any worker of the job's queue); a step for another GPU
     # kind hands the job over to that kind's queue.
     queue: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    status: Mapped[StepStatus] = mapped_column(
-        Enum(StepStatus, name="step_status", native_enum=False, length=16)
-    )
+    status: Mapped[StepStatus] = mapped_column(Enum(StepStatus, name="step_status", native_enum=False, length=16))
     started_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -306,5 +304,13 @@ def _schedule_webhooks(session: Session, _context, _instances) -> None:
         with session.no_autoflush:  # a job ends once; a second end (a duplicate run) sends nothing more
             if session.scalar(select(WebhookDelivery.id).where(WebhookDelivery.job_id == obj.id)) is not None:
                 continue
-        session.add(WebhookDelivery(job_id=obj.id, event=f"job.{obj.status.value}", url=obj.webhook_url,
-                                    status="pending", attempts=[], next_attempt_at=utcnow()))
+        session.add(
+            WebhookDelivery(
+                job_id=obj.id,
+                event=f"job.{obj.status.value}",
+                url=obj.webhook_url,
+                status="pending",
+                attempts=[],
+                next_attempt_at=utcnow(),
+            )
+        )

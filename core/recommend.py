@@ -52,6 +52,7 @@ LOSSLESS_STEPS = frozenset({"export_onnx", "export_pt2"})
 # Steps that are lossless only at precision fp32 (meta["precision"]).
 LOSSLESS_AT_FP32 = frozenset({"compile_gpu", "convert_tflite"})
 
+
 def step_keeps_float(step: str | None, meta: dict[str, Any] | None) -> bool:
     """Whether a step keeps its source's float32 weights and arithmetic.
 
@@ -172,8 +173,9 @@ def _meets_reason(metric: dict[str, Any], tolerance: float) -> str:
     return text
 
 
-def recommend(candidates: Sequence[Candidate], *, tolerance: float,
-              evaluated: bool) -> tuple[dict[str, Judgement], Recommendation]:
+def recommend(
+    candidates: Sequence[Candidate], *, tolerance: float, evaluated: bool
+) -> tuple[dict[str, Judgement], Recommendation]:
     """Each candidate's verdict (by name) and the recommendation. ``candidates``: the original
     (step None) and every artifact; ``evaluated``: whether the job measured accuracy (it has an
     evaluate step), else accuracy is unverified and only lossless artifacts can be chosen."""
@@ -199,8 +201,11 @@ def recommend(candidates: Sequence[Candidate], *, tolerance: float,
         if c.p50_ms is None:
             missing.append(c.unbenchmarked or "not benchmarked")
         if not usable_accuracy(c):
-            missing.append((c.unevaluated or "not evaluated") if evaluated
-                           else "accuracy not measured: the job has no evaluate step")
+            missing.append(
+                (c.unevaluated or "not evaluated")
+                if evaluated
+                else "accuracy not measured: the job has no evaluate step"
+            )
         if missing:
             judgements[c.name] = Judgement("not_measured", "; ".join(missing))
             continue
@@ -211,7 +216,8 @@ def recommend(candidates: Sequence[Candidate], *, tolerance: float,
             judgements[c.name] = Judgement(
                 "slower_than_float",
                 f"{c.p50_ms / fastest.p50_ms:.2f}x slower at batch 1 than {which} "
-                f"({_ms(c.p50_ms)} vs {_ms(fastest.p50_ms)} p50)")
+                f"({_ms(c.p50_ms)} vs {_ms(fastest.p50_ms)} p50)",
+            )
             continue
         if c.metric is not None:
             parts = [_meets_reason(c.metric, tolerance)]
@@ -222,8 +228,11 @@ def recommend(candidates: Sequence[Candidate], *, tolerance: float,
         judgements[c.name] = Judgement("meets_tolerance", "; ".join(parts))
 
     # The original competes: when it wins, nothing is recommended.
-    pool = [c for c in candidates
-            if c.p50_ms is not None and (c.step is None or judgements[c.name].verdict == "meets_tolerance")]
+    pool = [
+        c
+        for c in candidates
+        if c.p50_ms is not None and (c.step is None or judgements[c.name].verdict == "meets_tolerance")
+    ]
     rec = _choose(pool, candidates, judgements, original, tolerance=tolerance, evaluated=evaluated)
     return judgements, rec
 
@@ -261,47 +270,84 @@ def _tie_break(pool: list[Candidate]) -> tuple[Candidate, Candidate, dict[str, _
     return winner, fastest, behind
 
 
-def _choose(pool: list[Candidate], candidates: Sequence[Candidate], judgements: dict[str, Judgement],
-            original: Candidate | None, *, tolerance: float, evaluated: bool) -> Recommendation:
-    unverified = "" if evaluated else (
-        "; accuracy not verified (the job has no evaluate step): only lossless float conversions were considered")
+def _choose(
+    pool: list[Candidate],
+    candidates: Sequence[Candidate],
+    judgements: dict[str, Judgement],
+    original: Candidate | None,
+    *,
+    tolerance: float,
+    evaluated: bool,
+) -> Recommendation:
+    unverified = (
+        ""
+        if evaluated
+        else ("; accuracy not verified (the job has no evaluate step): only lossless float conversions were considered")
+    )
     if not pool:
         if not any(c.p50_ms is not None for c in candidates):
-            return Recommendation(artifact=None, tolerance=tolerance, accuracy_verified=evaluated,
-                                  reason="nothing was timed at batch 1: add a benchmark step to the recipe")
-        return Recommendation(artifact=None, tolerance=tolerance, accuracy_verified=evaluated,
-                              reason=_nothing_beats(candidates, judgements, original, tolerance, {}) + unverified)
+            return Recommendation(
+                artifact=None,
+                tolerance=tolerance,
+                accuracy_verified=evaluated,
+                reason="nothing was timed at batch 1: add a benchmark step to the recipe",
+            )
+        return Recommendation(
+            artifact=None,
+            tolerance=tolerance,
+            accuracy_verified=evaluated,
+            reason=_nothing_beats(candidates, judgements, original, tolerance, {}) + unverified,
+        )
     winner, fastest, behind = _tie_break(pool)
     if winner.step is None:
-        return Recommendation(artifact=None, tolerance=tolerance, accuracy_verified=evaluated,
-                              reason=_nothing_beats(candidates, judgements, original, tolerance, behind) + unverified)
+        return Recommendation(
+            artifact=None,
+            tolerance=tolerance,
+            accuracy_verified=evaluated,
+            reason=_nothing_beats(candidates, judgements, original, tolerance, behind) + unverified,
+        )
     base_p50 = original.p50_ms if original else None
     base_size = original.size_bytes if original else 0
     speedup = base_p50 / winner.p50_ms if base_p50 else None
     why = _meets_reason(winner.metric, tolerance) if winner.metric is not None else "lossless float conversion"
-    speed = (f"{speedup:.2f}x the original's speed at batch 1 ({_ms(winner.p50_ms)} vs {_ms(base_p50)} p50)"
-             if speedup else f"{_ms(winner.p50_ms)} p50 at batch 1 (the original was not timed)")
+    speed = (
+        f"{speedup:.2f}x the original's speed at batch 1 ({_ms(winner.p50_ms)} vs {_ms(base_p50)} p50)"
+        if speedup
+        else f"{_ms(winner.p50_ms)} p50 at batch 1 (the original was not timed)"
+    )
     if winner is fastest:
         lead = "fastest within the tolerance"
     else:
-        lead = (f"smallest of the fastest within the tolerance ({winner.size_bytes / max(fastest.size_bytes, 1):.2f}x "
-                f"the size of {fastest.name if fastest.step else 'the original'}, whose p50 of "
-                f"{_ms(fastest.p50_ms)} it matches within {TIE_FRACTION:.0%})")
+        lead = (
+            f"smallest of the fastest within the tolerance ({winner.size_bytes / max(fastest.size_bytes, 1):.2f}x "
+            f"the size of {fastest.name if fastest.step else 'the original'}, whose p50 of "
+            f"{_ms(fastest.p50_ms)} it matches within {TIE_FRACTION:.0%})"
+        )
     metric = winner.metric
     return Recommendation(
-        artifact=winner.name, tolerance=tolerance, accuracy_verified=evaluated,
+        artifact=winner.name,
+        tolerance=tolerance,
+        accuracy_verified=evaluated,
         reason=f"{lead}: {speed}; {why}{unverified}",
         metrics=RecommendationMetrics(
-            p50_ms=winner.p50_ms, speedup=speedup, size_bytes=winner.size_bytes,
+            p50_ms=winner.p50_ms,
+            speedup=speedup,
+            size_bytes=winner.size_bytes,
             size_ratio=winner.size_bytes / base_size if base_size else 1.0,
             metric=RecommendedMetric(name=metric["name"], value=float(metric["value"]), drop=float(metric["drop"]))
-            if metric is not None else None,
+            if metric is not None
+            else None,
         ),
     )
 
 
-def _nothing_beats(candidates: Sequence[Candidate], judgements: dict[str, Judgement], original: Candidate | None,
-                   tolerance: float, behind: dict[str, _Behind]) -> str:
+def _nothing_beats(
+    candidates: Sequence[Candidate],
+    judgements: dict[str, Judgement],
+    original: Candidate | None,
+    tolerance: float,
+    behind: dict[str, _Behind],
+) -> str:
     """One line: nothing beats the original, and each artifact's reason."""
     parts = []
     for c in candidates:
@@ -311,8 +357,10 @@ def _nothing_beats(candidates: Sequence[Candidate], judgements: dict[str, Judgem
         if j.verdict == "over_tolerance":
             losses = []
             if _drop_over(c.metric, tolerance):
-                losses.append(f"loses {float(c.metric['drop']) * 100:.1f} points of "
-                              f"{metric_label(c.metric['name'])} (tolerance {tolerance * 100:.1f})")
+                losses.append(
+                    f"loses {float(c.metric['drop']) * 100:.1f} points of "
+                    f"{metric_label(c.metric['name'])} (tolerance {tolerance * 100:.1f})"
+                )
             floor = _missed_floor(c.metric)
             if floor is not None:
                 losses.append(f"misses its floor ({_floor_text(floor, '<')})")
@@ -325,14 +373,18 @@ def _nothing_beats(candidates: Sequence[Candidate], judgements: dict[str, Judgem
             # Tied at batch 1, yet it fell behind under load: the throughput rule set it aside.
             b = behind[c.name]
             leader = "the original" if original is not None and b.leader == original.name else b.leader
-            parts.append(f"{c.name} ties at batch 1 ({_ms(c.p50_ms)} p50, within {TIE_FRACTION:.0%} of the fastest) "
-                         f"but falls behind at batch {b.batch} ({b.images_per_s:.0f} vs {b.best:.0f} images/s for "
-                         f"{leader})")
+            parts.append(
+                f"{c.name} ties at batch 1 ({_ms(c.p50_ms)} p50, within {TIE_FRACTION:.0%} of the fastest) "
+                f"but falls behind at batch {b.batch} ({b.images_per_s:.0f} vs {b.best:.0f} images/s for "
+                f"{leader})"
+            )
         elif original is not None and original.p50_ms and c.p50_ms:
             # It met the tolerance, yet the original won: a tie on p50 that the original's size decided.
-            parts.append(f"{c.name} matches the original's p50 within {TIE_FRACTION:.0%} ({_ms(c.p50_ms)} vs "
-                         f"{_ms(original.p50_ms)}) and is not smaller ({c.size_bytes / max(original.size_bytes, 1):.2f}x "
-                         "its size)")
+            parts.append(
+                f"{c.name} matches the original's p50 within {TIE_FRACTION:.0%} ({_ms(c.p50_ms)} vs "
+                f"{_ms(original.p50_ms)}) and is not smaller ({c.size_bytes / max(original.size_bytes, 1):.2f}x "
+                "its size)"
+            )
     if not parts:
         return "nothing beats the original: the job made no artifact"
     return "nothing beats the original: " + "; ".join(parts)
@@ -355,8 +407,13 @@ def _legacy_metric(result: dict[str, Any], original: dict[str, Any]) -> dict[str
         value = (result.get(group) or {}).get(name)
         reference = (original.get(group) or {}).get(name)
         if isinstance(value, (int, float)) and isinstance(reference, (int, float)):
-            return {"name": name, "value": float(value), "reference": float(reference),
-                    "drop": float(reference) - float(value), "higher_is_better": True}
+            return {
+                "name": name,
+                "value": float(value),
+                "reference": float(reference),
+                "drop": float(reference) - float(value),
+                "higher_is_better": True,
+            }
     return None
 
 
@@ -396,7 +453,9 @@ class _StepResults:
 
         bench, evaluation = last_metrics("benchmark"), last_metrics("evaluate")
         return cls(
-            bench=bench, evaluation=evaluation, has_benchmark=any(s.name == "benchmark" for s in steps),
+            bench=bench,
+            evaluation=evaluation,
+            has_benchmark=any(s.name == "benchmark" for s in steps),
             bench_by_name={r["artifact"]: r for r in (bench or {}).get("results", [])},
             eval_by_name={r["artifact"]: r for r in (evaluation or {}).get("results", [])},
         )
@@ -446,15 +505,25 @@ def _measured(results: _StepResults, name: str, original_eval: dict[str, Any]) -
     e = results.eval_by_name.get(name, {})
     metric = e.get("metric") or (_legacy_metric(e, original_eval) if e and "skipped" not in e else None)
     return _Measured(
-        latency=latency, throughput=throughput, throughput_error=throughput_error,
+        latency=latency,
+        throughput=throughput,
+        throughput_error=throughput_error,
         unbenchmarked=None if latency is not None else _why_unbenchmarked(results, bench),
-        metric=metric, unevaluated=None if metric is not None else _why_unevaluated(results, e),
+        metric=metric,
+        unevaluated=None if metric is not None else _why_unevaluated(results, e),
     )
 
 
-def report_for(*, job_id: str, status: JobStatus, task: str, task_options: dict[str, Any] | None,
-               steps: Sequence[StepFacts], original: ArtifactFacts,
-               artifacts: Sequence[ArtifactFacts]) -> ReportRead:
+def report_for(
+    *,
+    job_id: str,
+    status: JobStatus,
+    task: str,
+    task_options: dict[str, Any] | None,
+    steps: Sequence[StepFacts],
+    original: ArtifactFacts,
+    artifacts: Sequence[ArtifactFacts],
+) -> ReportRead:
     """Each artifact against the original, from the last succeeded benchmark and evaluate steps'
     metrics, with its verdict; the recommendation once the job succeeded. ``artifacts`` in step
     order."""
@@ -472,23 +541,37 @@ def report_for(*, job_id: str, status: JobStatus, task: str, task_options: dict[
             base_p50 = m.latency["p50_ms"]
         bench = results.bench_by_name.get(facts.name, {})
         e = results.eval_by_name.get(facts.name, {})
-        entries.append(ReportEntry(
-            name=facts.name, step=facts.step, format=facts.format, size_bytes=facts.size_bytes,
-            size_ratio=facts.size_bytes / original.size_bytes if original.size_bytes else 1.0, latency_ms=m.latency,
-            speedup=(base_p50 / m.latency["p50_ms"]) if base_p50 and m.latency else None,
-            throughput=m.throughput, throughput_error=m.throughput_error,
-            memory_mib=bench.get("memory_mib"), runtime=bench.get("runtime"),
-            accuracy=e.get("accuracy"),
-            fidelity=_fidelity(e["fidelity"]) if e.get("fidelity") else None,
-            metric=m.metric,
-        ))
-        candidates.append(Candidate(
-            name=facts.name, step=facts.step, size_bytes=facts.size_bytes,
-            p50_ms=m.latency["p50_ms"] if m.latency else None,
-            lossless=facts.step is None or facts.name in lossless, metric=m.metric,
-            unbenchmarked=m.unbenchmarked, unevaluated=m.unevaluated,
-            throughput=(m.throughput["batch"], m.throughput["images_per_s"]) if m.throughput else None,
-        ))
+        entries.append(
+            ReportEntry(
+                name=facts.name,
+                step=facts.step,
+                format=facts.format,
+                size_bytes=facts.size_bytes,
+                size_ratio=facts.size_bytes / original.size_bytes if original.size_bytes else 1.0,
+                latency_ms=m.latency,
+                speedup=(base_p50 / m.latency["p50_ms"]) if base_p50 and m.latency else None,
+                throughput=m.throughput,
+                throughput_error=m.throughput_error,
+                memory_mib=bench.get("memory_mib"),
+                runtime=bench.get("runtime"),
+                accuracy=e.get("accuracy"),
+                fidelity=_fidelity(e["fidelity"]) if e.get("fidelity") else None,
+                metric=m.metric,
+            )
+        )
+        candidates.append(
+            Candidate(
+                name=facts.name,
+                step=facts.step,
+                size_bytes=facts.size_bytes,
+                p50_ms=m.latency["p50_ms"] if m.latency else None,
+                lossless=facts.step is None or facts.name in lossless,
+                metric=m.metric,
+                unbenchmarked=m.unbenchmarked,
+                unevaluated=m.unevaluated,
+                throughput=(m.throughput["batch"], m.throughput["images_per_s"]) if m.throughput else None,
+            )
+        )
 
     judgements, rec = recommend(candidates, tolerance=tolerance, evaluated=any(s.name == "evaluate" for s in steps))
     for entry in entries:
@@ -497,6 +580,10 @@ def report_for(*, job_id: str, status: JobStatus, task: str, task_options: dict[
     if task == "auto":
         resolved_task = next((r["task"] for r in results.eval_by_name.values() if r.get("task")), task)
     return ReportRead(
-        job_id=job_id, status=status, recommended=rec if status == JobStatus.succeeded else None,
-        task=resolved_task, machine=(results.bench or {}).get("machine"), entries=entries,
+        job_id=job_id,
+        status=status,
+        recommended=rec if status == JobStatus.succeeded else None,
+        task=resolved_task,
+        machine=(results.bench or {}).get("machine"),
+        entries=entries,
     )

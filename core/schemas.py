@@ -76,8 +76,10 @@ class DatasetRead(BaseModel):
     labeled: bool
     num_classes: int | None
     class_names: list[str] | None
-    label_type: str | None = Field(default=None, description="classes (class folders, npz y), boxes (YOLO txt "
-                                   "or COCO JSON), or null when unlabeled")
+    label_type: str | None = Field(
+        default=None,
+        description="classes (class folders, npz y), boxes (YOLO txt or COCO JSON), or null when unlabeled",
+    )
     sample_shape: list[int]
     layout: str
     created_at: datetime
@@ -98,20 +100,23 @@ class Preprocessing(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     resize: int | None = Field(
-        default=None, gt=0, description="Resize the shorter side to this, then center-crop; "
-        "default: resize straight to the model's input size."
+        default=None,
+        gt=0,
+        description="Resize the shorter side to this, then center-crop; "
+        "default: resize straight to the model's input size.",
     )
     scale: float = Field(default=1 / 255, gt=0, description="Pixel values are multiplied by this first.")
     mean: list[float] | None = Field(default=None, description="Default: ImageNet for 3 channels, 0 for 1.")
     std: list[float] | None = Field(default=None, description="Default: ImageNet for 3 channels, 1 for 1.")
     channel_order: Literal["RGB", "BGR"] = "RGB"
     letterbox: bool = Field(
-        default=False, description="Scale keeping the aspect ratio until the image fits the input, then pad the "
+        default=False,
+        description="Scale keeping the aspect ratio until the image fits the input, then pad the "
         "rest with grey (114), centred: how YOLO models are fed. Box labels follow the same mapping.",
     )
 
     @model_validator(mode="after")
-    def _one_resize(self) -> "Preprocessing":
+    def _one_resize(self) -> Preprocessing:
         if self.letterbox and self.resize is not None:
             raise ValueError("give resize (shorter side, then a centre crop) or letterbox, not both")
         return self
@@ -142,7 +147,9 @@ class DetectionOptions(BaseModel):
     iou_threshold: float = Field(default=0.45, gt=0, le=1, description="NMS IoU.")
     max_detections: int = Field(default=300, ge=1, le=10_000)
     min_class_channel_snr_db: float = Field(
-        default=15.0, ge=-100, le=200,
+        default=15.0,
+        ge=-100,
+        le=200,
         description="A raw head's every class channel (objectness included) must keep this SNR against FP32 "
         "for an artifact to meet the tolerance: F1 can stay 1.0 while INT8 moves a 0.83 score to 0.47.",
     )
@@ -167,7 +174,7 @@ class JobCreate(BaseModel):
     input_shape: list[int] | dict[str, list[int]] | None = None
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     overrides: dict[str, dict[str, Any]] | None = Field(
-        default=None, description="With a preset: config changes by step name, e.g. {\"distill\": {\"epochs\": 10}}."
+        default=None, description='With a preset: config changes by step name, e.g. {"distill": {"epochs": 10}}.'
     )
     name: Name | None = None
     task: Literal["auto", "classification", "detection", "segmentation"] = Field(
@@ -177,20 +184,23 @@ class JobCreate(BaseModel):
         "(N, C, H, W) maps: segmentation).",
     )
     max_accuracy_drop: float = Field(
-        default=DEFAULT_TOLERANCE, ge=0, le=1,
+        default=DEFAULT_TOLERANCE,
+        ge=0,
+        le=1,
         description="The job's tolerance on the task's metric: top-1 accuracy (agreement with FP32 without "
         "labels), mAP@0.5:0.95 (F1 of detections against FP32's without labels) or pixel agreement. An artifact "
         "that loses more is never recommended.",
     )
     detection: DetectionOptions = Field(default_factory=DetectionOptions)
     webhook_url: str | None = Field(
-        default=None, max_length=2048,
+        default=None,
+        max_length=2048,
         description="POSTed this job's JSON when it ends, signed with the tenant's webhook secret "
-        "(header Cvopt-Signature: t=<unix>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">); retried with back-off.",
+        '(header Cvopt-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">); retried with back-off.',
     )
 
     @model_validator(mode="after")
-    def _preset_or_steps(self) -> "JobCreate":
+    def _preset_or_steps(self) -> JobCreate:
         if (self.preset is None) == (self.steps is None):
             raise ValueError("give exactly one of 'preset' or 'steps'")
         if self.overrides is not None and self.preset is None:
@@ -236,7 +246,8 @@ class WebhookRead(BaseModel):
     url: str
     event: str
     status: Literal["pending", "delivered", "failed", "refused"] = Field(
-        description="refused: the URL is not allowed (see the attempt's error); it is not retried")
+        description="refused: the URL is not allowed (see the attempt's error); it is not retried"
+    )
     attempts: list[WebhookAttempt]
     next_attempt_at: datetime | None
     finished_at: datetime | None
@@ -268,17 +279,20 @@ class JobRead(BaseModel):
     finished_at: datetime | None
     waiting_for: str | None = Field(
         default=None,
-        description="A queued job that no live worker can take says what it waits for, e.g. \"gpu worker\"; "
+        description='A queued job that no live worker can take says what it waits for, e.g. "gpu worker"; '
         "it fails after CVOPT_NO_WORKER_TIMEOUT_SECONDS.",
     )
     report_url: str | None = Field(
-        default=None, description="The job's HTML report; works without the API key until it expires.")
+        default=None, description="The job's HTML report; works without the API key until it expires."
+    )
     webhook_url: str | None = None
     webhook: WebhookRead | None = Field(default=None, description="The webhook's delivery, once the job ended.")
     recommended: Recommendation | None = Field(
-        default=None, description="Which artifact to ship (as in the job's report); null until the job succeeded, "
+        default=None,
+        description="Which artifact to ship (as in the job's report); null until the job succeeded, "
         "and always null in the job list (GET /v1/jobs), which does not build each job's report: read the job "
-        "(GET /v1/jobs/{id}) or its report for it.")
+        "(GET /v1/jobs/{id}) or its report for it.",
+    )
 
 
 class JobsRead(BaseModel):
@@ -358,25 +372,27 @@ class RecommendationMetrics(BaseModel):
     size_bytes: int
     size_ratio: float = Field(description="size / original size")
     metric: RecommendedMetric | None = Field(
-        description="The task's metric; null when accuracy was not measured (a lossless float conversion)")
+        description="The task's metric; null when accuracy was not measured (a lossless float conversion)"
+    )
 
 
 class Recommendation(BaseModel):
     artifact: str | None = Field(
         description="The artifact to ship: the fastest one measured on the worker that meets the job's tolerance on "
-        "the task's metric (ties within 2% of p50 go to the smaller file). Null when nothing beats the original.")
+        "the task's metric (ties within 2% of p50 go to the smaller file). Null when nothing beats the original."
+    )
     reason: str = Field(description="Why, in one line; when null, why nothing beats the original.")
     metrics: RecommendationMetrics | None = None
     tolerance: float = Field(description="The job's max_accuracy_drop.")
     accuracy_verified: bool = Field(
-        description="False when the job has no evaluate step: only lossless float conversions were considered.")
+        description="False when the job has no evaluate step: only lossless float conversions were considered."
+    )
 
 
 class ReportRead(BaseModel):
     job_id: str
     status: JobStatus
-    recommended: Recommendation | None = Field(
-        default=None, description="Null until the job succeeded.")
+    recommended: Recommendation | None = Field(default=None, description="Null until the job succeeded.")
     task: str = Field(default="auto", description="The task whose metric decided the verdicts.")
     machine: dict[str, Any] | None
     entries: list[ReportEntry]
@@ -390,12 +406,15 @@ class Quotas(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_concurrent_jobs: int | None = Field(default=None, ge=0, le=1_000_000,
-                                            description="Queued plus running jobs at one time.")
-    max_storage_bytes: int | None = Field(default=None, ge=0, le=2**62,
-                                          description="Bytes of models and datasets kept.")
-    max_uploads_per_minute: int | None = Field(default=None, ge=0, le=1_000_000,
-                                               description="Model and dataset uploads in any 60 s.")
+    max_concurrent_jobs: int | None = Field(
+        default=None, ge=0, le=1_000_000, description="Queued plus running jobs at one time."
+    )
+    max_storage_bytes: int | None = Field(
+        default=None, ge=0, le=2**62, description="Bytes of models and datasets kept."
+    )
+    max_uploads_per_minute: int | None = Field(
+        default=None, ge=0, le=1_000_000, description="Model and dataset uploads in any 60 s."
+    )
 
 
 class TenantCreate(Quotas):

@@ -24,9 +24,7 @@ GPU_KIND_PATTERN = r"^[a-z0-9][a-z0-9-]{0,40}$"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CVOPT_", env_nested_delimiter="__", extra="ignore", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="CVOPT_", env_nested_delimiter="__", extra="ignore", frozen=True)
 
     env: Literal["local", "production"] = "local"
     data_dir: Path = Path(".cvopt")
@@ -114,7 +112,7 @@ class Settings(BaseSettings):
     step_nice: int = Field(default=10, ge=0, le=19)
 
     @model_validator(mode="after")
-    def _lost_workers_are_silent_for_several_heartbeats(self) -> "Settings":
+    def _lost_workers_are_silent_for_several_heartbeats(self) -> Settings:
         # Otherwise the ordinary gap between two beats would look like a dead worker, and a live
         # worker's job would be given to another (its run then stops: see worker.runner).
         if self.worker_lost_after_seconds < 3 * self.heartbeat_seconds:
@@ -125,12 +123,11 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _production_needs_real_secrets(self) -> "Settings":
+    def _production_needs_real_secrets(self) -> Settings:
         if self.env == "production":
             if self.secret_key.strip().lower() in PLACEHOLDER_SECRETS or len(self.secret_key) < 32:
                 raise ValueError(
-                    "CVOPT_SECRET_KEY must be set to a random value of at least 32 characters "
-                    "when CVOPT_ENV=production"
+                    "CVOPT_SECRET_KEY must be set to a random value of at least 32 characters when CVOPT_ENV=production"
                 )
             if not self.database_url or not self.broker_url or not self.storage_url:
                 raise ValueError(

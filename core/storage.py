@@ -17,7 +17,7 @@ import time
 import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
@@ -124,7 +124,7 @@ class LocalStore:
         sig = sign_local(key, expires, self.signing_key, filename)
         query = urlencode({"expires": expires, "sig": sig, "filename": filename})
         url = f"{base_url.rstrip('/')}/files/{quote(key)}?{query}"
-        return SignedUrl(url=url, expires_at=datetime.fromtimestamp(expires, timezone.utc))
+        return SignedUrl(url=url, expires_at=datetime.fromtimestamp(expires, UTC))
 
     def check(self) -> None:
         probe = self.root / ".readyz"
@@ -199,7 +199,7 @@ class S3Store:
             raise
 
     def download_url(self, key: str, *, filename: str, base_url: str) -> SignedUrl:
-        expires_at = datetime.fromtimestamp(int(time.time()) + self.ttl_seconds, timezone.utc)
+        expires_at = datetime.fromtimestamp(int(time.time()) + self.ttl_seconds, UTC)
         url = self.presign_client.generate_presigned_url(
             "get_object",
             Params={

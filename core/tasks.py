@@ -64,8 +64,9 @@ def layout_fits(layout: str, output_shapes: Sequence[Shape]) -> bool:
     return False
 
 
-def detection_layout(output_shapes: Sequence[Shape], input_hw: tuple[int, int] | None = None,
-                     hint: str = "auto") -> str | None:
+def detection_layout(
+    output_shapes: Sequence[Shape], input_hw: tuple[int, int] | None = None, hint: str = "auto"
+) -> str | None:
     """``yolo``, ``yolo_objectness``, ``post_nms``, or None when the outputs are not a detector's (or,
     with a ``hint`` other than auto, cannot hold that layout).
 
@@ -150,30 +151,38 @@ def _detection_layout_or_raise(output_shapes: Sequence[Shape], input_shape: Shap
 
     shapes = [list(s) for s in output_shapes]
     if hint != "auto" and hint not in DETECTION_LAYOUTS:
-        raise InvalidInput(f"unknown detection layout {hint!r} (one of auto, {', '.join(DETECTION_LAYOUTS)})",
-                           code="invalid_detection_layout", details={"layout": hint})
+        raise InvalidInput(
+            f"unknown detection layout {hint!r} (one of auto, {', '.join(DETECTION_LAYOUTS)})",
+            code="invalid_detection_layout",
+            details={"layout": hint},
+        )
     layout = detection_layout(shapes, input_hw(input_shape), hint)
     if layout is not None:
         return layout
     if hint != "auto":
         raise InvalidInput(
             f"detection.layout {hint!r} cannot read the model's outputs {shapes} ("
-            + {"yolo": "one head (N, 4+C, A) or (N, A, 4+C), C >= 1",
-               "yolo_objectness": "one head (N, 5+C, A) or (N, A, 5+C), C >= 1",
-               "post_nms": "boxes (N, K, 4) with scores (N, K) [, labels, count], or one (N, K, 6)"}[hint]
+            + {
+                "yolo": "one head (N, 4+C, A) or (N, A, 4+C), C >= 1",
+                "yolo_objectness": "one head (N, 5+C, A) or (N, A, 5+C), C >= 1",
+                "post_nms": "boxes (N, K, 4) with scores (N, K) [, labels, count], or one (N, K, 6)",
+            }[hint]
             + "); give the layout they have, or auto",
-            code="detection_layout_mismatch", details={"layout": hint, "outputs": shapes},
+            code="detection_layout_mismatch",
+            details={"layout": hint, "outputs": shapes},
         )
     raise InvalidInput(
         f"task detection: the model's outputs {shapes} are none of the layouts read "
         "(a YOLO head (N, 4+C, A) / (N, A, 4+C) / (N, A, 5+C), or boxes (N, K, 4) with scores (N, K) and labels); "
         "give detection.layout if they are one of these",
-        code="unsupported_outputs", details={"outputs": shapes},
+        code="unsupported_outputs",
+        details={"outputs": shapes},
     )
 
 
-def resolve_task(requested: str, output_shapes: Sequence[Shape | None], input_shape: Shape | None,
-                 layout: str = "auto") -> str:
+def resolve_task(
+    requested: str, output_shapes: Sequence[Shape | None], input_shape: Shape | None, layout: str = "auto"
+) -> str:
     """The job's task at POST /v1/jobs: ``auto`` decided from the file's output shapes when they say
     (else left ``auto`` for the worker); a detection.layout other than auto makes it a detection job.
     A detector whose recorded outputs fit no layout read, or not the one given, is a 422."""
@@ -187,8 +196,9 @@ def resolve_task(requested: str, output_shapes: Sequence[Shape | None], input_sh
     return requested
 
 
-def resolve_measured_task(requested: str, output_shapes: Sequence[Shape], input_shape: Shape | None,
-                          layout_hint: str = "auto") -> tuple[str, str | None, str | None]:
+def resolve_measured_task(
+    requested: str, output_shapes: Sequence[Shape], input_shape: Shape | None, layout_hint: str = "auto"
+) -> tuple[str, str | None, str | None]:
     """(task, detection layout or None, note or None) for measuring real outputs in the worker: the
     job's task, or for ``auto`` what the outputs say (classification, with a note, when they do not).
     Raises InvalidInput ``unsupported_outputs`` (a detector no layout reads) or
@@ -199,8 +209,7 @@ def resolve_measured_task(requested: str, output_shapes: Sequence[Shape], input_
     if task == "auto":
         task = infer_task(shapes, input_shape)
         if task is None:
-            note = (f"the outputs {shapes} do not say the task; measured as classification (give the job's "
-                    "task)")
+            note = f"the outputs {shapes} do not say the task; measured as classification (give the job's task)"
             task = "classification"
     if task != "detection":
         return task, None, note

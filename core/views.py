@@ -37,23 +37,29 @@ def job_report(session: Session, job: Job) -> ReportRead:
     """The job's report (each artifact against the original, its verdict, the recommendation)
     from one query: the original model's row and the artifacts'. The steps come with the job."""
     rows = session.execute(
-        select(Model, Artifact).select_from(Model)
+        select(Model, Artifact)
+        .select_from(Model)
         .outerjoin(Artifact, Artifact.job_id == job.id)
         .where(Model.id == job.model_id)
         .order_by(Artifact.step_index)
     ).all()
     model = rows[0][0]
     return report_for(
-        job_id=job.id, status=job.status, task=job.task or "auto", task_options=job.task_options,
+        job_id=job.id,
+        status=job.status,
+        task=job.task or "auto",
+        task_options=job.task_options,
         steps=[StepFacts(s.name, s.status == StepStatus.succeeded, s.metrics or {}) for s in job.steps],
         original=ArtifactFacts(model.filename, None, model.format, model.size_bytes, dict(model.details or {})),
-        artifacts=[ArtifactFacts(a.name, a.step, a.format, a.size_bytes, dict(a.meta or {}))
-                   for _, a in rows if a is not None],
+        artifacts=[
+            ArtifactFacts(a.name, a.step, a.format, a.size_bytes, dict(a.meta or {})) for _, a in rows if a is not None
+        ],
     )
 
 
-def job_to_read(job: Job, live_queues: set[str] | None = None, base_url: str | None = None, *,
-                recommended: bool = True) -> JobRead:
+def job_to_read(
+    job: Job, live_queues: set[str] | None = None, base_url: str | None = None, *, recommended: bool = True
+) -> JobRead:
     """``live_queues``: the queues live workers consume; a queued job on another queue says
     what it waits for. ``base_url``: where clients reach the API (for the report link).
     ``recommended``: compute the recommendation (one query for a succeeded job); the job list
@@ -72,15 +78,31 @@ def job_to_read(job: Job, live_queues: set[str] | None = None, base_url: str | N
     if job.error_code:
         error = JobError(code=job.error_code, message=job.error_message or "", step=job.error_step)
     return JobRead(
-        id=job.id, name=job.name, status=job.status, model_id=job.model_id, preset=job.preset,
-        calibration_dataset_id=job.calibration_dataset_id, evaluation_dataset_id=job.evaluation_dataset_id,
-        queue=job.queue, input_spec=[TensorSpec(**s) for s in job.input_spec], preprocessing=job.preprocessing,
-        task=job.task or "auto", max_accuracy_drop=(job.task_options or {}).get("max_accuracy_drop", DEFAULT_TOLERANCE),
+        id=job.id,
+        name=job.name,
+        status=job.status,
+        model_id=job.model_id,
+        preset=job.preset,
+        calibration_dataset_id=job.calibration_dataset_id,
+        evaluation_dataset_id=job.evaluation_dataset_id,
+        queue=job.queue,
+        input_spec=[TensorSpec(**s) for s in job.input_spec],
+        preprocessing=job.preprocessing,
+        task=job.task or "auto",
+        max_accuracy_drop=(job.task_options or {}).get("max_accuracy_drop", DEFAULT_TOLERANCE),
         detection=(job.task_options or {}).get("detection"),
-        progress=job.progress, current_step=job.current_step, attempts=job.attempts,
-        cancel_requested=job.cancel_requested, steps=steps, error=error, log_tail=job.log_tail,
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        webhook_url=job.webhook_url, report_url=report_link(job.id, base_url),
+        progress=job.progress,
+        current_step=job.current_step,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        steps=steps,
+        error=error,
+        log_tail=job.log_tail,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        webhook_url=job.webhook_url,
+        report_url=report_link(job.id, base_url),
         webhook=delivery_to_read(job.webhook_delivery) if job.webhook_url else None,
         waiting_for=(
             waiting_for(job.queue)

@@ -42,8 +42,11 @@ log = logging.getLogger("cvopt.webhooks")
 
 SIGNATURE_HEADER = "Cvopt-Signature"
 # Instance metadata services: never a webhook target, whatever the settings.
-METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254"),
-            ipaddress.ip_address("100.100.100.200")}
+METADATA = {
+    ipaddress.ip_address("169.254.169.254"),
+    ipaddress.ip_address("fd00:ec2::254"),
+    ipaddress.ip_address("100.100.100.200"),
+}
 MAX_BACKOFF_S = 3600.0
 
 
@@ -76,8 +79,7 @@ def _inet_aton(host: str) -> ipaddress.IPv4Address | None:
     parts = host.split(".")
     if not 1 <= len(parts) <= 4 or not all(_INET_ATON_PART.fullmatch(p) for p in parts):
         return None
-    values = [int(p[2:] or "0", 16) if p[:2].lower() == "0x" else int(p, 8 if p.startswith("0") else 10)
-              for p in parts]
+    values = [int(p[2:] or "0", 16) if p[:2].lower() == "0x" else int(p, 8 if p.startswith("0") else 10) for p in parts]
     *head, last = values
     if any(v > 255 for v in head) or last >= 256 ** (4 - len(head)):
         return None
@@ -121,8 +123,9 @@ def check_url(url: str, settings: Settings, *, resolve: bool) -> None:
     ``resolve``, code ``webhook_host_unresolved`` when DNS gives no answer (that may pass)."""
 
     def refuse(why: str, code: str = "webhook_url_refused") -> InvalidInput:
-        return InvalidInput(f"webhook_url {url!r} is refused: {why}", code=code,
-                            details={"webhook_url": url, "reason": why})
+        return InvalidInput(
+            f"webhook_url {url!r} is refused: {why}", code=code, details={"webhook_url": url, "reason": why}
+        )
 
     try:
         parts = httpx.URL(url)  # the parser of the client that sends it: no gap between two parsers
@@ -148,8 +151,9 @@ def check_url(url: str, settings: Settings, *, resolve: bool) -> None:
     addresses = [literal] if literal is not None else []
     if literal is None and resolve:
         try:
-            infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
-                                       type=socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(
+                host, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
+            )
         except socket.gaierror as exc:
             raise refuse(f"its host does not resolve ({exc.strerror})", "webhook_host_unresolved") from exc
         addresses = [_ip_address(info[4][0]) for info in infos]
@@ -162,10 +166,14 @@ def check_url(url: str, settings: Settings, *, resolve: bool) -> None:
 def delivery_to_read(delivery: WebhookDelivery | None) -> dict | None:
     if delivery is None:
         return None
-    return {"url": delivery.url, "event": delivery.event, "status": delivery.status,
-            "attempts": list(delivery.attempts or []),
-            "next_attempt_at": delivery.next_attempt_at if delivery.status == "pending" else None,
-            "finished_at": delivery.finished_at}
+    return {
+        "url": delivery.url,
+        "event": delivery.event,
+        "status": delivery.status,
+        "attempts": list(delivery.attempts or []),
+        "next_attempt_at": delivery.next_attempt_at if delivery.status == "pending" else None,
+        "finished_at": delivery.finished_at,
+    }
 
 
 def _attempt(delivery: WebhookDelivery, job: Job, secret: str, settings: Settings) -> tuple[dict, bool]:
@@ -180,10 +188,17 @@ def _attempt(delivery: WebhookDelivery, job: Job, secret: str, settings: Setting
         check_url(delivery.url, settings, resolve=True)
         timestamp = int(time.time())
         response = httpx.post(
-            delivery.url, content=body, timeout=settings.webhook_timeout_seconds, follow_redirects=False,
-            headers={"Content-Type": "application/json", "User-Agent": "cvopt-webhooks/1",
-                     "Cvopt-Event": delivery.event, "Cvopt-Delivery": delivery.id,
-                     SIGNATURE_HEADER: sign(secret, body, timestamp)},
+            delivery.url,
+            content=body,
+            timeout=settings.webhook_timeout_seconds,
+            follow_redirects=False,
+            headers={
+                "Content-Type": "application/json",
+                "User-Agent": "cvopt-webhooks/1",
+                "Cvopt-Event": delivery.event,
+                "Cvopt-Delivery": delivery.id,
+                SIGNATURE_HEADER: sign(secret, body, timestamp),
+            },
         )
         record["status_code"] = response.status_code
         if not 200 <= response.status_code < 300:
@@ -205,7 +220,9 @@ def deliver_due(sessions: sessionmaker[Session], settings: Settings, *, limit: i
             delivery = s.scalars(
                 select(WebhookDelivery)
                 .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= utcnow())
-                .order_by(WebhookDelivery.next_attempt_at).limit(1).with_for_update(skip_locked=True)
+                .order_by(WebhookDelivery.next_attempt_at)
+                .limit(1)
+                .with_for_update(skip_locked=True)
             ).first()
             if delivery is None:
                 s.rollback()
@@ -226,8 +243,13 @@ def deliver_due(sessions: sessionmaker[Session], settings: Settings, *, limit: i
             else:
                 backoff = min(MAX_BACKOFF_S, settings.webhook_backoff_seconds * 2 ** (len(delivery.attempts) - 1))
                 delivery.next_attempt_at = now + timedelta(seconds=backoff)
-                log.info("webhook for job %s: attempt %d failed (%s); next in %.0f s", job.id,
-                         len(delivery.attempts), record["error"], backoff)
+                log.info(
+                    "webhook for job %s: attempt %d failed (%s); next in %.0f s",
+                    job.id,
+                    len(delivery.attempts),
+                    record["error"],
+                    backoff,
+                )
             s.commit()
             done += 1
     return done

@@ -107,10 +107,18 @@ def _exit_on_signal(signum: int, _frame) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", "api_workers", default=1, show_default=True, type=int, help="API processes.")
-@click.option("--worker/--no-worker", "with_worker", default=None,
-              help="Start a Celery worker beside the API (default: only with the embedded broker).")
-@click.option("--migrate/--no-migrate", "run_migrations", default=None,
-              help="Upgrade the schema first (default: only with the embedded SQLite database).")
+@click.option(
+    "--worker/--no-worker",
+    "with_worker",
+    default=None,
+    help="Start a Celery worker beside the API (default: only with the embedded broker).",
+)
+@click.option(
+    "--migrate/--no-migrate",
+    "run_migrations",
+    default=None,
+    help="Upgrade the schema first (default: only with the embedded SQLite database).",
+)
 def serve(host: str, port: int, api_workers: int, with_worker: bool | None, run_migrations: bool | None) -> None:
     """Serve the API; in embedded mode (the defaults) also a worker, on SQLite and local storage.
 
@@ -137,20 +145,36 @@ def serve(host: str, port: int, api_workers: int, with_worker: bool | None, run_
             worker = _EmbeddedWorker()
             worker.start()
         # log_config=None: uvicorn keeps our JSON logging; the API writes its own access lines.
-        uvicorn.run("api.main:app", host=host, port=port, workers=api_workers, log_level="info",
-                    access_log=False, log_config=None)
+        uvicorn.run(
+            "api.main:app",
+            host=host,
+            port=port,
+            workers=api_workers,
+            log_level="info",
+            access_log=False,
+            log_config=None,
+        )
     finally:
         if worker:
             worker.stop()
 
 
 @main.command()
-@click.option("--queues", default="cpu", show_default=True,
-              help="Comma-separated: cpu, gpu (any GPU job), gpu.<kind> (jobs for one GPU kind).")
+@click.option(
+    "--queues",
+    default="cpu",
+    show_default=True,
+    help="Comma-separated: cpu, gpu (any GPU job), gpu.<kind> (jobs for one GPU kind).",
+)
 @click.option("--concurrency", type=int, default=None, help="Jobs at once (default CVOPT_WORKER_CONCURRENCY).")
 @click.option("--loglevel", default="INFO", show_default=True)
-@click.option("--parent-pid", type=int, default=None, hidden=True,
-              help="End when this process ends, however it ends (cvopt serve's embedded worker).")
+@click.option(
+    "--parent-pid",
+    type=int,
+    default=None,
+    hidden=True,
+    help="End when this process ends, however it ends (cvopt serve's embedded worker).",
+)
 def worker(queues: str, concurrency: int | None, loglevel: str, parent_pid: int | None) -> None:
     """Run a Celery worker that executes jobs from the given queues.
 
@@ -174,8 +198,11 @@ def worker(queues: str, concurrency: int | None, loglevel: str, parent_pid: int 
     _setup_logging(loglevel)
     settings = get_settings()
     names = [q.strip() for q in queues.split(",") if q.strip()]
-    bad = [q for q in names if q not in (CPU_QUEUE, GPU_QUEUE)
-           and not (is_gpu_queue(q) and re.match(GPU_KIND_PATTERN, q.split(".", 1)[1]))]
+    bad = [
+        q
+        for q in names
+        if q not in (CPU_QUEUE, GPU_QUEUE) and not (is_gpu_queue(q) and re.match(GPU_KIND_PATTERN, q.split(".", 1)[1]))
+    ]
     if bad or not names:
         raise click.BadParameter(f"queues are cpu, gpu or gpu.<kind>; got {bad or queues!r}", param_hint="--queues")
     gpu = None
@@ -200,10 +227,18 @@ def worker(queues: str, concurrency: int | None, loglevel: str, parent_pid: int 
     argv = [
         # No banner on stdout: every line the worker writes is a log record (JSON by default).
         "--quiet",
-        "worker", "--queues", ",".join(names), "--loglevel", loglevel,
-        "--concurrency", str(concurrency or settings.worker_concurrency), "-O", "fair",
+        "worker",
+        "--queues",
+        ",".join(names),
+        "--loglevel",
+        loglevel,
+        "--concurrency",
+        str(concurrency or settings.worker_concurrency),
+        "-O",
+        "fair",
         # Gossip and mingle only slow start-up here; remote control (inspect ping) stays on.
-        "--without-gossip", "--without-mingle",
+        "--without-gossip",
+        "--without-mingle",
     ]
     if settings.is_embedded_broker:
         argv.append("--without-heartbeat")
@@ -301,8 +336,10 @@ def keys_revoke(key_id: str) -> None:
             revoke_key(session=session, key_id=key_id)
         except CvoptError as exc:
             raise click.ClickException(exc.message) from exc
-    click.echo(f"revoked {key_id} (running API processes stop accepting it within "
-               f"CVOPT_API_KEY_CACHE_SECONDS, {get_settings().api_key_cache_seconds:g} s)")
+    click.echo(
+        f"revoked {key_id} (running API processes stop accepting it within "
+        f"CVOPT_API_KEY_CACHE_SECONDS, {get_settings().api_key_cache_seconds:g} s)"
+    )
 
 
 client_cli.register(main)

@@ -54,8 +54,10 @@ class JobFailed(CvoptClientError):
         if job["status"] == "cancelled":
             text = f"job {job['id']} was cancelled"
         else:
-            text = f"job {job['id']} failed at step {self.error.get('step')}: {self.error.get('code')}: " \
-                   f"{self.error.get('message')}"
+            text = (
+                f"job {job['id']} failed at step {self.error.get('step')}: {self.error.get('code')}: "
+                f"{self.error.get('message')}"
+            )
         super().__init__(text)
 
 
@@ -70,16 +72,28 @@ class ChecksumMismatch(CvoptClientError):
 
 
 class Client:
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
-                 max_retries: int = 6, backoff: float = 0.5, max_backoff: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 6,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         base_url = base_url or os.environ.get("CVOPT_URL") or "http://127.0.0.1:8000"
         api_key = api_key or os.environ.get("CVOPT_API_KEY")
         if not api_key:
             raise CvoptClientError("an API key is needed: pass api_key or set CVOPT_API_KEY")
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport,
-                                  headers={"Authorization": f"Bearer {api_key}", "User-Agent": "cvopt-client/1"})
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            timeout=timeout,
+            transport=transport,
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": "cvopt-client/1"},
+        )
         self._sleep = time.sleep
 
     def __enter__(self) -> Client:
@@ -98,8 +112,15 @@ class Client:
             return min(float(after), self.max_backoff * 4)
         return min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
 
-    def request(self, method: str, path: str, *, idempotent_key: str | None = None,
-                body: Callable[[], dict[str, Any]] | None = None, **kwargs) -> httpx.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        idempotent_key: str | None = None,
+        body: Callable[[], dict[str, Any]] | None = None,
+        **kwargs,
+    ) -> httpx.Response:
         """One API call with retries. ``body()`` makes fresh request arguments for each try (an
         upload's file must be reopened); ``idempotent_key`` goes into ``Idempotency-Key``."""
         headers = dict(kwargs.pop("headers", {}) or {})
@@ -127,8 +148,12 @@ class Client:
                 err = response.json()
             except ValueError:
                 err = {}
-            raise ApiError(response.status_code, err.get("code", "http_error"), err.get("message", response.text[:300]),
-                           err.get("details"))
+            raise ApiError(
+                response.status_code,
+                err.get("code", "http_error"),
+                err.get("message", response.text[:300]),
+                err.get("details"),
+            )
         return response
 
     # -- resources -------------------------------------------------------------------------------
@@ -142,27 +167,47 @@ class Client:
         # its own key, as the service hashes all of them.
         request = repr((path.name, sorted(fields.items())))
         key = "sdk-" + _sha256(path) + "-" + hashlib.sha256(request.encode()).hexdigest()[:16]
-        return self.request("POST", route, idempotent_key=key, data=fields,
-                            body=lambda: {"files": {"file": (path.name, open(path, "rb"))}}).json()
+        return self.request(
+            "POST",
+            route,
+            idempotent_key=key,
+            data=fields,
+            body=lambda: {"files": {"file": (path.name, open(path, "rb"))}},
+        ).json()
 
-    def upload_model(self, path: str | os.PathLike, *, name: str | None = None,
-                     architecture: str | None = None) -> dict[str, Any]:
+    def upload_model(
+        self, path: str | os.PathLike, *, name: str | None = None, architecture: str | None = None
+    ) -> dict[str, Any]:
         fields = {k: v for k, v in {"name": name, "architecture": architecture}.items() if v}
         return self._upload("/v1/models", path, fields)
 
     def upload_dataset(self, path: str | os.PathLike, *, name: str | None = None) -> dict[str, Any]:
         return self._upload("/v1/datasets", path, {"name": name} if name else {})
 
-    def submit_job(self, *, model_id: str, preset: str | None = None, steps: list | None = None,
-                   calibration_dataset_id: str | None = None, evaluation_dataset_id: str | None = None,
-                   idempotency_key: str | None = None, **extra: Any) -> dict[str, Any]:
+    def submit_job(
+        self,
+        *,
+        model_id: str,
+        preset: str | None = None,
+        steps: list | None = None,
+        calibration_dataset_id: str | None = None,
+        evaluation_dataset_id: str | None = None,
+        idempotency_key: str | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         """POST /v1/jobs. ``extra``: input_shape, preprocessing, overrides, name, webhook_url."""
-        body = {"model_id": model_id, "preset": preset, "steps": steps,
-                "calibration_dataset_id": calibration_dataset_id, "evaluation_dataset_id": evaluation_dataset_id,
-                **extra}
+        body = {
+            "model_id": model_id,
+            "preset": preset,
+            "steps": steps,
+            "calibration_dataset_id": calibration_dataset_id,
+            "evaluation_dataset_id": evaluation_dataset_id,
+            **extra,
+        }
         body = {k: v for k, v in body.items() if v is not None}
-        return self.request("POST", "/v1/jobs", json=body,
-                            idempotent_key=idempotency_key or f"sdk-{uuid.uuid4().hex}").json()
+        return self.request(
+            "POST", "/v1/jobs", json=body, idempotent_key=idempotency_key or f"sdk-{uuid.uuid4().hex}"
+        ).json()
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}").json()
@@ -176,8 +221,15 @@ class Client:
     def report(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}/report").json()
 
-    def wait(self, job_id: str, timeout: float = 3600.0, poll_interval: float = 1.0, *,
-             max_interval: float = 15.0, on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self,
+        job_id: str,
+        timeout: float = 3600.0,
+        poll_interval: float = 1.0,
+        *,
+        max_interval: float = 15.0,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Poll until the job ends, backing off from ``poll_interval`` to ``max_interval``. Returns
         the succeeded job; raises JobFailed (failed or cancelled) or WaitTimeout."""
         deadline = time.monotonic() + timeout

@@ -18,8 +18,13 @@ from core.metric_names import metric_label
 from cvopt.client import ApiError, Client, CvoptClientError, JobFailed, WaitTimeout
 
 connection = [
-    click.option("--url", envvar="CVOPT_URL", default="http://127.0.0.1:8000", show_default=True,
-                 help="The service (or CVOPT_URL)."),
+    click.option(
+        "--url",
+        envvar="CVOPT_URL",
+        default="http://127.0.0.1:8000",
+        show_default=True,
+        help="The service (or CVOPT_URL).",
+    ),
     click.option("--api-key", envvar="CVOPT_API_KEY", required=True, help="An API key (or CVOPT_API_KEY)."),
     click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout, for scripts."),
 ]
@@ -132,7 +137,7 @@ def _throughput(entry: dict[str, Any]) -> str:
 
 
 def recommendation_line(report: dict[str, Any]) -> str | None:
-    """"recommended: <name> (<reason>)", or "recommended: none (<why nothing beats the original>)";
+    """ "recommended: <name> (<reason>)", or "recommended: none (<why nothing beats the original>)";
     None until the job succeeded."""
     rec = report.get("recommended")
     if not rec:
@@ -143,16 +148,35 @@ def recommendation_line(report: dict[str, Any]) -> str | None:
 def report_table(report: dict[str, Any]) -> str:
     """The report as a text table with each artifact's verdict, one line per artifact that could
     not be measured, then the recommendation."""
-    rows = [("artifact", "format", "size", "size ×", "p50 ms", "speed-up", "img/s @ batch", "accuracy / fidelity",
-             "verdict")]
+    rows = [
+        (
+            "artifact",
+            "format",
+            "size",
+            "size ×",
+            "p50 ms",
+            "speed-up",
+            "img/s @ batch",
+            "accuracy / fidelity",
+            "verdict",
+        )
+    ]
     notes = []
     for e in report.get("entries") or []:
         latency = e.get("latency_ms") or {}
-        rows.append((
-            str(e.get("name", "?")), str(e.get("format", "?")), _fmt_size(e.get("size_bytes")),
-            _num(e.get("size_ratio"), ".2f"), _num(latency.get("p50_ms"), ".2f"), _num(e.get("speedup"), ".2f", "x"),
-            _throughput(e), _quality(e), str(e.get("verdict") or "-"),
-        ))
+        rows.append(
+            (
+                str(e.get("name", "?")),
+                str(e.get("format", "?")),
+                _fmt_size(e.get("size_bytes")),
+                _num(e.get("size_ratio"), ".2f"),
+                _num(latency.get("p50_ms"), ".2f"),
+                _num(e.get("speedup"), ".2f", "x"),
+                _throughput(e),
+                _quality(e),
+                str(e.get("verdict") or "-"),
+            )
+        )
         if e.get("throughput_error"):
             notes.append(f"* {e.get('name')}: no throughput: {e['throughput_error']}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -187,27 +211,59 @@ def register(main: click.Group) -> None:
     @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
     @click.option("--preset", help="e.g. onnx-int8, onnx-fp16, prune50-distill-int8, tflite-int8.")
     @click.option("--step", "steps", multiple=True, help="A step name, repeated in order (instead of --preset).")
-    @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                  help="Calibration images (zip/tar/npz).")
-    @click.option("--evaluation", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                  help="Labeled evaluation images.")
+    @click.option(
+        "--calibration",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="Calibration images (zip/tar/npz).",
+    )
+    @click.option(
+        "--evaluation", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labeled evaluation images."
+    )
     @click.option("--architecture", help="The torchvision architecture of a state_dict upload.")
     @click.option("--input-shape", help="e.g. 1,3,224,224 when the model does not say.")
-    @click.option("--preprocessing", type=_JsonObject(),
-                  help='How images become inputs, as JSON, e.g. \'{"resize": 256, "mean": [0, 0, 0]}\'.')
-    @click.option("--overrides", type=_JsonObject(),
-                  help='Step configs over the preset\'s, as JSON, e.g. \'{"distill": {"epochs": 2}}\'.')
+    @click.option(
+        "--preprocessing",
+        type=_JsonObject(),
+        help='How images become inputs, as JSON, e.g. \'{"resize": 256, "mean": [0, 0, 0]}\'.',
+    )
+    @click.option(
+        "--overrides",
+        type=_JsonObject(),
+        help='Step configs over the preset\'s, as JSON, e.g. \'{"distill": {"epochs": 2}}\'.',
+    )
     @click.option("--name", help="A name for the job.")
     @click.option("--webhook-url", help="POSTed the job when it ends (signed).")
     @click.option("--wait/--no-wait", default=False, help="Wait for the job to end, showing progress.")
     @click.option("--timeout", default=6 * 3600.0, show_default=True, help="Seconds --wait waits.")
-    @click.option("--download", type=click.Path(file_okay=False, path_type=Path),
-                  help="Download the recommended artifact here (implies --wait); sha256 checked.")
-    @click.option("--all", "all_artifacts", is_flag=True, help="With --download: every artifact, not only the "
-                  "recommended one.")
+    @click.option(
+        "--download",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Download the recommended artifact here (implies --wait); sha256 checked.",
+    )
+    @click.option(
+        "--all", "all_artifacts", is_flag=True, help="With --download: every artifact, not only the recommended one."
+    )
     @with_connection
-    def submit(model, preset, steps, calibration, evaluation, architecture, input_shape, preprocessing, overrides,
-               name, webhook_url, wait, timeout, download, all_artifacts, url, api_key, as_json):
+    def submit(
+        model,
+        preset,
+        steps,
+        calibration,
+        evaluation,
+        architecture,
+        input_shape,
+        preprocessing,
+        overrides,
+        name,
+        webhook_url,
+        wait,
+        timeout,
+        download,
+        all_artifacts,
+        url,
+        api_key,
+        as_json,
+    ):
         """Upload MODEL (and datasets), submit a job, and optionally wait and download."""
         if bool(preset) == bool(steps):
             raise click.UsageError("give --preset or one or more --step")
@@ -216,8 +272,12 @@ def register(main: click.Group) -> None:
         try:
             with Client(url, api_key) as cv:
                 uploaded = cv.upload_model(model, architecture=architecture)
-                extra: dict[str, Any] = {"name": name, "webhook_url": webhook_url, "preprocessing": preprocessing,
-                                         "overrides": overrides}
+                extra: dict[str, Any] = {
+                    "name": name,
+                    "webhook_url": webhook_url,
+                    "preprocessing": preprocessing,
+                    "overrides": overrides,
+                }
                 if calibration:
                     extra["calibration_dataset_id"] = cv.upload_dataset(calibration)["id"]
                 if evaluation:
@@ -235,11 +295,24 @@ def register(main: click.Group) -> None:
                 finally:
                     progress.done()
                 report = cv.report(job["id"])
-                files = [str(p) for p in cv.download_artifacts(job["id"], download,
-                                                                 all_artifacts=all_artifacts)] if download else []
+                files = (
+                    [str(p) for p in cv.download_artifacts(job["id"], download, all_artifacts=all_artifacts)]
+                    if download
+                    else []
+                )
                 if as_json:
-                    click.echo(json.dumps({"ok": True, "job": job, "report": report, "artifacts": cv.artifacts(job["id"]),
-                                           "downloaded": files}, default=str))
+                    click.echo(
+                        json.dumps(
+                            {
+                                "ok": True,
+                                "job": job,
+                                "report": report,
+                                "artifacts": cv.artifacts(job["id"]),
+                                "downloaded": files,
+                            },
+                            default=str,
+                        )
+                    )
                 else:
                     click.echo(report_table(report))
                     for path in files:
@@ -292,13 +365,17 @@ def register(main: click.Group) -> None:
 
         files, job = _call(url, api_key, as_json, fetch)
         if as_json:
-            click.echo(json.dumps({"ok": True, "downloaded": [str(p) for p in files],
-                                   "recommended": job.get("recommended")}))
+            click.echo(
+                json.dumps({"ok": True, "downloaded": [str(p) for p in files], "recommended": job.get("recommended")})
+            )
         elif files:
             click.echo("\n".join(str(p) for p in files))
         if not files and not all_artifacts:
             if job["status"] != "succeeded":
-                click.echo(f"nothing downloaded: job {job_id} is {job['status']}; an artifact is recommended "
-                           "once it succeeds (--all fetches what is there)", err=True)
+                click.echo(
+                    f"nothing downloaded: job {job_id} is {job['status']}; an artifact is recommended "
+                    "once it succeeds (--all fetches what is there)",
+                    err=True,
+                )
             else:
                 _say_nothing_recommended(job.get("recommended"))

@@ -15,7 +15,9 @@ target_metadata = Base.metadata
 def run_migrations_offline() -> None:
     context.configure(
         url=config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url,
-        target_metadata=target_metadata, literal_binds=True, render_as_batch=True,
+        target_metadata=target_metadata,
+        literal_binds=True,
+        render_as_batch=True,
     )
     with context.begin_transaction():
         context.run_migrations()

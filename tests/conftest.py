@@ -124,7 +124,8 @@ def digit_assets(tmp_path_factory) -> DigitAssets:
     outlier = digits.save_model_files(digits.with_outlier_feature(net), root / "outlier")
     models.update({"outlier_onnx": outlier["onnx"], "outlier_pt2": outlier["pt2"]})
     return DigitAssets(
-        x=x, y=y,
+        x=x,
+        y=y,
         models=models,
         calibration_npz=digits.write_npz(root / "calibration.npz", x[:256]),
         labeled_npz=digits.write_npz(root / "eval.npz", x[1500:], y[1500:]),
@@ -227,16 +228,32 @@ def s3_server(tmp_path_factory):
     port = free_port()
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(endpoint + "/moto-api/", proc=proc)
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket="cvopt-test")
-        yield S3Server(endpoint=endpoint, bucket="cvopt-test", env={
-            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-        })
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket="cvopt-test")
+        yield S3Server(
+            endpoint=endpoint,
+            bucket="cvopt-test",
+            env={
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            },
+        )
     finally:
         stop(proc)
         log.close()
@@ -277,8 +294,16 @@ def _start_stack(env: dict[str, str], tmp: Path, *, with_worker: bool, embedded:
     procs.append(api)
     if with_worker:
         worker_log = open(logs / "worker.log", "wb")
-        procs.append(subprocess.Popen([str(VENV_BIN / "cvopt"), "worker", "--queues", "cpu"], env=env, cwd=tmp,
-                                      stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [str(VENV_BIN / "cvopt"), "worker", "--queues", "cpu"],
+                env=env,
+                cwd=tmp,
+                stdout=worker_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(base + "/healthz", timeout=90, proc=api)
@@ -303,14 +328,16 @@ def _running_stack(env: dict[str, str], tmp: Path, **kw):
 
 def stack_env(tmp: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CVOPT_")}
-    env.update({
-        "CVOPT_DATA_DIR": str(tmp / "data"),
-        "CVOPT_BOOTSTRAP_API_KEY": API_KEY,
-        "CVOPT_SECRET_KEY": "test-secret-" + "x" * 40,
-        "CVOPT_HEARTBEAT_SECONDS": "1",
-        "PYTHONUNBUFFERED": "1",
-        PROCESS_TAG_ENV: uuid.uuid4().hex,
-    })
+    env.update(
+        {
+            "CVOPT_DATA_DIR": str(tmp / "data"),
+            "CVOPT_BOOTSTRAP_API_KEY": API_KEY,
+            "CVOPT_SECRET_KEY": "test-secret-" + "x" * 40,
+            "CVOPT_HEARTBEAT_SECONDS": "1",
+            "PYTHONUNBUFFERED": "1",
+            PROCESS_TAG_ENV: uuid.uuid4().hex,
+        }
+    )
     env.update(extra)
     return env
 

@@ -80,8 +80,15 @@ def save_model_files(net, directory: Path) -> dict[str, Path]:
     }
     torch.export.save(torch.export.export(net, (example,)), paths["pt2"])
     torch.jit.trace(net, example).save(str(paths["torchscript"]))
-    torch.onnx.export(net, (example,), str(paths["onnx"]), dynamo=False, input_names=["image"],
-                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        net,
+        (example,),
+        str(paths["onnx"]),
+        dynamo=False,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+    )
     torch.save(net.state_dict(), paths["state_dict"])
     return paths
 

@@ -33,8 +33,10 @@ def memory_bomb(path: Path, gib: int = 16) -> Path:
         helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
         helper.make_node("Reshape", ["total", "one_dim"], ["logits"]),
     ]
-    inits = [numpy_helper.from_array(np.array([side, side, 1, 1], np.int64), "blow_up"),
-             numpy_helper.from_array(np.array([1], np.int64), "one_dim")]
+    inits = [
+        numpy_helper.from_array(np.array([side, side, 1, 1], np.int64), "blow_up"),
+        numpy_helper.from_array(np.array([1], np.int64), "one_dim"),
+    ]
     return _save(helper.make_graph(nodes, "memory_bomb", [INPUT], [OUTPUT], inits), path)
 
 
@@ -43,11 +45,15 @@ def endless_loop(path: Path) -> Path:
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "step"], ["v_out"])],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1])],
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1]),
+        ],
         [numpy_helper.from_array(np.array([1.0], np.float32), "step")],
     )
     nodes = [
@@ -55,7 +61,9 @@ def endless_loop(path: Path) -> Path:
         helper.make_node("Reshape", ["total", "one_dim"], ["start"]),
         helper.make_node("Loop", ["trips", "yes", "start"], ["logits"], body=body),
     ]
-    inits = [numpy_helper.from_array(np.array(2**62, np.int64), "trips"),
-             numpy_helper.from_array(np.array(True), "yes"),
-             numpy_helper.from_array(np.array([1], np.int64), "one_dim")]
+    inits = [
+        numpy_helper.from_array(np.array(2**62, np.int64), "trips"),
+        numpy_helper.from_array(np.array(True), "yes"),
+        numpy_helper.from_array(np.array([1], np.int64), "one_dim"),
+    ]
     return _save(helper.make_graph(nodes, "endless_loop", [INPUT], [OUTPUT], inits), path)

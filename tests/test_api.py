@@ -20,8 +20,13 @@ pytestmark = pytest.mark.integration
 
 
 def s3_keys(stack) -> set[str]:
-    s3 = boto3.client("s3", endpoint_url=stack.env["CVOPT_S3_ENDPOINT_URL"], region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.env["CVOPT_S3_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket="cvopt-test")
     return {o["Key"] for page in pages for o in page.get("Contents", [])}
 
@@ -100,9 +105,15 @@ def test_an_upload_over_the_limit_is_413_before_it_is_stored(stack):
             yield b"\1" * (1024 * 1024)
         yield b"\r\n" + boundary + b"--\r\n"
 
-    resp = httpx.post(stack.base_url + "/v1/models", content=chunks(), timeout=60, headers={
-        "Authorization": f"Bearer {stack.api_key}", "Content-Type": "multipart/form-data; boundary=xyz",
-    })
+    resp = httpx.post(
+        stack.base_url + "/v1/models",
+        content=chunks(),
+        timeout=60,
+        headers={
+            "Authorization": f"Bearer {stack.api_key}",
+            "Content-Type": "multipart/form-data; boundary=xyz",
+        },
+    )
     assert_error(resp, 413, "upload_too_large")
     assert s3_keys(stack) == keys_before
 
@@ -155,16 +166,23 @@ def test_recipes_that_cannot_run_are_422_and_queue_nothing(stack, digit_assets, 
     client = stack.client
     ts_model = upload(client, "/v1/models", digit_assets.models["torchscript"])
     big = upload(client, "/v1/datasets", digit_assets.labeled_zip)  # images: fine for any size
-    wrong_shape = client.post("/v1/datasets", files={"file": ("w.npz", _npz(x=np.zeros((4, 1, 16, 16), np.float32)))}).json()
-    many_classes = client.post("/v1/datasets", files={"file": ("c.npz", _npz(
-        x=np.zeros((12, 1, 8, 8), np.float32), y=np.arange(12, dtype=np.int64)))}).json()
+    wrong_shape = client.post(
+        "/v1/datasets", files={"file": ("w.npz", _npz(x=np.zeros((4, 1, 16, 16), np.float32)))}
+    ).json()
+    many_classes = client.post(
+        "/v1/datasets",
+        files={"file": ("c.npz", _npz(x=np.zeros((12, 1, 8, 8), np.float32), y=np.arange(12, dtype=np.int64)))},
+    ).json()
     deleted = upload(client, "/v1/models", digit_assets.models["onnx"])
     assert client.delete(f"/v1/models/{deleted['id']}").status_code == 204
     m = digits_model["id"]
     cases = [
         ({"model_id": m, "preset": "nope"}, "unknown_preset"),
         ({"model_id": m, "steps": ["export_onnx", "sharpen"]}, "unknown_step"),
-        ({"model_id": m, "steps": ["quantize_int8"], "calibration_dataset_id": calibration["id"]}, "steps_do_not_chain"),
+        (
+            {"model_id": m, "steps": ["quantize_int8"], "calibration_dataset_id": calibration["id"]},
+            "steps_do_not_chain",
+        ),
         ({"model_id": m, "preset": "onnx-int8"}, "calibration_dataset_required"),
         ({"model_id": m, "steps": [{"name": "export_onnx", "config": {"opset": 3}}]}, "invalid_step_config"),
         ({"model_id": m, "steps": [{"name": "export_onnx", "config": {"colour": "red"}}]}, "invalid_step_config"),
@@ -182,8 +200,11 @@ def test_recipes_that_cannot_run_are_422_and_queue_nothing(stack, digit_assets, 
     for payload, code in cases:
         assert_error(client.post("/v1/jobs", json=payload), 422, code)
     assert client.get("/v1/jobs").json()["count"] == jobs_before
-    body = assert_error(client.post("/v1/jobs", json={"model_id": m, "steps": ["quantize_int8"],
-                                                      "calibration_dataset_id": big["id"]}), 422, "steps_do_not_chain")
+    body = assert_error(
+        client.post("/v1/jobs", json={"model_id": m, "steps": ["quantize_int8"], "calibration_dataset_id": big["id"]}),
+        422,
+        "steps_do_not_chain",
+    )
     assert body["details"]["input_format"] == "exported_program"
 
 
@@ -191,7 +212,9 @@ def test_api_keys_are_required_and_checked(stack):
     no_key = httpx.get(stack.base_url + "/v1/jobs")
     assert_error(no_key, 401, "missing_api_key")
     assert no_key.headers["www-authenticate"] == "Bearer"
-    assert_error(httpx.get(stack.base_url + "/v1/models", headers={"Authorization": "Bearer nope"}), 401, "invalid_api_key")
+    assert_error(
+        httpx.get(stack.base_url + "/v1/models", headers={"Authorization": "Bearer nope"}), 401, "invalid_api_key"
+    )
     assert_error(httpx.post(stack.base_url + "/jobs", json={}), 401, "missing_api_key")
     assert httpx.get(stack.base_url + "/healthz").status_code == 200
 
@@ -207,10 +230,14 @@ def test_unknown_ids_are_404(stack):
 
 
 def test_a_failing_step_fails_the_job_with_step_reason_and_log(stack, digits_model, calibration):
-    resp = stack.client.post("/v1/jobs", json={
-        "model_id": digits_model["id"], "calibration_dataset_id": calibration["id"],
-        "steps": ["export_onnx", {"name": "quantize_int8", "config": {"op_types": ["NoSuchOp"]}}, "benchmark"],
-    })
+    resp = stack.client.post(
+        "/v1/jobs",
+        json={
+            "model_id": digits_model["id"],
+            "calibration_dataset_id": calibration["id"],
+            "steps": ["export_onnx", {"name": "quantize_int8", "config": {"op_types": ["NoSuchOp"]}}, "benchmark"],
+        },
+    )
     assert resp.status_code == 202, resp.text
     job = stack.wait_for_job(resp.json()["id"])
     assert job["status"] == "failed"
@@ -225,8 +252,7 @@ def test_a_failing_step_fails_the_job_with_step_reason_and_log(stack, digits_mod
 
 
 def test_cancel_ends_a_job_and_a_second_cancel_is_409(stack, digits_model):
-    resp = stack.client.post("/v1/jobs", json={"model_id": digits_model["id"], "preset": "onnx",
-                                               "name": "to-cancel"})
+    resp = stack.client.post("/v1/jobs", json={"model_id": digits_model["id"], "preset": "onnx", "name": "to-cancel"})
     job_id = resp.json()["id"]
     cancelled = stack.client.post(f"/v1/jobs/{job_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["cancel_requested"]
@@ -237,8 +263,10 @@ def test_cancel_ends_a_job_and_a_second_cancel_is_409(stack, digits_model):
 
 
 def test_jobs_list_filters_and_paginates(stack, digits_model):
-    ids = [stack.client.post("/v1/jobs", json={"model_id": digits_model["id"], "preset": "onnx"}).json()["id"]
-           for _ in range(3)]
+    ids = [
+        stack.client.post("/v1/jobs", json={"model_id": digits_model["id"], "preset": "onnx"}).json()["id"]
+        for _ in range(3)
+    ]
     for job_id in ids:
         stack.wait_for_job(job_id)
     page = stack.client.get("/v1/jobs", params={"limit": 2, "status": "succeeded"}).json()
@@ -277,10 +305,15 @@ def test_fp16_preset_without_a_dataset_skips_evaluation(stack, digits_model):
 def test_int8_auto_rescues_accuracy_and_reports_layers_kept_in_float(stack, digit_assets, calibration):
     model = upload(stack.client, "/v1/models", digit_assets.models["outlier_pt2"])
     evaluation = upload(stack.client, "/v1/datasets", digit_assets.labeled_npz)
-    resp = stack.client.post("/v1/jobs", json={
-        "model_id": model["id"], "preset": "onnx-int8-auto", "calibration_dataset_id": calibration["id"],
-        "evaluation_dataset_id": evaluation["id"],
-    })
+    resp = stack.client.post(
+        "/v1/jobs",
+        json={
+            "model_id": model["id"],
+            "preset": "onnx-int8-auto",
+            "calibration_dataset_id": calibration["id"],
+            "evaluation_dataset_id": evaluation["id"],
+        },
+    )
     assert resp.status_code == 202, resp.text
     job = stack.wait_for_job(resp.json()["id"])
     assert job["status"] == "succeeded", job["error"]
@@ -296,7 +329,7 @@ def test_int8_auto_rescues_accuracy_and_reports_layers_kept_in_float(stack, digi
     assert entries["quantize_int8"]["accuracy"]["top1"] >= entries[None]["accuracy"]["top1"] - 0.01
     # The HTML report shows the layers kept in float, and why.
     page = httpx.get(job["report_url"]).text
-    section = page[page.index("Per-layer precision (quantize_int8"):]
+    section = page[page.index("Per-layer precision (quantize_int8") :]
     for layer in fallback["kept_float"]:
         assert f"<td>{layer['node']}</td>" in section
     assert "worst output channel at" in section and "met" in section
@@ -318,8 +351,9 @@ def test_a_torchvision_state_dict_upload_exports_and_runs(stack, tmp_path):
     assert_error(wrong, 422, "state_dict_mismatch")
     assert "conv1.weight" in wrong.json()["details"]["missing_keys"] and s3_keys(stack) == before
     with open(path, "rb") as fh:
-        resp = stack.client.post("/v1/models", files={"file": ("mobilenet.pt", fh)},
-                                 data={"architecture": "mobilenet_v3_small"})
+        resp = stack.client.post(
+            "/v1/models", files={"file": ("mobilenet.pt", fh)}, data={"architecture": "mobilenet_v3_small"}
+        )
     assert resp.status_code == 201, resp.text
     model = resp.json()
     assert model["format"] == "state_dict" and model["details"]["architecture"] == "mobilenet_v3_small"
@@ -345,15 +379,21 @@ def test_torch_int8_preset_on_a_resnet18_state_dict(stack, digit_assets, tmp_pat
     path = tmp_path / "resnet18.pt"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
     with open(path, "rb") as fh:
-        model = stack.client.post("/v1/models", files={"file": ("resnet18.pt", fh)},
-                                  data={"architecture": "resnet18"}).json()
+        model = stack.client.post(
+            "/v1/models", files={"file": ("resnet18.pt", fh)}, data={"architecture": "resnet18"}
+        ).json()
     images = np.repeat(np.kron(digit_assets.x[:64], np.ones((1, 1, 4, 4), np.float32)), 3, axis=1)
     calibration = stack.client.post("/v1/datasets", files={"file": ("c.npz", _npz(x=images))}).json()
     assert calibration["sample_shape"] == [3, 32, 32]
-    resp = stack.client.post("/v1/jobs", json={
-        "model_id": model["id"], "preset": "torch-int8", "calibration_dataset_id": calibration["id"],
-        "input_shape": [1, 3, 32, 32],
-    })
+    resp = stack.client.post(
+        "/v1/jobs",
+        json={
+            "model_id": model["id"],
+            "preset": "torch-int8",
+            "calibration_dataset_id": calibration["id"],
+            "input_shape": [1, 3, 32, 32],
+        },
+    )
     assert resp.status_code == 202, resp.text
     job = stack.wait_for_job(resp.json()["id"])
     assert job["status"] == "succeeded", job["error"]
@@ -367,16 +407,24 @@ def test_torch_int8_preset_on_a_resnet18_state_dict(stack, digit_assets, tmp_pat
 def test_prune50_distill_int8_preset_on_a_trained_resnet18(stack, digit_teacher):
     root, test_x, test_y = digit_teacher
     with open(root / "teacher.pt", "rb") as fh:
-        model = stack.client.post("/v1/models", files={"file": ("teacher.pt", fh)},
-                                  data={"architecture": "resnet18"}).json()
+        model = stack.client.post(
+            "/v1/models", files={"file": ("teacher.pt", fh)}, data={"architecture": "resnet18"}
+        ).json()
     with open(root / "train.npz", "rb") as fh:
         train = stack.client.post("/v1/datasets", files={"file": ("train.npz", fh)}).json()
     evaluation = stack.client.post("/v1/datasets", files={"file": ("test.npz", _npz(x=test_x, y=test_y))}).json()
-    resp = stack.client.post("/v1/jobs", json={
-        "model_id": model["id"], "preset": "prune50-distill-int8", "calibration_dataset_id": train["id"],
-        "evaluation_dataset_id": evaluation["id"], "input_shape": [1, 3, 32, 32],
-        "preprocessing": {"mean": [0, 0, 0], "std": [1, 1, 1]}, "overrides": {"distill": {"epochs": 2}},
-    })
+    resp = stack.client.post(
+        "/v1/jobs",
+        json={
+            "model_id": model["id"],
+            "preset": "prune50-distill-int8",
+            "calibration_dataset_id": train["id"],
+            "evaluation_dataset_id": evaluation["id"],
+            "input_shape": [1, 3, 32, 32],
+            "preprocessing": {"mean": [0, 0, 0], "std": [1, 1, 1]},
+            "overrides": {"distill": {"epochs": 2}},
+        },
+    )
     assert resp.status_code == 202, resp.text
     assert resp.json()["steps"][1]["config"]["epochs"] == 2
     job = stack.wait_for_job(resp.json()["id"], timeout=600)
@@ -390,8 +438,15 @@ def test_prune50_distill_int8_preset_on_a_trained_resnet18(stack, digit_teacher)
     assert entries["export_pt2"]["format"] == "exported_program"
     assert entries["quantize_int8"]["size_ratio"] < 0.2
     assert entries["quantize_int8"]["accuracy"]["top1"] > entries["prune_structured"]["accuracy"]["top1"]
-    bad = stack.client.post("/v1/jobs", json={"model_id": model["id"], "preset": "prune50-distill",
-                                              "calibration_dataset_id": train["id"], "overrides": {"sharpen": {}}})
+    bad = stack.client.post(
+        "/v1/jobs",
+        json={
+            "model_id": model["id"],
+            "preset": "prune50-distill",
+            "calibration_dataset_id": train["id"],
+            "overrides": {"sharpen": {}},
+        },
+    )
     assert_error(bad, 422, "unknown_step")
 
 
@@ -414,7 +469,9 @@ def test_an_idempotency_key_makes_a_retried_post_return_the_first_result(stack, 
     assert len(ids) == 1
     assert client.get("/v1/jobs").json()["count"] == before + 2
     # The same key for another request is refused, and nothing is made.
-    assert_error(client.post("/v1/jobs", json={**body, "name": "other"}, headers=headers), 422, "idempotency_key_reused")
+    assert_error(
+        client.post("/v1/jobs", json={**body, "name": "other"}, headers=headers), 422, "idempotency_key_reused"
+    )
     assert_error(client.post("/v1/jobs", json=body, headers={"Idempotency-Key": ""}), 422, "invalid_idempotency_key")
     assert client.get("/v1/jobs").json()["count"] == before + 2
 
@@ -427,8 +484,11 @@ def test_an_idempotency_key_makes_a_retried_post_return_the_first_result(stack, 
     assert m1.status_code == m2.status_code == 201 and m2.headers["Idempotent-Replayed"] == "true"
     assert m1.json()["id"] == m2.json()["id"]
     assert len(s3_keys(stack) - objects) == 1
-    assert_error(client.post("/v1/models", files={"file": ("other.onnx", path.read_bytes()[:-10])}, headers=up),
-                 422, "idempotency_key_reused")
+    assert_error(
+        client.post("/v1/models", files={"file": ("other.onnx", path.read_bytes()[:-10])}, headers=up),
+        422,
+        "idempotency_key_reused",
+    )
     d = {"Idempotency-Key": "dataset-1"}
     npz = digit_assets.calibration_npz
     d1 = client.post("/v1/datasets", files={"file": (npz.name, npz.read_bytes())}, headers=d)
@@ -446,9 +506,13 @@ def test_paging_out_of_range_is_a_422_not_a_database_overflow(stack):
 
 
 def test_a_nul_byte_in_an_id_is_a_4xx_not_a_database_error(stack, digits_model):
-    for resp in (stack.client.get("/v1/jobs/%00"), stack.client.get("/v1/models/ab%00cd"),
-                 stack.client.post("/v1/jobs", json={"model_id": "\u0000", "preset": "onnx"}),
-                 stack.client.post("/v1/jobs", json={"model_id": digits_model["id"], "preset": "onnx",
-                                                     "calibration_dataset_id": "x\u0000"})):
+    for resp in (
+        stack.client.get("/v1/jobs/%00"),
+        stack.client.get("/v1/models/ab%00cd"),
+        stack.client.post("/v1/jobs", json={"model_id": "\u0000", "preset": "onnx"}),
+        stack.client.post(
+            "/v1/jobs", json={"model_id": digits_model["id"], "preset": "onnx", "calibration_dataset_id": "x\u0000"}
+        ),
+    ):
         assert resp.status_code in (404, 422), resp.text
         assert set(resp.json()) == {"code", "message", "details"}

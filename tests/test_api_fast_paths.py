@@ -93,7 +93,8 @@ def tiny_onnx() -> bytes:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "tiny",
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 8, 8])],
     )
@@ -116,7 +117,7 @@ class Statements:
     def __init__(self) -> None:
         self.sql: list[str] = []
 
-    def __enter__(self) -> "Statements":
+    def __enter__(self) -> Statements:
         event.listen(get_engine(), "before_cursor_execute", self._record)
         return self
 

@@ -26,9 +26,20 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not in
 
 def chromium(tmp_path: Path, *args: str) -> str:
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -40,10 +51,16 @@ def reported_job(stack, digit_assets):
     model = upload(client, "/v1/models", digit_assets.models["onnx"], name="digits")
     calibration = upload(client, "/v1/datasets", digit_assets.calibration_npz)
     evaluation = upload(client, "/v1/datasets", digit_assets.labeled_npz)
-    job = client.post("/v1/jobs", json={
-        "model_id": model["id"], "preset": "onnx-int8", "name": "report <b>page</b>",
-        "calibration_dataset_id": calibration["id"], "evaluation_dataset_id": evaluation["id"],
-    }).json()
+    job = client.post(
+        "/v1/jobs",
+        json={
+            "model_id": model["id"],
+            "preset": "onnx-int8",
+            "name": "report <b>page</b>",
+            "calibration_dataset_id": calibration["id"],
+            "evaluation_dataset_id": evaluation["id"],
+        },
+    ).json()
     done = stack.wait_for_job(job["id"])
     assert done["status"] == "succeeded", done["error"]
     return done
@@ -66,12 +83,12 @@ def test_the_report_renders_its_charts_through_the_signed_link(stack, reported_j
     dom = chromium(tmp_path, "--dump-dom", url)
     for chart in ("size-chart", "latency-chart", "accuracy-chart", "agreement-chart", "scatter"):
         assert f'id="{chart}"' in dom, chart
-    latency_svg = dom[dom.index('id="latency-chart"'):]
-    latency_svg = latency_svg[:latency_svg.index("</svg>")]
+    latency_svg = dom[dom.index('id="latency-chart"') :]
+    latency_svg = latency_svg[: latency_svg.index("</svg>")]
     assert latency_svg.count('class="bar"') == len(measured)
     assert latency_svg.count('class="whisker"') >= 1  # p90 beyond p50 somewhere
-    scatter = dom[dom.index('id="scatter"'):]
-    assert scatter[:scatter.index("</svg>")].count('class="point"') == len(measured)
+    scatter = dom[dom.index('id="scatter"') :]
+    assert scatter[: scatter.index("</svg>")].count('class="point"') == len(measured)
     assert "report &lt;b&gt;page&lt;/b&gt;" in dom and "<b>page</b>" not in dom  # the job's name is escaped
     assert re.search(r'id="job-status"[^>]*>succeeded<', dom)
     assert "Top-1 accuracy" in dom  # the evaluation set is labeled
@@ -88,11 +105,10 @@ def test_the_report_renders_its_charts_through_the_signed_link(stack, reported_j
 @pytest.mark.integration
 @needs_chromium
 def test_the_dashboard_lists_the_tenants_jobs_with_report_links(stack, reported_job, tmp_path):
-    dom = chromium(tmp_path, "--dump-dom", "--virtual-time-budget=10000",
-                   f"{stack.base_url}/ui#key={stack.api_key}")
+    dom = chromium(tmp_path, "--dump-dom", "--virtual-time-budget=10000", f"{stack.base_url}/ui#key={stack.api_key}")
     assert f'data-job-id="{reported_job["id"]}"' in dom, dom[-3000:]
-    row = dom[dom.index(f'data-job-id="{reported_job["id"]}"'):]
-    row = row[:row.index("</tr>")]
+    row = dom[dom.index(f'data-job-id="{reported_job["id"]}"') :]
+    row = row[: row.index("</tr>")]
     assert "succeeded" in row and 'class="report-link"' in row
     assert re.search(r'<span id="tenant"[^>]*>tenant default</span>', dom)
     # Without a key it asks for one, and shows no job.
@@ -148,8 +164,18 @@ def crowded_report(tmp_path: Path):
     Base.metadata.create_all(engine)
     session = Session(engine)
     tenant = Tenant(id="default", name="default")
-    model = Model(id=new_id(), tenant_id=tenant.id, name="digits", filename=ORIGINAL, format="onnx", sha256="0" * 64,
-                  size_bytes=1_000_000, storage_key="models/x/digits.onnx", inputs=[], outputs=[])
+    model = Model(
+        id=new_id(),
+        tenant_id=tenant.id,
+        name="digits",
+        filename=ORIGINAL,
+        format="onnx",
+        sha256="0" * 64,
+        size_bytes=1_000_000,
+        storage_key="models/x/digits.onnx",
+        inputs=[],
+        outputs=[],
+    )
     now = utcnow()
 
     def latency(p50: float) -> dict:
@@ -157,23 +183,65 @@ def crowded_report(tmp_path: Path):
         return {"1": at_1, "8": {"error": BATCH8_ERROR}}
 
     rows = [(ORIGINAL, None, 1.00, 0.0202, 0.98, 1.0), *CROWDED]
-    bench = {"machine": {"cpu": "test cpu"}, "results": [{"artifact": name, "latency": latency(p50)}
-                                                         for name, _, _, p50, _, _ in rows]}
-    evaluation = {"results": [{"artifact": name, "accuracy": {"top1": top1, "top5": 0.5},
-                               "fidelity": {"top1_agreement": agree, "snr_db": "inf" if agree == 1 else 3.5}}
-                              for name, _, _, _, top1, agree in rows]}
-    job = Job(id=new_id(), tenant_id=tenant.id, name="crowded", status=JobStatus.succeeded, model_id=model.id,
-              queue="cpu", input_spec=[], preprocessing={}, created_at=now, started_at=now, finished_at=now)
+    bench = {
+        "machine": {"cpu": "test cpu"},
+        "results": [{"artifact": name, "latency": latency(p50)} for name, _, _, p50, _, _ in rows],
+    }
+    evaluation = {
+        "results": [
+            {
+                "artifact": name,
+                "accuracy": {"top1": top1, "top5": 0.5},
+                "fidelity": {"top1_agreement": agree, "snr_db": "inf" if agree == 1 else 3.5},
+            }
+            for name, _, _, _, top1, agree in rows
+        ]
+    }
+    job = Job(
+        id=new_id(),
+        tenant_id=tenant.id,
+        name="crowded",
+        status=JobStatus.succeeded,
+        model_id=model.id,
+        queue="cpu",
+        input_spec=[],
+        preprocessing={},
+        created_at=now,
+        started_at=now,
+        finished_at=now,
+    )
     names = ["export_onnx", "convert_fp16", "quantize_int8", "benchmark", "evaluate"]
     metrics = {"benchmark": bench, "evaluate": evaluation}
-    job.steps = [JobStep(index=i, name=name, config={}, status=StepStatus.succeeded, metrics=metrics.get(name, {}),
-                         started_at=now, finished_at=now + timedelta(seconds=1)) for i, name in enumerate(names)]
+    job.steps = [
+        JobStep(
+            index=i,
+            name=name,
+            config={},
+            status=StepStatus.succeeded,
+            metrics=metrics.get(name, {}),
+            started_at=now,
+            finished_at=now + timedelta(seconds=1),
+        )
+        for i, name in enumerate(names)
+    ]
     for row in (tenant, model, job):  # one by one: no relationship tells SQLAlchemy their order
         session.add(row)
         session.flush()
-    session.add_all([Artifact(job_id=job.id, step_index=i, step=step, name=name, format="onnx",
-                              storage_key=f"artifacts/{name}", sha256="0" * 64, size_bytes=int(mb * 1e6))
-                     for i, (name, step, mb, _, _, _) in enumerate(CROWDED)])
+    session.add_all(
+        [
+            Artifact(
+                job_id=job.id,
+                step_index=i,
+                step=step,
+                name=name,
+                format="onnx",
+                storage_key=f"artifacts/{name}",
+                sha256="0" * 64,
+                size_bytes=int(mb * 1e6),
+            )
+            for i, (name, step, mb, _, _, _) in enumerate(CROWDED)
+        ]
+    )
     session.commit()
     report = build_report(session=session, job=job)
     page = render(job, report)
@@ -188,8 +256,8 @@ def test_the_report_says_why_throughput_is_missing_and_shows_agreement_beside_ac
     assert entries["digits_int8.onnx"].throughput is None
     assert entries["digits_int8.onnx"].throughput_error == BATCH8_ERROR
     assert f"throughput not measured: {html.escape(BATCH8_ERROR)}" in page
-    row = page[page.index("<tr><td>digits_int8.onnx</td>"):]
-    row = row[:row.index("</tr>")]
+    row = page[page.index("<tr><td>digits_int8.onnx</td>") :]
+    row = row[: row.index("</tr>")]
     assert "top-1 0.0600" in row and "agreement 0.0000" in row  # the accuracy does not hide the agreement
     assert '<span class="why">not measured <sup>1</sup></span>' in row
 
@@ -210,16 +278,18 @@ def test_a_crowded_report_keeps_labels_apart_and_bars_on_an_absolute_scale(tmp_p
         return a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
 
     for i, a in enumerate(boxes):
-        assert all(apart(a, b) for b in boxes[i + 1:]), labels
+        assert all(apart(a, b) for b in boxes[i + 1 :]), labels
         assert all(apart(a, p) for p in geometry["points"] + geometry["axes"]), (a, geometry)
         s = geometry["scatter"]
         assert s[0] <= a[0] and a[2] <= s[2] and s[1] <= a[1] and a[3] <= s[3], (a, s)
     axes = geometry["axes"]  # ticks and the axis titles
-    assert all(apart(a, b) for i, a in enumerate(axes) for b in axes[i + 1:]), axes
+    assert all(apart(a, b) for i, a in enumerate(axes) for b in axes[i + 1 :]), axes
 
     # Accuracy and agreement are read against 0..1: a bar's length is its value times the track's.
-    expected = {"accuracy-chart": {ORIGINAL: 0.98, **{row[0]: row[4] for row in CROWDED}},
-                "agreement-chart": {ORIGINAL: 1.0, **{row[0]: row[5] for row in CROWDED}}}
+    expected = {
+        "accuracy-chart": {ORIGINAL: 0.98, **{row[0]: row[4] for row in CROWDED}},
+        "agreement-chart": {ORIGINAL: 1.0, **{row[0]: row[5] for row in CROWDED}},
+    }
     for chart, values in expected.items():
         bars = geometry["bars"][chart]
         assert len(bars) == len(values)
@@ -239,16 +309,23 @@ def test_the_dashboard_says_a_queued_gpu_job_waits_for_a_gpu_worker(stack, digit
     model = upload(client, "/v1/models", digit_assets.models["pt2"], name="digits")
     job = client.post("/v1/jobs", json={"model_id": model["id"], "preset": "gpu-fp16", "name": "on a gpu"}).json()
     try:
-        dom = chromium(tmp_path, "--dump-dom", "--virtual-time-budget=10000",
-                       f"{stack.base_url}/ui#key={stack.api_key}")
+        dom = chromium(
+            tmp_path, "--dump-dom", "--virtual-time-budget=10000", f"{stack.base_url}/ui#key={stack.api_key}"
+        )
         assert f'data-job-id="{job["id"]}"' in dom, dom[-3000:]
-        row = dom[dom.index(f'data-job-id="{job["id"]}"'):]
-        row = row[:row.index("</tr>")]
+        row = dom[dom.index(f'data-job-id="{job["id"]}"') :]
+        row = row[: row.index("</tr>")]
         waiting = r'class="status queued">queued <span class="waiting">waiting for a gpu worker</span>'
         assert re.search(waiting, row), row
         shot = tmp_path / "dashboard.png"
-        chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,700", "--hide-scrollbars",
-                 "--virtual-time-budget=10000", f"{stack.base_url}/ui#key={stack.api_key}")
+        chromium(
+            tmp_path,
+            f"--screenshot={shot}",
+            "--window-size=1200,700",
+            "--hide-scrollbars",
+            "--virtual-time-budget=10000",
+            f"{stack.base_url}/ui#key={stack.api_key}",
+        )
         shutil.copy(shot, stack.logs / "dashboard.png")
     finally:
         assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"

@@ -19,30 +19,59 @@ from cvopt.client_cli import report_table
 
 
 def entry(name: str, **fields) -> dict:
-    return {"name": name, "step": fields.pop("step", None), "format": "onnx", "size_bytes": 1000, "size_ratio": 1.0,
-            "latency_ms": None, "speedup": None, "throughput": None, "accuracy": None, "fidelity": None, **fields}
+    return {
+        "name": name,
+        "step": fields.pop("step", None),
+        "format": "onnx",
+        "size_bytes": 1000,
+        "size_ratio": 1.0,
+        "latency_ms": None,
+        "speedup": None,
+        "throughput": None,
+        "accuracy": None,
+        "fidelity": None,
+        **fields,
+    }
 
 
 def rows(table: str) -> dict[str, str]:
-    return {line.split()[0]: line for line in table.splitlines()[2:]
-            if line and not line.startswith(("*", " ", "recommended:"))}
+    return {
+        line.split()[0]: line
+        for line in table.splitlines()[2:]
+        if line and not line.startswith(("*", " ", "recommended:"))
+    }
 
 
 def test_every_report_shape_prints():
-    report = {"entries": [
-        # The original: measured, compared with itself (SNR null, or "inf" as stored in JSON).
-        entry("model.onnx", latency_ms={"p50_ms": 2.0, "p90_ms": 2.5, "p99_ms": 3.0}, speedup=1.0,
-              throughput={"batch": 8, "images_per_s": 4000.0, "p50_ms": 2.0},
-              fidelity={"top1_agreement": 1.0, "snr_db": None, "cosine": 1.0}),
-        entry("01-quantize_int8.onnx", step="quantize_int8", size_ratio=0.26,
-              latency_ms={"p50_ms": 1.0, "p90_ms": 1.2, "p99_ms": 1.3}, speedup=2.0,
-              fidelity={"top1_agreement": 0.0, "snr_db": "inf"}, accuracy={"top1": 0.0, "top5": 0.1},
-              verdict="over_tolerance"),
-        # Not measured at all (a benchmark that failed for it), and one whose batch 8 failed.
-        entry("02-convert_fp16.onnx", step="convert_fp16", size_ratio=None),
-        entry("03-x.onnx", step="x", latency_ms={"p50_ms": 3.0}, throughput_error="the batch axis is fixed at 1"),
-    ], "recommended": {"artifact": None, "reason": "nothing beats the original: 01-quantize_int8.onnx loses 98.0 "
-                                                   "points of top-1 (tolerance 1.0)"}}
+    report = {
+        "entries": [
+            # The original: measured, compared with itself (SNR null, or "inf" as stored in JSON).
+            entry(
+                "model.onnx",
+                latency_ms={"p50_ms": 2.0, "p90_ms": 2.5, "p99_ms": 3.0},
+                speedup=1.0,
+                throughput={"batch": 8, "images_per_s": 4000.0, "p50_ms": 2.0},
+                fidelity={"top1_agreement": 1.0, "snr_db": None, "cosine": 1.0},
+            ),
+            entry(
+                "01-quantize_int8.onnx",
+                step="quantize_int8",
+                size_ratio=0.26,
+                latency_ms={"p50_ms": 1.0, "p90_ms": 1.2, "p99_ms": 1.3},
+                speedup=2.0,
+                fidelity={"top1_agreement": 0.0, "snr_db": "inf"},
+                accuracy={"top1": 0.0, "top5": 0.1},
+                verdict="over_tolerance",
+            ),
+            # Not measured at all (a benchmark that failed for it), and one whose batch 8 failed.
+            entry("02-convert_fp16.onnx", step="convert_fp16", size_ratio=None),
+            entry("03-x.onnx", step="x", latency_ms={"p50_ms": 3.0}, throughput_error="the batch axis is fixed at 1"),
+        ],
+        "recommended": {
+            "artifact": None,
+            "reason": "nothing beats the original: 01-quantize_int8.onnx loses 98.0 points of top-1 (tolerance 1.0)",
+        },
+    }
     table = report_table(report)
     by_name = rows(table)
     assert set(by_name) == {"model.onnx", "01-quantize_int8.onnx", "02-convert_fp16.onnx", "03-x.onnx"}
@@ -52,14 +81,24 @@ def test_every_report_shape_prints():
     assert int8.split()[-1] == "over_tolerance"
     assert by_name["02-convert_fp16.onnx"].split()[4:] == ["-"] * 6  # the verdict too
     assert "* 03-x.onnx: no throughput: the batch axis is fixed at 1" in table
-    assert table.splitlines()[-1] == ("recommended: none (nothing beats the original: 01-quantize_int8.onnx loses "
-                                      "98.0 points of top-1 (tolerance 1.0))")
+    assert table.splitlines()[-1] == (
+        "recommended: none (nothing beats the original: 01-quantize_int8.onnx loses "
+        "98.0 points of top-1 (tolerance 1.0))"
+    )
 
 
 def test_the_table_names_the_recommended_artifact_and_a_detector_metric():
-    report = {"recommended": {"artifact": "01-quantize_int8.onnx", "reason": "fastest within the tolerance"},
-              "entries": [entry("01-quantize_int8.onnx", step="quantize_int8", verdict="meets_tolerance",
-                                metric={"name": "map50_95", "value": 0.412, "reference": 0.415, "drop": 0.003})]}
+    report = {
+        "recommended": {"artifact": "01-quantize_int8.onnx", "reason": "fastest within the tolerance"},
+        "entries": [
+            entry(
+                "01-quantize_int8.onnx",
+                step="quantize_int8",
+                verdict="meets_tolerance",
+                metric={"name": "map50_95", "value": 0.412, "reference": 0.415, "drop": 0.003},
+            )
+        ],
+    }
     table = report_table(report)
     assert "mAP@0.5:0.95 0.412" in rows(table)["01-quantize_int8.onnx"]
     assert rows(table)["01-quantize_int8.onnx"].split()[-1] == "meets_tolerance"
@@ -112,7 +151,8 @@ def test_download_json_names_the_recommendation_beside_what_it_fetched(monkeypat
     out = json.loads(result.output)
     assert out["recommended"] == RECOMMENDED
     assert [Path(p).name for p in out["downloaded"]] == (
-        ["00-export_onnx.onnx", "01-quantize_int8.onnx"] if every else ["01-quantize_int8.onnx"])
+        ["00-export_onnx.onnx", "01-quantize_int8.onnx"] if every else ["01-quantize_int8.onnx"]
+    )
 
 
 def test_the_client_commands_load_without_the_service():

@@ -33,8 +33,20 @@ def cli(stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_submit_wait_download_checks_every_file_against_the_artifact_list(stack, digit_assets, tmp_path):
     out = tmp_path / "out"
-    done = cli(stack, "submit", str(digit_assets.models["onnx"]), "--preset", "onnx-int8",
-               "--calibration", str(digit_assets.calibration_npz), "--wait", "--download", str(out), "--all", "--json")
+    done = cli(
+        stack,
+        "submit",
+        str(digit_assets.models["onnx"]),
+        "--preset",
+        "onnx-int8",
+        "--calibration",
+        str(digit_assets.calibration_npz),
+        "--wait",
+        "--download",
+        str(out),
+        "--all",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ok"] and result["job"]["status"] == "succeeded"
@@ -74,11 +86,30 @@ PIPELINES = {
     "onnx-int8": ("onnx", []),
     "onnx-fp16": ("onnx", []),
     "tflite-int8": ("pt2", []),
-    "torch-int8": ("teacher", ["--architecture", "resnet18", "--input-shape", "1,3,32,32",
-                               "--preprocessing", '{"mean": [0, 0, 0], "std": [1, 1, 1]}']),
-    "prune50-distill": ("teacher", ["--architecture", "resnet18", "--input-shape", "1,3,32,32",
-                                    "--preprocessing", '{"mean": [0, 0, 0], "std": [1, 1, 1]}',
-                                    "--overrides", '{"distill": {"epochs": 1}}']),
+    "torch-int8": (
+        "teacher",
+        [
+            "--architecture",
+            "resnet18",
+            "--input-shape",
+            "1,3,32,32",
+            "--preprocessing",
+            '{"mean": [0, 0, 0], "std": [1, 1, 1]}',
+        ],
+    ),
+    "prune50-distill": (
+        "teacher",
+        [
+            "--architecture",
+            "resnet18",
+            "--input-shape",
+            "1,3,32,32",
+            "--preprocessing",
+            '{"mean": [0, 0, 0], "std": [1, 1, 1]}',
+            "--overrides",
+            '{"distill": {"epochs": 1}}',
+        ],
+    ),
 }
 
 
@@ -92,8 +123,21 @@ def test_the_readme_pipeline_line_prints_its_table(stack, digit_assets, request,
         model_path, calibration = digit_assets.models[model], digit_assets.unlabeled_zip
         extra = [*extra, "--preprocessing", '{"mean": [0], "std": [1]}']
     out = tmp_path / "out"
-    done = cli(stack, "submit", str(model_path), "--preset", preset, "--calibration", str(calibration),
-               "--wait", "--download", str(out), "--all", *extra, timeout=900)
+    done = cli(
+        stack,
+        "submit",
+        str(model_path),
+        "--preset",
+        preset,
+        "--calibration",
+        str(calibration),
+        "--wait",
+        "--download",
+        str(out),
+        "--all",
+        *extra,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "100.0% succeeded" in done.stderr
     lines = done.stdout.splitlines()
@@ -109,8 +153,9 @@ def test_the_readme_pipeline_line_prints_its_table(stack, digit_assets, request,
 def test_exit_codes_tell_a_pipeline_what_happened(stack, digit_assets):
     refused = cli(stack, "submit", str(digit_assets.models["onnx"]), "--preset", "onnx-int8", "--wait")
     assert refused.returncode == 2 and "calibration" in refused.stderr  # a 422: INT8 needs calibration data
-    slow = cli(stack, "submit", str(digit_assets.models["pt2"]), "--preset", "gpu-fp16", "--wait", "--timeout", "2",
-               "--json")
+    slow = cli(
+        stack, "submit", str(digit_assets.models["pt2"]), "--preset", "gpu-fp16", "--wait", "--timeout", "2", "--json"
+    )
     assert slow.returncode == 1
     job = json.loads(slow.stdout)["job"]
     assert job["status"] == "queued" and job["waiting_for"] == "gpu worker"
@@ -118,8 +163,12 @@ def test_exit_codes_tell_a_pipeline_what_happened(stack, digit_assets):
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     status = cli(stack, "status", job["id"])
     assert status.returncode == 1 and "cancelled" in status.stdout
-    bad_key = subprocess.run([str(VENV_BIN / "cvopt"), "status", job["id"], "--url", stack.base_url,
-                              "--api-key", "nope"], capture_output=True, text=True, timeout=60)
+    bad_key = subprocess.run(
+        [str(VENV_BIN / "cvopt"), "status", job["id"], "--url", stack.base_url, "--api-key", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad_key.returncode == 2 and "invalid_api_key" in bad_key.stderr
 
 
@@ -135,8 +184,11 @@ def test_the_client_rides_out_a_dropped_connection_and_makes_nothing_twice(stack
             again = cv.upload_model(digit_assets.models["onnx"], name="retried")  # a pipeline re-run
             assert again["id"] == model["id"]
             assert cv.request("GET", "/v1/models").json()["count"] == before + 1
-            job = cv.wait(cv.submit_job(model_id=model["id"], preset="onnx", idempotency_key="ci-run-42")["id"],
-                          timeout=240, poll_interval=0.3)
+            job = cv.wait(
+                cv.submit_job(model_id=model["id"], preset="onnx", idempotency_key="ci-run-42")["id"],
+                timeout=240,
+                poll_interval=0.3,
+            )
             assert cv.submit_job(model_id=model["id"], preset="onnx", idempotency_key="ci-run-42")["id"] == job["id"]
             assert job["status"] == "succeeded"
     finally:

@@ -29,7 +29,14 @@ API_DOCKERFILE = ROOT / "Dockerfile.api"
 WORKER_DOCKERFILE = ROOT / "Dockerfile.worker"
 
 REQUIRED_SERVICES = {
-    "postgres", "redis", "minio", "minio-init", "migrate", "api", "worker-cpu", "worker-gpu",
+    "postgres",
+    "redis",
+    "minio",
+    "minio-init",
+    "migrate",
+    "api",
+    "worker-cpu",
+    "worker-gpu",
 }
 ONE_SHOTS = {"minio-init", "migrate"}
 TEST_SECRET_KEY = "k" * 40  # long enough for production settings, and no placeholder
@@ -38,7 +45,7 @@ TEST_SECRET_KEY = "k" * 40  # long enough for production settings, and no placeh
 # -- helpers ---------------------------------------------------------------------------------
 
 _INTERPOLATION = re.compile(
-    r"\$\$"                                                   # escaped dollar
+    r"\$\$"  # escaped dollar
     r"|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
     r"|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
 )
@@ -235,7 +242,9 @@ def test_depends_on_conditions_fit_the_kind_of_service_waited_for(services):
             assert target in services, f"{name} depends on unknown service {target}"
             condition = spec["condition"]
             if condition == "service_healthy":
-                assert services[target].get("healthcheck"), f"{name} waits for {target} to be healthy, but it has no healthcheck"
+                assert services[target].get("healthcheck"), (
+                    f"{name} waits for {target} to be healthy, but it has no healthcheck"
+                )
             elif condition == "service_completed_successfully":
                 assert target in ONE_SHOTS, f"{name} waits for {target} to exit, but it runs forever"
             else:
@@ -323,8 +332,7 @@ def test_gpu_worker_is_opt_in_and_reserves_nvidia_gpus(services):
     assert gpu["profiles"] == ["gpu"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert any(
-        d.get("driver") == "nvidia" and d.get("count") == "all" and "gpu" in d.get("capabilities", [])
-        for d in devices
+        d.get("driver") == "nvidia" and d.get("count") == "all" and "gpu" in d.get("capabilities", []) for d in devices
     ), devices
     # Everything else starts with a plain `docker compose up`.
     assert [n for n, s in services.items() if s.get("profiles")] == ["worker-gpu"]
@@ -511,7 +519,7 @@ def test_worker_stages_healthcheck_their_own_celery_node(worker_dockerfile):
     for stage in stages:
         (healthcheck,) = instructions(stage, "HEALTHCHECK")
         assert "celery -A worker.celery_app inspect ping" in healthcheck, stage["name"]
-        assert "-d \"celery@$HOSTNAME\"" in healthcheck or "-d celery@$HOSTNAME" in healthcheck
+        assert '-d "celery@$HOSTNAME"' in healthcheck or "-d celery@$HOSTNAME" in healthcheck
 
 
 def test_every_image_runs_as_a_non_root_user(api_stages, worker_dockerfile):

@@ -14,34 +14,37 @@ from core.datasets import image_sizes, inspect_dataset, list_images, read_box_ta
 from core.errors import InvalidInput
 from core.schemas import DetectionOptions
 from core.tasks import detection_layout
+from tests.archives import png_bytes, tar_of, zip_of
 from worker.metrics.detection import (
     AgreementTally,
     Detections,
     MeanAveragePrecision,
+    batchless_post_nms,
     box_iou,
     class_channel_snr_db,
-    batchless_post_nms,
     decode,
     match_agreement,
-    scores_are_logits,
     nms,
+    scores_are_logits,
     targets_to_input_pixels,
 )
 from worker.metrics.tasks import DetectionTally
-from tests.archives import png_bytes, tar_of, zip_of
 
 # --------------------------------------------------------------------------------------------
 # NMS and decoding
 
 
 def test_nms_is_class_aware_and_keeps_the_best_score_first():
-    boxes = np.array([
-        [10, 10, 50, 50],  # 0: best of class 0
-        [12, 12, 52, 52],  # 1: IoU ~0.82 with 0, class 0 -> suppressed
-        [12, 12, 52, 52],  # 2: same place, class 1 -> kept
-        [100, 100, 140, 140],  # 3: alone -> kept
-        [30, 10, 70, 50],  # 4: IoU 1/3 with 0 -> kept at 0.45
-    ], dtype=float)
+    boxes = np.array(
+        [
+            [10, 10, 50, 50],  # 0: best of class 0
+            [12, 12, 52, 52],  # 1: IoU ~0.82 with 0, class 0 -> suppressed
+            [12, 12, 52, 52],  # 2: same place, class 1 -> kept
+            [100, 100, 140, 140],  # 3: alone -> kept
+            [30, 10, 70, 50],  # 4: IoU 1/3 with 0 -> kept at 0.45
+        ],
+        dtype=float,
+    )
     scores = np.array([0.9, 0.95, 0.5, 0.3, 0.8])
     labels = np.array([0, 0, 1, 0, 0])
     assert nms(boxes, scores, labels, 0.45).tolist() == [1, 4, 2, 3]
@@ -214,8 +217,15 @@ REFERENCE = [_dets([[0, 0, 10, 10, 0.9, 1], [20, 20, 40, 40, 0.8, 2]]), _dets([[
 
 def test_identical_detections_agree_fully():
     r = match_agreement(REFERENCE, REFERENCE)
-    assert r == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "mean_iou": 1.0, "score_drift": 0.0,
-                 "reference_detections": 3, "candidate_detections": 3}
+    assert r == {
+        "precision": 1.0,
+        "recall": 1.0,
+        "f1": 1.0,
+        "mean_iou": 1.0,
+        "score_drift": 0.0,
+        "reference_detections": 3,
+        "candidate_detections": 3,
+    }
     empty = match_agreement([Detections.empty()], [Detections.empty()])
     assert empty["f1"] == 1.0 and empty["reference_detections"] == 0
 
@@ -299,15 +309,27 @@ def _pycocotools_map(predictions, targets, classes: int = 5) -> tuple[float, flo
     for image_id, (pred, gt) in enumerate(zip(predictions, targets, strict=True), start=1):
         for box, label in zip(gt.boxes, gt.labels, strict=True):
             bb = xywh(box)
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(label) + 1, "bbox": bb,
-                         "area": bb[2] * bb[3], "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label) + 1,
+                    "bbox": bb,
+                    "area": bb[2] * bb[3],
+                    "iscrowd": 0,
+                }
+            )
         for box, label, score in zip(pred.boxes, pred.labels, pred.scores, strict=True):
-            results.append({"image_id": image_id, "category_id": int(label) + 1, "bbox": xywh(box),
-                            "score": float(score)})
+            results.append(
+                {"image_id": image_id, "category_id": int(label) + 1, "bbox": xywh(box), "score": float(score)}
+            )
     with contextlib.redirect_stdout(io.StringIO()):
         gt_api = COCO()
-        gt_api.dataset = {"images": [{"id": i, "width": 300, "height": 300} for i in range(1, len(targets) + 1)],
-                          "annotations": anns, "categories": [{"id": c + 1, "name": str(c)} for c in range(classes)]}
+        gt_api.dataset = {
+            "images": [{"id": i, "width": 300, "height": 300} for i in range(1, len(targets) + 1)],
+            "annotations": anns,
+            "categories": [{"id": c + 1, "name": str(c)} for c in range(classes)],
+        }
         gt_api.createIndex()
         evaluator = COCOeval(gt_api, gt_api.loadRes(results), "bbox")
         evaluator.evaluate()
@@ -379,8 +401,10 @@ def test_a_head_that_turns_nan_has_no_snr_left():
     cand = ref.copy()
     cand[0, 5, 7] = np.nan
     cand[0, 0, 3] = np.inf
-    assert class_channel_snr_db(ref, cand, "yolo") == {"worst_class_channel_snr_db": float("-inf"),
-                                                        "box_snr_db": float("-inf")}
+    assert class_channel_snr_db(ref, cand, "yolo") == {
+        "worst_class_channel_snr_db": float("-inf"),
+        "box_snr_db": float("-inf"),
+    }
 
 
 def test_logits_are_decided_once_from_the_float_original():
@@ -406,8 +430,9 @@ def test_batchless_post_nms_is_told_by_ranks_not_by_counts():
 
 
 def test_box_iou():
-    np.testing.assert_allclose(box_iou([[0, 0, 10, 10]], [[5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 0, 0]]),
-                               [[1 / 3, 0, 0]])
+    np.testing.assert_allclose(
+        box_iou([[0, 0, 10, 10]], [[5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 0, 0]]), [[1 / 3, 0, 0]]
+    )
 
 
 @pytest.mark.parametrize("resize", [None, 96])
@@ -422,18 +447,25 @@ def test_targets_follow_the_image_preprocessing(resize):
     image = np.zeros((150, 240, 3), np.uint8)
     image[30:90, 100:180] = 255  # box x 100..180, y 30..90
     image[120:140, 2:20] = 255  # cropped away when the sides are cut
-    arr = _image_to_array(Image.fromarray(image), height=64, width=80, channels=3,
-                          prep=Preprocessing(resize=resize, mean=[0, 0, 0], std=[1, 1, 1]))
-    boxes = targets_to_input_pixels(np.array([[1, 100, 30, 180, 90], [0, 2, 120, 20, 140]]), (240, 150), (80, 64),
-                                    resize)
+    arr = _image_to_array(
+        Image.fromarray(image),
+        height=64,
+        width=80,
+        channels=3,
+        prep=Preprocessing(resize=resize, mean=[0, 0, 0], std=[1, 1, 1]),
+    )
+    boxes = targets_to_input_pixels(
+        np.array([[1, 100, 30, 180, 90], [0, 2, 120, 20, 140]]), (240, 150), (80, 64), resize
+    )
     ys, xs = np.nonzero(arr[..., 0] > 0.5)
     ys, xs = ys[xs > 15], xs[xs > 15]  # the big rectangle only: the small one maps left of x=7
     # The rectangle's half-lit edge pixels round either way: within a pixel.
     np.testing.assert_allclose(boxes[0], [1, xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=1.0)
     if resize:  # 240x150 -> 154x96, cropped to 80x64 from (37, 16): the left box is gone
         assert boxes.shape == (1, 5)
-        np.testing.assert_allclose(boxes[0, 1:], [100 * 154 / 240 - 37, 30 * 96 / 150 - 16, 180 * 154 / 240 - 37,
-                                                  90 * 96 / 150 - 16])
+        np.testing.assert_allclose(
+            boxes[0, 1:], [100 * 154 / 240 - 37, 30 * 96 / 150 - 16, 180 * 154 / 240 - 37, 90 * 96 / 150 - 16]
+        )
     else:
         assert boxes.shape == (2, 5)
     four = targets_to_input_pixels(np.array([[0, 0, 240, 150]]), (240, 150), (80, 64), None)
@@ -450,8 +482,13 @@ def test_letterboxed_targets_follow_the_letterboxed_image():
 
     image = np.zeros((150, 240, 3), np.uint8)
     image[30:90, 100:180] = 255
-    arr = _image_to_array(Image.fromarray(image), height=64, width=80, channels=3,
-                          prep=Preprocessing(letterbox=True, mean=[0, 0, 0], std=[1, 1, 1]))
+    arr = _image_to_array(
+        Image.fromarray(image),
+        height=64,
+        width=80,
+        channels=3,
+        prep=Preprocessing(letterbox=True, mean=[0, 0, 0], std=[1, 1, 1]),
+    )
     assert arr.shape == (64, 80, 3)
     np.testing.assert_allclose(arr[0, 0], LETTERBOX_FILL / 255, atol=1e-6)  # a padded row
     box = targets_to_input_pixels(np.array([[1, 100, 30, 180, 90]]), (240, 150), (80, 64), None, letterbox=True)
@@ -473,9 +510,6 @@ def test_letterbox_and_resize_are_one_choice():
 # Box labels in dataset archives
 
 
-
-
-
 def _yolo_files() -> dict[str, bytes | str]:
     return {
         "data/data.yaml": "path: .\nnames:\n  0: person\n  1: car\n  2: dog\n",
@@ -493,10 +527,13 @@ def test_yolo_labels_are_read_in_original_pixels(tmp_path, pack):
     path = pack(tmp_path / ("d.zip" if pack is zip_of else "d.tar.gz"), _yolo_files())
     info = inspect_dataset(path)
     assert (info.label_type, info.labeled, info.num_samples, info.class_names) == (
-        "boxes", True, 3, ["person", "car", "dog"])
+        "boxes",
+        True,
+        3,
+        ["person", "car", "dog"],
+    )
     listing = list_images(path, info.format)
-    assert listing.labels is None and listing.members == ["data/images/a.png", "data/images/b.jpg",
-                                                          "data/images/c.png"]
+    assert listing.labels is None and listing.members == ["data/images/a.png", "data/images/b.jpg", "data/images/c.png"]
     targets = read_box_targets(path, info.format)
     np.testing.assert_allclose(targets["data/images/a.png"], [[0, 80, 30, 120, 70], [2, 0, 10, 40, 30]])
     np.testing.assert_allclose(targets["data/images/b.jpg"], [[1, 25, 20, 35, 40]])
@@ -526,8 +563,12 @@ def test_yolo_class_names_from_classes_txt_or_ids(tmp_path):
     ],
 )
 def test_bad_yolo_lines_are_a_422_naming_the_file(tmp_path, line, why):
-    files = {"images/a.png": png_bytes(32, 32), "labels/a.txt": "0 0.5 0.5 0.2 0.2\n",
-             "images/b.png": png_bytes(32, 32), "labels/b.txt": "1 0.5 0.5 0.2 0.2\n" + line + "\n"}
+    files = {
+        "images/a.png": png_bytes(32, 32),
+        "labels/a.txt": "0 0.5 0.5 0.2 0.2\n",
+        "images/b.png": png_bytes(32, 32),
+        "labels/b.txt": "1 0.5 0.5 0.2 0.2\n" + line + "\n",
+    }
     with pytest.raises(InvalidInput) as err:
         inspect_dataset(zip_of(tmp_path / "bad.zip", files))
     assert err.value.code == "invalid_labels"
@@ -542,9 +583,11 @@ def test_a_hair_outside_zero_one_is_clipped_not_refused(tmp_path):
 
 def _coco_doc() -> dict:
     return {
-        "images": [{"id": 10, "file_name": "images/x.png", "width": 100, "height": 80},
-                   {"id": 11, "file_name": "y.png", "width": 50, "height": 50},
-                   {"id": 12, "file_name": "not_in_the_zip.png", "width": 50, "height": 50}],
+        "images": [
+            {"id": 10, "file_name": "images/x.png", "width": 100, "height": 80},
+            {"id": 11, "file_name": "y.png", "width": 50, "height": 50},
+            {"id": 12, "file_name": "not_in_the_zip.png", "width": 50, "height": 50},
+        ],
         "annotations": [
             {"id": 1, "image_id": 10, "category_id": 18, "bbox": [10, 20, 30, 40], "iscrowd": 0},
             {"id": 2, "image_id": 10, "category_id": 1, "bbox": [90, 70, 20, 20]},  # clipped to the image
@@ -556,11 +599,21 @@ def _coco_doc() -> dict:
 
 
 def test_coco_labels_map_category_ids_to_contiguous_classes(tmp_path):
-    path = zip_of(tmp_path / "coco.zip", {"instances.json": json.dumps(_coco_doc()), "images/x.png": png_bytes(100, 80),
-                                        "images/y.png": png_bytes(50, 50)})
+    path = zip_of(
+        tmp_path / "coco.zip",
+        {
+            "instances.json": json.dumps(_coco_doc()),
+            "images/x.png": png_bytes(100, 80),
+            "images/y.png": png_bytes(50, 50),
+        },
+    )
     info = inspect_dataset(path)
     assert (info.label_type, info.num_samples, info.num_classes, info.class_names) == (
-        "boxes", 2, 3, ["person", "car", "dog"])
+        "boxes",
+        2,
+        3,
+        ["person", "car", "dog"],
+    )
     targets = read_box_targets(path, "zip")
     assert sorted(targets) == ["images/x.png", "images/y.png"]
     np.testing.assert_allclose(targets["images/x.png"], [[2, 10, 20, 40, 60], [0, 90, 70, 100, 80]])
@@ -572,8 +625,14 @@ def test_coco_labels_map_category_ids_to_contiguous_classes(tmp_path):
 def test_coco_in_a_wrapping_folder_as_roboflow_exports_it(tmp_path):
     doc = _coco_doc()
     doc["images"][0]["file_name"] = "x.png"
-    path = tar_of(tmp_path / "rf.tar.gz", {"train/_annotations.coco.json": json.dumps(doc),
-                                         "train/x.png": png_bytes(100, 80), "train/y.png": png_bytes(50, 50)})
+    path = tar_of(
+        tmp_path / "rf.tar.gz",
+        {
+            "train/_annotations.coco.json": json.dumps(doc),
+            "train/x.png": png_bytes(100, 80),
+            "train/y.png": png_bytes(50, 50),
+        },
+    )
     targets = read_box_targets(path, "tar")
     np.testing.assert_allclose(targets["train/x.png"][:, 0], [2, 0])
 
@@ -581,20 +640,25 @@ def test_coco_in_a_wrapping_folder_as_roboflow_exports_it(tmp_path):
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        (lambda d: d["annotations"].append({"id": 9, "image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1]}),
-         "image_id 99"),
-        (lambda d: d["annotations"].append({"id": 9, "image_id": 10, "category_id": 7, "bbox": [0, 0, 1, 1]}),
-         "category_id 7"),
-        (lambda d: d["annotations"].append({"id": 9, "image_id": 10, "category_id": 1, "bbox": [0, 0, -1, 1]}),
-         "bbox"),
+        (
+            lambda d: d["annotations"].append({"id": 9, "image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1]}),
+            "image_id 99",
+        ),
+        (
+            lambda d: d["annotations"].append({"id": 9, "image_id": 10, "category_id": 7, "bbox": [0, 0, 1, 1]}),
+            "category_id 7",
+        ),
+        (lambda d: d["annotations"].append({"id": 9, "image_id": 10, "category_id": 1, "bbox": [0, 0, -1, 1]}), "bbox"),
         (lambda d: d.update(images=[{"id": 1, "file_name": "elsewhere.png"}], annotations=[]), "none of the 1"),
     ],
 )
 def test_bad_coco_annotations_are_a_422_naming_the_file(tmp_path, change, reason):
     doc = _coco_doc()
     change(doc)
-    path = zip_of(tmp_path / "coco.zip", {"labels.json": json.dumps(doc), "images/x.png": png_bytes(100, 80),
-                                        "images/y.png": png_bytes(50, 50)})
+    path = zip_of(
+        tmp_path / "coco.zip",
+        {"labels.json": json.dumps(doc), "images/x.png": png_bytes(100, 80), "images/y.png": png_bytes(50, 50)},
+    )
     with pytest.raises(InvalidInput) as err:
         inspect_dataset(path)
     assert err.value.code == "invalid_labels" and err.value.details["member"] == "labels.json"

@@ -30,11 +30,17 @@ def run_onnx_int8(stack, assets, tmp_path, *, model_file, job_route="/v1/jobs", 
     assert calibration["num_samples"] == 256 and not calibration["labeled"]
     assert evaluation["labeled"] and evaluation["num_classes"] == 10
 
-    resp = client.post(job_route, json={
-        "model_id": model["id"], "preset": "onnx-int8", "calibration_dataset_id": calibration["id"],
-        "evaluation_dataset_id": evaluation["id"],
-        "preprocessing": {"mean": [0.0], "std": [1.0]}, **job_extra,
-    })
+    resp = client.post(
+        job_route,
+        json={
+            "model_id": model["id"],
+            "preset": "onnx-int8",
+            "calibration_dataset_id": calibration["id"],
+            "evaluation_dataset_id": evaluation["id"],
+            "preprocessing": {"mean": [0.0], "std": [1.0]},
+            **job_extra,
+        },
+    )
     assert resp.status_code == 202, resp.text
     job = resp.json()
     assert resp.headers["location"] == f"/v1/jobs/{job['id']}"
@@ -93,8 +99,14 @@ def test_onnx_int8_on_postgres_redis_s3_and_a_worker(stack, digit_assets, tmp_pa
 @pytest.mark.integration
 def test_onnx_int8_in_embedded_mode_through_cvopt_serve(embedded, digit_assets, tmp_path):
     # TorchScript keeps no shapes, so the job gives one; and the pipeline-style root alias.
-    job = run_onnx_int8(embedded, digit_assets, tmp_path, model_file=digit_assets.models["torchscript"],
-                        job_route="/jobs", input_shape=[1, 1, 8, 8])
+    job = run_onnx_int8(
+        embedded,
+        digit_assets,
+        tmp_path,
+        model_file=digit_assets.models["torchscript"],
+        job_route="/jobs",
+        input_shape=[1, 1, 8, 8],
+    )
     artifacts = embedded.client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
     url = artifacts[0]["url"]
     assert url.startswith(embedded.base_url + "/files/")
@@ -113,10 +125,16 @@ def test_tflite_presets_end_to_end(preset, stack, digit_assets, tmp_path):
     model = upload(client, "/v1/models", digit_assets.models["pt2"], name="digits")
     calibration = upload(client, "/v1/datasets", digit_assets.calibration_npz)
     evaluation = upload(client, "/v1/datasets", digit_assets.labeled_npz)
-    resp = client.post("/v1/jobs", json={
-        "model_id": model["id"], "preset": preset, "calibration_dataset_id": calibration["id"],
-        "evaluation_dataset_id": evaluation["id"], "preprocessing": {"mean": [0.0], "std": [1.0]},
-    })
+    resp = client.post(
+        "/v1/jobs",
+        json={
+            "model_id": model["id"],
+            "preset": preset,
+            "calibration_dataset_id": calibration["id"],
+            "evaluation_dataset_id": evaluation["id"],
+            "preprocessing": {"mean": [0.0], "std": [1.0]},
+        },
+    )
     assert resp.status_code == 202, resp.text
     job = stack.wait_for_job(resp.json()["id"])
     assert job["status"] == "succeeded", (job["error"], job["log_tail"])

@@ -27,16 +27,31 @@ SPEC = [{"name": "images", "shape": [1, 3, 128, 128], "dtype": "float32"}]
 
 def dataset_ref(path: Path) -> DatasetRef:
     info = inspect_dataset(path)
-    return DatasetRef(path=path, format=info.format, labeled=info.labeled, num_samples=info.num_samples,
-                      layout=info.layout, sample_shape=info.sample_shape, label_type=info.label_type)
+    return DatasetRef(
+        path=path,
+        format=info.format,
+        labeled=info.labeled,
+        num_samples=info.num_samples,
+        layout=info.layout,
+        sample_shape=info.sample_shape,
+        label_type=info.label_type,
+    )
 
 
-def evaluate(tmp_path: Path, dataset: DatasetRef, layout: str = "yolo", *, artifacts=(), task="auto",
-             detection=None, **config):
+def evaluate(
+    tmp_path: Path, dataset: DatasetRef, layout: str = "yolo", *, artifacts=(), task="auto", detection=None, **config
+):
     original = ArtifactRef(FIXTURE_FILES[layout], "onnx", FIXTURES / FIXTURE_FILES[layout])
-    ctx = PassContext(work_dir=tmp_path, original=original, artifacts=list(artifacts), input_spec=SPEC,
-                      preprocessing=Preprocessing(**PREPROCESSING), task=task,
-                      task_options={"max_accuracy_drop": 0.01, "detection": detection or {}}, evaluation_dataset=dataset)
+    ctx = PassContext(
+        work_dir=tmp_path,
+        original=original,
+        artifacts=list(artifacts),
+        input_spec=SPEC,
+        preprocessing=Preprocessing(**PREPROCESSING),
+        task=task,
+        task_options={"max_accuracy_drop": 0.01, "detection": detection or {}},
+        evaluation_dataset=dataset,
+    )
     cls = get_pass("evaluate")
     return cls().run(ctx, original, cls.Config(**config)).metrics
 
@@ -53,7 +68,9 @@ def test_map_against_yolo_labels_counts_every_image(yolo_zip, tmp_path):
     assert metrics["task"] == "detection" and metrics["labels"] == "boxes" and metrics["num_samples"] == 40
     original = metrics["results"][0]
     # The detector reaches 0.97 mAP@0.5 on 200 held-out images (H2's check); 40 of them are close.
-    assert original["accuracy"]["map50"] > 0.9 and 0.6 < original["accuracy"]["map50_95"] < original["accuracy"]["map50"]
+    assert (
+        original["accuracy"]["map50"] > 0.9 and 0.6 < original["accuracy"]["map50_95"] < original["accuracy"]["map50"]
+    )
     assert original["metric"]["name"] == "map50_95" and original["metric"]["drop"] == 0.0
     assert original["fidelity"]["f1"] == 1.0
 
@@ -85,14 +102,19 @@ def test_a_broken_artifact_is_caught_by_agreement_not_cosine(yolo_zip, tmp_path)
     step = numpy_helper.from_array(np.array(0.64, np.float32), "grid")
     model.graph.initializer.append(step)
     # out' = round(out / 0.64) * 0.64: the naive INT8 output scale, applied to every channel.
-    model.graph.node.extend([
-        helper.make_node("Div", [out, "grid"], ["scaled"]), helper.make_node("Round", ["scaled"], ["rounded"]),
-        helper.make_node("Mul", ["rounded", "grid"], ["coarse"]),
-    ])
+    model.graph.node.extend(
+        [
+            helper.make_node("Div", [out, "grid"], ["scaled"]),
+            helper.make_node("Round", ["scaled"], ["rounded"]),
+            helper.make_node("Mul", ["rounded", "grid"], ["coarse"]),
+        ]
+    )
     model.graph.output[0].name = "coarse"
     broken = tmp_path / "coarse.onnx"
     onnx.save(model, str(broken))
-    metrics = evaluate(tmp_path, dataset_ref(yolo_zip), artifacts=[ArtifactRef("coarse.onnx", "onnx", broken, step="x")])
+    metrics = evaluate(
+        tmp_path, dataset_ref(yolo_zip), artifacts=[ArtifactRef("coarse.onnx", "onnx", broken, step="x")]
+    )
     result = metrics["results"][1]
     assert result["fidelity"]["cosine"] > 0.99
     assert result["fidelity"]["worst_class_channel_snr_db"] < 15
@@ -100,8 +122,12 @@ def test_a_broken_artifact_is_caught_by_agreement_not_cosine(yolo_zip, tmp_path)
     floor = result["metric"]["floor"]
     assert floor["min"] == 15.0 and floor["met"] is False
     # The job may set its own floor (detection.min_class_channel_snr_db); the metric says what it used.
-    lenient = evaluate(tmp_path, dataset_ref(yolo_zip), artifacts=[ArtifactRef("coarse.onnx", "onnx", broken, step="x")],
-                       detection={"min_class_channel_snr_db": -50})["results"][1]["metric"]["floor"]
+    lenient = evaluate(
+        tmp_path,
+        dataset_ref(yolo_zip),
+        artifacts=[ArtifactRef("coarse.onnx", "onnx", broken, step="x")],
+        detection={"min_class_channel_snr_db": -50},
+    )["results"][1]["metric"]["floor"]
     assert lenient["min"] == -50 and lenient["met"] is True
 
 
@@ -168,23 +194,33 @@ def one_detection_per_image(path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    inits = [numpy_helper.from_array(np.array([[20, 20, 70, 60]], np.float32), "box"),
-             numpy_helper.from_array(np.zeros((1, 4), np.float32), "zeros"),
-             numpy_helper.from_array(np.array([1], np.int64), "one"),
-             numpy_helper.from_array(np.array([1, 1], np.int64), "one_by_one"),
-             numpy_helper.from_array(np.array([0], np.int64), "class0")]
-    nodes = [helper.make_node("ReduceMean", ["images"], ["mean"], keepdims=1),
-             helper.make_node("Reshape", ["mean", "one"], ["mean1"]),
-             helper.make_node("Sigmoid", ["mean1"], ["scores"]),
-             helper.make_node("Reshape", ["mean", "one_by_one"], ["mean11"]),
-             helper.make_node("Mul", ["mean11", "zeros"], ["nothing"]),
-             helper.make_node("Add", ["box", "nothing"], ["boxes"]),
-             helper.make_node("Identity", ["class0"], ["labels"])]
+    inits = [
+        numpy_helper.from_array(np.array([[20, 20, 70, 60]], np.float32), "box"),
+        numpy_helper.from_array(np.zeros((1, 4), np.float32), "zeros"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array([1, 1], np.int64), "one_by_one"),
+        numpy_helper.from_array(np.array([0], np.int64), "class0"),
+    ]
+    nodes = [
+        helper.make_node("ReduceMean", ["images"], ["mean"], keepdims=1),
+        helper.make_node("Reshape", ["mean", "one"], ["mean1"]),
+        helper.make_node("Sigmoid", ["mean1"], ["scores"]),
+        helper.make_node("Reshape", ["mean", "one_by_one"], ["mean11"]),
+        helper.make_node("Mul", ["mean11", "zeros"], ["nothing"]),
+        helper.make_node("Add", ["box", "nothing"], ["boxes"]),
+        helper.make_node("Identity", ["class0"], ["labels"]),
+    ]
     graph = helper.make_graph(
-        nodes, "one_box", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 128, 128])],
-        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4]),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1]),
-         helper.make_tensor_value_info("labels", TensorProto.INT64, [1])], inits)
+        nodes,
+        "one_box",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 128, 128])],
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("labels", TensorProto.INT64, [1]),
+        ],
+        inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
@@ -193,10 +229,16 @@ def test_a_batchless_export_with_one_detection_per_image_keeps_its_images_apart(
     """boxes (1, 4) of one image are not a batch of one: five images, five single-box images."""
     path = one_detection_per_image(tmp_path / "one_box.onnx")
     original = ArtifactRef(path.name, "onnx", path)
-    ctx = PassContext(work_dir=tmp_path, original=original, artifacts=[], input_spec=SPEC,
-                      preprocessing=Preprocessing(**PREPROCESSING), task="detection",
-                      task_options={"max_accuracy_drop": 0.01, "detection": {}},
-                      evaluation_dataset=dataset_ref(yolo_zip))
+    ctx = PassContext(
+        work_dir=tmp_path,
+        original=original,
+        artifacts=[],
+        input_spec=SPEC,
+        preprocessing=Preprocessing(**PREPROCESSING),
+        task="detection",
+        task_options={"max_accuracy_drop": 0.01, "detection": {}},
+        evaluation_dataset=dataset_ref(yolo_zip),
+    )
     cls = get_pass("evaluate")
     metrics = cls().run(ctx, original, cls.Config(max_samples=5)).metrics
     result = metrics["results"][0]
@@ -222,10 +264,16 @@ def test_a_layout_hint_the_outputs_cannot_hold_fails_the_step_with_its_code(yolo
     from core.errors import CvoptError
 
     original = ArtifactRef(FIXTURE_FILES["yolo"], "onnx", FIXTURES / FIXTURE_FILES["yolo"])
-    ctx = PassContext(work_dir=tmp_path, original=original, artifacts=[], input_spec=SPEC,
-                      preprocessing=Preprocessing(**PREPROCESSING), task="detection",
-                      task_options={"max_accuracy_drop": 0.01, "detection": {"layout": "post_nms"}},
-                      evaluation_dataset=dataset_ref(yolo_zip))
+    ctx = PassContext(
+        work_dir=tmp_path,
+        original=original,
+        artifacts=[],
+        input_spec=SPEC,
+        preprocessing=Preprocessing(**PREPROCESSING),
+        task="detection",
+        task_options={"max_accuracy_drop": 0.01, "detection": {"layout": "post_nms"}},
+        evaluation_dataset=dataset_ref(yolo_zip),
+    )
     cls = get_pass("evaluate")
     with pytest.raises(CvoptError) as err:
         cls().run(ctx, original, cls.Config(max_samples=4))

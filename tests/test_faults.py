@@ -47,10 +47,13 @@ def private_stack(tmp_path, s3_server, *, db_url: str | None = None, **env_extra
     upgrade(direct)
     redis_url = claim_redis_db()
     settings = {
-        "CVOPT_DATABASE_URL": (db_url or direct).replace("{db}", name), "CVOPT_BROKER_URL": redis_url,
+        "CVOPT_DATABASE_URL": (db_url or direct).replace("{db}", name),
+        "CVOPT_BROKER_URL": redis_url,
         "CVOPT_STORAGE_URL": f"s3://{s3_server.bucket}/faults-{uuid.uuid4().hex[:6]}",
-        "CVOPT_S3_ENDPOINT_URL": s3_server.endpoint, "CVOPT_STALE_AFTER_SECONDS": "6",
-        "CVOPT_REAPER_INTERVAL_SECONDS": "1", **s3_server.env,
+        "CVOPT_S3_ENDPOINT_URL": s3_server.endpoint,
+        "CVOPT_STALE_AFTER_SECONDS": "6",
+        "CVOPT_REAPER_INTERVAL_SECONDS": "1",
+        **s3_server.env,
     }
     env = stack_env(tmp_path, **{**settings, **env_extra})
     try:
@@ -70,8 +73,13 @@ def fault_stack(tmp_path, s3_server):
 def start_worker(stack, log_name: str, **env: str) -> subprocess.Popen:
     log = open(stack.logs / log_name, "wb")
     # Its own session, so that the kill takes the Celery pool child with it.
-    return subprocess.Popen([str(VENV_BIN / "cvopt"), "worker", "--queues", "cpu"], env={**stack.env, **env},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [str(VENV_BIN / "cvopt"), "worker", "--queues", "cpu"],
+        env={**stack.env, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 @contextmanager
@@ -154,9 +162,23 @@ def test_a_worker_killed_mid_step_loses_no_job_and_records_one_result(fault_stac
 
 
 def start_redis(port: int, tmp_path) -> subprocess.Popen:
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 20
     while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() != b"PONG":
         assert time.monotonic() < deadline, "redis-server did not start"
@@ -171,13 +193,18 @@ def test_a_restarted_broker_that_lost_its_queue_loses_no_job(tmp_path, s3_server
     port = free_port()
     redis = start_redis(port, tmp_path)
     try:
-        with private_stack(tmp_path, s3_server, CVOPT_BROKER_URL=f"redis://127.0.0.1:{port}/0",
-                           CVOPT_REQUEUE_AFTER_SECONDS="4") as stack, workers_running(stack, "worker"):
+        with (
+            private_stack(
+                tmp_path, s3_server, CVOPT_BROKER_URL=f"redis://127.0.0.1:{port}/0", CVOPT_REQUEUE_AFTER_SECONDS="4"
+            ) as stack,
+            workers_running(stack, "worker"),
+        ):
             client = stack.client
             model = upload(client, "/v1/models", digit_assets.models["pt2"])
             steps = ["export_onnx", bench(1.5)]
-            ids = [client.post("/v1/jobs", json={"model_id": model["id"], "steps": steps}).json()["id"]
-                   for _ in range(4)]
+            ids = [
+                client.post("/v1/jobs", json={"model_id": model["id"], "steps": steps}).json()["id"] for _ in range(4)
+            ]
             wait_for_step(client, ids[0], "benchmark")
             redis.kill()
             redis.wait()
@@ -213,8 +240,15 @@ def test_storage_outages_are_ridden_out_or_fail_the_step_that_needed_storage(tmp
     proxy = TcpProxy(target.hostname, target.port)
     proxy.up()
     try:
-        with private_stack(tmp_path, s3_server, CVOPT_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}",
-                           CVOPT_STORAGE_RETRY_SECONDS="20") as stack, workers_running(stack, "worker"):
+        with (
+            private_stack(
+                tmp_path,
+                s3_server,
+                CVOPT_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}",
+                CVOPT_STORAGE_RETRY_SECONDS="20",
+            ) as stack,
+            workers_running(stack, "worker"),
+        ):
             client = stack.client
             model = upload(client, "/v1/models", digit_assets.models["pt2"])
             steps = [bench(1), "export_onnx"]  # the model is fetched first; the upload comes after
@@ -266,8 +300,10 @@ def test_a_database_outage_is_503_with_retry_after_and_a_running_job_rides_it_ou
     proxy.up()
     via_proxy = f"postgresql+psycopg://{pg.username or 'postgres'}@127.0.0.1:{proxy.port}/{{db}}"
     try:
-        with private_stack(tmp_path, s3_server, db_url=via_proxy, CVOPT_STALE_AFTER_SECONDS="60") as stack, \
-                workers_running(stack, "worker"):
+        with (
+            private_stack(tmp_path, s3_server, db_url=via_proxy, CVOPT_STALE_AFTER_SECONDS="60") as stack,
+            workers_running(stack, "worker"),
+        ):
             client = stack.client
             model = upload(client, "/v1/models", digit_assets.models["pt2"])
             job = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [bench(2), "export_onnx"]}).json()
@@ -298,22 +334,29 @@ def test_a_database_outage_is_503_with_retry_after_and_a_running_job_rides_it_ou
 # -- untrusted models against the step limits ----------------------------------------------------------
 
 
-def test_models_that_blow_up_memory_or_hang_fail_their_job_and_the_worker_goes_on(tmp_path, s3_server,
-                                                                                    digit_assets):
+def test_models_that_blow_up_memory_or_hang_fail_their_job_and_the_worker_goes_on(tmp_path, s3_server, digit_assets):
     """Through the whole service: the memory bomb ends "out of memory at step benchmark", the
     endless loop "step benchmark exceeded 8 s", and the same worker process then runs a normal
     job to success."""
     from tests.hostile_models import endless_loop, memory_bomb
 
-    with private_stack(tmp_path, s3_server) as stack, workers_running(
-        stack, "worker", CVOPT_STEP_MEMORY_LIMIT_MB="3072", CVOPT_STEP_TIMEOUT_SECONDS="8",
-    ) as (worker,):
+    with (
+        private_stack(tmp_path, s3_server) as stack,
+        workers_running(
+            stack,
+            "worker",
+            CVOPT_STEP_MEMORY_LIMIT_MB="3072",
+            CVOPT_STEP_TIMEOUT_SECONDS="8",
+        ) as (worker,),
+    ):
         client = stack.client
         bomb = upload(client, "/v1/models", memory_bomb(tmp_path / "bomb.onnx"))
         loop = upload(client, "/v1/models", endless_loop(tmp_path / "loop.onnx"))
         good = upload(client, "/v1/models", digit_assets.models["onnx"])
-        ids = [client.post("/v1/jobs", json={"model_id": m["id"], "steps": ["benchmark"]}).json()["id"]
-               for m in (bomb, loop, good)]
+        ids = [
+            client.post("/v1/jobs", json={"model_id": m["id"], "steps": ["benchmark"]}).json()["id"]
+            for m in (bomb, loop, good)
+        ]
         bombed, hung, fine = (stack.wait_for_job(job_id, timeout=180) for job_id in ids)
         assert bombed["status"] == "failed" and bombed["error"]["code"] == "out_of_memory"
         assert bombed["error"]["message"].startswith("out of memory at step benchmark"), bombed["error"]

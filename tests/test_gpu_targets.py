@@ -28,14 +28,23 @@ from worker.passes.build_tensorrt import (
 from worker.recipes import plan_job, resolve_steps
 
 H100 = {"name": "NVIDIA H100 80GB HBM3", "kind": "h100", "compute_capability": "9.0", "cuda": "12.8"}
-NEEDS_TRT = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
-                               reason="TensorRT is not installable here (NVIDIA's index, no GPU)")
+NEEDS_TRT = pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not installable here (NVIDIA's index, no GPU)"
+)
 
 
-@pytest.mark.parametrize(("name", "kind"), [
-    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA GeForce RTX 4090", "rtx-4090"),
-    ("Tesla T4", "t4"), ("NVIDIA L40S", "l40s"), ("NVIDIA A100-SXM4-40GB", "a100"), ("Orin", "orin"),
-])
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA GeForce RTX 4090", "rtx-4090"),
+        ("Tesla T4", "t4"),
+        ("NVIDIA L40S", "l40s"),
+        ("NVIDIA A100-SXM4-40GB", "a100"),
+        ("Orin", "orin"),
+    ],
+)
 def test_gpu_kinds_are_short_stable_slugs(name, kind):
     assert gpu_kind_from_name(name) == kind
     assert gpu_queue(kind) == f"gpu.{kind}" and gpu_queue(None) == "gpu"
@@ -106,8 +115,9 @@ def test_engine_names_and_metadata_say_which_gpu_and_version():
     key = timing_cache_key(gpu=H100, trt_version="10.8.0.43")
     assert key == "tensorrt/timing-cache/nvidia-h100-80gb-hbm3-sm90/trt-10.8.0.43.cache"
     assert timing_cache_key(gpu={**H100, "compute_capability": "8.9"}, trt_version="10.8.0.43") != key
-    profiles = plan_profiles([{"name": "x", "shape": [None, 3, 8, 8]}],
-                             [{"name": "x", "shape": [1, 3, 8, 8]}], [ShapeRange(max_batch=4)])
+    profiles = plan_profiles(
+        [{"name": "x", "shape": [None, 3, 8, 8]}], [{"name": "x", "shape": [1, 3, 8, 8]}], [ShapeRange(max_batch=4)]
+    )
     plan = plan_precision("fp16", qdq_nodes=0, nodes=NODES, fp32_patterns=["Softmax"])
     meta = engine_metadata(gpu=H100, trt_version="10.8.0.43", precision="fp16", profiles=profiles, plan=plan)
     assert meta["gpu_name"] == H100["name"] and meta["compute_capability"] == "9.0"
@@ -118,17 +128,31 @@ def test_engine_names_and_metadata_say_which_gpu_and_version():
 
 def test_tensorrt_presets_plan_onto_gpu_queues():
     spec = [{"name": "x", "shape": [None, 3, 8, 8], "dtype": "float32"}]
-    plan = plan_job(model_format="onnx", model_inputs=spec, steps=resolve_steps(preset="tensorrt-fp16", steps=None,
-                    has_dataset=False), input_shape=None, calibration=None, evaluation=None)
+    plan = plan_job(
+        model_format="onnx",
+        model_inputs=spec,
+        steps=resolve_steps(preset="tensorrt-fp16", steps=None, has_dataset=False),
+        input_shape=None,
+        calibration=None,
+        evaluation=None,
+    )
     assert plan.queue == "gpu"
-    assert [(s.name, s.queue) for s in plan.steps] == [("export_onnx", "cpu"), ("build_tensorrt", "gpu"),
-                                                       ("benchmark", "cpu")]
+    assert [(s.name, s.queue) for s in plan.steps] == [
+        ("export_onnx", "cpu"),
+        ("build_tensorrt", "gpu"),
+        ("benchmark", "cpu"),
+    ]
     # Two GPU kinds in one job: it starts on the first kind's queue; the runner hands it over.
-    steps = [StepSpec(name="export_onnx"),
-             StepSpec(name="build_tensorrt", config={"gpu_kind": "h100"}), StepSpec(name="benchmark"),
-             StepSpec(name="build_tensorrt", config={"gpu_kind": "l4"}), StepSpec(name="benchmark")]
-    plan = plan_job(model_format="onnx", model_inputs=spec, steps=steps, input_shape=None, calibration=None,
-                    evaluation=None)
+    steps = [
+        StepSpec(name="export_onnx"),
+        StepSpec(name="build_tensorrt", config={"gpu_kind": "h100"}),
+        StepSpec(name="benchmark"),
+        StepSpec(name="build_tensorrt", config={"gpu_kind": "l4"}),
+        StepSpec(name="benchmark"),
+    ]
+    plan = plan_job(
+        model_format="onnx", model_inputs=spec, steps=steps, input_shape=None, calibration=None, evaluation=None
+    )
     assert plan.queue == "gpu.h100"
     assert [s.queue for s in plan.steps] == ["cpu", "gpu.h100", "cpu", "gpu.l4", "cpu"]
     # INT8 for TensorRT is symmetric int8 Q/DQ with per-channel weights.
@@ -139,9 +163,14 @@ def test_tensorrt_presets_plan_onto_gpu_queues():
 
 def test_a_bad_gpu_kind_is_a_422():
     with pytest.raises(InvalidInput) as err:
-        plan_job(model_format="onnx", model_inputs=[{"name": "x", "shape": [1, 3, 8, 8], "dtype": "float32"}],
-                 steps=[StepSpec(name="build_tensorrt", config={"gpu_kind": "H100 PCIe!"})], input_shape=None,
-                 calibration=None, evaluation=None)
+        plan_job(
+            model_format="onnx",
+            model_inputs=[{"name": "x", "shape": [1, 3, 8, 8], "dtype": "float32"}],
+            steps=[StepSpec(name="build_tensorrt", config={"gpu_kind": "H100 PCIe!"})],
+            input_shape=None,
+            calibration=None,
+            evaluation=None,
+        )
     assert err.value.code == "invalid_step_config"
 
 
@@ -171,8 +200,7 @@ def test_compile_gpu_packages_and_checks_in_a_child_process(digit_assets, tmp_pa
     from worker.runtime import load_runner
 
     original = ArtifactRef("digits.pt2", "exported_program", digit_assets.models["pt2"])
-    result = run_pass("compile_gpu", context(tmp_path, original), original, device="cpu", precision="fp32",
-                      max_batch=8)
+    result = run_pass("compile_gpu", context(tmp_path, original), original, device="cpu", precision="fp32", max_batch=8)
     assert result.format == "aoti_package", result.metrics
     assert result.metrics["package"] == "aoti" and result.metrics["snr_db"] > 60
     assert result.metrics["dynamic_batch"] is False  # this upload was exported with batch 1
@@ -192,8 +220,13 @@ def test_compile_gpu_without_a_gpu_says_so(digit_assets, tmp_path):
 
 def test_gpu_artifacts_are_skipped_not_crashed_on_a_cpu_worker(digit_assets, tmp_path):
     original = ArtifactRef("digits.pt2", "exported_program", digit_assets.models["pt2"])
-    engine = ArtifactRef("m.engine", "tensorrt_engine", digit_assets.models["onnx"], step="build_tensorrt",
-                         meta={"gpu_name": H100["name"], "compute_capability": "9.0"})
+    engine = ArtifactRef(
+        "m.engine",
+        "tensorrt_engine",
+        digit_assets.models["onnx"],
+        step="build_tensorrt",
+        meta={"gpu_name": H100["name"], "compute_capability": "9.0"},
+    )
     ctx = context(tmp_path, original, artifacts=[engine])
     bench = run_pass("benchmark", ctx, engine, batch_sizes=[1], runs=5, warmup=1)
     rows = {r["artifact"]: r for r in bench.metrics["results"]}

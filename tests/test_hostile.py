@@ -37,8 +37,9 @@ def test_a_pickle_that_would_run_a_command_never_runs(stack, tmp_path):
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("archive/data.pkl", raw)
         zf.writestr("archive/version", "3\n")
-    resp = stack.client.post("/v1/models", files={"file": ("weights.pt", buf.getvalue())},
-                             data={"architecture": "resnet18"})
+    resp = stack.client.post(
+        "/v1/models", files={"file": ("weights.pt", buf.getvalue())}, data={"architecture": "resnet18"}
+    )
     assert resp.status_code in (415, 422), resp.text
     assert not MARKER.exists()
     assert s3_keys(stack) == before
@@ -50,13 +51,18 @@ def test_onnx_with_external_data_pointing_outside_is_refused(stack, tmp_path):
     weight.ClearField("float_data")
     entry = weight.external_data.add()
     entry.key, entry.value = "location", "/etc/passwd"
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [weight],
+    )
     model = helper.make_model(graph)
     before = s3_keys(stack)
-    body = assert_error(post_file(stack.client, "/v1/models", "m.onnx", model.SerializeToString()), 422,
-                        "external_data_not_allowed")
+    body = assert_error(
+        post_file(stack.client, "/v1/models", "m.onnx", model.SerializeToString()), 422, "external_data_not_allowed"
+    )
     assert "never followed" in body["message"]
     assert s3_keys(stack) == before
     assert onnx  # the model above is a plain ONNX protobuf; only the reference makes it hostile
@@ -71,15 +77,22 @@ def test_a_zip_bomb_is_refused_from_its_directory(stack):
     assert_error(post_file(stack.client, "/v1/datasets", "bomb.zip", buf.getvalue()), 422, "zip_bomb")
     npz = io.BytesIO()
     with zipfile.ZipFile(npz, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("x.npy", b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (4096, 4096), }"
-                    .ljust(128 - 1) + b"\n" + b"\0" * (64 * 1024**2))
+        zf.writestr(
+            "x.npy",
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (4096, 4096), }".ljust(128 - 1)
+            + b"\n"
+            + b"\0" * (64 * 1024**2),
+        )
     assert_error(post_file(stack.client, "/v1/datasets", "bomb.npz", npz.getvalue()), 422, "zip_bomb")
     assert s3_keys(stack) == before
 
 
 def test_a_tar_with_parent_paths_or_links_is_refused(stack):
-    for name, kind in (("../../etc/evil.png", tarfile.REGTYPE), ("/abs.png", tarfile.REGTYPE),
-                       ("link.png", tarfile.SYMTYPE)):
+    for name, kind in (
+        ("../../etc/evil.png", tarfile.REGTYPE),
+        ("/abs.png", tarfile.REGTYPE),
+        ("link.png", tarfile.SYMTYPE),
+    ):
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tf:
             info = tarfile.TarInfo(name)
@@ -97,8 +110,10 @@ def test_a_10_gb_declared_upload_is_refused_before_the_body(stack):
     """A request that declares 10 GB is answered 413 from its headers; the client never has to
     send (and the server never stores) the body."""
     host, port = stack.base_url.removeprefix("http://").split(":")
-    head = (f"POST /v1/models HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {stack.api_key}\r\n"
-            "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 10737418240\r\n\r\n")
+    head = (
+        f"POST /v1/models HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {stack.api_key}\r\n"
+        "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 10737418240\r\n\r\n"
+    )
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(head.encode() + b"--x\r\n")
         reply = b""

@@ -26,8 +26,13 @@ YOLO_ONNX = shapes.FIXTURES / shapes.FIXTURE_FILES["yolo"]
 SIZE = shapes.IMAGE_SIZE
 YOLO_SPEC = [{"name": "images", "shape": [1, 3, SIZE, SIZE], "dtype": "float32"}]
 YOLO_PREP = Preprocessing(**shapes.PREPROCESSING)
-DETECTION_OPTIONS = {"layout": "auto", "box_format": "xywh", "conf_threshold": 0.25, "iou_threshold": 0.45,
-                     "max_detections": 300}
+DETECTION_OPTIONS = {
+    "layout": "auto",
+    "box_format": "xywh",
+    "conf_threshold": 0.25,
+    "iou_threshold": 0.45,
+    "max_detections": 300,
+}
 CALIBRATION_IMAGES = 24
 HELD_OUT_IMAGES = 48
 FLOOR_DB = DetectionOptions().min_class_channel_snr_db  # the class-channel floor a job gets by default
@@ -39,12 +44,27 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def yolo_context(work: Path, source: ArtifactRef, calibration: DatasetRef, *, task: str = "detection",
-                 job_tolerance: float = 0.01, spec=YOLO_SPEC) -> PassContext:
+def yolo_context(
+    work: Path,
+    source: ArtifactRef,
+    calibration: DatasetRef,
+    *,
+    task: str = "detection",
+    job_tolerance: float = 0.01,
+    spec=YOLO_SPEC,
+) -> PassContext:
     work.mkdir(parents=True, exist_ok=True)
-    return PassContext(work_dir=work, original=source, artifacts=[], input_spec=spec, preprocessing=YOLO_PREP,
-                       task=task, task_options={"max_accuracy_drop": job_tolerance, "detection": DETECTION_OPTIONS},
-                       calibration_dataset=calibration, threads=2)
+    return PassContext(
+        work_dir=work,
+        original=source,
+        artifacts=[],
+        input_spec=spec,
+        preprocessing=YOLO_PREP,
+        task=task,
+        task_options={"max_accuracy_drop": job_tolerance, "detection": DETECTION_OPTIONS},
+        calibration_dataset=calibration,
+        threads=2,
+    )
 
 
 def quantize(ctx: PassContext, source: ArtifactRef, **config):
@@ -53,8 +73,15 @@ def quantize(ctx: PassContext, source: ArtifactRef, **config):
 
 def box_zip(path: Path, n: int, seed: int) -> DatasetRef:
     shapes.write_yolo_zip(path, n, seed)
-    return DatasetRef(path=path, format="zip", labeled=True, num_samples=n, layout="HWC",
-                      sample_shape=[SIZE, SIZE, 3], label_type="boxes")
+    return DatasetRef(
+        path=path,
+        format="zip",
+        labeled=True,
+        num_samples=n,
+        layout="HWC",
+        sample_shape=[SIZE, SIZE, 3],
+        label_type="boxes",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +92,13 @@ def yolo(tmp_path_factory):
     calibration = box_zip(root / "calibration.zip", CALIBRATION_IMAGES, shapes.CALIBRATION_SEED)
     images, _ = shapes.make_images(HELD_OUT_IMAGES, shapes.HELD_OUT_SEED)
     x = shapes.to_model_input(images)
-    return {"root": root, "source": source, "calibration": calibration, "x": x,
-            "fp32": session(YOLO_ONNX).run(None, {"images": x})[0]}
+    return {
+        "root": root,
+        "source": source,
+        "calibration": calibration,
+        "x": x,
+        "fp32": session(YOLO_ONNX).run(None, {"images": x})[0],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +120,9 @@ def head_agreement(yolo, artifact: Path) -> tuple[dict, dict]:
     got = session(artifact).run(None, {"images": yolo["x"]})[0]
     snr = detection.class_channel_snr_db(yolo["fp32"], got, "yolo")
     options = {k: DETECTION_OPTIONS[k] for k in ("box_format", "conf_threshold", "iou_threshold", "max_detections")}
-    agreement = detection.match_agreement(detection.decode([yolo["fp32"]], "yolo", **options),
-                                          detection.decode([got], "yolo", **options))
+    agreement = detection.match_agreement(
+        detection.decode([yolo["fp32"]], "yolo", **options), detection.decode([got], "yolo", **options)
+    )
     return snr, agreement
 
 
@@ -124,8 +157,11 @@ def test_the_head_guard_keeps_the_head_in_float_and_the_detections(yolo, guarded
     model = onnx.load(str(guarded_int8.artifact))
     assert guarded_int8.metrics["quantize_linear_nodes"] > 20  # the rest of the network stays INT8
     assert any(n.op_type == "Concat" and n.name == concat for n in model.graph.node)
-    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in {o for c in model.graph.node if c.name == concat
-                                                                    for o in c.output} for n in model.graph.node)
+    assert not any(
+        n.op_type == "QuantizeLinear"
+        and n.input[0] in {o for c in model.graph.node if c.name == concat for o in c.output}
+        for n in model.graph.node
+    )
     snr, agreement = head_agreement(yolo, guarded_int8.artifact)
     assert snr["worst_class_channel_snr_db"] >= FLOOR_DB
     assert agreement["f1"] >= 0.95 and agreement["reference_detections"] >= HELD_OUT_IMAGES
@@ -134,10 +170,12 @@ def test_the_head_guard_keeps_the_head_in_float_and_the_detections(yolo, guarded
 def test_a_mixed_scale_concat_feeding_a_conv_is_a_feature_concat_not_a_head():
     from onnx import helper
 
-    nodes = [helper.make_node("Concat", ["small", "large"], ["joined"], axis=1, name="features"),
-             helper.make_node("Conv", ["joined", "w"], ["mixed"], name="conv"),
-             helper.make_node("Concat", ["mixed", "scores"], ["out"], axis=1, name="head"),
-             helper.make_node("Transpose", ["out"], ["final"], perm=[0, 2, 1, 3], name="to_anchors_first")]
+    nodes = [
+        helper.make_node("Concat", ["small", "large"], ["joined"], axis=1, name="features"),
+        helper.make_node("Conv", ["joined", "w"], ["mixed"], name="conv"),
+        helper.make_node("Concat", ["mixed", "scores"], ["out"], axis=1, name="head"),
+        helper.make_node("Transpose", ["out"], ["final"], perm=[0, 2, 1, 3], name="to_anchors_first"),
+    ]
     model = helper.make_model(helper.make_graph(nodes, "g", [], []))
     ranges = {"small": (0.0, 1.0), "large": (-500.0, 300.0), "mixed": (0.0, 640.0), "scores": (0.0, 0.9)}
     decided = mixed_scale_heads(model, ranges)
@@ -151,8 +189,11 @@ def accumulated_error_ranking(prepared: Path, quantized: Path, x: np.ndarray) ->
     worst output channel first, so every error upstream of a node counts against it."""
     fp32, q = onnx.load(str(prepared)), onnx.load(str(quantized))
     q_out = {n.name: n.output[0] for n in q.graph.node if n.name}
-    pairs = [(n.name, n.output[0], q_out[n.name]) for n in fp32.graph.node
-             if n.name in q_out and n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Shape", "Constant")]
+    pairs = [
+        (n.name, n.output[0], q_out[n.name])
+        for n in fp32.graph.node
+        if n.name in q_out and n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Shape", "Constant")
+    ]
     for model, names in ((fp32, [p[1] for p in pairs]), (q, [p[2] for p in pairs])):
         known = {o.name for o in model.graph.output}
         model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in dict.fromkeys(names) if t not in known)
@@ -199,8 +240,9 @@ def unlabeled(dataset: DatasetRef) -> DatasetRef:
 def test_detection_fallback_searches_on_f1_and_class_snr(yolo):
     """Without box labels the gate judges F1 against FP32's detections, and the head's floor."""
     ctx = yolo_context(yolo["root"] / "fallback", yolo["source"], unlabeled(yolo["calibration"]))
-    result = quantize(ctx, yolo["source"], keep_mixed_scale_heads_float=False, max_accuracy_drop=0.05,
-                      validation_samples=16)
+    result = quantize(
+        ctx, yolo["source"], keep_mixed_scale_heads_float=False, max_accuracy_drop=0.05, validation_samples=16
+    )
     fallback = result.metrics["fallback"]
     assert fallback["task"] == "detection" and fallback["metric"] == "f1_vs_float" and fallback["layout"] == "yolo"
     assert fallback["floor"] == {"name": "worst_class_channel_snr_db", "min": FLOOR_DB}
@@ -250,7 +292,7 @@ def test_small_sets_count_every_sample_at_any_fixed_batch(yolo, fixed_batch, siz
     assert result.metrics["calibration_samples"] == size
     assert fallback["samples"] == size and fallback["metric"] == "map50_95" and fallback["fp32"] > 0.5
     assert fallback["attempts"][0]["drop"] <= 0.05 and fallback["tolerance_met"]
-    out = session(result.artifact).run(None, {"images": yolo["x"][:fixed_batch or 3]})[0]
+    out = session(result.artifact).run(None, {"images": yolo["x"][: fixed_batch or 3]})[0]
     assert out.shape == (fixed_batch or 3, 4 + shapes.NUM_CLASSES, 336)
 
 
@@ -260,21 +302,40 @@ DIGIT_SPEC = [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
 
 
 def npz_ref(path: Path, labeled: bool, n: int) -> DatasetRef:
-    return DatasetRef(path=path, format="npz", labeled=labeled, num_samples=n, layout="NCHW", sample_shape=[1, 8, 8],
-                      label_type="classes" if labeled else None)
+    return DatasetRef(
+        path=path,
+        format="npz",
+        labeled=labeled,
+        num_samples=n,
+        layout="NCHW",
+        sample_shape=[1, 8, 8],
+        label_type="classes" if labeled else None,
+    )
 
 
 def plain_context(work: Path, source: ArtifactRef, spec, **kw) -> PassContext:
     work.mkdir(parents=True, exist_ok=True)
-    return PassContext(work_dir=work, original=source, artifacts=[], input_spec=spec,
-                       preprocessing=Preprocessing(mean=[0.0], std=[1.0]), threads=2, **kw)
+    return PassContext(
+        work_dir=work,
+        original=source,
+        artifacts=[],
+        input_spec=spec,
+        preprocessing=Preprocessing(mean=[0.0], std=[1.0]),
+        threads=2,
+        **kw,
+    )
 
 
 def test_classifier_fallback_judges_top1_with_labels(digit_assets, tmp_path):
     source = ArtifactRef("outlier.onnx", "onnx", digit_assets.models["outlier_onnx"])
-    ctx = plain_context(tmp_path, source, DIGIT_SPEC, task="classification",
-                        calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256),
-                        evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297))
+    ctx = plain_context(
+        tmp_path,
+        source,
+        DIGIT_SPEC,
+        task="classification",
+        calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256),
+        evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297),
+    )
     result = quantize(ctx, source, max_accuracy_drop=0.01, validation_samples=128)
     fallback = result.metrics["fallback"]
     assert fallback["metric"] == "top1" and fallback["task"] == "classification" and fallback["fp32"] > 0.85
@@ -291,15 +352,23 @@ def test_classifier_fallback_judges_top1_with_labels(digit_assets, tmp_path):
 def test_classifier_without_labels_judges_top1_agreement(digit_assets, tmp_path, monkeypatch):
     source = ArtifactRef("digits.onnx", "onnx", digit_assets.models["onnx"])
     calibration = npz_ref(digit_assets.calibration_npz, False, 256)
-    result = quantize(plain_context(tmp_path / "held", source, DIGIT_SPEC, calibration_dataset=calibration), source,
-                      max_accuracy_drop=0.02, validation_samples=64)
+    result = quantize(
+        plain_context(tmp_path / "held", source, DIGIT_SPEC, calibration_dataset=calibration),
+        source,
+        max_accuracy_drop=0.02,
+        validation_samples=64,
+    )
     fallback = result.metrics["fallback"]
     assert fallback["task"] == "classification" and fallback["metric"] == "top1_agreement"
     assert fallback["fp32"] == 1.0 and fallback["attempts"][0]["top1_agreement"] >= 0.95
     # A set too large to hold is read and run through FP32 again for each candidate: the same judgement.
     monkeypatch.setattr("worker.quantization.gate.VALIDATION_CACHE_BYTES", 0)
-    again = quantize(plain_context(tmp_path / "streamed", source, DIGIT_SPEC, calibration_dataset=calibration),
-                     source, max_accuracy_drop=0.02, validation_samples=64)
+    again = quantize(
+        plain_context(tmp_path / "streamed", source, DIGIT_SPEC, calibration_dataset=calibration),
+        source,
+        max_accuracy_drop=0.02,
+        validation_samples=64,
+    )
     assert again.metrics["fallback"]["attempts"] == fallback["attempts"]
 
 
@@ -308,14 +377,22 @@ def segmenter(path: Path) -> Path:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.5, n)
-               for s, n in (((8, 3, 3, 3), "w1"), ((4, 8, 1, 1), "w2"))]
-    nodes = [helper.make_node("Conv", ["image", "w1"], ["c"], pads=[1, 1, 1, 1], name="conv1"),
-             helper.make_node("Relu", ["c"], ["r"], name="relu"),
-             helper.make_node("Conv", ["r", "w2"], ["mask"], name="conv2")]
-    graph = helper.make_graph(nodes, "seg", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 32, 32])],
-                              [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["n", 4, 32, 32])],
-                              initializer=weights)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.5, n)
+        for s, n in (((8, 3, 3, 3), "w1"), ((4, 8, 1, 1), "w2"))
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["c"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["mask"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "seg",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 32, 32])],
+        [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["n", 4, 32, 32])],
+        initializer=weights,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 
@@ -324,9 +401,15 @@ def test_segmenter_is_judged_by_pixel_agreement(tmp_path):
     source = ArtifactRef("seg.onnx", "onnx", segmenter(tmp_path / "seg.onnx"))
     data = tmp_path / "seg.npz"
     np.savez(data, x=np.random.default_rng(1).standard_normal((40, 3, 32, 32)).astype(np.float32))
-    dataset = DatasetRef(path=data, format="npz", labeled=False, num_samples=40, layout="NCHW", sample_shape=[3, 32, 32])
-    ctx = plain_context(tmp_path / "work", source, [{"name": "image", "shape": [1, 3, 32, 32], "dtype": "float32"}],
-                        calibration_dataset=dataset)
+    dataset = DatasetRef(
+        path=data, format="npz", labeled=False, num_samples=40, layout="NCHW", sample_shape=[3, 32, 32]
+    )
+    ctx = plain_context(
+        tmp_path / "work",
+        source,
+        [{"name": "image", "shape": [1, 3, 32, 32], "dtype": "float32"}],
+        calibration_dataset=dataset,
+    )
     result = quantize(ctx, source, max_accuracy_drop=0.05, validation_samples=16)
     fallback = result.metrics["fallback"]
     assert fallback["task"] == "segmentation" and fallback["metric"] == "pixel_agreement"
@@ -349,9 +432,17 @@ def test_the_gate_judges_with_the_verdicts_metric(yolo, tmp_path):
     fallback = result.metrics["fallback"]
     assert fallback["metric"] == "map50_95" and fallback["samples"] == CALIBRATION_IMAGES
     int8 = ArtifactRef("int8.onnx", "onnx", result.artifact, step="quantize_int8")
-    eval_ctx = PassContext(work_dir=tmp_path, original=yolo["source"], artifacts=[int8], input_spec=YOLO_SPEC,
-                           preprocessing=YOLO_PREP, task="detection", task_options=ctx.task_options,
-                           evaluation_dataset=yolo["calibration"], threads=2)
+    eval_ctx = PassContext(
+        work_dir=tmp_path,
+        original=yolo["source"],
+        artifacts=[int8],
+        input_spec=YOLO_SPEC,
+        preprocessing=YOLO_PREP,
+        task="detection",
+        task_options=ctx.task_options,
+        evaluation_dataset=yolo["calibration"],
+        threads=2,
+    )
     evaluate = get_pass("evaluate")
     original, verdict = evaluate().run(eval_ctx, yolo["source"], evaluate.Config()).metrics["results"]
     assert verdict["metric"]["name"] == "map50_95"
@@ -365,7 +456,9 @@ def test_the_gate_judges_with_the_verdicts_metric(yolo, tmp_path):
 def test_no_tolerance_means_no_verdict_on_it(digit_assets, tmp_path):
     """search_speed without a tolerance (none in the config, none in the job) judges nothing met."""
     source = ArtifactRef("digits.onnx", "onnx", digit_assets.models["onnx"])
-    ctx = plain_context(tmp_path, source, DIGIT_SPEC, calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 64))
+    ctx = plain_context(
+        tmp_path, source, DIGIT_SPEC, calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 64)
+    )
     result = quantize(ctx, source, search_speed=True, num_calibration_samples=64, validation_samples=32)
     fallback = result.metrics["fallback"]
     assert fallback["tolerance"] is None and fallback["tolerance_met"] is None

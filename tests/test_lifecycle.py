@@ -59,8 +59,14 @@ def test_cvopt_serve_takes_its_worker_and_step_processes_with_it(sig, tmp_path):
     tag = env[PROCESS_TAG_ENV]
     port = free_port()
     with open(tmp_path / "serve.log", "wb") as log:
-        serve = subprocess.Popen([str(VENV_BIN / "cvopt"), "serve", "--port", str(port)], env=env, cwd=tmp_path,
-                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        serve = subprocess.Popen(
+            [str(VENV_BIN / "cvopt"), "serve", "--port", str(port)],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout=90, proc=serve)
         deadline = time.monotonic() + 120
@@ -93,10 +99,16 @@ def test_a_gpu_job_without_a_gpu_worker_fails_naming_the_gpu_step(sessions, brok
     settings = settings_for(url, no_worker_timeout_seconds=600)
     with sessions() as s:
         _alive(s, "cpu")
-        job = make_job(s, status=JobStatus.queued, queue="gpu", enqueued_age=700, steps=[
-            JobStep(index=0, name="export_onnx", config={}, queue="cpu", status=StepStatus.pending, metrics={}),
-            JobStep(index=1, name="build_tensorrt", config={}, queue="gpu", status=StepStatus.pending, metrics={}),
-        ])
+        job = make_job(
+            s,
+            status=JobStatus.queued,
+            queue="gpu",
+            enqueued_age=700,
+            steps=[
+                JobStep(index=0, name="export_onnx", config={}, queue="cpu", status=StepStatus.pending, metrics={}),
+                JobStep(index=1, name="build_tensorrt", config={}, queue="gpu", status=StepStatus.pending, metrics={}),
+            ],
+        )
     reap_stale_jobs(settings=settings, sessions=sessions, celery=make_celery(settings))
     with sessions() as s:
         failed = s.get(Job, job.id)
@@ -113,7 +125,7 @@ def test_the_reaper_sends_jobs_again_in_submission_order(sessions, broker):
         _alive(s, "cpu")
         # Written youngest first, so that the table's own order is not the submission order.
         jobs = [make_job(s, status=JobStatus.queued, enqueued_age=3600) for _ in range(3)]
-        for age, job in zip((60, 120, 180), jobs):
+        for age, job in zip((60, 120, 180), jobs, strict=True):
             job.created_at = now - timedelta(seconds=age)
         s.commit()
     reap_stale_jobs(settings=settings, sessions=sessions, celery=make_celery(settings))
@@ -126,10 +138,12 @@ def test_a_job_whose_worker_stopped_beating_is_requeued_before_it_goes_stale(ses
     settings = settings_for(url, worker_lost_after_seconds=15)  # stale_after_seconds: 60
     now = utcnow()
     with sessions() as s:
-        s.add_all([
-            Worker(id="box:1:dead", hostname="box", queues=["cpu"], last_seen_at=now - timedelta(seconds=40)),
-            Worker(id="box:2:alive", hostname="box", queues=["cpu"], last_seen_at=now),
-        ])
+        s.add_all(
+            [
+                Worker(id="box:1:dead", hostname="box", queues=["cpu"], last_seen_at=now - timedelta(seconds=40)),
+                Worker(id="box:2:alive", hostname="box", queues=["cpu"], last_seen_at=now),
+            ]
+        )
         s.commit()
 
         def running(worker: str, heartbeat_age: float) -> Job:
@@ -156,12 +170,18 @@ def test_a_job_whose_worker_stopped_beating_is_requeued_before_it_goes_stale(ses
 
 
 def test_jobs_start_in_submission_order_and_a_killed_workers_job_comes_back_within_seconds(
-        tmp_path, s3_server, digit_assets):
+    tmp_path, s3_server, digit_assets
+):
     """One worker (concurrency 1) runs a long job while four more are submitted; it is SIGKILLed and
     another takes over: the queued jobs start in the order they were submitted, and the killed
     worker's job is queued again a few heartbeats after the kill, not after stale_after_seconds."""
-    with private_stack(tmp_path, s3_server, CVOPT_STALE_AFTER_SECONDS="600", CVOPT_WORKER_LOST_AFTER_SECONDS="5",
-                       CVOPT_REQUEUE_AFTER_SECONDS="900") as stack:
+    with private_stack(
+        tmp_path,
+        s3_server,
+        CVOPT_STALE_AFTER_SECONDS="600",
+        CVOPT_WORKER_LOST_AFTER_SECONDS="5",
+        CVOPT_REQUEUE_AFTER_SECONDS="900",
+    ) as stack:
         client = stack.client
         model = upload(client, "/v1/models", digit_assets.models["onnx"])
 

@@ -38,15 +38,19 @@ def test_metrics_cover_jobs_steps_queues_workers_uploads_and_http(stack, finishe
     steps = [s for s in families["cvopt_step_duration_seconds"] if s.labels.get("step") == "export_onnx"]
     counts = {s.labels["le"]: s.value for s in steps if s.name.endswith("_bucket")}
     total = next(s.value for s in steps if s.name.endswith("_count"))
-    assert counts["+Inf"] == total >= 1 and sorted(counts.values()) == [counts[k] for k in sorted(
-        counts, key=lambda le: float(le))]  # cumulative buckets
+    assert counts["+Inf"] == total >= 1 and sorted(counts.values()) == [
+        counts[k] for k in sorted(counts, key=lambda le: float(le))
+    ]  # cumulative buckets
     assert any(s.labels["queues"] == "cpu" and s.value < 60 for s in families["cvopt_worker_heartbeat_age_seconds"])
     assert families["cvopt_workers_alive"][0].value >= 1
     uploads = {s.labels["kind"]: s.value for s in families["cvopt_upload_bytes"] if s.name.endswith("_total")}
     assert uploads["model"] > 0
     assert "cvopt_queue_depth" in families and "cvopt_broker_queue_length" in families
-    http = [s for s in families["cvopt_http_request_duration_seconds"]
-            if s.name.endswith("_count") and s.labels["route"] == "/v1/jobs/{job_id}" and s.labels["status"] == "200"]
+    http = [
+        s
+        for s in families["cvopt_http_request_duration_seconds"]
+        if s.name.endswith("_count") and s.labels["route"] == "/v1/jobs/{job_id}" and s.labels["status"] == "200"
+    ]
     assert http and http[0].value >= 1
     # No raw ids in labels: routes are templates.
     assert not any(finished_job["id"] in str(s.labels) for f in families.values() for s in f)

@@ -26,8 +26,9 @@ def npz_ref(path: Path, labeled: bool, n: int) -> DatasetRef:
 def context(tmp_path: Path, original: ArtifactRef, artifacts=(), **kw) -> PassContext:
     work = tmp_path / "work"
     work.mkdir(parents=True, exist_ok=True)
-    return PassContext(work_dir=work, original=original, artifacts=list(artifacts), input_spec=SPEC,
-                       preprocessing=PREP, **kw)
+    return PassContext(
+        work_dir=work, original=original, artifacts=list(artifacts), input_spec=SPEC, preprocessing=PREP, **kw
+    )
 
 
 def run_pass(name: str, ctx: PassContext, source: ArtifactRef, **config):
@@ -87,8 +88,14 @@ def test_int8_from_npz_calibration_keeps_top1(exported, digit_assets, tmp_path):
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_int8_from_image_archive_with_other_calibration_methods(exported, digit_assets, tmp_path, method):
-    images = DatasetRef(path=digit_assets.unlabeled_zip, format="zip", labeled=False, num_samples=200,
-                        layout="HWC", sample_shape=[8, 8, 1])
+    images = DatasetRef(
+        path=digit_assets.unlabeled_zip,
+        format="zip",
+        labeled=False,
+        num_samples=200,
+        layout="HWC",
+        sample_shape=[8, 8, 1],
+    )
     ctx = context(tmp_path, exported, calibration_dataset=images)
     result = run_pass("quantize_int8", ctx, exported, calibration_method=method, num_calibration_samples=64)
     assert result.metrics["calibration_method"] == method
@@ -116,8 +123,9 @@ def test_benchmark_times_the_original_and_each_artifact(exported, digit_assets, 
 
 def test_evaluate_reports_accuracy_and_fidelity(exported, digit_assets, tmp_path):
     original = ArtifactRef("digits.pt2", "exported_program", digit_assets.models["pt2"])
-    ctx = context(tmp_path, original, artifacts=[exported],
-                  evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297))
+    ctx = context(
+        tmp_path, original, artifacts=[exported], evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297)
+    )
     result = run_pass("evaluate", ctx, exported, batch_size=16)
     rows = {r["artifact"]: r for r in result.metrics["results"]}
     assert result.metrics["dataset"] == "evaluation"
@@ -140,7 +148,9 @@ def overflowing_model(path: Path) -> Path:
         helper.make_node("Add", ["z", "x"], ["out"], name="add"),
     ]
     graph = helper.make_graph(
-        nodes, "overflow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        nodes,
+        "overflow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 1, 8, 8])],
         [numpy_helper.from_array(np.array(1e5, np.float32), "big")],
     )
@@ -189,8 +199,12 @@ def test_per_layer_fallback_rescues_a_model_that_plain_int8_breaks(digit_assets,
     plain_out = ort.InferenceSession(str(plain.artifact), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     assert (plain_out.argmax(1) == y).mean() < fp32_acc - 0.3  # plain INT8 collapses
 
-    ctx = context(tmp_path / "auto", source, calibration_dataset=calibration,
-                  evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297))
+    ctx = context(
+        tmp_path / "auto",
+        source,
+        calibration_dataset=calibration,
+        evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297),
+    )
     result = run_pass("quantize_int8", ctx, source, max_accuracy_drop=0.01)
     fallback = result.metrics["fallback"]
     assert fallback["tolerance_met"] and fallback["metric"] == "top1"
@@ -236,7 +250,9 @@ def constant_weight_model(path: Path) -> Path:
         helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1, name="gemm"),
     ]
     graph = helper.make_graph(
-        nodes, "constants", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        nodes,
+        "constants",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 1, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
@@ -270,8 +286,14 @@ def test_pytorch_int8_path_on_a_torchvision_state_dict(digit_assets, tmp_path):
     images = np.repeat(np.kron(digit_assets.x[:96], np.ones((1, 1, 4, 4), np.float32)), 3, axis=1)  # 3x32x32
     np.savez(tmp_path / "cal.npz", x=images[:64])
     spec = [{"name": "x", "shape": [1, 3, 32, 32], "dtype": "float32"}]
-    ctx = PassContext(work_dir=tmp_path, original=source, artifacts=[], input_spec=spec, preprocessing=PREP,
-                      calibration_dataset=DatasetRef(tmp_path / "cal.npz", "npz", False, 64, "NCHW", [3, 32, 32]))
+    ctx = PassContext(
+        work_dir=tmp_path,
+        original=source,
+        artifacts=[],
+        input_spec=spec,
+        preprocessing=PREP,
+        calibration_dataset=DatasetRef(tmp_path / "cal.npz", "npz", False, 64, "NCHW", [3, 32, 32]),
+    )
     result = run_pass("quantize_int8_torch", ctx, source, num_calibration_samples=64)
     assert result.format == "torchscript" and result.metrics["quantized_modules"] >= 20
     assert result.artifact.stat().st_size < 0.3 * path.stat().st_size
@@ -291,5 +313,6 @@ def test_dynamic_int8_needs_no_calibration(exported, tmp_path):
     result = run_pass("quantize_int8", context(tmp_path, exported), exported, mode="dynamic")
     assert result.metrics["mode"] == "dynamic" and result.metrics["quantized_nodes"] > 0
     out = ort.InferenceSession(str(result.artifact), providers=["CPUExecutionProvider"]).run(
-        None, {"image": np.zeros((2, 1, 8, 8), np.float32)})[0]
+        None, {"image": np.zeros((2, 1, 8, 8), np.float32)}
+    )[0]
     assert out.shape == (2, 10)

@@ -19,8 +19,14 @@ SPEC32 = [{"name": "x", "shape": [1, 3, 32, 32], "dtype": "float32"}]
 def run_pass(name, work: Path, source: ArtifactRef, original: ArtifactRef | None = None, spec=SPEC32, **kw):
     config = kw.pop("config", {})
     work.mkdir(parents=True, exist_ok=True)
-    ctx = PassContext(work_dir=work, original=original or source, artifacts=[], input_spec=spec,
-                      preprocessing=Preprocessing(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0]), **kw)
+    ctx = PassContext(
+        work_dir=work,
+        original=original or source,
+        artifacts=[],
+        input_spec=spec,
+        preprocessing=Preprocessing(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0]),
+        **kw,
+    )
     cls = get_pass(name)
     result = cls().run(ctx, source, cls.Config(**config))
     return result, ArtifactRef(result.artifact.name, result.format, result.artifact, step=name, meta=result.meta)
@@ -73,8 +79,9 @@ def test_label_free_distillation_recovers_a_pruned_models_accuracy(digit_teacher
     _, pruned = run_pass("prune_structured", tmp_path / "prune", teacher, config={"target_ratio": 0.7})
     pruned_acc = accuracy(pruned, test_x, test_y)
     train = DatasetRef(root / "train.npz", "npz", False, 1200, "NCHW", [3, 32, 32])
-    result, distilled = run_pass("distill", tmp_path / "distill", pruned, original=teacher,
-                                 calibration_dataset=train, config={"epochs": 3})
+    result, distilled = run_pass(
+        "distill", tmp_path / "distill", pruned, original=teacher, calibration_dataset=train, config={"epochs": 3}
+    )
     distilled_acc = accuracy(distilled, test_x, test_y)
     assert result.metrics["beta"] == 0.0 and result.metrics["validation_metric"] == "top1_agreement_with_teacher"
     assert result.metrics["validation_best"] >= result.metrics["validation_before"]
@@ -90,21 +97,26 @@ def test_finetune_needs_labels_and_uses_them(digit_teacher, tmp_path):
     _, pruned = run_pass("prune_structured", tmp_path / "prune", teacher, config={"target_ratio": 0.7})
     unlabeled = DatasetRef(root / "train.npz", "npz", False, 1200, "NCHW", [3, 32, 32])
     with pytest.raises(PassError) as err:
-        run_pass("finetune", tmp_path / "f0", pruned, original=teacher, calibration_dataset=unlabeled,
-                 config={"epochs": 1})
+        run_pass(
+            "finetune", tmp_path / "f0", pruned, original=teacher, calibration_dataset=unlabeled, config={"epochs": 1}
+        )
     assert err.value.code == "labels_required"
     labeled = DatasetRef(root / "train_labeled.npz", "npz", True, 1200, "NCHW", [3, 32, 32])
-    result, tuned = run_pass("finetune", tmp_path / "f1", pruned, original=teacher, calibration_dataset=labeled,
-                             config={"epochs": 2})
+    result, tuned = run_pass(
+        "finetune", tmp_path / "f1", pruned, original=teacher, calibration_dataset=labeled, config={"epochs": 2}
+    )
     assert result.metrics["validation_metric"] == "accuracy" and result.metrics["alpha"] == 0.0
     assert accuracy(tuned, test_x, test_y) > accuracy(pruned, test_x, test_y)
 
 
-@pytest.mark.parametrize(("config", "expected"), [
-    ({"sparsity": 0.6, "scope": "global"}, 0.6),
-    ({"sparsity": 0.5, "scope": "layer"}, 0.5),
-    ({"pattern": "2:4"}, 0.5),
-])
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"sparsity": 0.6, "scope": "global"}, 0.6),
+        ({"sparsity": 0.5, "scope": "layer"}, 0.5),
+        ({"pattern": "2:4"}, 0.5),
+    ],
+)
 def test_unstructured_pruning_reports_sparsity_honestly(config, expected, tmp_path):
     import torch
     import torchvision

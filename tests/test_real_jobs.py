@@ -13,10 +13,16 @@ from tests.test_end_to_end import upload
 
 
 def submit(stack, model_id: str, dataset_id: str, **job) -> dict:
-    resp = stack.client.post("/v1/jobs", json={
-        "model_id": model_id, "preset": "onnx-int8-auto", "calibration_dataset_id": dataset_id,
-        "evaluation_dataset_id": dataset_id, **job,
-    })
+    resp = stack.client.post(
+        "/v1/jobs",
+        json={
+            "model_id": model_id,
+            "preset": "onnx-int8-auto",
+            "calibration_dataset_id": dataset_id,
+            "evaluation_dataset_id": dataset_id,
+            **job,
+        },
+    )
     assert resp.status_code == 202, resp.text
     return resp.json()
 
@@ -45,10 +51,14 @@ def test_a_small_labeled_set_through_int8_auto_on_a_batch_1_pt2(stack, digit_ass
     x, y = digit_assets.x, digit_assets.y
     model = upload(stack.client, "/v1/models", digit_assets.models["pt2"], name="digits-b1")
     assert model["inputs"][0]["shape"][0] == 1  # torch.export fixed the batch at 1
-    dataset = upload(stack.client, "/v1/datasets",
-                     digits.write_image_zip(tmp_path / f"golden{size}.zip", x[1500:1500 + size], y[1500:1500 + size]))
-    job = stack.wait_for_job(submit(stack, model["id"], dataset["id"], preprocessing={"mean": [0.0], "std": [1.0]})["id"],
-                             timeout=400)
+    dataset = upload(
+        stack.client,
+        "/v1/datasets",
+        digits.write_image_zip(tmp_path / f"golden{size}.zip", x[1500 : 1500 + size], y[1500 : 1500 + size]),
+    )
+    job = stack.wait_for_job(
+        submit(stack, model["id"], dataset["id"], preprocessing={"mean": [0.0], "std": [1.0]})["id"], timeout=400
+    )
     assert job["status"] == "succeeded", (job["error"], job["log_tail"])
     assert job["task"] == "classification"
     evaluation = next(s for s in job["steps"] if s["name"] == "evaluate")["metrics"]
@@ -63,8 +73,10 @@ def test_a_small_labeled_set_through_int8_auto_on_a_dynamic_detector(stack, tmp_
     assert model["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
     dataset = upload(stack.client, "/v1/datasets", write_yolo_zip(tmp_path / f"boxes{size}.zip", size, HELD_OUT_SEED))
     assert dataset["label_type"] == "boxes" and dataset["num_samples"] == size
-    job = stack.wait_for_job(submit(stack, model["id"], dataset["id"], input_shape=[1, 3, 128, 128],
-                                    preprocessing=PREPROCESSING)["id"], timeout=400)
+    job = stack.wait_for_job(
+        submit(stack, model["id"], dataset["id"], input_shape=[1, 3, 128, 128], preprocessing=PREPROCESSING)["id"],
+        timeout=400,
+    )
     assert job["status"] == "succeeded", (job["error"], job["log_tail"])
     assert job["task"] == "detection"
     evaluation = next(s for s in job["steps"] if s["name"] == "evaluate")["metrics"]
@@ -87,8 +99,12 @@ def test_a_real_yolov8n_through_int8_auto_is_never_shipped_with_damaged_scores(s
 
     model = upload(stack.client, "/v1/models", asset(YOLOV8N.file), name="yolov8n")
     dataset = upload(stack.client, "/v1/datasets", photos_zip(tmp_path / "photos.zip"))
-    job = stack.wait_for_job(submit(stack, model["id"], dataset["id"], input_shape=YOLOV8N.input_shape,
-                                    preprocessing=YOLOV8N.preprocessing)["id"], timeout=600)
+    job = stack.wait_for_job(
+        submit(stack, model["id"], dataset["id"], input_shape=YOLOV8N.input_shape, preprocessing=YOLOV8N.preprocessing)[
+            "id"
+        ],
+        timeout=600,
+    )
     assert job["status"] == "succeeded", (job["error"], job["log_tail"])
     assert job["task"] == "detection"
     quantize = next(s for s in job["steps"] if s["name"] == "quantize_int8")["metrics"]
@@ -110,8 +126,9 @@ def test_a_real_orientation_classifier_through_int8_auto_on_hand_labeled_pages(s
     model = upload(stack.client, "/v1/models", asset(ORIENTATION.file), name="orientation")
     dataset = upload(stack.client, "/v1/datasets", orientation_zip(tmp_path / "pages.zip"))
     assert dataset["label_type"] == "classes" and dataset["num_classes"] == 4
-    job = stack.wait_for_job(submit(stack, model["id"], dataset["id"], preprocessing=ORIENTATION.preprocessing)["id"],
-                             timeout=600)
+    job = stack.wait_for_job(
+        submit(stack, model["id"], dataset["id"], preprocessing=ORIENTATION.preprocessing)["id"], timeout=600
+    )
     assert job["status"] == "succeeded", (job["error"], job["log_tail"])
     assert job["task"] == "classification"
     evaluation = next(s for s in job["steps"] if s["name"] == "evaluate")["metrics"]

@@ -9,22 +9,44 @@ import pytest
 
 from core.datasets import inspect_dataset
 from core.schemas import Preprocessing
-from tests.real_models import ORIENTATION, PHOTOS, TEXT_DETECTOR, TEXT_PAGES, YOLOV8N, asset, orientation_zip, photos_zip
+from tests.real_models import (
+    ORIENTATION,
+    PHOTOS,
+    TEXT_DETECTOR,
+    TEXT_PAGES,
+    YOLOV8N,
+    asset,
+    orientation_zip,
+    photos_zip,
+)
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
 from worker.passes.registry import get_pass
 
 
 def dataset_ref(path: Path) -> DatasetRef:
     info = inspect_dataset(path)
-    return DatasetRef(path=path, format=info.format, labeled=info.labeled, num_samples=info.num_samples,
-                      layout=info.layout, sample_shape=info.sample_shape, label_type=info.label_type)
+    return DatasetRef(
+        path=path,
+        format=info.format,
+        labeled=info.labeled,
+        num_samples=info.num_samples,
+        layout=info.layout,
+        sample_shape=info.sample_shape,
+        label_type=info.label_type,
+    )
 
 
 def evaluate(model, dataset: DatasetRef, tmp_path: Path, input_name: str, **config) -> dict:
     ref = ArtifactRef(model.file, "onnx", asset(model.file))
-    ctx = PassContext(work_dir=tmp_path, original=ref, artifacts=[],
-                      input_spec=[{"name": input_name, "shape": model.input_shape, "dtype": "float32"}],
-                      preprocessing=Preprocessing(**model.preprocessing), evaluation_dataset=dataset, threads=2)
+    ctx = PassContext(
+        work_dir=tmp_path,
+        original=ref,
+        artifacts=[],
+        input_spec=[{"name": input_name, "shape": model.input_shape, "dtype": "float32"}],
+        preprocessing=Preprocessing(**model.preprocessing),
+        evaluation_dataset=dataset,
+        threads=2,
+    )
     cls = get_pass("evaluate")
     return cls().run(ctx, ref, cls.Config(**config)).metrics
 
@@ -38,8 +60,13 @@ def test_the_orientation_classifier_is_scored_on_hand_labeled_pages(tmp_path):
     assert original["samples"] == 48
     # The pages are the model's domain: most orientations are right, and it is no coin toss (4 classes).
     assert 0.6 <= original["accuracy"]["top1"] <= 1.0
-    assert original["metric"] == {"name": "top1", "value": original["accuracy"]["top1"],
-                                  "reference": original["accuracy"]["top1"], "drop": 0.0, "higher_is_better": True}
+    assert original["metric"] == {
+        "name": "top1",
+        "value": original["accuracy"]["top1"],
+        "reference": original["accuracy"]["top1"],
+        "drop": 0.0,
+        "higher_is_better": True,
+    }
 
 
 def test_a_real_yolov8n_is_measured_as_a_detector(tmp_path):

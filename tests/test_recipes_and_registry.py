@@ -23,8 +23,11 @@ def test_every_pass_module_registers_exactly_one_pass():
     found = {}
     for name in modules:
         module = importlib.import_module(f"worker.passes.{name}")
-        classes = [v for v in vars(module).values()
-                   if isinstance(v, type) and issubclass(v, Pass) and v.__module__ == module.__name__]
+        classes = [
+            v
+            for v in vars(module).values()
+            if isinstance(v, type) and issubclass(v, Pass) and v.__module__ == module.__name__
+        ]
         assert len(classes) == 1, f"{name} defines {classes}"
         found[classes[0].name] = classes[0]
     assert found == REGISTRY
@@ -34,8 +37,15 @@ def test_every_preset_plans_on_a_torchvision_state_dict_upload():
     inputs = [{"name": "x", "shape": ["batch", 1, "height", "width"], "dtype": "float32"}]
     facts = DatasetFacts(id="d", layout="NCHW", sample_shape=[1, 8, 8])
     for name, steps in PRESETS.items():
-        plan = plan_job(model_format="state_dict", model_inputs=inputs, steps=steps, input_shape=None,
-                        calibration=facts, evaluation=None, default_input_shape=[1, 1, 8, 8])
+        plan = plan_job(
+            model_format="state_dict",
+            model_inputs=inputs,
+            steps=steps,
+            input_shape=None,
+            calibration=facts,
+            evaluation=None,
+            default_input_shape=[1, 1, 8, 8],
+        )
         assert plan.input_spec[0]["shape"] == [1, 1, 8, 8]
         assert [s.name for s in plan.steps] == [s.name for s in steps], name
         gpu = name.startswith(("tensorrt-", "gpu-"))
@@ -43,9 +53,14 @@ def test_every_preset_plans_on_a_torchvision_state_dict_upload():
 
 
 def test_step_configs_are_filled_with_defaults():
-    plan = plan_job(model_format="onnx", model_inputs=[{"name": "x", "shape": ["n", 3, 4, 4], "dtype": "float32"}],
-                    steps=[StepSpec(name="export_onnx", config={"opset": 15})], input_shape=None,
-                    calibration=None, evaluation=None)
+    plan = plan_job(
+        model_format="onnx",
+        model_inputs=[{"name": "x", "shape": ["n", 3, 4, 4], "dtype": "float32"}],
+        steps=[StepSpec(name="export_onnx", config={"opset": 15})],
+        input_shape=None,
+        calibration=None,
+        evaluation=None,
+    )
     assert plan.steps[0].config == {"opset": 15, "dynamic_batch": True, "simplify": True, "tolerance": 1e-3}
     assert plan.input_spec == [{"name": "x", "shape": [1, 3, 4, 4], "dtype": "float32"}]
 
@@ -82,12 +97,19 @@ def test_the_api_never_imports_torch_or_onnxruntime():
 def test_dynamic_int8_plans_without_a_calibration_dataset():
     inputs = [{"name": "x", "shape": [1, 16], "dtype": "float32"}]
     steps = [StepSpec(name="quantize_int8", config={"mode": "dynamic"})]
-    plan = plan_job(model_format="onnx", model_inputs=inputs, steps=steps, input_shape=None,
-                    calibration=None, evaluation=None)
+    plan = plan_job(
+        model_format="onnx", model_inputs=inputs, steps=steps, input_shape=None, calibration=None, evaluation=None
+    )
     assert plan.steps[0].config["mode"] == "dynamic"
     with pytest.raises(InvalidInput) as err:
-        plan_job(model_format="onnx", model_inputs=inputs, steps=[StepSpec(name="quantize_int8")],
-                 input_shape=None, calibration=None, evaluation=None)
+        plan_job(
+            model_format="onnx",
+            model_inputs=inputs,
+            steps=[StepSpec(name="quantize_int8")],
+            input_shape=None,
+            calibration=None,
+            evaluation=None,
+        )
     assert err.value.code == "calibration_dataset_required"
 
 
@@ -95,15 +117,28 @@ def test_mean_and_std_give_one_value_or_one_per_channel():
     from core.schemas import Preprocessing
 
     def plan(prep: dict, shape: list[int]):
-        return plan_job(model_format="onnx", model_inputs=[{"name": "x", "shape": shape, "dtype": "float32"}],
-                        steps=[StepSpec(name="export_onnx")], input_shape=None, calibration=None, evaluation=None,
-                        preprocessing=Preprocessing.model_validate(prep))
+        return plan_job(
+            model_format="onnx",
+            model_inputs=[{"name": "x", "shape": shape, "dtype": "float32"}],
+            steps=[StepSpec(name="export_onnx")],
+            input_shape=None,
+            calibration=None,
+            evaluation=None,
+            preprocessing=Preprocessing.model_validate(prep),
+        )
 
-    for fine, shape in (({"mean": [0.5]}, [1, 3, 8, 8]), ({"mean": [1, 2, 3], "std": [1, 1, 1]}, [1, 3, 8, 8]),
-                        ({"mean": [1, 2, 3]}, [1, 8, 8, 3]), ({"mean": [1, 2]}, [1, 10])):
+    for fine, shape in (
+        ({"mean": [0.5]}, [1, 3, 8, 8]),
+        ({"mean": [1, 2, 3], "std": [1, 1, 1]}, [1, 3, 8, 8]),
+        ({"mean": [1, 2, 3]}, [1, 8, 8, 3]),
+        ({"mean": [1, 2]}, [1, 10]),
+    ):
         plan(fine, shape)
-    for bad, shape, field in (({"mean": [1, 2]}, [1, 3, 8, 8], "mean"), ({"std": [1, 1, 1]}, [1, 1, 8, 8], "std"),
-                              ({"mean": []}, [1, 8, 8, 3], "mean")):
+    for bad, shape, field in (
+        ({"mean": [1, 2]}, [1, 3, 8, 8], "mean"),
+        ({"std": [1, 1, 1]}, [1, 1, 8, 8], "std"),
+        ({"mean": []}, [1, 8, 8, 3], "mean"),
+    ):
         with pytest.raises(InvalidInput) as err:
             plan(bad, shape)
         assert err.value.code == "invalid_preprocessing" and err.value.details["field"] == field
@@ -119,7 +154,7 @@ def test_the_readmes_preset_table_lists_every_step_in_order():
     for name, steps in PRESETS.items():
         if rows[name].startswith("the same with"):
             continue  # described by the row before it
-        listed = re.findall(r"\b(?:%s)\b" % "|".join(REGISTRY), rows[name])
+        listed = re.findall(rf"\b(?:{'|'.join(REGISTRY)})\b", rows[name])
         assert listed == [s.name for s in steps], name
 
 

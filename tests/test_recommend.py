@@ -35,13 +35,21 @@ def original(p50: float | None = 10.0, size: int = 4_000_000) -> Candidate:
 
 
 def fp32(p50: float | None, size: int = 4_000_000, **kw) -> Candidate:
-    return Candidate("00-export_onnx.onnx", "export_onnx", size, p50, lossless=True, metric=kw.pop("m", metric(0.80)),
-                     **kw)
+    return Candidate(
+        "00-export_onnx.onnx", "export_onnx", size, p50, lossless=True, metric=kw.pop("m", metric(0.80)), **kw
+    )
 
 
 def int8(p50: float | None, top1: float | None = 0.795, size: int = 1_000_000, **kw) -> Candidate:
-    return Candidate("01-quantize_int8.onnx", "quantize_int8", size, p50, lossless=False,
-                     metric=metric(top1) if top1 is not None else None, **kw)
+    return Candidate(
+        "01-quantize_int8.onnx",
+        "quantize_int8",
+        size,
+        p50,
+        lossless=False,
+        metric=metric(top1) if top1 is not None else None,
+        **kw,
+    )
 
 
 # -- the rules ------------------------------------------------------------------------------------
@@ -56,7 +64,10 @@ def test_the_fastest_artifact_within_the_tolerance_is_recommended_with_its_numbe
     assert rec.metrics.metric.drop == pytest.approx(0.005)
     assert "2.50x the original's speed" in rec.reason and "drop 0.0050 <= tolerance 0.01" in rec.reason
     assert [verdicts[n].verdict for n in (ORIGINAL, "00-export_onnx.onnx", "01-quantize_int8.onnx")] == [
-        "original", "meets_tolerance", "meets_tolerance"]
+        "original",
+        "meets_tolerance",
+        "meets_tolerance",
+    ]
     assert rec.accuracy_verified and rec.tolerance == 0.01
 
 
@@ -81,21 +92,24 @@ def test_an_artifact_slower_than_the_fastest_float_model_says_which_with_both_p5
     verdicts, rec = recommend([original(10.0), fp32(5.0), int8(6.0)], tolerance=0.01, evaluated=True)
     judged = verdicts["01-quantize_int8.onnx"]
     assert judged.verdict == "slower_than_float"
-    assert judged.reason == ("1.20x slower at batch 1 than the float artifact 00-export_onnx.onnx "
-                             "(6 ms vs 5 ms p50)")
+    assert judged.reason == ("1.20x slower at batch 1 than the float artifact 00-export_onnx.onnx (6 ms vs 5 ms p50)")
     assert rec.artifact == "00-export_onnx.onnx"
     # Against the original when it is the fastest float model; the export itself is judged too.
     verdicts, _ = recommend([original(10.0), fp32(11.0), int8(12.5)], tolerance=0.01, evaluated=True)
-    assert verdicts["01-quantize_int8.onnx"].reason == "1.25x slower at batch 1 than the original (12.5 ms vs 10 ms p50)"
+    assert (
+        verdicts["01-quantize_int8.onnx"].reason == "1.25x slower at batch 1 than the original (12.5 ms vs 10 ms p50)"
+    )
     assert verdicts["00-export_onnx.onnx"].verdict == "slower_than_float"
 
 
 def test_when_nothing_beats_the_original_nothing_is_recommended_and_one_line_says_why():
     verdicts, rec = recommend([original(10.0), fp32(11.0), int8(4.0, top1=0.759)], tolerance=0.01, evaluated=True)
     assert rec.artifact is None and rec.metrics is None
-    assert rec.reason == ("nothing beats the original: 00-export_onnx.onnx is 1.10x slower at batch 1 than the "
-                          "original (11 ms vs 10 ms p50); 01-quantize_int8.onnx loses 4.1 points of top-1 "
-                          "(tolerance 1.0)")
+    assert rec.reason == (
+        "nothing beats the original: 00-export_onnx.onnx is 1.10x slower at batch 1 than the "
+        "original (11 ms vs 10 ms p50); 01-quantize_int8.onnx loses 4.1 points of top-1 "
+        "(tolerance 1.0)"
+    )
     assert "\n" not in rec.reason
 
 
@@ -103,8 +117,10 @@ def test_a_tie_within_two_percent_goes_to_the_smaller_file():
     # INT8 1.5% slower than the FP32 export but a quarter of its size: the tie goes to INT8.
     _, rec = recommend([original(10.0), fp32(5.0), int8(5.075)], tolerance=0.01, evaluated=True)
     assert rec.artifact == "01-quantize_int8.onnx"
-    assert rec.reason.startswith("smallest of the fastest within the tolerance (0.25x the size of "
-                                 "00-export_onnx.onnx, whose p50 of 5 ms it matches within 2%): ")
+    assert rec.reason.startswith(
+        "smallest of the fastest within the tolerance (0.25x the size of "
+        "00-export_onnx.onnx, whose p50 of 5 ms it matches within 2%): "
+    )
     # 3% slower is not a tie, and is slower than the float export.
     verdicts, rec = recommend([original(10.0), fp32(5.0), int8(5.15)], tolerance=0.01, evaluated=True)
     assert rec.artifact == "00-export_onnx.onnx" and verdicts["01-quantize_int8.onnx"].verdict == "slower_than_float"
@@ -112,19 +128,34 @@ def test_a_tie_within_two_percent_goes_to_the_smaller_file():
     _, rec = recommend([original(10.0, size=4_000_000), fp32(9.9, size=4_000_100)], tolerance=0.01, evaluated=True)
     assert rec.artifact is None and rec.reason == (
         "nothing beats the original: 00-export_onnx.onnx matches the original's p50 within 2% (9.9 ms vs 10 ms) "
-        "and is not smaller (1.00x its size)")
+        "and is not smaller (1.00x its size)"
+    )
 
 
 def test_a_tie_at_batch_1_goes_to_what_keeps_up_at_the_largest_batch():
     # FP16 on a CPU without FP16 arithmetic: as fast as the export at batch 1, half its size, 4.7x
     # slower at batch 8 (measured on the digits net). The smaller file loses the tie.
-    fp16 = Candidate("01-convert_fp16.onnx", "convert_fp16", 2_000_000, 5.05, lossless=False,
-                     metric=metric(0.80), throughput=(8, 38_000.0))
+    fp16 = Candidate(
+        "01-convert_fp16.onnx",
+        "convert_fp16",
+        2_000_000,
+        5.05,
+        lossless=False,
+        metric=metric(0.80),
+        throughput=(8, 38_000.0),
+    )
     _, rec = recommend([original(10.0), fp32(5.0, throughput=(8, 181_000.0)), fp16], tolerance=0.01, evaluated=True)
     assert rec.artifact == "00-export_onnx.onnx"
     # Within 2% at the largest batch too, size decides again.
-    fp16 = Candidate("01-convert_fp16.onnx", "convert_fp16", 2_000_000, 5.05, lossless=False,
-                     metric=metric(0.80), throughput=(8, 180_000.0))
+    fp16 = Candidate(
+        "01-convert_fp16.onnx",
+        "convert_fp16",
+        2_000_000,
+        5.05,
+        lossless=False,
+        metric=metric(0.80),
+        throughput=(8, 180_000.0),
+    )
     _, rec = recommend([original(10.0), fp32(5.0, throughput=(8, 181_000.0)), fp16], tolerance=0.01, evaluated=True)
     assert rec.artifact == "01-convert_fp16.onnx"
 
@@ -132,12 +163,21 @@ def test_a_tie_at_batch_1_goes_to_what_keeps_up_at_the_largest_batch():
 def test_a_tie_lost_under_load_says_so_with_the_numbers_not_that_it_is_not_smaller():
     # Half the original's size and as fast at batch 1, but 4x slower at batch 8: the original keeps it.
     base = Candidate(ORIGINAL, None, 4_000_000, 10.0, lossless=True, metric=metric(0.80), throughput=(8, 2000.0))
-    fp16 = Candidate("01-convert_fp16.onnx", "convert_fp16", 2_000_000, 10.1, lossless=False, metric=metric(0.80),
-                     throughput=(8, 500.0))
+    fp16 = Candidate(
+        "01-convert_fp16.onnx",
+        "convert_fp16",
+        2_000_000,
+        10.1,
+        lossless=False,
+        metric=metric(0.80),
+        throughput=(8, 500.0),
+    )
     _, rec = recommend([base, fp16], tolerance=0.01, evaluated=True)
     assert rec.artifact is None
-    assert rec.reason == ("nothing beats the original: 01-convert_fp16.onnx ties at batch 1 (10.1 ms p50, within 2% "
-                          "of the fastest) but falls behind at batch 8 (500 vs 2000 images/s for the original)")
+    assert rec.reason == (
+        "nothing beats the original: 01-convert_fp16.onnx ties at batch 1 (10.1 ms p50, within 2% "
+        "of the fastest) but falls behind at batch 8 (500 vs 2000 images/s for the original)"
+    )
 
 
 def floor(value: float, met: bool) -> dict:
@@ -145,22 +185,42 @@ def floor(value: float, met: bool) -> dict:
 
 
 def test_a_detector_under_its_class_channel_floor_is_over_tolerance_whatever_its_f1():
-    coarse = Candidate("01-quantize_int8.onnx", "quantize_int8", 1_000_000, 4.0, lossless=False,
-                       metric={**metric(0.99, reference=1.0, name="f1_vs_float"), "floor": floor(9.34, False)})
+    coarse = Candidate(
+        "01-quantize_int8.onnx",
+        "quantize_int8",
+        1_000_000,
+        4.0,
+        lossless=False,
+        metric={**metric(0.99, reference=1.0, name="f1_vs_float"), "floor": floor(9.34, False)},
+    )
     verdicts, rec = recommend([original(10.0), coarse], tolerance=0.01, evaluated=True)
     judged = verdicts[coarse.name]
     assert judged.verdict == "over_tolerance"
     assert judged.reason == "worst class-channel SNR 9.3 dB < floor 15 dB"  # the F1 drop (0.01) alone meets it
     assert rec.artifact is None and rec.reason == (
         "nothing beats the original: 01-quantize_int8.onnx misses its floor (worst class-channel SNR 9.3 dB < "
-        "floor 15 dB)")
+        "floor 15 dB)"
+    )
     # Over on both counts, both are named; a floor met is said beside the drop.
-    both = Candidate("q", "quantize_int8", 1, 4.0, lossless=False,
-                     metric={**metric(0.9, reference=1.0, name="f1_vs_float"), "floor": floor(3.0, False)})
+    both = Candidate(
+        "q",
+        "quantize_int8",
+        1,
+        4.0,
+        lossless=False,
+        metric={**metric(0.9, reference=1.0, name="f1_vs_float"), "floor": floor(3.0, False)},
+    )
     assert recommend([original(10.0), both], tolerance=0.01, evaluated=True)[0]["q"].reason == (
-        "F1 vs FP32 0.9000 vs 1.0000, drop 0.1000 > tolerance 0.01; worst class-channel SNR 3.0 dB < floor 15 dB")
-    fine = Candidate("q", "quantize_int8", 1, 4.0, lossless=False,
-                     metric={**metric(0.995, reference=1.0, name="f1_vs_float"), "floor": floor(21.04, True)})
+        "F1 vs FP32 0.9000 vs 1.0000, drop 0.1000 > tolerance 0.01; worst class-channel SNR 3.0 dB < floor 15 dB"
+    )
+    fine = Candidate(
+        "q",
+        "quantize_int8",
+        1,
+        4.0,
+        lossless=False,
+        metric={**metric(0.995, reference=1.0, name="f1_vs_float"), "floor": floor(21.04, True)},
+    )
     verdicts, rec = recommend([original(10.0), fine], tolerance=0.01, evaluated=True)
     assert rec.artifact == "q" and "worst class-channel SNR 21.0 dB >= floor 15 dB" in verdicts["q"].reason
 
@@ -171,17 +231,33 @@ def test_one_default_tolerance():
 
     assert JobCreate(model_id="m", preset="onnx").max_accuracy_drop == DEFAULT_TOLERANCE
     assert JobRead.model_fields["max_accuracy_drop"].default == DEFAULT_TOLERANCE
-    steps = [StepFacts("benchmark", True, BENCH), StepFacts("evaluate", True, {"results": [
-        {"artifact": ORIGINAL, "metric": {**metric(0.80), "drop": 0.0}},
-        {"artifact": "01-quantize_int8.onnx", "metric": metric(0.80 - DEFAULT_TOLERANCE)}]})]
-    report = report_for(job_id="j", status=JobStatus.succeeded, task="classification", task_options={}, steps=steps,
-                        original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000), artifacts=ARTIFACTS[1:2])
+    steps = [
+        StepFacts("benchmark", True, BENCH),
+        StepFacts(
+            "evaluate",
+            True,
+            {
+                "results": [
+                    {"artifact": ORIGINAL, "metric": {**metric(0.80), "drop": 0.0}},
+                    {"artifact": "01-quantize_int8.onnx", "metric": metric(0.80 - DEFAULT_TOLERANCE)},
+                ]
+            },
+        ),
+    ]
+    report = report_for(
+        job_id="j",
+        status=JobStatus.succeeded,
+        task="classification",
+        task_options={},
+        steps=steps,
+        original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000),
+        artifacts=ARTIFACTS[1:2],
+    )
     assert report.recommended.tolerance == DEFAULT_TOLERANCE and report.recommended.artifact == "01-quantize_int8.onnx"
 
 
 def test_without_an_evaluate_step_only_lossless_float_conversions_compete():
-    candidates = [original(10.0, size=4_000_000), fp32(8.0, m=None),
-                  int8(2.0, top1=None)]
+    candidates = [original(10.0, size=4_000_000), fp32(8.0, m=None), int8(2.0, top1=None)]
     verdicts, rec = recommend(candidates, tolerance=0.01, evaluated=False)
     assert rec.artifact == "00-export_onnx.onnx" and not rec.accuracy_verified
     assert rec.metrics.metric is None and rec.metrics.speedup == pytest.approx(1.25)
@@ -196,19 +272,27 @@ def test_without_an_evaluate_step_only_lossless_float_conversions_compete():
 
 
 def test_not_measured_says_what_is_missing():
-    engine = Candidate("02-build_tensorrt.engine", "build_tensorrt", 900, None, False,
-                       unbenchmarked="not benchmarked: a TensorRT engine needs a GPU",
-                       unevaluated="not evaluated: a TensorRT engine needs a GPU")
+    engine = Candidate(
+        "02-build_tensorrt.engine",
+        "build_tensorrt",
+        900,
+        None,
+        False,
+        unbenchmarked="not benchmarked: a TensorRT engine needs a GPU",
+        unevaluated="not evaluated: a TensorRT engine needs a GPU",
+    )
     no_eval = int8(3.0, top1=None, unevaluated="not evaluated (made after the evaluate step)")
     verdicts, rec = recommend([original(10.0), engine, no_eval], tolerance=0.01, evaluated=True)
     assert verdicts[engine.name].verdict == "not_measured"
-    assert verdicts[engine.name].reason == ("not benchmarked: a TensorRT engine needs a GPU; "
-                                            "not evaluated: a TensorRT engine needs a GPU")
+    assert verdicts[engine.name].reason == (
+        "not benchmarked: a TensorRT engine needs a GPU; not evaluated: a TensorRT engine needs a GPU"
+    )
     assert verdicts[no_eval.name].reason == "not evaluated (made after the evaluate step)"
     assert rec.artifact is None and f"{engine.name} was not measured (not benchmarked" in rec.reason
     # An artifact over the tolerance says so even when it could not be timed.
-    verdicts, _ = recommend([original(10.0), int8(None, top1=0.5, unbenchmarked="batch 1 failed: x")],
-                            tolerance=0.01, evaluated=True)
+    verdicts, _ = recommend(
+        [original(10.0), int8(None, top1=0.5, unbenchmarked="batch 1 failed: x")], tolerance=0.01, evaluated=True
+    )
     assert verdicts["01-quantize_int8.onnx"].verdict == "over_tolerance"
 
 
@@ -217,14 +301,27 @@ def test_nothing_timed_means_nothing_recommended():
     assert rec.artifact is None and rec.reason == "nothing was timed at batch 1: add a benchmark step to the recipe"
 
 
-@pytest.mark.parametrize(("step", "meta", "keeps"), [
-    (None, {}, True), ("export_onnx", {}, True), ("export_pt2", {}, True),
-    ("compile_gpu", {"precision": "fp32"}, True), ("compile_gpu", {"precision": "fp16"}, False),
-    ("convert_tflite", {"precision": "fp32"}, True), ("convert_tflite", {"precision": "int8"}, False),
-    ("build_tensorrt", {"precision": "fp32"}, False), ("convert_fp16", {}, False), ("quantize_int8", {}, False),
-    ("quantize_int8_torch", {}, False), ("prune_structured", {}, False), ("prune_unstructured", {}, False),
-    ("distill", {}, False), ("finetune", {}, False), ("some_new_step", {}, False),
-])
+@pytest.mark.parametrize(
+    ("step", "meta", "keeps"),
+    [
+        (None, {}, True),
+        ("export_onnx", {}, True),
+        ("export_pt2", {}, True),
+        ("compile_gpu", {"precision": "fp32"}, True),
+        ("compile_gpu", {"precision": "fp16"}, False),
+        ("convert_tflite", {"precision": "fp32"}, True),
+        ("convert_tflite", {"precision": "int8"}, False),
+        ("build_tensorrt", {"precision": "fp32"}, False),
+        ("convert_fp16", {}, False),
+        ("quantize_int8", {}, False),
+        ("quantize_int8_torch", {}, False),
+        ("prune_structured", {}, False),
+        ("prune_unstructured", {}, False),
+        ("distill", {}, False),
+        ("finetune", {}, False),
+        ("some_new_step", {}, False),
+    ],
+)
 def test_which_steps_keep_float(step, meta, keeps):
     assert step_keeps_float(step, meta) is keeps
 
@@ -233,12 +330,19 @@ def test_an_export_of_a_pruned_model_is_not_lossless_and_a_deployment_file_does_
     def facts(name, step, fmt="onnx", **meta):
         return ArtifactFacts(name, step, fmt, 1, meta)
 
-    pruned = [facts("00", "prune_structured", "state_dict"), facts("01", "distill", "state_dict"),
-              facts("02", "export_pt2", "exported_program"), facts("03", "export_onnx")]
+    pruned = [
+        facts("00", "prune_structured", "state_dict"),
+        facts("01", "distill", "state_dict"),
+        facts("02", "export_pt2", "exported_program"),
+        facts("03", "export_onnx"),
+    ]
     assert lossless_artifacts(pruned) == set()
     # An FP16 TFLite file ends its branch: the FP32 package after it was made from the export.
-    branches = [facts("00", "export_pt2", "exported_program"), facts("01", "convert_tflite", "tflite", precision="fp16"),
-                facts("02", "compile_gpu", "aoti_package", precision="fp32")]
+    branches = [
+        facts("00", "export_pt2", "exported_program"),
+        facts("01", "convert_tflite", "tflite", precision="fp16"),
+        facts("02", "compile_gpu", "aoti_package", precision="fp32"),
+    ]
     assert lossless_artifacts(branches) == {"00", "02"}
     # compile_gpu's fallback is an FP16 ExportedProgram, which the next step takes.
     fallback = [facts("00", "compile_gpu", "exported_program", precision="fp16"), facts("01", "export_onnx")]
@@ -255,54 +359,100 @@ def test_the_branch_ending_formats_are_the_workers_deployment_formats():
 
 
 def bench_result(name: str, p50: float | None, **extra) -> dict:
-    latency = {"1": {"p50_ms": p50, "p90_ms": p50 * 1.1, "p99_ms": p50 * 1.2, "mean_ms": p50,
-                     "images_per_s": 1000 / p50}} if p50 else {}
+    latency = (
+        {"1": {"p50_ms": p50, "p90_ms": p50 * 1.1, "p99_ms": p50 * 1.2, "mean_ms": p50, "images_per_s": 1000 / p50}}
+        if p50
+        else {}
+    )
     return {"artifact": name, "latency": latency, **extra}
 
 
-ARTIFACTS = [ArtifactFacts("00-export_onnx.onnx", "export_onnx", "onnx", 4_000_000),
-             ArtifactFacts("01-quantize_int8.onnx", "quantize_int8", "onnx", 1_000_000),
-             ArtifactFacts("02-build_tensorrt.engine", "build_tensorrt", "tensorrt_engine", 1_200_000,
-                           {"precision": "int8"})]
-BENCH = {"machine": {"cpu": "test"}, "results": [
-    bench_result(ORIGINAL, 10.0), bench_result("00-export_onnx.onnx", 9.0), bench_result("01-quantize_int8.onnx", 4.0),
-    {"artifact": "02-build_tensorrt.engine", "skipped": "a TensorRT engine needs a GPU", "latency": {}}]}
+ARTIFACTS = [
+    ArtifactFacts("00-export_onnx.onnx", "export_onnx", "onnx", 4_000_000),
+    ArtifactFacts("01-quantize_int8.onnx", "quantize_int8", "onnx", 1_000_000),
+    ArtifactFacts("02-build_tensorrt.engine", "build_tensorrt", "tensorrt_engine", 1_200_000, {"precision": "int8"}),
+]
+BENCH = {
+    "machine": {"cpu": "test"},
+    "results": [
+        bench_result(ORIGINAL, 10.0),
+        bench_result("00-export_onnx.onnx", 9.0),
+        bench_result("01-quantize_int8.onnx", 4.0),
+        {"artifact": "02-build_tensorrt.engine", "skipped": "a TensorRT engine needs a GPU", "latency": {}},
+    ],
+}
 
 
 def test_the_report_carries_each_verdict_and_the_recommendation_once_the_job_succeeded():
-    evaluation = {"results": [
-        {"artifact": ORIGINAL, "task": "classification", "metric": {**metric(0.80), "drop": 0.0}},
-        {"artifact": "00-export_onnx.onnx", "metric": metric(0.80)},
-        {"artifact": "01-quantize_int8.onnx", "metric": metric(0.795), "fidelity": {"cosine": 0.99, "box_snr_db": None}},
-        {"artifact": "02-build_tensorrt.engine", "skipped": "a TensorRT engine needs a GPU"}]}
-    steps = [StepFacts("export_onnx", True, {}), StepFacts("quantize_int8", True, {}),
-             StepFacts("build_tensorrt", True, {}), StepFacts("benchmark", True, BENCH),
-             StepFacts("evaluate", True, evaluation)]
-    report = report_for(job_id="j", status=JobStatus.succeeded, task="auto", task_options={"max_accuracy_drop": 0.01},
-                        steps=steps, original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000), artifacts=ARTIFACTS)
+    evaluation = {
+        "results": [
+            {"artifact": ORIGINAL, "task": "classification", "metric": {**metric(0.80), "drop": 0.0}},
+            {"artifact": "00-export_onnx.onnx", "metric": metric(0.80)},
+            {
+                "artifact": "01-quantize_int8.onnx",
+                "metric": metric(0.795),
+                "fidelity": {"cosine": 0.99, "box_snr_db": None},
+            },
+            {"artifact": "02-build_tensorrt.engine", "skipped": "a TensorRT engine needs a GPU"},
+        ]
+    }
+    steps = [
+        StepFacts("export_onnx", True, {}),
+        StepFacts("quantize_int8", True, {}),
+        StepFacts("build_tensorrt", True, {}),
+        StepFacts("benchmark", True, BENCH),
+        StepFacts("evaluate", True, evaluation),
+    ]
+    report = report_for(
+        job_id="j",
+        status=JobStatus.succeeded,
+        task="auto",
+        task_options={"max_accuracy_drop": 0.01},
+        steps=steps,
+        original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000),
+        artifacts=ARTIFACTS,
+    )
     assert report.task == "classification"  # auto, resolved by the evaluation
     assert list(report.model_dump())[:3] == ["job_id", "status", "recommended"]
     by_name = {e.name: e for e in report.entries}
     assert [e.verdict for e in report.entries] == ["original", "meets_tolerance", "meets_tolerance", "not_measured"]
     assert by_name["02-build_tensorrt.engine"].verdict_reason == (
-        "not benchmarked: a TensorRT engine needs a GPU; not evaluated: a TensorRT engine needs a GPU")
+        "not benchmarked: a TensorRT engine needs a GPU; not evaluated: a TensorRT engine needs a GPU"
+    )
     assert by_name["01-quantize_int8.onnx"].metric["drop"] == pytest.approx(0.005)
     assert by_name["01-quantize_int8.onnx"].fidelity == {"cosine": 0.99}  # a measure not taken is left out
     assert report.recommended.artifact == "01-quantize_int8.onnx"
 
-    running = report_for(job_id="j", status=JobStatus.running, task="classification", task_options={},
-                         steps=steps, original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000), artifacts=ARTIFACTS)
+    running = report_for(
+        job_id="j",
+        status=JobStatus.running,
+        task="classification",
+        task_options={},
+        steps=steps,
+        original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000),
+        artifacts=ARTIFACTS,
+    )
     assert running.recommended is None and running.entries[2].verdict == "meets_tolerance"
 
 
 def test_a_stricter_tolerance_from_the_job_changes_the_answer_and_old_evaluations_still_count():
     # Recorded before evaluate wrote a metric: top-1 from the accuracy (agreement without labels).
-    evaluation = {"results": [{"artifact": ORIGINAL, "accuracy": {"top1": 0.80}},
-                              {"artifact": "00-export_onnx.onnx", "accuracy": {"top1": 0.80}},
-                              {"artifact": "01-quantize_int8.onnx", "accuracy": {"top1": 0.795}}]}
+    evaluation = {
+        "results": [
+            {"artifact": ORIGINAL, "accuracy": {"top1": 0.80}},
+            {"artifact": "00-export_onnx.onnx", "accuracy": {"top1": 0.80}},
+            {"artifact": "01-quantize_int8.onnx", "accuracy": {"top1": 0.795}},
+        ]
+    }
     steps = [StepFacts("benchmark", True, BENCH), StepFacts("evaluate", True, evaluation)]
-    kw = dict(job_id="j", status=JobStatus.succeeded, task="classification", steps=steps,
-              original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000), artifacts=ARTIFACTS[:2])
+    kw = dict(
+        job_id="j",
+        status=JobStatus.succeeded,
+        task="classification",
+        steps=steps,
+        original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000),
+        artifacts=ARTIFACTS[:2],
+    )
     assert report_for(task_options={}, **kw).recommended.artifact == "01-quantize_int8.onnx"  # default 0.01
     strict = report_for(task_options={"max_accuracy_drop": 0.001}, **kw)
     assert strict.recommended.artifact == "00-export_onnx.onnx"
@@ -318,25 +468,53 @@ def _succeeded_job(api, key: str) -> str:  # noqa: F811
     from core.models import Artifact, Job, JobStep, StepStatus, utcnow
 
     model = api.post("/v1/models", files={"file": ("tiny.onnx", tiny_onnx())}, headers=bearer(key)).json()
-    job = api.post("/v1/jobs", json={"model_id": model["id"], "preset": "onnx", "max_accuracy_drop": 0.02},
-                   headers=bearer(key)).json()
+    job = api.post(
+        "/v1/jobs", json={"model_id": model["id"], "preset": "onnx", "max_accuracy_drop": 0.02}, headers=bearer(key)
+    ).json()
     assert api.get(f"/v1/jobs/{job['id']}", headers=bearer(key)).json()["recommended"] is None  # still queued
 
     names = ["tiny.onnx", "00-export_onnx.onnx", "01-quantize_int8.onnx", "02-convert_fp16.onnx"]
-    bench = {"machine": {"cpu": "test"}, "results": [bench_result(n, p50) for n, p50 in zip(
-        names, [2.0, 1.9, 0.8, 1.0], strict=True)]}
-    evaluation = {"results": [{"artifact": n, "metric": metric(v, reference=0.9)}
-                              for n, v in zip(names, [0.9, 0.9, 0.85, 0.89], strict=True)]}
+    bench = {
+        "machine": {"cpu": "test"},
+        "results": [bench_result(n, p50) for n, p50 in zip(names, [2.0, 1.9, 0.8, 1.0], strict=True)],
+    }
+    evaluation = {
+        "results": [
+            {"artifact": n, "metric": metric(v, reference=0.9)}
+            for n, v in zip(names, [0.9, 0.9, 0.85, 0.89], strict=True)
+        ]
+    }
     with get_sessionmaker()() as s:
         row = s.get(Job, job["id"])
         now = utcnow()
         row.status, row.finished_at = JobStatus.succeeded, now
-        row.steps = [JobStep(index=i, name=n, config={}, status=StepStatus.succeeded, metrics=m)
-                     for i, (n, m) in enumerate([("export_onnx", {}), ("quantize_int8", {}), ("convert_fp16", {}),
-                                                 ("benchmark", bench), ("evaluate", evaluation)])]
-        s.add_all([Artifact(job_id=row.id, step_index=i, step=name.split("-", 1)[1].removesuffix(".onnx"), name=name,
-                            format="onnx", storage_key=f"artifacts/{name}", sha256="0" * 64, size_bytes=size)
-                   for i, (name, size) in enumerate(zip(names[1:], [400, 100, 200], strict=True))])
+        row.steps = [
+            JobStep(index=i, name=n, config={}, status=StepStatus.succeeded, metrics=m)
+            for i, (n, m) in enumerate(
+                [
+                    ("export_onnx", {}),
+                    ("quantize_int8", {}),
+                    ("convert_fp16", {}),
+                    ("benchmark", bench),
+                    ("evaluate", evaluation),
+                ]
+            )
+        ]
+        s.add_all(
+            [
+                Artifact(
+                    job_id=row.id,
+                    step_index=i,
+                    step=name.split("-", 1)[1].removesuffix(".onnx"),
+                    name=name,
+                    format="onnx",
+                    storage_key=f"artifacts/{name}",
+                    sha256="0" * 64,
+                    size_bytes=size,
+                )
+                for i, (name, size) in enumerate(zip(names[1:], [400, 100, 200], strict=True))
+            ]
+        )
         s.commit()
     return job["id"]
 
@@ -347,8 +525,12 @@ def test_the_api_reports_the_recommendation_and_the_job_shows_it_for_one_more_qu
 
     report = api.get(f"/v1/jobs/{job['id']}/report", headers=bearer(key)).json()
     assert list(report)[:3] == ["job_id", "status", "recommended"]
-    assert [e["verdict"] for e in report["entries"]] == ["original", "meets_tolerance", "over_tolerance",
-                                                         "meets_tolerance"]
+    assert [e["verdict"] for e in report["entries"]] == [
+        "original",
+        "meets_tolerance",
+        "over_tolerance",
+        "meets_tolerance",
+    ]
     rec = report["recommended"]
     # INT8 loses 5 points (tolerance 2): FP16 at 1.0 ms is the fastest within it.
     assert rec["artifact"] == "02-convert_fp16.onnx" and rec["tolerance"] == 0.02
@@ -364,7 +546,7 @@ def test_the_api_reports_the_recommendation_and_the_job_shows_it_for_one_more_qu
     assert len(sent.sql) == 3, sent.sql  # the job, its steps, and that one
 
     page = api.get(f"/v1/jobs/{job['id']}/report.html", headers=bearer(key)).text
-    box = page[page.index('<section id="recommendation"'):page.index("</section>")]
+    box = page[page.index('<section id="recommendation"') : page.index("</section>")]
     assert "Recommended: <code>02-convert_fp16.onnx</code>" in box and "2.00x the original&#x27;s speed" in box
     assert page.index('id="recommendation"') < page.index('id="artifacts"')
     assert "over tolerance" in page and "★ recommended" in page
@@ -381,28 +563,54 @@ def test_the_job_list_builds_no_report_per_job(api):  # noqa: F811
     assert not [q for q in sent.sql if "FROM models LEFT OUTER JOIN artifacts" in q], sent.sql
     # One job read still carries it.
     assert api.get(f"/v1/jobs/{ids[0]}", headers=bearer(key)).json()["recommended"]["artifact"] == (
-        "02-convert_fp16.onnx")
+        "02-convert_fp16.onnx"
+    )
 
 
 def test_the_page_leads_with_why_nothing_beats_the_original():
     from api.report_html import render
     from core.models import Job, Model, utcnow
 
-    evaluation = {"results": [{"artifact": ORIGINAL, "metric": {**metric(0.80), "drop": 0.0}},
-                              {"artifact": "00-export_onnx.onnx", "metric": metric(0.80)},
-                              {"artifact": "01-quantize_int8.onnx", "metric": metric(0.759)}]}
-    bench = {"results": [bench_result(ORIGINAL, 10.0), bench_result("00-export_onnx.onnx", 11.0),
-                         bench_result("01-quantize_int8.onnx", 4.0)]}
-    report = report_for(job_id="j", status=JobStatus.succeeded, task="classification", task_options={},
-                        steps=[StepFacts("benchmark", True, bench), StepFacts("evaluate", True, evaluation)],
-                        original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000), artifacts=ARTIFACTS[:2])
-    job = Job(id="j", name="<nothing>", status=JobStatus.succeeded, preset="onnx-int8", created_at=utcnow(),
-              task_options={}, steps=[], model=Model(filename=ORIGINAL, format="onnx"))
+    evaluation = {
+        "results": [
+            {"artifact": ORIGINAL, "metric": {**metric(0.80), "drop": 0.0}},
+            {"artifact": "00-export_onnx.onnx", "metric": metric(0.80)},
+            {"artifact": "01-quantize_int8.onnx", "metric": metric(0.759)},
+        ]
+    }
+    bench = {
+        "results": [
+            bench_result(ORIGINAL, 10.0),
+            bench_result("00-export_onnx.onnx", 11.0),
+            bench_result("01-quantize_int8.onnx", 4.0),
+        ]
+    }
+    report = report_for(
+        job_id="j",
+        status=JobStatus.succeeded,
+        task="classification",
+        task_options={},
+        steps=[StepFacts("benchmark", True, bench), StepFacts("evaluate", True, evaluation)],
+        original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000),
+        artifacts=ARTIFACTS[:2],
+    )
+    job = Job(
+        id="j",
+        name="<nothing>",
+        status=JobStatus.succeeded,
+        preset="onnx-int8",
+        created_at=utcnow(),
+        task_options={},
+        steps=[],
+        model=Model(filename=ORIGINAL, format="onnx"),
+    )
     page = render(job, report)
-    box = page[page.index('<section id="recommendation"'):page.index("</section>")]
+    box = page[page.index('<section id="recommendation"') : page.index("</section>")]
     assert "No artifact recommended" in box
-    assert ("nothing beats the original: 00-export_onnx.onnx is 1.10x slower at batch 1 than the original "
-            "(11 ms vs 10 ms p50); 01-quantize_int8.onnx loses 4.1 points of top-1 (tolerance 1.0)") in box
+    assert (
+        "nothing beats the original: 00-export_onnx.onnx is 1.10x slower at batch 1 than the original "
+        "(11 ms vs 10 ms p50); 01-quantize_int8.onnx loses 4.1 points of top-1 (tolerance 1.0)"
+    ) in box
     assert "★ recommended" not in page and page.count("over tolerance") == 1
 
 
@@ -410,23 +618,49 @@ def test_the_page_lists_the_nodes_kept_in_float_by_rule_one_row_per_reason():
     from api.report_html import render
     from core.models import Job, JobStep, Model, StepStatus, utcnow
 
-    head = {"node": "/model.22/Concat_5", "op_type": "Concat",
-            "reason": "mixed-scale head: its inputs' calibrated ranges differ 640x", "range_ratio": 640.0}
-    tail = [{"node": f"/model.22/Sigmoid_{i}", "op_type": op,
-             "reason": "after the mixed-scale head /model.22/Concat_5, up to the outputs"}
-            for i, op in enumerate(["Sigmoid", "Mul", "Transpose"])]
-    step = JobStep(index=1, name="quantize_int8", config={}, status=StepStatus.succeeded,
-                   metrics={"float_nodes": [head, *tail]})
-    job = Job(id="j", name="det", status=JobStatus.succeeded, preset="onnx-int8", created_at=utcnow(),
-              task_options={}, steps=[step], model=Model(filename=ORIGINAL, format="onnx"))
-    report = report_for(job_id="j", status=JobStatus.succeeded, task="detection", task_options={}, steps=[],
-                        original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000), artifacts=[])
+    head = {
+        "node": "/model.22/Concat_5",
+        "op_type": "Concat",
+        "reason": "mixed-scale head: its inputs' calibrated ranges differ 640x",
+        "range_ratio": 640.0,
+    }
+    tail = [
+        {
+            "node": f"/model.22/Sigmoid_{i}",
+            "op_type": op,
+            "reason": "after the mixed-scale head /model.22/Concat_5, up to the outputs",
+        }
+        for i, op in enumerate(["Sigmoid", "Mul", "Transpose"])
+    ]
+    step = JobStep(
+        index=1, name="quantize_int8", config={}, status=StepStatus.succeeded, metrics={"float_nodes": [head, *tail]}
+    )
+    job = Job(
+        id="j",
+        name="det",
+        status=JobStatus.succeeded,
+        preset="onnx-int8",
+        created_at=utcnow(),
+        task_options={},
+        steps=[step],
+        model=Model(filename=ORIGINAL, format="onnx"),
+    )
+    report = report_for(
+        job_id="j",
+        status=JobStatus.succeeded,
+        task="detection",
+        task_options={},
+        steps=[],
+        original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000),
+        artifacts=[],
+    )
     page = render(job, report)
-    section = page[page.index('<section class="float-nodes">'):]
-    section = section[:section.index("</section>")]
+    section = page[page.index('<section class="float-nodes">') :]
+    section = section[: section.index("</section>")]
     assert "Kept in float by rule (quantize_int8, step 1)" in section
     assert section.count("<tr>") == 3  # the header, the head, its tail folded into one row
-    assert ("/model.22/Concat_5</td><td>Concat</td><td>mixed-scale head: its inputs&#x27; calibrated ranges "
-            "differ 640x") in section
+    assert (
+        "/model.22/Concat_5</td><td>Concat</td><td>mixed-scale head: its inputs&#x27; calibrated ranges differ 640x"
+    ) in section
     assert "<summary>3 nodes</summary>/model.22/Sigmoid_0, /model.22/Sigmoid_1, /model.22/Sigmoid_2" in section
     assert "<td>Sigmoid, Mul, Transpose</td>" in section

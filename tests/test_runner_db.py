@@ -62,21 +62,55 @@ def broker(broker_url):
 
 
 def settings_for(broker_url: str, **kw) -> Settings:
-    return Settings(broker_url=broker_url, database_url="postgresql+psycopg://unused", storage_url="file:///tmp/unused",
-                    stale_after_seconds=60, requeue_after_seconds=300, max_attempts=3, **kw)
+    return Settings(
+        broker_url=broker_url,
+        database_url="postgresql+psycopg://unused",
+        storage_url="file:///tmp/unused",
+        stale_after_seconds=60,
+        requeue_after_seconds=300,
+        max_attempts=3,
+        **kw,
+    )
 
 
-def make_job(session, *, status: JobStatus, heartbeat_age: float | None = None, enqueued_age: float = 0,
-             attempts: int = 0, cancel_requested: bool = False, queue: str = "cpu",
-             steps: list[JobStep] | None = None) -> Job:
-    model = Model(id=new_id(), tenant_id="default", name="m", filename="m.onnx", format="onnx", sha256="0" * 64, size_bytes=1,
-                  storage_key="models/x/m.onnx", inputs=[], outputs=[])
+def make_job(
+    session,
+    *,
+    status: JobStatus,
+    heartbeat_age: float | None = None,
+    enqueued_age: float = 0,
+    attempts: int = 0,
+    cancel_requested: bool = False,
+    queue: str = "cpu",
+    steps: list[JobStep] | None = None,
+) -> Job:
+    model = Model(
+        id=new_id(),
+        tenant_id="default",
+        name="m",
+        filename="m.onnx",
+        format="onnx",
+        sha256="0" * 64,
+        size_bytes=1,
+        storage_key="models/x/m.onnx",
+        inputs=[],
+        outputs=[],
+    )
     now = utcnow()
     job = Job(
-        id=new_id(), tenant_id="default", status=status, model_id=model.id, queue=queue, input_spec=[], preprocessing={},
-        attempts=attempts, cancel_requested=cancel_requested, current_step="export_onnx",
+        id=new_id(),
+        tenant_id="default",
+        status=status,
+        model_id=model.id,
+        queue=queue,
+        input_spec=[],
+        preprocessing={},
+        attempts=attempts,
+        cancel_requested=cancel_requested,
+        current_step="export_onnx",
         heartbeat_at=None if heartbeat_age is None else now - timedelta(seconds=heartbeat_age),
-        enqueued_at=now - timedelta(seconds=enqueued_age), progress=0.0,
+        enqueued_at=now - timedelta(seconds=enqueued_age),
+        progress=0.0,
         steps=steps or [JobStep(index=0, name="export_onnx", config={}, status=StepStatus.pending, metrics={})],
     )
     session.add_all([model, job])
@@ -201,13 +235,29 @@ def test_a_step_for_another_gpu_kind_hands_the_job_over(sessions, broker, tmp_pa
     model_file.write_bytes(b"not needed before the hand-over")
     store.put_file("models/x/m.onnx", model_file)
     with sessions() as s:
-        job = make_job(s, status=JobStatus.queued, queue="gpu.h100", steps=[
-            JobStep(index=0, name="benchmark", config={}, status=StepStatus.succeeded, metrics={"done": 1}),
-            JobStep(index=1, name="build_tensorrt", config={"gpu_kind": "l4"}, queue="gpu.l4",
-                    status=StepStatus.pending, metrics={}),
-        ])
-    runner = JobRunner(settings=settings, store=store, sessions=sessions, queues=["cpu", "gpu", "gpu.h100"],
-                       celery=make_celery(settings))
+        job = make_job(
+            s,
+            status=JobStatus.queued,
+            queue="gpu.h100",
+            steps=[
+                JobStep(index=0, name="benchmark", config={}, status=StepStatus.succeeded, metrics={"done": 1}),
+                JobStep(
+                    index=1,
+                    name="build_tensorrt",
+                    config={"gpu_kind": "l4"},
+                    queue="gpu.l4",
+                    status=StepStatus.pending,
+                    metrics={},
+                ),
+            ],
+        )
+    runner = JobRunner(
+        settings=settings,
+        store=store,
+        sessions=sessions,
+        queues=["cpu", "gpu", "gpu.h100"],
+        celery=make_celery(settings),
+    )
     runner.run(job.id)
     with sessions() as s:
         moved = s.get(Job, job.id)
@@ -222,10 +272,15 @@ def test_a_step_for_another_gpu_kind_hands_the_job_over(sessions, broker, tmp_pa
     # must be recomputed, which this GPU-less machine cannot: the job fails there, saying so.
     with sessions() as s:
         moved = s.get(Job, job.id)
-        moved.steps[0].name, moved.steps[0].config, moved.steps[0].queue = "build_tensorrt", {"gpu_kind": "h100"}, "gpu.h100"
+        moved.steps[0].name, moved.steps[0].config, moved.steps[0].queue = (
+            "build_tensorrt",
+            {"gpu_kind": "h100"},
+            "gpu.h100",
+        )
         s.commit()
-    l4 = JobRunner(settings=settings, store=store, sessions=sessions, queues=["cpu", "gpu", "gpu.l4"],
-                   celery=make_celery(settings))
+    l4 = JobRunner(
+        settings=settings, store=store, sessions=sessions, queues=["cpu", "gpu", "gpu.l4"], celery=make_celery(settings)
+    )
     l4.run(job.id)
     with sessions() as s:
         ended = s.get(Job, job.id)
@@ -256,8 +311,10 @@ def test_a_run_whose_job_was_given_to_another_writes_nothing_more(sessions, brok
         s.commit()
     beat.beat()
     assert beat.lost.is_set() and beat.cancelled.is_set()  # the running step is stopped
-    for write in (lambda: runner._mark_step_done(job.id, job.steps[0].id, {"x": 1}, message=None),
-                  lambda: runner._finish(job.id, JobStatus.succeeded, tail=_LogTail())):
+    for write in (
+        lambda: runner._mark_step_done(job.id, job.steps[0].id, {"x": 1}, message=None),
+        lambda: runner._finish(job.id, JobStatus.succeeded, tail=_LogTail()),
+    ):
         with pytest.raises(_ClaimLost):
             write()
     with sessions() as s:

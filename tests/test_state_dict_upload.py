@@ -29,17 +29,21 @@ def build(architecture: str, **kwargs):
 
 
 def test_the_shipped_table_is_torchvisions():
-    assert SHAPES_FILE.read_bytes() == serialized(architecture_shapes()), \
+    assert SHAPES_FILE.read_bytes() == serialized(architecture_shapes()), (
         "torchvision changed: run .venv/bin/python -m tests.architecture_shapes and commit the file"
+    )
 
 
-@pytest.mark.parametrize("architecture,kwargs", [
-    ("resnet18", {"num_classes": 10}),
-    ("mobilenet_v3_small", {}),
-    ("inception_v3", {"aux_logits": False, "num_classes": 5}),
-    ("inception_v3", {}),
-    ("densenet121", {"num_classes": 3}),
-])
+@pytest.mark.parametrize(
+    "architecture,kwargs",
+    [
+        ("resnet18", {"num_classes": 10}),
+        ("mobilenet_v3_small", {}),
+        ("inception_v3", {"aux_logits": False, "num_classes": 5}),
+        ("inception_v3", {}),
+        ("densenet121", {"num_classes": 3}),
+    ],
+)
 def test_weights_of_the_named_architecture_are_accepted(tmp_path, architecture, kwargs):
     state = build(architecture, **kwargs).state_dict()
     for protocol in (2, 4):
@@ -131,8 +135,10 @@ def test_odd_pickles_are_4xx_and_every_named_global_is_listed(tmp_path):
     # A tensor whose size is infinite, and a state_dict keyed by an int: refused, never a crash.
     import pickle
 
-    inf_size = (b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(NK\x00G\x7f\xf0\x00\x00\x00\x00\x00\x00"
-                b"\x85NtRs.")
+    inf_size = (
+        b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(NK\x00G\x7f\xf0\x00\x00\x00\x00\x00\x00"
+        b"\x85NtRs."
+    )
     int_key = pickle.dumps({7: 1}, protocol=2)
     for data in (inf_size, int_key):
         with pytest.raises((UnsupportedMedia, InvalidInput)):

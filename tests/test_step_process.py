@@ -29,14 +29,28 @@ def context(tmp_path: Path, model: Path, **kw) -> tuple[PassContext, ArtifactRef
     original = ArtifactRef(name=model.name, format="onnx", path=model)
     work = tmp_path / "step"
     work.mkdir(exist_ok=True)
-    ctx = PassContext(work_dir=work, original=original, artifacts=[], input_spec=SPEC,
-                      preprocessing=Preprocessing(), report_progress=progress.append, **kw)
+    ctx = PassContext(
+        work_dir=work,
+        original=original,
+        artifacts=[],
+        input_spec=SPEC,
+        preprocessing=Preprocessing(),
+        report_progress=progress.append,
+        **kw,
+    )
     return ctx, original, progress
 
 
 def run(ctx, source, name="benchmark", config=None, cancelled=lambda: False, **limits):
-    return run_step_in_child(name=name, config=config or BENCH, source=source, ctx=ctx,
-                             limits=StepLimits(**limits), cancelled=cancelled, prewarm=False)
+    return run_step_in_child(
+        name=name,
+        config=config or BENCH,
+        source=source,
+        ctx=ctx,
+        limits=StepLimits(**limits),
+        cancelled=cancelled,
+        prewarm=False,
+    )
 
 
 @pytest.fixture
@@ -106,8 +120,14 @@ def test_a_cancel_kills_the_step(tmp_path, mark):
 
 
 def test_a_pass_error_comes_back_as_itself(tmp_path, digit_assets):
-    calibration = DatasetRef(path=digit_assets.calibration_npz, format="npz", labeled=False, num_samples=256,
-                             layout="NCHW", sample_shape=[1, 28, 28])
+    calibration = DatasetRef(
+        path=digit_assets.calibration_npz,
+        format="npz",
+        labeled=False,
+        num_samples=256,
+        layout="NCHW",
+        sample_shape=[1, 28, 28],
+    )
     ctx, source, _ = context(tmp_path, digit_assets.models["onnx"], calibration_dataset=calibration)
     with pytest.raises(CvoptError) as failed:
         run(ctx, source, name="quantize_int8", config={"op_types": ["NoSuchOp"]}, timeout_seconds=120)

@@ -46,8 +46,9 @@ def test_local_store_round_trip_and_unsafe_keys(tmp_path):
 def test_s3_store_against_an_s3_server(s3_server, tmp_path, monkeypatch):
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
-    settings = Settings(storage_url=f"s3://{s3_server.bucket}/unit", s3_endpoint_url=s3_server.endpoint,
-                        download_url_ttl_seconds=60)
+    settings = Settings(
+        storage_url=f"s3://{s3_server.bucket}/unit", s3_endpoint_url=s3_server.endpoint, download_url_ttl_seconds=60
+    )
     store = S3Store(s3_server.bucket, "unit", settings)
     store.check()
     src = tmp_path / "m.onnx"
@@ -75,8 +76,13 @@ def test_embedded_defaults_live_under_the_data_dir(tmp_path):
 @pytest.mark.parametrize("secret", ["", "changeme", "short"])
 def test_production_refuses_placeholder_secrets(secret):
     with pytest.raises(ValidationError, match="CVOPT_SECRET_KEY"):
-        Settings(env="production", secret_key=secret, database_url="postgresql+psycopg://x/y",
-                 broker_url="redis://r", storage_url="s3://b")
+        Settings(
+            env="production",
+            secret_key=secret,
+            database_url="postgresql+psycopg://x/y",
+            broker_url="redis://r",
+            storage_url="s3://b",
+        )
 
 
 def test_production_needs_explicit_services():

@@ -25,8 +25,7 @@ def make_tenant(stack, name: str, **quotas) -> tuple[dict, httpx.Client]:
     key = stack.client.post("/v1/keys", json={"tenant_id": tenant["id"], "name": f"{name}-ci"})
     assert key.status_code == 201, key.text
     assert key.json()["tenant_id"] == tenant["id"] and not key.json()["is_admin"]
-    client = httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {key.json()['key']}"},
-                          timeout=60)
+    client = httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {key.json()['key']}"}, timeout=60)
     return tenant, client
 
 
@@ -63,8 +62,11 @@ def test_another_tenants_ids_are_404_on_every_route_that_takes_one(stack, two_te
     """Every route in the schema with an id in its path, under /v1 and at the root alias: Bob
     gets exactly what an id that never existed gets, and Alice still gets her objects."""
     alice, bob = two_tenants["alice"], two_tenants["bob"]
-    ids = {"model_id": two_tenants["model"]["id"], "dataset_id": two_tenants["dataset"]["id"],
-           "job_id": two_tenants["job"]["id"]}
+    ids = {
+        "model_id": two_tenants["model"]["id"],
+        "dataset_id": two_tenants["dataset"]["id"],
+        "job_id": two_tenants["job"]["id"],
+    }
     owned = {"model_id", "dataset_id", "job_id"}
     paths = httpx.get(stack.base_url + "/openapi.json").json()["paths"]
     checked = 0
@@ -79,8 +81,9 @@ def test_another_tenants_ids_are_404_on_every_route_that_takes_one(stack, two_te
                 assert theirs.status_code == 404, (method, url, theirs.text)
                 never = bob.request(method, url.format(**{k: "f" * 32 for k in ids}))
                 assert theirs.json()["code"] == never.json()["code"], (method, url)
-                assert theirs.json()["message"].replace(ids[next(iter(params))], "") == \
-                    never.json()["message"].replace("f" * 32, "")
+                assert theirs.json()["message"].replace(ids[next(iter(params))], "") == never.json()["message"].replace(
+                    "f" * 32, ""
+                )
                 checked += 1
     assert checked >= 2 * 8, checked  # models, datasets and jobs: read, delete, cancel, artifacts, report, ...
     # Bob's listings hold none of Alice's objects; a job on her model or dataset reads as "not found".
@@ -88,8 +91,14 @@ def test_another_tenants_ids_are_404_on_every_route_that_takes_one(stack, two_te
         assert bob.get(route).json()["count"] == 0
     assert_error(bob.post("/v1/jobs", json={"model_id": ids["model_id"], "preset": "onnx"}), 422, "model_not_found")
     bob_model = upload(bob, "/v1/models", digit_assets.models["onnx"])
-    assert_error(bob.post("/v1/jobs", json={"model_id": bob_model["id"], "preset": "onnx-int8",
-                                            "calibration_dataset_id": ids["dataset_id"]}), 422, "dataset_not_found")
+    assert_error(
+        bob.post(
+            "/v1/jobs",
+            json={"model_id": bob_model["id"], "preset": "onnx-int8", "calibration_dataset_id": ids["dataset_id"]},
+        ),
+        422,
+        "dataset_not_found",
+    )
     # Nothing of Alice's was touched by Bob's deletes and cancels.
     assert alice.get(f"/v1/models/{ids['model_id']}").status_code == 200
     assert alice.get(f"/v1/datasets/{ids['dataset_id']}").status_code == 200
@@ -118,8 +127,11 @@ def test_upload_quotas_answer_429_with_retry_after_and_store_nothing(stack, digi
     body = assert_error(third, 429, "quota_upload_rate")
     assert 1 <= int(third.headers["retry-after"]) <= 60
     assert body["details"] == {"limit_per_minute": 2, "uploads_last_minute": 2}
-    assert_error(post_file(rate_limited, "/v1/datasets", "d.npz", digit_assets.calibration_npz.read_bytes()),
-                 429, "quota_upload_rate")
+    assert_error(
+        post_file(rate_limited, "/v1/datasets", "d.npz", digit_assets.calibration_npz.read_bytes()),
+        429,
+        "quota_upload_rate",
+    )
     assert rate_limited.get("/v1/models").json()["count"] == 2 and s3_keys(stack) == keys_before
 
     _, small = make_tenant(stack, "erin", max_storage_bytes=len(onnx_bytes) + 100)
@@ -160,8 +172,9 @@ def test_the_cli_manages_tenants_and_keys_on_the_same_database(stack):
     from tests.conftest import VENV_BIN
 
     def cvopt(*args: str) -> str:
-        done = subprocess.run([str(VENV_BIN / "cvopt"), *args], env=stack.env, capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run(
+            [str(VENV_BIN / "cvopt"), *args], env=stack.env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 
@@ -175,8 +188,9 @@ def test_the_cli_manages_tenants_and_keys_on_the_same_database(stack):
         assert len(listed) == 1 and tenant_id in listed[0] and "active" in listed[0]
         cvopt("keys", "revoke", listed[0].split()[0])
         # Revoked by another process: the API forgets the key it knows within its cache time.
-        cached_s = float(stack.env.get("CVOPT_API_KEY_CACHE_SECONDS",
-                                       Settings.model_fields["api_key_cache_seconds"].default))
+        cached_s = float(
+            stack.env.get("CVOPT_API_KEY_CACHE_SECONDS", Settings.model_fields["api_key_cache_seconds"].default)
+        )
         deadline = time.monotonic() + cached_s + 2
         while client.get("/v1/tenant").status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -36,8 +36,12 @@ def original_accuracy(original, digit_assets) -> float:
 def test_each_precision_runs_in_the_interpreter_and_keeps_accuracy(
     precision, original, original_accuracy, digit_assets, tmp_path
 ):
-    ctx = context(tmp_path, original, calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256),
-                  evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297))
+    ctx = context(
+        tmp_path,
+        original,
+        calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256),
+        evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297),
+    )
     result = run_pass("convert_tflite", ctx, original, precision=precision, num_calibration_samples=128)
     assert result.format == "tflite"
     assert result.artifact.read_bytes()[4:8] == b"TFL3"  # the flatbuffer's file identifier
@@ -63,8 +67,9 @@ def test_each_precision_runs_in_the_interpreter_and_keeps_accuracy(
 def test_sizes_follow_the_precision(original, digit_assets, tmp_path):
     sizes = {}
     for precision in ("fp32", "fp16", "int8"):
-        ctx = context(tmp_path / precision, original,
-                      calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256))
+        ctx = context(
+            tmp_path / precision, original, calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256)
+        )
         sizes[precision] = run_pass("convert_tflite", ctx, original, precision=precision).metrics["size_bytes"]
     assert sizes["fp16"] < 0.6 * sizes["fp32"]
     assert sizes["int8"] < 0.4 * sizes["fp32"]
@@ -98,8 +103,12 @@ def test_benchmark_and_evaluate_measure_the_tflite_artifact(original, digit_asse
     result = run_pass("convert_tflite", ctx, original, precision="int8")
     tflite = keep(result, tmp_path, "digits.int8.tflite", "convert_tflite")
     tflite = ArtifactRef(tflite.name, tflite.format, tflite.path, step=tflite.step, meta=dict(result.meta))
-    ctx = context(tmp_path / "measure", original, artifacts=[tflite],
-                  evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297))
+    ctx = context(
+        tmp_path / "measure",
+        original,
+        artifacts=[tflite],
+        evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297),
+    )
     bench = run_pass("benchmark", ctx, tflite, batch_sizes=[1], runs=10, warmup=2)
     rows = {r["artifact"]: r for r in bench.metrics["results"]}
     assert rows["digits.int8.tflite"]["latency"]["1"]["p50_ms"] > 0
@@ -115,17 +124,23 @@ def test_onnx_and_torchscript_uploads_get_a_422_that_names_the_route():
     steps = resolve_steps(preset="tflite-fp16", steps=None)
     for fmt, words in (("onnx", "upload the PyTorch model"), ("torchscript", "torch.export.save")):
         with pytest.raises(InvalidInput) as err:
-            plan_job(model_format=fmt, model_inputs=SPEC, steps=steps, input_shape=None,
-                     calibration=None, evaluation=None)
+            plan_job(
+                model_format=fmt, model_inputs=SPEC, steps=steps, input_shape=None, calibration=None, evaluation=None
+            )
         assert err.value.code == "steps_do_not_chain"
         assert words in err.value.message
 
 
 def test_int8_without_calibration_is_refused_before_queueing():
     with pytest.raises(InvalidInput) as err:
-        plan_job(model_format="exported_program", model_inputs=SPEC,
-                 steps=[StepSpec(name="convert_tflite", config={"precision": "int8"})],
-                 input_shape=None, calibration=None, evaluation=None)
+        plan_job(
+            model_format="exported_program",
+            model_inputs=SPEC,
+            steps=[StepSpec(name="convert_tflite", config={"precision": "int8"})],
+            input_shape=None,
+            calibration=None,
+            evaluation=None,
+        )
     assert err.value.code == "calibration_dataset_required"
 
 
@@ -152,14 +167,20 @@ def test_a_score_channel_swamped_by_int8_noise_is_refused_when_asked(digit_asset
     torch.export.save(torch.export.export(Head().eval(), (torch.zeros(1, 1, 8, 8),)), path)
     source = ArtifactRef("head.pt2", "exported_program", path)
     calibration = npz_ref(digit_assets.calibration_npz, False, 256)
-    lenient = run_pass("convert_tflite", context(tmp_path / "a", source, calibration_dataset=calibration), source,
-                       precision="int8")
+    lenient = run_pass(
+        "convert_tflite", context(tmp_path / "a", source, calibration_dataset=calibration), source, precision="int8"
+    )
     verification = lenient.metrics["verification"]
     assert verification["snr_db"] > 20 and verification["worst_channel_snr_db"] < 10
     assert "min_channel_snr_db" in lenient.metrics["warning"]
     with pytest.raises(PassError) as err:
-        run_pass("convert_tflite", context(tmp_path / "b", source, calibration_dataset=calibration), source,
-                 precision="int8", min_channel_snr_db=15)
+        run_pass(
+            "convert_tflite",
+            context(tmp_path / "b", source, calibration_dataset=calibration),
+            source,
+            precision="int8",
+            min_channel_snr_db=15,
+        )
     assert err.value.code == "tflite_mismatch" and "worst output channel" in err.value.message
 
 

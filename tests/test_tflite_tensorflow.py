@@ -32,15 +32,18 @@ def keras_digits(digit_assets, tmp_path_factory):
     keras.utils.set_random_seed(0)
     x = digit_assets.x.transpose(0, 2, 3, 1)
     y = digit_assets.y
-    model = keras.Sequential([
-        keras.Input(shape=(8, 8, 1), name="image"),
-        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-        keras.layers.Conv2D(64, 3, strides=2, padding="same", activation="relu"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(10, name="logits"),
-    ])
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(8, 8, 1), name="image"),
+            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+            keras.layers.Conv2D(64, 3, strides=2, padding="same", activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10, name="logits"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     model.fit(x[:1200], y[:1200], epochs=40, batch_size=32, verbose=0)
     root = tmp_path_factory.mktemp("keras")
     keras_path = root / "digits.keras"
@@ -88,8 +91,14 @@ def context(tmp_path: Path, original: ArtifactRef, **kw) -> PassContext:
 
     work = tmp_path / "work"
     work.mkdir(parents=True, exist_ok=True)
-    return PassContext(work_dir=work, original=original, artifacts=[], input_spec=NHWC,
-                       preprocessing=Preprocessing(mean=[0.0], std=[1.0]), **kw)
+    return PassContext(
+        work_dir=work,
+        original=original,
+        artifacts=[],
+        input_spec=NHWC,
+        preprocessing=Preprocessing(mean=[0.0], std=[1.0]),
+        **kw,
+    )
 
 
 def tflite_accuracy(path: Path, digit_assets) -> float:
@@ -99,20 +108,33 @@ def tflite_accuracy(path: Path, digit_assets) -> float:
     return float((logits.argmax(1) == y).mean())
 
 
-@pytest.mark.parametrize(("fmt", "precision", "io_dtype"), [
-    ("keras", "fp32", "auto"), ("keras", "dynamic", "auto"), ("keras", "fp16", "auto"), ("keras", "int8", "auto"),
-    ("saved_model", "int8", "uint8"), ("saved_model", "fp16", "auto"),
-])
-def test_tensorflow_models_convert_verify_and_keep_accuracy(fmt, precision, io_dtype, keras_digits, digit_assets,
-                                                             tmp_path):
+@pytest.mark.parametrize(
+    ("fmt", "precision", "io_dtype"),
+    [
+        ("keras", "fp32", "auto"),
+        ("keras", "dynamic", "auto"),
+        ("keras", "fp16", "auto"),
+        ("keras", "int8", "auto"),
+        ("saved_model", "int8", "uint8"),
+        ("saved_model", "fp16", "auto"),
+    ],
+)
+def test_tensorflow_models_convert_verify_and_keep_accuracy(
+    fmt, precision, io_dtype, keras_digits, digit_assets, tmp_path
+):
     keras_path, saved_zip, keras_accuracy = keras_digits
     path = keras_path if fmt == "keras" else saved_zip
     info = inspect_model(path)
     original = ArtifactRef(path.name, fmt, path, meta=info.details)
-    ctx = context(tmp_path, original, calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256),
-                  evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297))
-    result = run_pass("convert_tflite", ctx, original, precision=precision, io_dtype=io_dtype,
-                      num_calibration_samples=128)
+    ctx = context(
+        tmp_path,
+        original,
+        calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256),
+        evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297),
+    )
+    result = run_pass(
+        "convert_tflite", ctx, original, precision=precision, io_dtype=io_dtype, num_calibration_samples=128
+    )
     assert result.metrics["converter"] == "tf.lite.TFLiteConverter"
     verification = result.metrics["verification"]
     assert verification["inputs"] == "dataset"
@@ -149,16 +171,34 @@ def test_measuring_steps_run_the_tensorflow_original(keras_digits, digit_assets,
 def test_tensorflow_uploads_plan_for_tflite_only():
     steps = resolve_steps(preset="tflite-int8", steps=None)
     facts = None
-    plan = plan_job(model_format="keras", model_inputs=[{"name": "image", "shape": [None, 8, 8, 1], "dtype": "float32"}],
-                    steps=steps, input_shape=None, calibration=_facts(), evaluation=facts)
+    plan = plan_job(
+        model_format="keras",
+        model_inputs=[{"name": "image", "shape": [None, 8, 8, 1], "dtype": "float32"}],
+        steps=steps,
+        input_shape=None,
+        calibration=_facts(),
+        evaluation=facts,
+    )
     assert plan.input_spec == NHWC
     with pytest.raises(InvalidInput) as err:
-        plan_job(model_format="saved_model", model_inputs=NHWC, steps=resolve_steps(preset="onnx-int8", steps=None),
-                 input_shape=None, calibration=_facts(), evaluation=None)
+        plan_job(
+            model_format="saved_model",
+            model_inputs=NHWC,
+            steps=resolve_steps(preset="onnx-int8", steps=None),
+            input_shape=None,
+            calibration=_facts(),
+            evaluation=None,
+        )
     assert "tf2onnx" in err.value.message
     with pytest.raises(InvalidInput):
-        plan_job(model_format="keras", model_inputs=NHWC, input_shape=None, calibration=None, evaluation=None,
-                 steps=[StepSpec(name="convert_tflite", config={"precision": "int8"})])
+        plan_job(
+            model_format="keras",
+            model_inputs=NHWC,
+            input_shape=None,
+            calibration=None,
+            evaluation=None,
+            steps=[StepSpec(name="convert_tflite", config={"precision": "int8"})],
+        )
 
 
 def _facts():
@@ -181,10 +221,16 @@ def test_a_keras_upload_through_the_api_to_an_int8_tflite(stack, keras_digits, d
     assert model["format"] == "keras" and model["inputs"][0]["shape"] == [None, 8, 8, 1]
     calibration = upload(client, "/v1/datasets", digit_assets.calibration_npz)
     evaluation = upload(client, "/v1/datasets", digit_assets.labeled_npz)
-    resp = client.post("/v1/jobs", json={
-        "model_id": model["id"], "preset": "tflite-int8", "calibration_dataset_id": calibration["id"],
-        "evaluation_dataset_id": evaluation["id"], "preprocessing": {"mean": [0.0], "std": [1.0]},
-    })
+    resp = client.post(
+        "/v1/jobs",
+        json={
+            "model_id": model["id"],
+            "preset": "tflite-int8",
+            "calibration_dataset_id": calibration["id"],
+            "evaluation_dataset_id": evaluation["id"],
+            "preprocessing": {"mean": [0.0], "std": [1.0]},
+        },
+    )
     assert resp.status_code == 202, resp.text
     job = stack.wait_for_job(resp.json()["id"])
     assert job["status"] == "succeeded", (job["error"], job["log_tail"])

@@ -59,11 +59,11 @@ def assert_error(resp, status: int, code: str) -> dict:
 
 
 def onnx_model() -> bytes:
-    import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["image"], ["out"])], "tiny",
+        [helper.make_node("Relu", ["image"], ["out"])],
+        "tiny",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8, 8])],
     )
@@ -75,18 +75,26 @@ def png(width: int, height: int, pixels: bool = True) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     rows = b"".join(b"\x00" + b"\x80" * 3 * width for _ in range(height)) if pixels else b""
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def raw_upload(client, route: str, filename: str, data: bytes, **headers: str):
     """A multipart body written by hand: clients percent-encode control characters in a file
     name, a hostile sender does not."""
     boundary = "b0undary"
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n\r\n'.encode()
-            + data + f"\r\n--{boundary}--\r\n".encode())
-    return client.post(route, content=body,
-                       headers={"Content-Type": f"multipart/form-data; boundary={boundary}", **headers})
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n\r\n'.encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return client.post(
+        route, content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}", **headers}
+    )
 
 
 def zipped(files: dict[str, bytes]) -> bytes:
@@ -216,18 +224,25 @@ def test_a_malformed_content_length_reaching_the_app_is_a_json_400(client, lengt
 
 @pytest.mark.parametrize("name", ["job\u0000one", "job\none", "tab\there", "bell\x07", "c1\x85"])
 def test_a_job_name_with_control_characters_is_a_422(client, name):
-    body = assert_error(client.post("/v1/jobs", json={"model_id": "m", "preset": "onnx", "name": name}),
-                        422, "validation_error")
+    body = assert_error(
+        client.post("/v1/jobs", json={"model_id": "m", "preset": "onnx", "name": name}), 422, "validation_error"
+    )
     assert body["details"]["errors"][0]["loc"][-1] == "name" and "control characters" in body["message"]
 
 
 def test_model_dataset_and_key_names_with_control_characters_are_422_and_nothing_is_stored(client):
     before = client.get("/v1/models").json()["count"]
     for name in ("evil\x00name", "two\nlines", "x" * 201):
-        assert_error(client.post("/v1/models", files={"file": ("m.onnx", onnx_model())}, data={"name": name}),
-                     422, "validation_error")
-        assert_error(client.post("/v1/datasets", files={"file": ("d.zip", zipped({"a.png": png(4, 4)}))},
-                                 data={"name": name}), 422, "validation_error")
+        assert_error(
+            client.post("/v1/models", files={"file": ("m.onnx", onnx_model())}, data={"name": name}),
+            422,
+            "validation_error",
+        )
+        assert_error(
+            client.post("/v1/datasets", files={"file": ("d.zip", zipped({"a.png": png(4, 4)}))}, data={"name": name}),
+            422,
+            "validation_error",
+        )
     assert client.get("/v1/models").json()["count"] == before
     tenant_id = client.get("/v1/tenant").json()["id"]
     assert_error(client.post("/v1/keys", json={"tenant_id": tenant_id, "name": "ci\x00"}), 422, "validation_error")

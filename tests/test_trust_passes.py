@@ -32,16 +32,24 @@ def fixed_batch_net(path: Path, *, opset: int = 17, batch: int = 1) -> Path:
             return self.fc(y.view(y.size(0), -1))
 
     torch.manual_seed(0)
-    torch.onnx.export(Net().eval(), (torch.zeros(batch, 1, 8, 8),), str(path), dynamo=False, opset_version=opset,
-                      input_names=["image"], output_names=["logits"])
+    torch.onnx.export(
+        Net().eval(),
+        (torch.zeros(batch, 1, 8, 8),),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=["image"],
+        output_names=["logits"],
+    )
     return path
 
 
 def weights_in_constants(path: Path) -> Path:
     """Every initializer moved into a Constant node, as other frameworks' converters write them."""
     model = onnx.load(str(path))
-    constants = [helper.make_node("Constant", [], [t.name], value=t, name=f"{t.name}_const")
-                 for t in model.graph.initializer]
+    constants = [
+        helper.make_node("Constant", [], [t.name], value=t, name=f"{t.name}_const") for t in model.graph.initializer
+    ]
     nodes = [*constants, *model.graph.node]
     del model.graph.initializer[:]
     del model.graph.node[:]
@@ -55,19 +63,31 @@ def batch_bound_model(path: Path, kind: str) -> Path:
     runs at batch 3); ``mix`` averages over the batch (it runs, but each sample's output depends on the others)."""
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 10)).astype(np.float32), "w")
     if kind == "flatten":
-        nodes = [helper.make_node("Reshape", ["image", "flat"], ["v"]),
-                 helper.make_node("MatMul", ["v", "w"], ["m"]),
-                 helper.make_node("Reshape", ["m", "row"], ["logits"])]
-        inits = [w, numpy_helper.from_array(np.array([64], np.int64), "flat"),
-                 numpy_helper.from_array(np.array([1, 10], np.int64), "row")]
+        nodes = [
+            helper.make_node("Reshape", ["image", "flat"], ["v"]),
+            helper.make_node("MatMul", ["v", "w"], ["m"]),
+            helper.make_node("Reshape", ["m", "row"], ["logits"]),
+        ]
+        inits = [
+            w,
+            numpy_helper.from_array(np.array([64], np.int64), "flat"),
+            numpy_helper.from_array(np.array([1, 10], np.int64), "row"),
+        ]
     else:
-        nodes = [helper.make_node("Flatten", ["image"], ["v"]),
-                 helper.make_node("MatMul", ["v", "w"], ["m"]),
-                 helper.make_node("ReduceMean", ["m"], ["mean"], axes=[0], keepdims=1),
-                 helper.make_node("Add", ["m", "mean"], ["logits"])]
+        nodes = [
+            helper.make_node("Flatten", ["image"], ["v"]),
+            helper.make_node("MatMul", ["v", "w"], ["m"]),
+            helper.make_node("ReduceMean", ["m"], ["mean"], axes=[0], keepdims=1),
+            helper.make_node("Add", ["m", "mean"], ["logits"]),
+        ]
         inits = [w]
-    graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
+    graph = helper.make_graph(
+        nodes,
+        kind,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
@@ -96,16 +116,23 @@ def test_a_batch_1_onnx_upload_gets_an_open_batch_axis_and_a_batch_8_measurement
     assert result.metrics["batch_axis"] == "dynamic" and "batch_axis_reason" not in result.metrics
 
     exported = ArtifactRef("exported.onnx", "onnx", result.artifact, step="export_onnx")
-    bench = run_pass("benchmark", context(tmp_path / "b", upload, artifacts=[exported]), exported,
-                     runs=5, warmup=1, batch_sizes=[1, 8])
+    bench = run_pass(
+        "benchmark",
+        context(tmp_path / "b", upload, artifacts=[exported]),
+        exported,
+        runs=5,
+        warmup=1,
+        batch_sizes=[1, 8],
+    )
     upload_row, exported_row = bench.metrics["results"]
     assert exported_row["latency"]["8"]["images_per_s"] > 0
     # The upload itself stays at batch 1; its batch-8 row says so in words.
     assert upload_row["latency"]["8"] == {"error": "the model's batch axis is fixed at 1"}
 
 
-@pytest.mark.parametrize(("kind", "why"), [("flatten", "does not run at batch 3"),
-                                           ("mix", "does not give each sample its batch-1 output")])
+@pytest.mark.parametrize(
+    ("kind", "why"), [("flatten", "does not run at batch 3"), ("mix", "does not give each sample its batch-1 output")]
+)
 def test_a_graph_that_binds_the_batch_stays_fixed_and_says_why(tmp_path, kind, why):
     upload = ArtifactRef("bound.onnx", "onnx", batch_bound_model(tmp_path / "bound.onnx", kind))
     result = run_pass("export_onnx", context(tmp_path / "e", upload), upload)
@@ -114,8 +141,14 @@ def test_a_graph_that_binds_the_batch_stays_fixed_and_says_why(tmp_path, kind, w
     assert why in result.metrics["batch_axis_reason"]
     assert batch_dim(result.artifact) == 1
     exported = ArtifactRef("exported.onnx", "onnx", result.artifact, step="export_onnx")
-    bench = run_pass("benchmark", context(tmp_path / "b", upload, artifacts=[exported]), exported,
-                     runs=5, warmup=1, batch_sizes=[1, 8])
+    bench = run_pass(
+        "benchmark",
+        context(tmp_path / "b", upload, artifacts=[exported]),
+        exported,
+        runs=5,
+        warmup=1,
+        batch_sizes=[1, 8],
+    )
     for row in bench.metrics["results"]:
         assert row["latency"]["1"]["p50_ms"] > 0
         assert row["latency"]["8"] == {"error": "the model's batch axis is fixed at 1"}
@@ -164,8 +197,9 @@ def test_a_model_fixed_at_batch_4_evaluates_a_set_of_5(digit_assets, tmp_path):
     dataset = npz_ref(digits.write_npz(tmp_path / "eval.npz", x), False, 5)
     ref = ArtifactRef("b4.onnx", "onnx", model)
     spec = [dict(SPEC[0], shape=[4, 1, 8, 8])]
-    ctx = PassContext(work_dir=tmp_path, original=ref, artifacts=[], input_spec=spec, preprocessing=PREP,
-                      evaluation_dataset=dataset)
+    ctx = PassContext(
+        work_dir=tmp_path, original=ref, artifacts=[], input_spec=spec, preprocessing=PREP, evaluation_dataset=dataset
+    )
     result = run_pass("evaluate", ctx, ref)
     assert result.metrics["num_samples"] == 5 and result.metrics["results"][0]["samples"] == 5
     assert "accuracy" not in result.metrics["results"][0]  # unlabeled
@@ -193,7 +227,8 @@ def assert_loads_and_agrees(fp32: Path, int8: Path, x: np.ndarray) -> None:
 
 
 def test_int8_of_an_opset_12_upload_converts_the_opset_and_keeps_per_channel_weights(
-        opset12_upload, digit_assets, tmp_path):
+    opset12_upload, digit_assets, tmp_path
+):
     exported = run_pass("export_onnx", context(tmp_path / "e", opset12_upload), opset12_upload)
     ref = ArtifactRef("e.onnx", "onnx", exported.artifact, step="export_onnx")
     ctx = context(tmp_path / "q", ref, calibration_dataset=calibration(digit_assets))
@@ -217,7 +252,8 @@ def test_int8_straight_on_an_opset_12_upload_with_constant_weights(opset12_uploa
 
 
 def test_int8_falls_back_to_per_tensor_when_the_opset_cannot_be_converted(
-        opset12_upload, digit_assets, tmp_path, monkeypatch):
+    opset12_upload, digit_assets, tmp_path, monkeypatch
+):
     from onnx import version_converter
 
     def refuse(model, target):
@@ -230,8 +266,9 @@ def test_int8_falls_back_to_per_tensor_when_the_opset_cannot_be_converted(
     assert result.metrics["per_channel"] is False and result.metrics["opset"] == 12
     assert "per tensor" in result.metrics["warning"] and "no adapter" in result.metrics["warning"]
     quantized = onnx.load(str(result.artifact))
-    assert not [a for n in quantized.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute
-                if a.name == "axis"]
+    assert not [
+        a for n in quantized.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"
+    ]
 
 
 def test_an_upload_that_onnxslim_moves_past_the_tolerance_is_kept_unsimplified(tmp_path):
@@ -244,9 +281,13 @@ def test_an_upload_that_onnxslim_moves_past_the_tolerance_is_kept_unsimplified(t
     original = ArtifactRef(TEXT_DETECTOR.file, "onnx", asset(TEXT_DETECTOR.file))
     work = tmp_path / "work"
     work.mkdir()
-    ctx = PassContext(work_dir=work, original=original, artifacts=[],
-                      input_spec=[{"name": "x", "shape": TEXT_DETECTOR.input_shape, "dtype": "float32"}],
-                      preprocessing=Preprocessing(**TEXT_DETECTOR.preprocessing))
+    ctx = PassContext(
+        work_dir=work,
+        original=original,
+        artifacts=[],
+        input_spec=[{"name": "x", "shape": TEXT_DETECTOR.input_shape, "dtype": "float32"}],
+        preprocessing=Preprocessing(**TEXT_DETECTOR.preprocessing),
+    )
     result = run_pass("export_onnx", ctx, original)
     assert result.metrics["simplified"] is False
     assert result.metrics["max_relative_error"] <= 1e-3

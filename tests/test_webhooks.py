@@ -28,18 +28,21 @@ def settings(**kw) -> Settings:
     return Settings(storage_url="file:///tmp/unused", **kw)
 
 
-@pytest.mark.parametrize("url, reason", [
-    ("ftp://example.com/hook", "only http and https"),
-    ("http://user:pw@example.com/hook", "credentials"),
-    ("http://127.0.0.1:8000/hook", "loopback"),
-    ("http://localhost/hook", "loopback"),
-    ("http://[::1]/hook", "loopback"),
-    ("http://10.1.2.3/hook", "private"),
-    ("http://169.254.169.254/latest/meta-data/", "metadata"),
-    ("http:///nohost", "no host"),
-    ("http://[::1/hook", "not a valid URL"),
-    ("http://example.com:99999/hook", "not a valid URL"),
-])
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("ftp://example.com/hook", "only http and https"),
+        ("http://user:pw@example.com/hook", "credentials"),
+        ("http://127.0.0.1:8000/hook", "loopback"),
+        ("http://localhost/hook", "loopback"),
+        ("http://[::1]/hook", "loopback"),
+        ("http://10.1.2.3/hook", "private"),
+        ("http://169.254.169.254/latest/meta-data/", "metadata"),
+        ("http:///nohost", "no host"),
+        ("http://[::1/hook", "not a valid URL"),
+        ("http://example.com:99999/hook", "not a valid URL"),
+    ],
+)
 def test_webhook_urls_the_service_must_not_call_are_refused(url, reason):
     with pytest.raises(InvalidInput) as refused:
         check_url(url, settings(), resolve=False)
@@ -58,11 +61,24 @@ def test_private_receivers_only_when_allowed_and_metadata_never():
     check_url("https://93.184.216.34/x", settings(), resolve=False)  # a public address
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.1/x", "http://127.0.1/x", "http://2130706433/x", "http://0x7f000001/x", "http://0x7f.1/x",
-    "http://0177.0.0.1/x", "http://017700000001/x", "http://[::ffff:127.0.0.1]/x", "http://[::ffff:7f00:1]/x",
-    "http://localhost./x", "http://0/x", "http://10.1/x", "http://0xa.0x1.0x2.0x3/x",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.1/x",
+        "http://127.0.1/x",
+        "http://2130706433/x",
+        "http://0x7f000001/x",
+        "http://0x7f.1/x",
+        "http://0177.0.0.1/x",
+        "http://017700000001/x",
+        "http://[::ffff:127.0.0.1]/x",
+        "http://[::ffff:7f00:1]/x",
+        "http://localhost./x",
+        "http://0/x",
+        "http://10.1/x",
+        "http://0xa.0x1.0x2.0x3/x",
+    ],
+)
 def test_every_spelling_of_a_private_address_is_refused_at_submission(url):
     # Resolvers read a numeric host with inet_aton: all of these are 127.0.0.1, 0.0.0.0 or 10.x.
     with pytest.raises(InvalidInput) as refused:
@@ -70,11 +86,21 @@ def test_every_spelling_of_a_private_address_is_refused_at_submission(url):
     assert refused.value.code == "webhook_url_refused"
 
 
-@pytest.mark.parametrize("url", [
-    "http://169.254.169.254/latest/meta-data/", "http://0xa9fea9fe/", "http://2852039166/", "http://169.254.43518/",
-    "http://[::ffff:169.254.169.254]/", "http://[64:ff9b::a9fe:a9fe]/",
-    "http://[fd00:ec2::254]/", "http://100.100.100.200/", "http://169.254.1.1/", "http://[fe80::1]/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://0xa9fea9fe/",
+        "http://2852039166/",
+        "http://169.254.43518/",
+        "http://[::ffff:169.254.169.254]/",
+        "http://[64:ff9b::a9fe:a9fe]/",
+        "http://[fd00:ec2::254]/",
+        "http://100.100.100.200/",
+        "http://169.254.1.1/",
+        "http://[fe80::1]/",
+    ],
+)
 def test_metadata_and_link_local_addresses_are_refused_whatever_the_settings(url):
     for allow_private in (False, True):
         with pytest.raises(InvalidInput) as refused:
@@ -144,8 +170,9 @@ def test_a_job_webhook_is_signed_retried_and_every_attempt_recorded(stack, digit
     receiver = Receiver(fail_first=2)
     try:
         model = upload(client, "/v1/models", digit_assets.models["onnx"])
-        job = client.post("/v1/jobs", json={"model_id": model["id"], "steps": ["export_onnx"],
-                                            "webhook_url": receiver.url}).json()
+        job = client.post(
+            "/v1/jobs", json={"model_id": model["id"], "steps": ["export_onnx"], "webhook_url": receiver.url}
+        ).json()
         assert job["webhook_url"] == receiver.url and job["webhook"] is None
         assert stack.wait_for_job(job["id"])["status"] == "succeeded"
         done = wait_for_webhook(client, job["id"])
@@ -174,8 +201,9 @@ def test_a_cancelled_job_sends_its_webhook_and_bad_urls_are_422(stack, digit_ass
     try:
         model = upload(client, "/v1/models", digit_assets.models["pt2"])
         # No GPU worker here: the job waits queued, and the API itself ends it.
-        job = client.post("/v1/jobs", json={"model_id": model["id"], "preset": "gpu-fp16",
-                                            "webhook_url": receiver.url}).json()
+        job = client.post(
+            "/v1/jobs", json={"model_id": model["id"], "preset": "gpu-fp16", "webhook_url": receiver.url}
+        ).json()
         assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
         done = wait_for_webhook(client, job["id"])
     finally:
@@ -183,8 +211,11 @@ def test_a_cancelled_job_sends_its_webhook_and_bad_urls_are_422(stack, digit_ass
     assert done["webhook"]["status"] == "delivered" and done["webhook"]["event"] == "job.cancelled"
     assert json.loads(receiver.requests[0]["body"])["status"] == "cancelled"
     for url in ("ftp://example.com/x", "http://169.254.169.254/latest/meta-data/"):
-        assert_error(client.post("/v1/jobs", json={"model_id": model["id"], "preset": "onnx", "webhook_url": url}),
-                     422, "webhook_url_refused")
+        assert_error(
+            client.post("/v1/jobs", json={"model_id": model["id"], "preset": "onnx", "webhook_url": url}),
+            422,
+            "webhook_url_refused",
+        )
     rotated = client.post("/v1/tenant/webhook-secret").json()["webhook_secret"]
     assert rotated == client.get("/v1/tenant/webhook-secret").json()["webhook_secret"]
 
@@ -203,10 +234,29 @@ def ended_job(sessions, webhook_url: str) -> str:
         tenant = Tenant(name=f"t-{new_id()}")
         s.add(tenant)
         s.flush()
-        model = Model(id=new_id(), tenant_id=tenant.id, name="m", filename="m.onnx", format="onnx",
-                      sha256="0" * 64, size_bytes=1, storage_key="models/x/m.onnx", inputs=[], outputs=[])
-        job = Job(id=new_id(), tenant_id=tenant.id, status=JobStatus.running, model_id=model.id, queue="cpu",
-                  input_spec=[], preprocessing={}, webhook_url=webhook_url, steps=[])
+        model = Model(
+            id=new_id(),
+            tenant_id=tenant.id,
+            name="m",
+            filename="m.onnx",
+            format="onnx",
+            sha256="0" * 64,
+            size_bytes=1,
+            storage_key="models/x/m.onnx",
+            inputs=[],
+            outputs=[],
+        )
+        job = Job(
+            id=new_id(),
+            tenant_id=tenant.id,
+            status=JobStatus.running,
+            model_id=model.id,
+            queue="cpu",
+            input_spec=[],
+            preprocessing={},
+            webhook_url=webhook_url,
+            steps=[],
+        )
         s.add_all([model, job])
         s.commit()
         job.status = JobStatus.succeeded
@@ -235,8 +285,12 @@ def test_a_url_refused_at_delivery_ends_at_once_as_refused_and_dns_failures_are_
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     monkeypatch.setattr(httpx, "post", no_request)
-    urls = ("http://rebound.example.com/x", "http://meta.example.com/x", "http://0x7f000001/x",
-            "http://down.example.com/x")
+    urls = (
+        "http://rebound.example.com/x",
+        "http://meta.example.com/x",
+        "http://0x7f000001/x",
+        "http://down.example.com/x",
+    )
     jobs = {url: ended_job(sessions, url) for url in urls}
 
     assert deliver_due(sessions, settings()) == 4
@@ -257,8 +311,13 @@ def test_a_url_refused_at_delivery_ends_at_once_as_refused_and_dns_failures_are_
 
 
 def test_allowing_private_receivers_never_allows_the_metadata_service_at_delivery(sessions, monkeypatch):
-    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *a, **kw: [
-        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::ffff:169.254.169.254", port, 0, 0))])
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        lambda host, port, *a, **kw: [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::ffff:169.254.169.254", port, 0, 0))
+        ],
+    )
     monkeypatch.setattr(httpx, "post", lambda *a, **kw: pytest.fail("the metadata service was called"))
     job_id = ended_job(sessions, "http://hooks.example.com/x")
     assert deliver_due(sessions, settings(webhook_allow_private=True)) == 1

@@ -18,9 +18,7 @@ XNNPACK = "XNNPACK"
 def _interpreter(path: Path, threads: int, *, delegate: bool = True):
     from ai_edge_litert import interpreter as litert
 
-    resolver = (
-        litert.OpResolverType.AUTO if delegate else litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    )
+    resolver = litert.OpResolverType.AUTO if delegate else litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     interp = litert.Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver)
     interp.allocate_tensors()
     return interp
@@ -69,12 +67,16 @@ def io_details(path: Path) -> dict[str, Any]:
     def describe(d: dict) -> dict:
         scale, zero = d["quantization"]
         return {
-            "name": d["name"], "shape": [int(v) for v in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
+            "name": d["name"],
+            "shape": [int(v) for v in d["shape"]],
+            "dtype": np.dtype(d["dtype"]).name,
             "quantization": {"scale": float(scale), "zero_point": int(zero)} if scale else None,
         }
 
-    return {"inputs": [describe(d) for d in interp.get_input_details()],
-            "outputs": [describe(d) for d in interp.get_output_details()]}
+    return {
+        "inputs": [describe(d) for d in interp.get_input_details()],
+        "outputs": [describe(d) for d in interp.get_output_details()],
+    }
 
 
 class TfliteRunner:

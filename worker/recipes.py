@@ -73,9 +73,15 @@ PRESETS: dict[str, list[StepSpec]] = {
     ],
     "tensorrt-int8": [
         StepSpec(name="export_onnx"),
-        StepSpec(name="quantize_int8", config={
-            "activation_type": "int8", "symmetric_activations": True, "reduce_range": False, "per_channel": True,
-        }),
+        StepSpec(
+            name="quantize_int8",
+            config={
+                "activation_type": "int8",
+                "symmetric_activations": True,
+                "reduce_range": False,
+                "per_channel": True,
+            },
+        ),
         StepSpec(name="build_tensorrt", config={"precision": "int8"}),
         StepSpec(name="benchmark", config={"batch_sizes": [1, 32]}),
         StepSpec(name="evaluate"),
@@ -117,7 +123,10 @@ class DatasetFacts:
 
 
 def resolve_steps(
-    *, preset: str | None, steps: list[StepSpec] | None, has_dataset: bool = True,
+    *,
+    preset: str | None,
+    steps: list[StepSpec] | None,
+    has_dataset: bool = True,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> list[StepSpec]:
     """The job's steps. A preset's steps that need a dataset (evaluate) are left out when the
@@ -135,9 +144,7 @@ def resolve_steps(
                 code="unknown_step",
                 details={"steps": [s.name for s in chosen]},
             )
-        return [
-            StepSpec(name=s.name, config={**s.config, **(overrides or {}).get(s.name, {})}) for s in chosen
-        ]
+        return [StepSpec(name=s.name, config={**s.config, **(overrides or {}).get(s.name, {})}) for s in chosen]
     assert steps is not None
     return steps
 
@@ -272,10 +279,13 @@ def plan_job(
             continue
         if len(input_spec) != 1:
             raise InvalidInput(
-                "datasets can feed single-input models only", code="shape_mismatch",
+                "datasets can feed single-input models only",
+                code="shape_mismatch",
                 details={"inputs": [s["name"] for s in input_spec]},
             )
-        problem = dataset_fit_error(layout=facts.layout, sample_shape=facts.sample_shape, input_shape=input_spec[0]["shape"])
+        problem = dataset_fit_error(
+            layout=facts.layout, sample_shape=facts.sample_shape, input_shape=input_spec[0]["shape"]
+        )
         if problem:
             raise InvalidInput(
                 f"the {role} dataset does not fit the model: {problem}",

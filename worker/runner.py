@@ -47,9 +47,15 @@ from worker.step_process import StepLimits, default_memory_limit_mb, run_step_in
 log = logging.getLogger("cvopt.runner")
 
 FILE_EXTENSIONS = {
-    "onnx": ".onnx", "torchscript": ".ts.pt", "exported_program": ".pt2", "state_dict": ".pt",
-    "tflite": ".tflite", "tensorrt_engine": ".engine", "aoti_package": ".aoti.pt2",
-    "keras": ".keras", "saved_model": ".zip",
+    "onnx": ".onnx",
+    "torchscript": ".ts.pt",
+    "exported_program": ".pt2",
+    "state_dict": ".pt",
+    "tflite": ".tflite",
+    "tensorrt_engine": ".engine",
+    "aoti_package": ".aoti.pt2",
+    "keras": ".keras",
+    "saved_model": ".zip",
 }
 LOG_TAIL_CHARS = 4000
 
@@ -88,8 +94,9 @@ class _Heartbeat(threading.Thread):
     """Writes heartbeat and progress while a step runs; notices a cancel request, and that the
     job was taken from this run (``lost``, which also stops the running step)."""
 
-    def __init__(self, job_id: str, sessions: sessionmaker[Session], interval: float, *, worker: str,
-                 attempt: int) -> None:
+    def __init__(
+        self, job_id: str, sessions: sessionmaker[Session], interval: float, *, worker: str, attempt: int
+    ) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
         self.job_id, self.sessions, self.interval = job_id, sessions, interval
         self.worker, self.attempt = worker, attempt
@@ -102,8 +109,12 @@ class _Heartbeat(threading.Thread):
         with self.sessions() as s:
             owned = s.execute(
                 update(Job)
-                .where(Job.id == self.job_id, Job.status == JobStatus.running, Job.worker == self.worker,
-                       Job.attempts == self.attempt)
+                .where(
+                    Job.id == self.job_id,
+                    Job.status == JobStatus.running,
+                    Job.worker == self.worker,
+                    Job.attempts == self.attempt,
+                )
                 .values(heartbeat_at=utcnow(), progress=self.progress)
             ).rowcount
             cancel = s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
@@ -120,8 +131,12 @@ class _Heartbeat(threading.Thread):
                 self.beat()
             except Exception as exc:  # a database blip must not kill the job; the next beat retries
                 # One line, no traceback: an outage must not push the job's own log out of its tail.
-                log.warning("heartbeat for job %s failed: %s: %s", self.job_id, type(exc).__name__,
-                            (str(exc).strip().splitlines() or [""])[0][:200])
+                log.warning(
+                    "heartbeat for job %s failed: %s: %s",
+                    self.job_id,
+                    type(exc).__name__,
+                    (str(exc).strip().splitlines() or [""])[0][:200],
+                )
 
 
 @dataclass
@@ -131,8 +146,15 @@ class _Claim:
 
 
 class JobRunner:
-    def __init__(self, *, settings: Settings, store: ObjectStore, sessions: sessionmaker[Session],
-                 queues: list[str] | None = None, celery=None) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: ObjectStore,
+        sessions: sessionmaker[Session],
+        queues: list[str] | None = None,
+        celery=None,
+    ) -> None:
         self.settings, self.store, self.sessions = settings, store, sessions
         self.celery = celery  # None: the app configured from the environment
         self.me = worker_identity()
@@ -226,15 +248,19 @@ class JobRunner:
         tail = _LogTail()
         cvopt_logger = logging.getLogger("cvopt")
         cvopt_logger.addHandler(tail)
-        heartbeat = _Heartbeat(job_id, self.sessions, self.settings.heartbeat_seconds, worker=self.me,
-                               attempt=claim.attempt)
+        heartbeat = _Heartbeat(
+            job_id, self.sessions, self.settings.heartbeat_seconds, worker=self.me, attempt=claim.attempt
+        )
         heartbeat.start()
         self._claims[job_id] = claim.attempt
         try:
             self._run_steps(job_id, work, heartbeat, tail)
         except _ClaimLost:
-            log.warning("job %s was handed to another run (attempt %d looked lost); this one stops without "
-                        "writing", job_id, claim.attempt)
+            log.warning(
+                "job %s was handed to another run (attempt %d looked lost); this one stops without writing",
+                job_id,
+                claim.attempt,
+            )
         finally:
             self._claims.pop(job_id, None)
             heartbeat.stopped.set()
@@ -260,27 +286,36 @@ class JobRunner:
 
         try:
             return _with_backoff(
-                attempt, retry_if=lambda exc: not isinstance(exc, NotFound),
-                budget_s=self.settings.storage_retry_seconds, first_s=1.0, cap_s=10.0,
-                warn=lambda exc, delay: log.warning("storage failed while %s (%s); retrying in %.0f s", what, exc,
-                                                    delay),
+                attempt,
+                retry_if=lambda exc: not isinstance(exc, NotFound),
+                budget_s=self.settings.storage_retry_seconds,
+                first_s=1.0,
+                cap_s=10.0,
+                warn=lambda exc, delay: log.warning(
+                    "storage failed while %s (%s); retrying in %.0f s", what, exc, delay
+                ),
             )
         except NotFound:
             raise
         except Exception as exc:
             raise StorageUnavailable(
                 f"storage failed while {what}, {tries} tries in {self.settings.storage_retry_seconds:.0f} s: "
-                f"{type(exc).__name__}: {str(exc)[:300]}", code="storage_unavailable",
+                f"{type(exc).__name__}: {str(exc)[:300]}",
+                code="storage_unavailable",
             ) from exc
 
     def _db(self, what: str, operation):
         """A row update, retried with back-off while the database is unreachable, so that a
         running job rides out a short outage instead of losing its worker's work."""
         return _with_backoff(
-            operation, retry_if=lambda exc: isinstance(exc, OperationalError),
-            budget_s=self.settings.db_retry_seconds, first_s=0.5, cap_s=5.0,
-            warn=lambda exc, delay: log.warning("database unavailable while %s (%s); retrying in %.1f s", what,
-                                                str(exc).splitlines()[0][:200], delay),
+            operation,
+            retry_if=lambda exc: isinstance(exc, OperationalError),
+            budget_s=self.settings.db_retry_seconds,
+            first_s=0.5,
+            cap_s=5.0,
+            warn=lambda exc, delay: log.warning(
+                "database unavailable while %s (%s); retrying in %.1f s", what, str(exc).splitlines()[0][:200], delay
+            ),
         )
 
     def _fetch_shared(self, key: str, dest: Path) -> bool:
@@ -293,11 +328,17 @@ class JobRunner:
     def _dataset_ref(self, dataset: Dataset | None, work: Path, role: str) -> DatasetRef | None:
         if dataset is None:
             return None
-        path = self._fetch(dataset.storage_key, work / "inputs" / f"{role}.{dataset.format}",
-                           what=f"reading the {role} dataset")
+        path = self._fetch(
+            dataset.storage_key, work / "inputs" / f"{role}.{dataset.format}", what=f"reading the {role} dataset"
+        )
         return DatasetRef(
-            path=path, format=dataset.format, labeled=dataset.labeled, num_samples=dataset.num_samples,
-            layout=dataset.layout, sample_shape=list(dataset.sample_shape), label_type=dataset.label_type,
+            path=path,
+            format=dataset.format,
+            labeled=dataset.labeled,
+            num_samples=dataset.num_samples,
+            layout=dataset.layout,
+            sample_shape=list(dataset.sample_shape),
+            label_type=dataset.label_type,
         )
 
     def _run_steps(self, job_id: str, work: Path, heartbeat: _Heartbeat, tail: _LogTail) -> None:
@@ -328,13 +369,18 @@ class JobRunner:
             tenant_prefix = f"tenants/{job.tenant_id}/"
             # Where earlier runs of this job stored what they made (a step replayed after a
             # hand-over or a lost worker finds its own object, whichever GPU made it).
-            recorded = {a.step_index: a.storage_key.rsplit("/", 1)[0]
-                        for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))}
+            recorded = {
+                a.step_index: a.storage_key.rsplit("/", 1)[0]
+                for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))
+            }
 
         current_step: str | None = None
         try:
-            original_path = self._fetch(model_key, work / "inputs" / f"original{FILE_EXTENSIONS.get(model_format, '')}",
-                                        what="reading the model")
+            original_path = self._fetch(
+                model_key,
+                work / "inputs" / f"original{FILE_EXTENSIONS.get(model_format, '')}",
+                what="reading the model",
+            )
             original = ArtifactRef(name=model_name, format=model_format, path=original_path, meta=model_details)
             calibration_ref = self._dataset_ref(calibration, work, "calibration")
             evaluation_ref = self._dataset_ref(evaluation, work, "evaluation")
@@ -369,12 +415,20 @@ class JobRunner:
                         raise JobCancelled()
 
                 ctx = PassContext(
-                    work_dir=step_dir, original=original, artifacts=list(artifacts), input_spec=input_spec,
-                    preprocessing=preprocessing, task=task, task_options=task_options,
+                    work_dir=step_dir,
+                    original=original,
+                    artifacts=list(artifacts),
+                    input_spec=input_spec,
+                    preprocessing=preprocessing,
+                    task=task,
+                    task_options=task_options,
                     calibration_dataset=calibration_ref,
-                    evaluation_dataset=evaluation_ref, threads=self.settings.benchmark_threads,
-                    log=logging.getLogger(f"cvopt.pass.{name}"), report_progress=report,
-                    check_cancelled=check_cancelled, shared_prefix=tenant_prefix,
+                    evaluation_dataset=evaluation_ref,
+                    threads=self.settings.benchmark_threads,
+                    log=logging.getLogger(f"cvopt.pass.{name}"),
+                    report_progress=report,
+                    check_cancelled=check_cancelled,
+                    shared_prefix=tenant_prefix,
                     fetch_shared=lambda key, dest: self._fetch_shared(tenant_prefix + key, dest),
                     store_shared=lambda key, path: self.store.put_file(tenant_prefix + key, path),
                 )
@@ -384,8 +438,9 @@ class JobRunner:
                 if cls.produces is not None and step_status == StepStatus.succeeded and index in recorded:
                     cache_key = recorded[index]
                 elif cls.produces is not None:
-                    cache_key = tenant_prefix + "artifacts/" + _step_digest(cls, config, chain_sha, step_queue,
-                                                                            job_facts)
+                    cache_key = (
+                        tenant_prefix + "artifacts/" + _step_digest(cls, config, chain_sha, step_queue, job_facts)
+                    )
                 result, cached = self._cached_result(cache_key, step_dir) if cache_key else (None, False)
                 if result is None:
                     result = self._execute(cls, ctx, chain, config, heartbeat)
@@ -394,9 +449,17 @@ class JobRunner:
                 if result.artifact is not None:
                     fmt = result.format or cls().output_format(chain.format)
                     filename = f"{index:02d}-{name}{FILE_EXTENSIONS.get(fmt, '')}"
-                    artifact_ref = ArtifactRef(name=filename, format=fmt, path=result.artifact, step=name,
-                                               step_index=index, meta=dict(result.meta))
-                    digest = self._record_artifact(job_id, step_id, index, name, artifact_ref, cache_key, result, cached)
+                    artifact_ref = ArtifactRef(
+                        name=filename,
+                        format=fmt,
+                        path=result.artifact,
+                        step=name,
+                        step_index=index,
+                        meta=dict(result.meta),
+                    )
+                    digest = self._record_artifact(
+                        job_id, step_id, index, name, artifact_ref, cache_key, result, cached
+                    )
                     if cls.produces not in DEPLOY_FORMATS:  # deployment artifacts end their branch
                         chain, chain_sha = artifact_ref, digest
                     artifacts.append(artifact_ref)
@@ -418,11 +481,22 @@ class JobRunner:
                 s.commit()
         except CvoptError as exc:
             log.warning("job %s failed at %s: %s", job_id, current_step, exc.message)
-            self._finish(job_id, JobStatus.failed, tail=tail, step=current_step, code=exc.code, message=exc.message,
-                         extra_log=getattr(exc, "log_text", None))
+            self._finish(
+                job_id,
+                JobStatus.failed,
+                tail=tail,
+                step=current_step,
+                code=exc.code,
+                message=exc.message,
+                extra_log=getattr(exc, "log_text", None),
+            )
         except MemoryError:
             self._finish(
-                job_id, JobStatus.failed, tail=tail, step=current_step, code="out_of_memory",
+                job_id,
+                JobStatus.failed,
+                tail=tail,
+                step=current_step,
+                code="out_of_memory",
                 message=f"out of memory at step {current_step}",
             )
         except Exception as exc:
@@ -431,7 +505,11 @@ class JobRunner:
             log.exception("job %s crashed at %s", job_id, current_step)
             first_line = (str(exc).strip().splitlines() or [""])[0][:500]
             self._finish(
-                job_id, JobStatus.failed, tail=tail, step=current_step, code="internal_error",
+                job_id,
+                JobStatus.failed,
+                tail=tail,
+                step=current_step,
+                code="internal_error",
                 message=f"step {current_step} crashed: {type(exc).__name__}: {first_line}",
                 extra_log=traceback.format_exc(),
             )
@@ -445,30 +523,47 @@ class JobRunner:
         memory = self.settings.step_memory_limit_mb
         limits = StepLimits(
             memory_mb=default_memory_limit_mb(self.settings.worker_concurrency) if memory is None else memory,
-            cpu_seconds=self.settings.step_cpu_limit_seconds, timeout_seconds=self.settings.step_timeout_seconds,
+            cpu_seconds=self.settings.step_cpu_limit_seconds,
+            timeout_seconds=self.settings.step_timeout_seconds,
         )
-        return run_step_in_child(name=cls.name, config=config.model_dump(mode="json"), source=source, ctx=ctx,
-                                 limits=limits, cancelled=heartbeat.cancelled.is_set,
-                                 prewarm=self.settings.step_prewarm)
+        return run_step_in_child(
+            name=cls.name,
+            config=config.model_dump(mode="json"),
+            source=source,
+            ctx=ctx,
+            limits=limits,
+            cancelled=heartbeat.cancelled.is_set,
+            prewarm=self.settings.step_prewarm,
+        )
 
     # -- the store as a cache --------------------------------------------------------------------
 
     def _cached_result(self, cache_key: str, step_dir: Path) -> tuple[PassResult | None, bool]:
         manifest_key = f"{cache_key}/result.json"
         try:
-            manifest_path = self._fetch(manifest_key, step_dir / "cached-result.json",
-                                        what=f"looking for a cached result of step {step_dir.name[3:]}")
+            manifest_path = self._fetch(
+                manifest_key,
+                step_dir / "cached-result.json",
+                what=f"looking for a cached result of step {step_dir.name[3:]}",
+            )
         except NotFound:
             return None, False
         manifest = json.loads(manifest_path.read_text())
-        artifact = self._fetch(f"{cache_key}/{manifest['file']}", step_dir / manifest["file"],
-                               what=f"reading the cached result of step {step_dir.name[3:]}")
+        artifact = self._fetch(
+            f"{cache_key}/{manifest['file']}",
+            step_dir / manifest["file"],
+            what=f"reading the cached result of step {step_dir.name[3:]}",
+        )
         if sha256_file(artifact) != manifest["sha256"]:
             log.warning("cached artifact %s is corrupt; recomputing", cache_key)
             return None, False
-        return PassResult(metrics=manifest["metrics"], artifact=artifact, format=manifest["format"], meta=manifest["meta"]), True
+        return PassResult(
+            metrics=manifest["metrics"], artifact=artifact, format=manifest["format"], meta=manifest["meta"]
+        ), True
 
-    def _record_artifact(self, job_id, step_id, index, name, ref: ArtifactRef, cache_key, result: PassResult, cached) -> str:
+    def _record_artifact(
+        self, job_id, step_id, index, name, ref: ArtifactRef, cache_key, result: PassResult, cached
+    ) -> str:
         digest = sha256_file(ref.path)
         size = ref.path.stat().st_size
         stored_name = "artifact" + FILE_EXTENSIONS.get(ref.format, "")
@@ -476,19 +571,32 @@ class JobRunner:
         if not cached:
             self._storage(f"storing the artifact of step {name}", lambda: self.store.put_file(file_key, ref.path))
             manifest = ref.path.parent / "result.json"
-            manifest.write_text(json.dumps(_json_safe({
-                "file": stored_name, "sha256": digest, "format": ref.format,
-                "metrics": result.metrics, "meta": result.meta,
-            })))
+            manifest.write_text(
+                json.dumps(
+                    _json_safe(
+                        {
+                            "file": stored_name,
+                            "sha256": digest,
+                            "format": ref.format,
+                            "metrics": result.metrics,
+                            "meta": result.meta,
+                        }
+                    )
+                )
+            )
             # The manifest goes last: its presence means the artifact is whole.
-            self._storage(f"storing the artifact of step {name}",
-                          lambda: self.store.put_file(f"{cache_key}/result.json", manifest))
-        return self._db(f"recording the artifact of step {name}",
-                        lambda: self._record_artifact_row(job_id, step_id, index, name, ref, file_key, digest, size,
-                                                          result))
+            self._storage(
+                f"storing the artifact of step {name}",
+                lambda: self.store.put_file(f"{cache_key}/result.json", manifest),
+            )
+        return self._db(
+            f"recording the artifact of step {name}",
+            lambda: self._record_artifact_row(job_id, step_id, index, name, ref, file_key, digest, size, result),
+        )
 
-    def _record_artifact_row(self, job_id, step_id, index, name, ref: ArtifactRef, file_key: str, digest: str,
-                             size: int, result: PassResult) -> str:
+    def _record_artifact_row(
+        self, job_id, step_id, index, name, ref: ArtifactRef, file_key: str, digest: str, size: int, result: PassResult
+    ) -> str:
         with self.sessions() as s:
             self._check_owned(s, job_id)
             existing = s.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.step_index == index))
@@ -520,11 +628,13 @@ class JobRunner:
             with self.sessions() as s:
                 self._check_owned(s, job_id)
                 s.execute(
-                    update(JobStep).where(JobStep.id == step_id)
+                    update(JobStep)
+                    .where(JobStep.id == step_id)
                     .values(status=StepStatus.running, started_at=utcnow(), finished_at=None, message=None)
                 )
                 s.execute(
-                    update(Job).where(Job.id == job_id)
+                    update(Job)
+                    .where(Job.id == job_id)
                     .values(current_step=name, progress=progress, heartbeat_at=utcnow())
                 )
                 s.commit()
@@ -536,8 +646,13 @@ class JobRunner:
             with self.sessions() as s:
                 self._check_owned(s, job_id)
                 s.execute(
-                    update(JobStep).where(JobStep.id == step_id).values(
-                        status=StepStatus.succeeded, finished_at=utcnow(), metrics=_json_safe(metrics), message=message,
+                    update(JobStep)
+                    .where(JobStep.id == step_id)
+                    .values(
+                        status=StepStatus.succeeded,
+                        finished_at=utcnow(),
+                        metrics=_json_safe(metrics),
+                        message=message,
                     )
                 )
                 s.commit()
@@ -545,14 +660,34 @@ class JobRunner:
         self._db("recording a step's metrics", write)
 
     def _finish(
-        self, job_id: str, status: JobStatus, *, tail: _LogTail, step: str | None = None,
-        code: str | None = None, message: str | None = None, extra_log: str | None = None,
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        tail: _LogTail,
+        step: str | None = None,
+        code: str | None = None,
+        message: str | None = None,
+        extra_log: str | None = None,
     ) -> None:
-        self._db(f"ending the job {status.value}", lambda: self._write_end(
-            job_id, status, tail=tail, step=step, code=code, message=message, extra_log=extra_log))
+        self._db(
+            f"ending the job {status.value}",
+            lambda: self._write_end(
+                job_id, status, tail=tail, step=step, code=code, message=message, extra_log=extra_log
+            ),
+        )
 
-    def _write_end(self, job_id: str, status: JobStatus, *, tail: _LogTail, step: str | None, code: str | None,
-                   message: str | None, extra_log: str | None) -> None:
+    def _write_end(
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        tail: _LogTail,
+        step: str | None,
+        code: str | None,
+        message: str | None,
+        extra_log: str | None,
+    ) -> None:
         with self.sessions() as s:
             self._check_owned(s, job_id)
             job = s.get(Job, job_id)
@@ -578,16 +713,18 @@ def _step_digest(cls, config, input_sha256: str, queue: str, job_facts: dict[str
     """Everything that changes what a step makes: its code version and config, its input, the
     job's facts (how the upload is read, e.g. a state_dict's architecture; the original, a
     distillation's teacher; shapes, preprocessing, data) and where it runs."""
-    return canonical_digest({
-        **job_facts,
-        "pass": cls.name,
-        "pass_version": cls.version,
-        "config": config.model_dump(mode="json"),
-        "input_sha256": input_sha256,
-        "queue": queue,
-        # An engine or compiled package is this GPU's and these libraries' own.
-        "device": _gpu_facts() if is_gpu_queue(queue) else None,
-    })
+    return canonical_digest(
+        {
+            **job_facts,
+            "pass": cls.name,
+            "pass_version": cls.version,
+            "config": config.model_dump(mode="json"),
+            "input_sha256": input_sha256,
+            "queue": queue,
+            # An engine or compiled package is this GPU's and these libraries' own.
+            "device": _gpu_facts() if is_gpu_queue(queue) else None,
+        }
+    )
 
 
 def _gpu_facts() -> dict[str, Any] | None:

@@ -152,8 +152,10 @@ def not_runnable_here(ref: ArtifactRef) -> str | None:
             return "needs TensorRT; this worker has none"
         gpu = detect_gpu()
         if ref.meta.get("compute_capability") and gpu["compute_capability"] != ref.meta["compute_capability"]:
-            return (f"built for {ref.meta.get('gpu_name')} (sm {ref.meta['compute_capability']}); this worker has "
-                    f"{gpu['name']} (sm {gpu['compute_capability']})")
+            return (
+                f"built for {ref.meta.get('gpu_name')} (sm {ref.meta['compute_capability']}); this worker has "
+                f"{gpu['name']} (sm {gpu['compute_capability']})"
+            )
     return None
 
 
@@ -214,8 +216,9 @@ class BatchRunner:
     ranks of the first outputs, and then run a sample at a time, each output given its batch axis:
     deciding per call from sizes would read one detection's (1, 4) boxes as a batch of one."""
 
-    def __init__(self, run: Runner, input_name: str, model_batch: int | None = None, *,
-                 batchless: bool | None = None) -> None:
+    def __init__(
+        self, run: Runner, input_name: str, model_batch: int | None = None, *, batchless: bool | None = None
+    ) -> None:
         self.run, self.input_name = run, input_name
         self.model_batch = max(int(model_batch or 1), 1)
         self.batchless = batchless
@@ -264,15 +267,23 @@ def runtime_info(ref: ArtifactRef, *, threads: int = 1, device: str | None = Non
     if ref.format == ONNX:
         import onnxruntime
 
-        return {"name": "onnxruntime", "version": onnxruntime.__version__, "device": "cpu",
-                "provider": "CPUExecutionProvider"}
+        return {
+            "name": "onnxruntime",
+            "version": onnxruntime.__version__,
+            "device": "cpu",
+            "provider": "CPUExecutionProvider",
+        }
     if ref.format == TFLITE:
         from importlib.metadata import version
 
         from worker.litert import delegate_coverage
 
-        return {"name": "litert", "version": version("ai-edge-litert"), "device": "cpu",
-                **delegate_coverage(ref.path, threads)}
+        return {
+            "name": "litert",
+            "version": version("ai-edge-litert"),
+            "device": "cpu",
+            **delegate_coverage(ref.path, threads),
+        }
     if ref.format in TF_FORMATS:
         from worker.tf_models import import_tensorflow
 

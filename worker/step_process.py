@@ -3,8 +3,8 @@
 Untrusted models are loaded and run here, not in the worker: a model that exhausts memory, spins,
 or crashes a native library ends its own process, and the worker records why ("out of memory at
 step X", "step X exceeded N s") and takes the next job. The child is a fresh interpreter
-(``python -m worker.step_process``, which imports torch and
-onnxruntime while it waits as the spare, so that the next step starts at once), not a fork: the worker has threads (heartbeat,
+(``python -m worker.step_process``, which imports torch and onnxruntime while it waits as the
+spare, so that the next step starts at once), not a fork: the worker has threads (heartbeat,
 reaper, Celery's), and a fork would copy their locks mid-use.
 
 The protocol is files and one pipe. The parent writes the request (the pass, its config, the
@@ -102,16 +102,30 @@ def _dataset_from_json(data: dict | None) -> DatasetRef | None:
     return None if data is None else DatasetRef(**{**data, "path": Path(data["path"])})
 
 
-def write_request(path: Path, *, name: str, config: dict, source: ArtifactRef, ctx: PassContext, limits: StepLimits) -> None:
-    path.write_text(json.dumps({
-        "pass": name, "config": config, "source": _ref_to_json(source),
-        "original": _ref_to_json(ctx.original), "artifacts": [_ref_to_json(a) for a in ctx.artifacts],
-        "input_spec": ctx.input_spec, "preprocessing": ctx.preprocessing.model_dump(mode="json"),
-        "task": ctx.task, "task_options": ctx.task_options,
-        "calibration": _ref_to_json(ctx.calibration_dataset), "evaluation": _ref_to_json(ctx.evaluation_dataset),
-        "threads": ctx.threads, "work_dir": str(ctx.work_dir), "limits": dataclasses.asdict(limits),
-        "shared_prefix": ctx.shared_prefix,
-    }))
+def write_request(
+    path: Path, *, name: str, config: dict, source: ArtifactRef, ctx: PassContext, limits: StepLimits
+) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "pass": name,
+                "config": config,
+                "source": _ref_to_json(source),
+                "original": _ref_to_json(ctx.original),
+                "artifacts": [_ref_to_json(a) for a in ctx.artifacts],
+                "input_spec": ctx.input_spec,
+                "preprocessing": ctx.preprocessing.model_dump(mode="json"),
+                "task": ctx.task,
+                "task_options": ctx.task_options,
+                "calibration": _ref_to_json(ctx.calibration_dataset),
+                "evaluation": _ref_to_json(ctx.evaluation_dataset),
+                "threads": ctx.threads,
+                "work_dir": str(ctx.work_dir),
+                "limits": dataclasses.asdict(limits),
+                "shared_prefix": ctx.shared_prefix,
+            }
+        )
+    )
 
 
 # -- the parent's side -------------------------------------------------------------------------------
@@ -130,12 +144,23 @@ _spare_lock = threading.Lock()
 def _spawn() -> _Child:
     """A fresh step process that imports the heavy libraries, then waits for its request."""
     progress_r, progress_w = os.pipe()
-    env = dict(os.environ, **{PROGRESS_FD_ENV: str(progress_w), PARENT_PID_ENV: str(os.getpid()),
-                              NICE_ENV: str(get_settings().step_nice), "PYTHONUNBUFFERED": "1"})
+    env = dict(
+        os.environ,
+        **{
+            PROGRESS_FD_ENV: str(progress_w),
+            PARENT_PID_ENV: str(os.getpid()),
+            NICE_ENV: str(get_settings().step_nice),
+            "PYTHONUNBUFFERED": "1",
+        },
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.step_process"],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        pass_fds=(progress_w,), env=env, start_new_session=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        pass_fds=(progress_w,),
+        env=env,
+        start_new_session=True,
     )
     os.close(progress_w)
     return _Child(proc=proc, progress_r=progress_r)
@@ -170,8 +195,14 @@ def _take_child(prewarm: bool) -> _Child:
 
 
 def run_step_in_child(
-    *, name: str, config: dict, source: ArtifactRef, ctx: PassContext, limits: StepLimits,
-    cancelled: Callable[[], bool], prewarm: bool = True,
+    *,
+    name: str,
+    config: dict,
+    source: ArtifactRef,
+    ctx: PassContext,
+    limits: StepLimits,
+    cancelled: Callable[[], bool],
+    prewarm: bool = True,
 ) -> PassResult:
     """Run one pass in a child process and return its result; raise the pass's own error, or
     StepFailed when the process hit a limit or died, or JobCancelled when ``cancelled()``."""
@@ -189,8 +220,9 @@ def run_step_in_child(
     tail: list[str] = []
     # The relays log in this thread's context (the job id on every line).
     readers = [
-        threading.Thread(target=contextvars.copy_context().run, args=(_relay_logs, proc.stderr, name, tail),
-                         daemon=True),
+        threading.Thread(
+            target=contextvars.copy_context().run, args=(_relay_logs, proc.stderr, name, tail), daemon=True
+        ),
         threading.Thread(target=_relay_progress, args=(progress_r, ctx.report_progress), daemon=True),
     ]
     for thread in readers:
@@ -219,17 +251,24 @@ def run_step_in_child(
     if killed_for == "timeout":
         raise StepFailed(
             f"step {name} exceeded {limits.timeout_seconds} s (CVOPT_STEP_TIMEOUT_SECONDS) and was stopped",
-            code="step_timeout", details={"timeout_s": limits.timeout_seconds}, log_text=log_text,
+            code="step_timeout",
+            details={"timeout_s": limits.timeout_seconds},
+            log_text=log_text,
         )
     return _outcome(name, returncode, result_path, limits, peak_mb, log_text)
 
 
-def _outcome(name: str, returncode: int, result_path: Path, limits: StepLimits, peak_mb: float,
-             log_text: str) -> PassResult:
+def _outcome(
+    name: str, returncode: int, result_path: Path, limits: StepLimits, peak_mb: float, log_text: str
+) -> PassResult:
     result = json.loads(result_path.read_text()) if result_path.exists() else None
     if result is not None and result.get("ok"):
-        return PassResult(metrics=result["metrics"], artifact=Path(result["artifact"]) if result["artifact"] else None,
-                          format=result["format"], meta=result["meta"])
+        return PassResult(
+            metrics=result["metrics"],
+            artifact=Path(result["artifact"]) if result["artifact"] else None,
+            format=result["format"],
+            meta=result["meta"],
+        )
     error = (result or {}).get("error") or {}
     memory_hint = f" (limit {limits.memory_mb} MiB, CVOPT_STEP_MEMORY_LIMIT_MB)" if limits.memory_mb else ""
     if error.get("type") == "cvopt":
@@ -237,23 +276,36 @@ def _outcome(name: str, returncode: int, result_path: Path, limits: StepLimits, 
         cls = cls if isinstance(cls, type) and issubclass(cls, CvoptError) else CvoptError
         raise cls(error["message"], code=error["code"], details=error.get("details"))
     if error.get("type") == "oom" or (
-        returncode < 0 and (-returncode == signal.SIGKILL or (limits.memory_mb and peak_mb >= 0.9 * limits.memory_mb))
+        returncode < 0
+        and (-returncode == signal.SIGKILL or (limits.memory_mb and peak_mb >= 0.9 * limits.memory_mb))
         and -returncode != signal.SIGXCPU
     ):
-        raise StepFailed(f"out of memory at step {name}{memory_hint}", code="out_of_memory",
-                         details={"memory_limit_mb": limits.memory_mb, "peak_rss_mb": round(peak_mb)},
-                         log_text=log_text)
+        raise StepFailed(
+            f"out of memory at step {name}{memory_hint}",
+            code="out_of_memory",
+            details={"memory_limit_mb": limits.memory_mb, "peak_rss_mb": round(peak_mb)},
+            log_text=log_text,
+        )
     if returncode == -signal.SIGXCPU:
         raise StepFailed(
             f"step {name} exceeded its CPU-time limit of {limits.cpu_seconds} s (CVOPT_STEP_CPU_LIMIT_SECONDS)",
-            code="step_cpu_limit", details={"cpu_limit_s": limits.cpu_seconds}, log_text=log_text,
+            code="step_cpu_limit",
+            details={"cpu_limit_s": limits.cpu_seconds},
+            log_text=log_text,
         )
     if error.get("type") == "crash":
-        raise StepFailed(f"step {name} crashed: {error['exc_type']}: {error['message']}", code="internal_error",
-                         log_text=error.get("traceback", "") or log_text)
+        raise StepFailed(
+            f"step {name} crashed: {error['exc_type']}: {error['message']}",
+            code="internal_error",
+            log_text=error.get("traceback", "") or log_text,
+        )
     how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
-    raise StepFailed(f"step {name} crashed: its process ended with {how}", code="internal_error",
-                     details={"returncode": returncode}, log_text=log_text)
+    raise StepFailed(
+        f"step {name} crashed: its process ended with {how}",
+        code="internal_error",
+        details={"returncode": returncode},
+        log_text=log_text,
+    )
 
 
 def _reap(proc: subprocess.Popen, timeout: float) -> tuple[int, float] | None:
@@ -415,28 +467,54 @@ def _child_main() -> int:
         config = cls.Config.model_validate(request["config"])
         limits = request["limits"]
         logging.getLogger("cvopt.step").info(
-            "step %s runs in process %d (nice %d, memory limit %s, CPU-time limit %s)", request["pass"], os.getpid(),
+            "step %s runs in process %d (nice %d, memory limit %s, CPU-time limit %s)",
+            request["pass"],
+            os.getpid(),
             os.nice(0),
             f"{limits['memory_mb']} MiB" if limits.get("memory_mb") else "none",
-            f"{limits['cpu_seconds']} s" if limits.get("cpu_seconds") else "none")
+            f"{limits['cpu_seconds']} s" if limits.get("cpu_seconds") else "none",
+        )
         ctx = PassContext(
-            work_dir=Path(request["work_dir"]), original=_artifact_from_json(request["original"]),
-            artifacts=[_artifact_from_json(a) for a in request["artifacts"]], input_spec=request["input_spec"],
+            work_dir=Path(request["work_dir"]),
+            original=_artifact_from_json(request["original"]),
+            artifacts=[_artifact_from_json(a) for a in request["artifacts"]],
+            input_spec=request["input_spec"],
             preprocessing=Preprocessing.model_validate(request["preprocessing"]),
-            task=request["task"], task_options=request["task_options"],
+            task=request["task"],
+            task_options=request["task_options"],
             calibration_dataset=_dataset_from_json(request["calibration"]),
-            evaluation_dataset=_dataset_from_json(request["evaluation"]), threads=request["threads"],
-            log=logging.getLogger(f"cvopt.pass.{request['pass']}"), report_progress=report,
-            fetch_shared=fetch_shared, store_shared=lambda key, path: store.put_file(shared_prefix + key, path),
+            evaluation_dataset=_dataset_from_json(request["evaluation"]),
+            threads=request["threads"],
+            log=logging.getLogger(f"cvopt.pass.{request['pass']}"),
+            report_progress=report,
+            fetch_shared=fetch_shared,
+            store_shared=lambda key, path: store.put_file(shared_prefix + key, path),
             shared_prefix=shared_prefix,
         )
         result = cls().run(ctx, _artifact_from_json(request["source"]), config)
-        write({"ok": True, "metrics": result.metrics, "artifact": str(result.artifact) if result.artifact else None,
-               "format": result.format, "meta": result.meta})
+        write(
+            {
+                "ok": True,
+                "metrics": result.metrics,
+                "artifact": str(result.artifact) if result.artifact else None,
+                "format": result.format,
+                "meta": result.meta,
+            }
+        )
         return 0
     except CvoptError as exc:
-        write({"ok": False, "error": {"type": "cvopt", "class": type(exc).__name__, "code": exc.code,
-                                      "message": exc.message, "details": exc.details}})
+        write(
+            {
+                "ok": False,
+                "error": {
+                    "type": "cvopt",
+                    "class": type(exc).__name__,
+                    "code": exc.code,
+                    "message": exc.message,
+                    "details": exc.details,
+                },
+            }
+        )
         return 0
     except MemoryError:
         write({"ok": False, "error": {"type": "oom"}})
@@ -445,8 +523,17 @@ def _child_main() -> int:
         first_line = (str(exc).strip().splitlines() or [""])[0][:500]
         kind = "oom" if is_out_of_memory(exc) else "crash"
         logging.getLogger("cvopt.step").error("step %s failed: %s", request["pass"], first_line)
-        write({"ok": False, "error": {"type": kind, "exc_type": type(exc).__name__, "message": first_line,
-                                      "traceback": traceback.format_exc()[-4000:]}})
+        write(
+            {
+                "ok": False,
+                "error": {
+                    "type": kind,
+                    "exc_type": type(exc).__name__,
+                    "message": first_line,
+                    "traceback": traceback.format_exc()[-4000:],
+                },
+            }
+        )
         return 1
 
 

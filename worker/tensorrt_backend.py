@@ -67,10 +67,15 @@ def _parse(path: Path, log: logging.Logger):
     errors = []
     for i in range(parser.num_errors):
         err = parser.get_error(i)
-        errors.append({
-            "node": err.node(), "node_name": err.node_name(), "op_type": err.node_operator(),
-            "message": err.desc(), "code": str(err.code()),
-        })
+        errors.append(
+            {
+                "node": err.node(),
+                "node_name": err.node_name(),
+                "op_type": err.node_operator(),
+                "message": err.desc(),
+                "code": str(err.code()),
+            }
+        )
     return builder, network, parser, logger, ok, errors
 
 
@@ -80,8 +85,17 @@ def unsupported_ops(path: Path, log: logging.Logger | None = None) -> list[dict[
     return [] if ok else (errors or [_PARSE_FAILED])
 
 
-def build_engine(onnx_path: Path, out: Path, *, plan, profiles, workspace_mib: int, optimization_level: int,
-                 timing_cache: Path | None, log: logging.Logger) -> dict[str, Any]:
+def build_engine(
+    onnx_path: Path,
+    out: Path,
+    *,
+    plan,
+    profiles,
+    workspace_mib: int,
+    optimization_level: int,
+    timing_cache: Path | None,
+    log: logging.Logger,
+) -> dict[str, Any]:
     trt = _trt()
     builder, network, _parser, _logger, ok, errors = _parse(onnx_path, log)
     if not ok:  # the pre-flight: nothing is built for a model TensorRT cannot parse
@@ -90,7 +104,8 @@ def build_engine(onnx_path: Path, out: Path, *, plan, profiles, workspace_mib: i
         raise PassError(
             f"TensorRT {trt.__version__} cannot parse {len(errors)} node(s) of this model (ops: "
             f"{', '.join(ops) or 'see details'})",
-            code="tensorrt_unsupported_ops", details={"unsupported": errors[:50]},
+            code="tensorrt_unsupported_ops",
+            details={"unsupported": errors[:50]},
         )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
@@ -196,8 +211,10 @@ class EngineRunner:
         return outs
 
     def _device_inputs(self, feeds: dict) -> list:
-        return [self.torch.from_numpy(v).to("cuda", dtype=self.dtypes[n]).contiguous()
-                for n, v in zip(self.inputs, feeds.values(), strict=True)]
+        return [
+            self.torch.from_numpy(v).to("cuda", dtype=self.dtypes[n]).contiguous()
+            for n, v in zip(self.inputs, feeds.values(), strict=True)
+        ]
 
     def __call__(self, feeds: dict) -> list:
         tensors = self._device_inputs(feeds)

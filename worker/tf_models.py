@@ -53,8 +53,10 @@ def load_keras(ref: ArtifactRef):
     try:
         return keras.models.load_model(str(path), compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises ValueError/TypeError for what it cannot rebuild
-        raise PassError(f"the Keras model could not be loaded: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
-                        code="invalid_model") from exc
+        raise PassError(
+            f"the Keras model could not be loaded: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+            code="invalid_model",
+        ) from exc
 
 
 def tf_runner(ref: ArtifactRef):

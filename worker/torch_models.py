@@ -78,8 +78,13 @@ def module_from_state_dict(ref: ArtifactRef):
         raise PassError("the checkpoint holds no state_dict", code="invalid_state_dict")
     # The classifier's weight has one row (or 1x1 filter) per class: torchvision names it fc,
     # classifier or head(s); otherwise take the last matrix.
-    heads = [v for k, v in state.items() if k.split(".")[0] in ("fc", "classifier", "head", "heads")
-             and k.endswith("weight") and getattr(v, "ndim", 0) in (2, 4)]
+    heads = [
+        v
+        for k, v in state.items()
+        if k.split(".")[0] in ("fc", "classifier", "head", "heads")
+        and k.endswith("weight")
+        and getattr(v, "ndim", 0) in (2, 4)
+    ]
     matrices = heads or [v for k, v in state.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 2]
     kwargs = {"num_classes": int(matrices[-1].shape[0])} if matrices else {}
     if architecture in ("inception_v3", "googlenet"):

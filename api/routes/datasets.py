@@ -29,18 +29,27 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
         "A zip or tar of images (one folder per class = labeled, flat = unlabeled) or an .npz with x and optional y"
     ),
 )
-async def upload_dataset(request: Request, response: Response, key: CurrentKey, session: SessionDep, store: StoreDep,
-                         settings: SettingsDep) -> DatasetRead:
+async def upload_dataset(
+    request: Request, response: Response, key: CurrentKey, session: SessionDep, store: StoreDep, settings: SettingsDep
+) -> DatasetRead:
     idem = idempotency.key_of(request)
 
     def create(upload: Upload) -> DatasetRead:
         dataset, _ = idempotency.create_once(
-            session, key, "POST /datasets", idem,
+            session,
+            key,
+            "POST /datasets",
+            idem,
             idempotency.request_hash({"sha256": upload.sha256, "filename": upload.filename, **upload.fields}),
-            make=lambda: services.create_dataset(session=session, store=store, upload=upload,
-                                                tenant_id=key.tenant_id, settings=settings),
-            load=lambda dataset_id: services.get_dataset(session=session, dataset_id=dataset_id, tenant_id=key.tenant_id),
-            status_code=201, response=response, discard=lambda row: store.delete(row.storage_key),
+            make=lambda: services.create_dataset(
+                session=session, store=store, upload=upload, tenant_id=key.tenant_id, settings=settings
+            ),
+            load=lambda dataset_id: services.get_dataset(
+                session=session, dataset_id=dataset_id, tenant_id=key.tenant_id
+            ),
+            status_code=201,
+            response=response,
+            discard=lambda row: store.delete(row.storage_key),
         )
         return released(session, DatasetRead.model_validate(dataset))
 
@@ -50,7 +59,9 @@ async def upload_dataset(request: Request, response: Response, key: CurrentKey, 
 @router.get("", response_model=DatasetsRead)
 def list_datasets(key: CurrentKey, session: SessionDep, limit: Limit = 50, offset: Offset = 0) -> DatasetsRead:
     live = Dataset.deleted_at.is_(None) & (Dataset.tenant_id == key.tenant_id)
-    rows = session.scalars(select(Dataset).where(live).order_by(Dataset.created_at.desc()).limit(limit).offset(offset)).all()
+    rows = session.scalars(
+        select(Dataset).where(live).order_by(Dataset.created_at.desc()).limit(limit).offset(offset)
+    ).all()
     count = session.scalar(select(func.count()).select_from(Dataset).where(live)) or 0
     return released(session, DatasetsRead(data=[DatasetRead.model_validate(r) for r in rows], count=count))
 

@@ -52,17 +52,24 @@ def _live_queues_for(session: Session, *jobs: Job) -> set[str] | None:
 
 
 @router.post("", status_code=202, response_model=JobRead)
-def create_job(job_in: JobCreate, request: Request, response: Response, key: CurrentKey,
-               session: SessionDep, base_url: BaseUrlDep) -> JobRead:
+def create_job(
+    job_in: JobCreate, request: Request, response: Response, key: CurrentKey, session: SessionDep, base_url: BaseUrlDep
+) -> JobRead:
     """Validate the recipe, write the job, then queue its id. A recipe that cannot run is a 422
     here, before anything is queued. With an ``Idempotency-Key``, a retry returns the same job."""
     idem = idempotency.key_of(request)
     job, replayed = idempotency.create_once(
-        session, key, "POST /jobs", idem, idempotency.request_hash(job_in.model_dump(mode="json")) if idem else "",
-        make=lambda: services.create_job(session=session, job_in=job_in, tenant_id=key.tenant_id,
-                                         settings=get_settings()),
+        session,
+        key,
+        "POST /jobs",
+        idem,
+        idempotency.request_hash(job_in.model_dump(mode="json")) if idem else "",
+        make=lambda: services.create_job(
+            session=session, job_in=job_in, tenant_id=key.tenant_id, settings=get_settings()
+        ),
         load=lambda job_id: services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id),
-        status_code=202, response=response,
+        status_code=202,
+        response=response,
     )
     response.headers["Location"] = str(request.url_for("read_job", job_id=job.id).path)
     if replayed:
@@ -75,10 +82,17 @@ def create_job(job_in: JobCreate, request: Request, response: Response, key: Cur
 
 
 @router.get("", response_model=JobsRead)
-def list_jobs(key: CurrentKey, session: SessionDep, base_url: BaseUrlDep, status: JobStatus | None = None,
-              limit: Limit = 50, offset: Offset = 0) -> JobsRead:
-    rows, count = services.list_jobs(session=session, tenant_id=key.tenant_id, status=status, limit=limit,
-                                     offset=offset)
+def list_jobs(
+    key: CurrentKey,
+    session: SessionDep,
+    base_url: BaseUrlDep,
+    status: JobStatus | None = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> JobsRead:
+    rows, count = services.list_jobs(
+        session=session, tenant_id=key.tenant_id, status=status, limit=limit, offset=offset
+    )
     live = _live_queues_for(session, *rows)
     # No report per job: `recommended` is null in the list (one query per succeeded job otherwise).
     data = [job_to_read(j, live, base_url, recommended=False) for j in rows]
@@ -99,8 +113,9 @@ def cancel_job(job_id: str, key: CurrentKey, session: SessionDep, base_url: Base
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactsRead)
-def list_artifacts(job_id: str, key: CurrentKey, session: SessionDep, store: StoreDep,
-                   base_url: BaseUrlDep) -> ArtifactsRead:
+def list_artifacts(
+    job_id: str, key: CurrentKey, session: SessionDep, store: StoreDep, base_url: BaseUrlDep
+) -> ArtifactsRead:
     job = services.get_job(session=session, job_id=job_id, tenant_id=key.tenant_id)
     data = services.list_artifacts(session=session, store=store, job=job, base_url=base_url)
     return rendered(session, ArtifactsRead(data=data, count=len(data)))
@@ -112,10 +127,14 @@ def read_report(job_id: str, key: CurrentKey, session: SessionDep) -> ReportRead
     return rendered(session, services.build_report(session=session, job=job))
 
 
-@router.get("/{job_id}/report.html", response_class=HTMLResponse,
-            responses={200: {"content": {"text/html": {}}, "description": "The report page."}})
-def read_report_html(job_id: str, request: Request, session: SessionDep, expires: int | None = None,
-                     sig: str | None = None) -> HTMLResponse:
+@router.get(
+    "/{job_id}/report.html",
+    response_class=HTMLResponse,
+    responses={200: {"content": {"text/html": {}}, "description": "The report page."}},
+)
+def read_report_html(
+    job_id: str, request: Request, session: SessionDep, expires: int | None = None, sig: str | None = None
+) -> HTMLResponse:
     """The job's report as one self-contained page (charts inline). Send the API key, or open
     the signed link in the job's ``report_url`` (no key needed until it expires)."""
     if sig is not None or expires is not None:
@@ -130,7 +149,11 @@ def read_report_html(job_id: str, request: Request, session: SessionDep, expires
     page = render_report(job, services.build_report(session=session, job=job))
     session.commit()
     # The page carries its own styles and charts; it may not load or run anything else.
-    return HTMLResponse(page, headers={
-        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
-        "Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff",
-    })
+    return HTMLResponse(
+        page,
+        headers={
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+            "Cache-Control": "private, no-store",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )

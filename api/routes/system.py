@@ -19,8 +19,11 @@ from core.storage import LocalStore, content_disposition, verify_local
 router = APIRouter(tags=["system"])
 STATIC = Path(__file__).resolve().parents[1] / "static"
 UI_FILES = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
-UI_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:", "X-Content-Type-Options": "nosniff",
-              "Referrer-Policy": "no-referrer"}
+UI_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 @router.get("/ui", include_in_schema=False)
@@ -80,8 +83,9 @@ def readyz(session: SessionDep, store: StoreDep) -> JSONResponse:
 
 
 @router.get("/files/{key:path}", include_in_schema=False)
-def download(key: str, store: StoreDep, expires: int = Query(...), sig: str = Query(...),
-             filename: str = Query(...)) -> FileResponse:
+def download(
+    key: str, store: StoreDep, expires: int = Query(...), sig: str = Query(...), filename: str = Query(...)
+) -> FileResponse:
     if not isinstance(store, LocalStore):
         raise NotFound("downloads are served by the object store", code="not_found")
     if not verify_local(key, expires, sig, store.signing_key, filename):
@@ -89,5 +93,6 @@ def download(key: str, store: StoreDep, expires: int = Query(...), sig: str = Qu
     path = store.path_for(key)
     if not path.is_file():
         raise NotFound("the object no longer exists", code="not_found")
-    return FileResponse(path, media_type="application/octet-stream",
-                        headers={"Content-Disposition": content_disposition(filename)})
+    return FileResponse(
+        path, media_type="application/octet-stream", headers={"Content-Disposition": content_disposition(filename)}
+    )

@@ -8,7 +8,6 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
 
 from api import tenants as svc
-from api.tenants import API_KEYS
 from api.deps import (
     AdminKey,
     CurrentKey,
@@ -18,6 +17,7 @@ from api.deps import (
     SettingsDep,
     released,
 )
+from api.tenants import API_KEYS
 from core.models import ApiKey, Tenant
 from core.schemas import (
     ApiKeyCreate,
@@ -35,8 +35,14 @@ router = APIRouter(tags=["tenants"])
 
 
 @router.post("/tenants", status_code=201, response_model=TenantCreated)
-def create_tenant(tenant_in: TenantCreate, request: Request, response: Response, _admin: AdminKey,
-                  session: SessionDep, settings: SettingsDep) -> TenantCreated:
+def create_tenant(
+    tenant_in: TenantCreate,
+    request: Request,
+    response: Response,
+    _admin: AdminKey,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> TenantCreated:
     """Create a tenant (admin keys only); then give it keys with POST /v1/keys."""
     tenant = svc.create_tenant(session=session, tenant_in=tenant_in)
     session.commit()
@@ -46,8 +52,9 @@ def create_tenant(tenant_in: TenantCreate, request: Request, response: Response,
 
 
 @router.get("/tenants", response_model=TenantsRead)
-def list_tenants(_admin: AdminKey, session: SessionDep, settings: SettingsDep, limit: Limit = 50,
-                 offset: Offset = 0) -> TenantsRead:
+def list_tenants(
+    _admin: AdminKey, session: SessionDep, settings: SettingsDep, limit: Limit = 50, offset: Offset = 0
+) -> TenantsRead:
     rows = session.scalars(select(Tenant).order_by(Tenant.created_at, Tenant.id).limit(limit).offset(offset)).all()
     count = session.scalar(select(func.count()).select_from(Tenant)) or 0
     data = [svc.tenant_to_read(session, t, settings, with_usage=False) for t in rows]
@@ -92,11 +99,15 @@ def create_key(key_in: ApiKeyCreate, _admin: AdminKey, session: SessionDep) -> A
 
 
 @router.get("/keys", response_model=ApiKeysRead)
-def list_keys(_admin: AdminKey, session: SessionDep, tenant_id: str | None = None, limit: Limit = 50,
-              offset: Offset = 0) -> ApiKeysRead:
+def list_keys(
+    _admin: AdminKey, session: SessionDep, tenant_id: str | None = None, limit: Limit = 50, offset: Offset = 0
+) -> ApiKeysRead:
     query, count_query = select(ApiKey), select(func.count()).select_from(ApiKey)
     if tenant_id is not None:
-        query, count_query = query.where(ApiKey.tenant_id == tenant_id), count_query.where(ApiKey.tenant_id == tenant_id)
+        query, count_query = (
+            query.where(ApiKey.tenant_id == tenant_id),
+            count_query.where(ApiKey.tenant_id == tenant_id),
+        )
     rows = session.scalars(query.order_by(ApiKey.created_at, ApiKey.id).limit(limit).offset(offset)).all()
     count = session.scalar(count_query) or 0
     return released(session, ApiKeysRead(data=[ApiKeyRead.model_validate(r) for r in rows], count=count))

@@ -35,6 +35,15 @@ def list_workers(_key: CurrentKey, session: SessionDep) -> WorkersRead:
     """Workers seen within CVOPT_STALE_AFTER_SECONDS."""
     since = utcnow() - timedelta(seconds=get_settings().stale_after_seconds)
     rows = session.scalars(select(Worker).where(Worker.last_seen_at >= since).order_by(Worker.started_at)).all()
-    data = [WorkerRead(id=w.id, hostname=w.hostname, queues=list(w.queues), gpu=w.gpu, started_at=w.started_at,
-                       last_seen_at=w.last_seen_at) for w in rows]
+    data = [
+        WorkerRead(
+            id=w.id,
+            hostname=w.hostname,
+            queues=list(w.queues),
+            gpu=w.gpu,
+            started_at=w.started_at,
+            last_seen_at=w.last_seen_at,
+        )
+        for w in rows
+    ]
     return released(session, WorkersRead(data=data, count=len(data)))

@@ -8,7 +8,7 @@ Revises: 0004
 Create Date: 2026-11-27
 """
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -32,7 +32,7 @@ def upgrade() -> None:
         sa.Column("max_uploads_per_minute", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
-    op.bulk_insert(tenants, [{"id": DEFAULT, "name": DEFAULT, "created_at": datetime.now(timezone.utc)}])
+    op.bulk_insert(tenants, [{"id": DEFAULT, "name": DEFAULT, "created_at": datetime.now(UTC)}])
     for table in OWNED:
         with op.batch_alter_table(table) as batch_op:
             # The server default fills the existing rows; it is dropped below so that new rows
@@ -41,8 +41,9 @@ def upgrade() -> None:
             batch_op.create_foreign_key(f"fk_{table}_tenant_id_tenants", "tenants", ["tenant_id"], ["id"])
             batch_op.create_index(f"ix_{table}_tenant_id", ["tenant_id"])
         with op.batch_alter_table(table) as batch_op:
-            batch_op.alter_column("tenant_id", server_default=None, existing_type=sa.String(32),
-                                  existing_nullable=False)
+            batch_op.alter_column(
+                "tenant_id", server_default=None, existing_type=sa.String(32), existing_nullable=False
+            )
     with op.batch_alter_table("api_keys") as batch_op:
         batch_op.add_column(sa.Column("is_admin", sa.Boolean(), nullable=False, server_default=sa.true()))
     with op.batch_alter_table("api_keys") as batch_op:

@@ -97,8 +97,9 @@ def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     return np.concatenate([boxes[..., 0:2] - half, boxes[..., 0:2] + half], axis=-1)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float,
-        *, max_keep: int | None = None) -> np.ndarray:
+def nms(
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float, *, max_keep: int | None = None
+) -> np.ndarray:
     """Greedy class-aware non-maximum suppression: indices of the kept boxes, best score first.
 
     A box is dropped when it overlaps a better-scored box of its own class by IoU above
@@ -151,8 +152,14 @@ def nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold
     return order[np.asarray(keep, dtype=np.int64)]
 
 
-def targets_to_input_pixels(boxes_xyxy: np.ndarray, image_wh: tuple[int, int], input_wh: tuple[int, int],
-                            resize: int | None, *, letterbox: bool = False) -> np.ndarray:
+def targets_to_input_pixels(
+    boxes_xyxy: np.ndarray,
+    image_wh: tuple[int, int],
+    input_wh: tuple[int, int],
+    resize: int | None,
+    *,
+    letterbox: bool = False,
+) -> np.ndarray:
     """Boxes in an original image's pixels, moved to the model input's pixels the way
     worker/data.py ``_image_to_array`` moves the image: a straight resize to ``input_wh``, or
     (``resize`` set) the shorter side scaled to ``resize`` then a centre crop of ``input_wh``, or
@@ -166,7 +173,7 @@ def targets_to_input_pixels(boxes_xyxy: np.ndarray, image_wh: tuple[int, int], i
     if columns not in (4, 5):
         raise ValueError(f"boxes must be (M, 4) xyxy or (M, 5) [cls, xyxy], got shape {list(boxes.shape)}")
     boxes = boxes.reshape(-1, columns).copy()
-    xyxy = boxes[:, columns - 4:]
+    xyxy = boxes[:, columns - 4 :]
     img_w, img_h = (int(v) for v in image_wh)
     in_w, in_h = (int(v) for v in input_wh)
     if letterbox:
@@ -208,8 +215,10 @@ def _anchor_rows(output: np.ndarray) -> np.ndarray:
     if out.ndim == 2:
         out = out[None]
     if out.ndim != 3:
-        raise PassError(f"a YOLO head is one (N, 4 + C, A) or (N, A, 4 + C) tensor, got shape {list(out.shape)}",
-                        code="detection_layout_mismatch")
+        raise PassError(
+            f"a YOLO head is one (N, 4 + C, A) or (N, A, 4 + C) tensor, got shape {list(out.shape)}",
+            code="detection_layout_mismatch",
+        )
     return out if channel_axis(out.shape) == 2 else out.transpose(0, 2, 1)
 
 
@@ -261,14 +270,23 @@ def _raw_head_parts(output: np.ndarray, layout: str) -> tuple[np.ndarray, np.nda
     rows = _anchor_rows(output)
     first_class = 5 if layout == "yolo_objectness" else 4
     if rows.shape[2] <= first_class:
-        raise PassError(f"a {layout!r} head needs more than {first_class} channels, got shape {list(rows.shape)}",
-                        code="detection_layout_mismatch")
+        raise PassError(
+            f"a {layout!r} head needs more than {first_class} channels, got shape {list(rows.shape)}",
+            code="detection_layout_mismatch",
+        )
     objectness = rows[..., 4] if layout == "yolo_objectness" else None
     return rows[..., :4], rows[..., first_class:], objectness
 
 
-def _select(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, *, conf_threshold: float,
-            iou_threshold: float | None, max_detections: int) -> Detections:
+def _select(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    *,
+    conf_threshold: float,
+    iou_threshold: float | None,
+    max_detections: int,
+) -> Detections:
     """Thresholded, (optionally) NMS-ed and capped detections of one image."""
     keep = np.flatnonzero((scores > conf_threshold) & np.isfinite(scores) & np.isfinite(boxes).all(axis=1))
     if keep.size > MAX_NMS_CANDIDATES:
@@ -281,8 +299,9 @@ def _select(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, *, conf_t
     return Detections(boxes[kept], scores[kept], labels[kept])
 
 
-def _decode_raw_head(output: np.ndarray, layout: str, *, box_format: str, logits: bool | None,
-                     **select: Any) -> list[Detections]:
+def _decode_raw_head(
+    output: np.ndarray, layout: str, *, box_format: str, logits: bool | None, **select: Any
+) -> list[Detections]:
     raw_boxes, class_scores, objectness = _raw_head_parts(output, layout)
     if logits is None:
         logits = scores_are_logits([output], layout)
@@ -316,8 +335,10 @@ def _labels_and_scores(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
         if (b.max(initial=0) > 1) and not (a.max(initial=0) > 1):
             return b, a
         return a, b
-    raise PassError("cannot tell the labels output from the scores output: neither holds whole class numbers",
-                    code="detection_layout_mismatch")
+    raise PassError(
+        "cannot tell the labels output from the scores output: neither holds whole class numbers",
+        code="detection_layout_mismatch",
+    )
 
 
 def _per_box_outputs(outputs: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
@@ -326,8 +347,10 @@ def _per_box_outputs(outputs: list[np.ndarray]) -> tuple[np.ndarray, list[np.nda
     outs = [np.asarray(o) for o in outputs]
     box_index = next((i for i, o in enumerate(outs) if o.ndim in (2, 3) and o.shape[-1] == 4), None)
     if box_index is None:
-        raise PassError(f"no post-NMS boxes output (N, K, 4) among shapes {[list(o.shape) for o in outs]}",
-                        code="detection_layout_mismatch")
+        raise PassError(
+            f"no post-NMS boxes output (N, K, 4) among shapes {[list(o.shape) for o in outs]}",
+            code="detection_layout_mismatch",
+        )
     boxes = outs[box_index]
     others = [o for i, o in enumerate(outs) if i != box_index]
     if boxes.ndim == 2:  # a batch-less export: one image
@@ -350,8 +373,9 @@ def _class_score_matrix(outputs: list[np.ndarray]) -> np.ndarray | None:
     return matrices[0] if matrices and not any(o.ndim == 2 for o in per_box) else None
 
 
-def _post_nms_parts(outputs: list[np.ndarray], logits: bool | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, bool]:
+def _post_nms_parts(
+    outputs: list[np.ndarray], logits: bool | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, bool]:
     """(boxes (N, K, 4), scores (N, K), labels (N, K), counts (N,) or None, needs NMS)."""
     outs = [np.asarray(o) for o in outputs]
     if len(outs) == 1:
@@ -359,8 +383,11 @@ def _post_nms_parts(outputs: list[np.ndarray], logits: bool | None = None
         if rows.ndim == 2:
             rows = rows[None]
         if rows.ndim != 3 or rows.shape[2] != 6:
-            raise PassError(f"a single post-NMS output must be (N, K, 6) [x1, y1, x2, y2, score, label], got "
-                            f"shape {list(outs[0].shape)}", code="detection_layout_mismatch")
+            raise PassError(
+                f"a single post-NMS output must be (N, K, 6) [x1, y1, x2, y2, score, label], got "
+                f"shape {list(outs[0].shape)}",
+                code="detection_layout_mismatch",
+            )
         return rows[..., :4], rows[..., 4], rows[..., 5], None, False
     boxes, per_box, count = _per_box_outputs(outs)
     n, k = boxes.shape[:2]
@@ -375,12 +402,15 @@ def _post_nms_parts(outputs: list[np.ndarray], logits: bool | None = None
     if len(vectors) >= 2:
         labels, scores = _labels_and_scores(vectors[0], vectors[1])
         return boxes, scores, labels, count, False
-    raise PassError(f"no scores output (N, K) beside the boxes among shapes {[list(o.shape) for o in outs]}",
-                    code="detection_layout_mismatch")
+    raise PassError(
+        f"no scores output (N, K) beside the boxes among shapes {[list(o.shape) for o in outs]}",
+        code="detection_layout_mismatch",
+    )
 
 
-def _decode_post_nms(outputs: list[np.ndarray], *, logits: bool | None, conf_threshold: float,
-                     iou_threshold: float, max_detections: int) -> list[Detections]:
+def _decode_post_nms(
+    outputs: list[np.ndarray], *, logits: bool | None, conf_threshold: float, iou_threshold: float, max_detections: int
+) -> list[Detections]:
     boxes, scores, labels, count, needs_nms = _post_nms_parts(outputs, logits)
     boxes = np.asarray(boxes, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
@@ -392,29 +422,46 @@ def _decode_post_nms(outputs: list[np.ndarray], *, logits: bool | None, conf_thr
         # Padding rows score 0 (or -1): never a detection, whatever the threshold.
         s = np.where(s > 0, s, -np.inf)
         # The model ran its own NMS; running ours again would drop boxes it chose to keep.
-        result.append(_select(boxes[i, :valid], s, labels[i, :valid], conf_threshold=conf_threshold,
-                              iou_threshold=iou_threshold if needs_nms else None, max_detections=max_detections))
+        result.append(
+            _select(
+                boxes[i, :valid],
+                s,
+                labels[i, :valid],
+                conf_threshold=conf_threshold,
+                iou_threshold=iou_threshold if needs_nms else None,
+                max_detections=max_detections,
+            )
+        )
     return result
 
 
-def decode(outputs: list[np.ndarray], layout: str, *, box_format: str = "xywh", conf_threshold: float = 0.25,
-           iou_threshold: float = 0.45, max_detections: int = 300,
-           scores_are_logits: bool | None = None) -> list[Detections]:
+def decode(
+    outputs: list[np.ndarray],
+    layout: str,
+    *,
+    box_format: str = "xywh",
+    conf_threshold: float = 0.25,
+    iou_threshold: float = 0.45,
+    max_detections: int = 300,
+    scores_are_logits: bool | None = None,
+) -> list[Detections]:
     """One image's detections per batch row: scores above ``conf_threshold``, class-aware NMS at
     ``iou_threshold`` (raw heads), at most ``max_detections`` best-scored boxes.
 
     ``scores_are_logits``: whether score tensors go through a sigmoid; None decides from these
     outputs (see ``scores_are_logits``, which a caller comparing models runs once on the original's)."""
     if box_format not in BOX_FORMATS:
-        raise PassError(f"unknown box format {box_format!r} (one of {', '.join(BOX_FORMATS)})",
-                        code="invalid_detection_options")
+        raise PassError(
+            f"unknown box format {box_format!r} (one of {', '.join(BOX_FORMATS)})", code="invalid_detection_options"
+        )
     select = {"conf_threshold": conf_threshold, "iou_threshold": iou_threshold, "max_detections": max_detections}
     if layout in ("yolo", "yolo_objectness"):
         return _decode_raw_head(outputs[0], layout, box_format=box_format, logits=scores_are_logits, **select)
     if layout == "post_nms":
         return _decode_post_nms(outputs, logits=scores_are_logits, **select)
-    raise PassError(f"unknown detection layout {layout!r} (one of {', '.join(LAYOUTS)})",
-                    code="invalid_detection_layout")
+    raise PassError(
+        f"unknown detection layout {layout!r} (one of {', '.join(LAYOUTS)})", code="invalid_detection_layout"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,8 +622,12 @@ class MeanAveragePrecision:
     def result(self) -> dict[str, float | int | None]:
         """``map50`` and ``map50_95`` (None when no image has a target), ``images``, ``targets``."""
         classes = sorted(k for k, n in self._targets.items() if n > 0)
-        out: dict[str, float | int | None] = {"map50": None, "map50_95": None, "images": self.images,
-                                               "targets": int(sum(self._targets.values()))}
+        out: dict[str, float | int | None] = {
+            "map50": None,
+            "map50_95": None,
+            "images": self.images,
+            "targets": int(sum(self._targets.values())),
+        }
         if classes:
             precision = np.stack([self._class_precision(k) for k in classes], axis=-1)  # (T, R, K)
             out["map50"] = float(np.mean(precision[0]))

@@ -69,8 +69,9 @@ class ChannelSums:
         """Each channel's SNR (of those selected)."""
         if self.signal is None:
             return []
-        return [snr_of_sums(float(s), float(n))
-                for s, n in zip(self.signal[channels], self.noise[channels], strict=True)]
+        return [
+            snr_of_sums(float(s), float(n)) for s, n in zip(self.signal[channels], self.noise[channels], strict=True)
+        ]
 
     def pooled_snr(self, channels: slice = slice(None)) -> float | None:
         """One SNR over the selected channels together."""

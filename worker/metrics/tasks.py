@@ -79,8 +79,13 @@ class ClassificationTally:
         self.n = self.top1 = self.top5 = self.agree = 0
         self.fidelity = Fidelity()
 
-    def add(self, outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None,
-            targets: Sequence[Detections] | None = None) -> None:
+    def add(
+        self,
+        outputs: Outputs,
+        reference: Outputs,
+        labels: np.ndarray | None = None,
+        targets: Sequence[Detections] | None = None,
+    ) -> None:
         out, ref = outputs[0], reference[0]
         flat = out.reshape(len(out), -1)
         self.n += len(flat)
@@ -124,22 +129,34 @@ class DetectionTally:
     def decode(self, outputs: Outputs, *, for_map: bool = False) -> list[Detections]:
         o = self.options
         samples = outputs if isinstance(outputs, PerSample) else [outputs]
-        return [d for sample in samples for d in decode(
-            sample, self.layout, box_format=o.box_format,
-            conf_threshold=MAP_CONF_THRESHOLD if for_map else o.conf_threshold,
-            iou_threshold=o.iou_threshold, max_detections=o.max_detections, scores_are_logits=self.logits,
-        )]
+        return [
+            d
+            for sample in samples
+            for d in decode(
+                sample,
+                self.layout,
+                box_format=o.box_format,
+                conf_threshold=MAP_CONF_THRESHOLD if for_map else o.conf_threshold,
+                iou_threshold=o.iou_threshold,
+                max_detections=o.max_detections,
+                scores_are_logits=self.logits,
+            )
+        ]
 
-    def add(self, outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None,
-            targets: Sequence[Detections] | None = None) -> None:
+    def add(
+        self,
+        outputs: Outputs,
+        reference: Outputs,
+        labels: np.ndarray | None = None,
+        targets: Sequence[Detections] | None = None,
+    ) -> None:
         if not self.logits_decided:
             # Once, from the original: every candidate's scores are read the way FP32's are.
             first = reference[0] if isinstance(reference, PerSample) else reference
             self.logits, self.logits_decided = scores_are_logits(first, self.layout), True
         reference_detections = self.decode(reference)
         # The original's own tally is fed its outputs as both: decoded once.
-        self.agreement.add(reference_detections,
-                           reference_detections if outputs is reference else self.decode(outputs))
+        self.agreement.add(reference_detections, reference_detections if outputs is reference else self.decode(outputs))
         if self.labeled and targets is not None:
             self.map.add(self.decode(outputs, for_map=True), list(targets))
         if self.fidelity is not None and not isinstance(outputs, PerSample) and not isinstance(reference, PerSample):
@@ -193,8 +210,13 @@ class SegmentationTally:
             return out.argmax(1)
         return (out[:, 0] > self.threshold).astype(np.int64)
 
-    def add(self, outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None,
-            targets: Sequence[Detections] | None = None) -> None:
+    def add(
+        self,
+        outputs: Outputs,
+        reference: Outputs,
+        labels: np.ndarray | None = None,
+        targets: Sequence[Detections] | None = None,
+    ) -> None:
         if self.threshold is None:
             ref = reference[0]
             self.threshold = 0.5 if ref.min() >= 0 and ref.max() <= 1 else 0.0
@@ -209,8 +231,11 @@ class SegmentationTally:
 
     def result(self) -> dict[str, Any]:
         ious = [self.intersection[c] / self.union[c] for c in self.union if self.union[c]]
-        fidelity = {**self.fidelity.result(), "pixel_agreement": self.agree / self.pixels if self.pixels else 1.0,
-                    "mean_iou": float(np.mean(ious)) if ious else 1.0}
+        fidelity = {
+            **self.fidelity.result(),
+            "pixel_agreement": self.agree / self.pixels if self.pixels else 1.0,
+            "mean_iou": float(np.mean(ious)) if ious else 1.0,
+        }
         return {"fidelity": fidelity, "metric": {"name": "pixel_agreement", "value": fidelity["pixel_agreement"]}}
 
 
@@ -229,19 +254,23 @@ def box_targets(dataset, input_shape: Sequence[int], preprocessing, total: int) 
     targets = []
     for member, size in zip(members, image_sizes(dataset.path, dataset.format, members), strict=True):
         rows = boxes[member]
-        mapped = targets_to_input_pixels(rows, size, (width, height), preprocessing.resize,
-                                         letterbox=preprocessing.letterbox)
-        targets.append(Detections(boxes=mapped[:, 1:5], scores=np.ones(len(mapped)),
-                                  labels=mapped[:, 0].astype(np.int64)))
+        mapped = targets_to_input_pixels(
+            rows, size, (width, height), preprocessing.resize, letterbox=preprocessing.letterbox
+        )
+        targets.append(
+            Detections(boxes=mapped[:, 1:5], scores=np.ones(len(mapped)), labels=mapped[:, 0].astype(np.int64))
+        )
     return targets
 
 
-def measured_task(task: str, task_options: dict[str, Any], outputs: Outputs,
-                  input_shape: Sequence[int]) -> tuple[str, str | None, str | None]:
+def measured_task(
+    task: str, task_options: dict[str, Any], outputs: Outputs, input_shape: Sequence[int]
+) -> tuple[str, str | None, str | None]:
     """(task, detection layout or None, note or None) from the job and the original's real outputs
     (core.tasks.resolve_measured_task; a detector no layout reads fails the step with its code)."""
     from core.tasks import resolve_measured_task
 
     first = outputs[0] if isinstance(outputs, PerSample) else outputs
-    return resolve_measured_task(task, [list(o.shape) for o in first], list(input_shape),
-                                 detection_options(task_options).layout)
+    return resolve_measured_task(
+        task, [list(o.shape) for o in first], list(input_shape), detection_options(task_options).layout
+    )

@@ -45,8 +45,11 @@ NEEDS_DATASET = "dataset"  # evaluation dataset, or the calibration one
 
 
 # Library messages that mean an allocation failed (the step's memory limit, or the machine's).
-OOM_MESSAGES = re.compile(r"can't allocate memory|cannot allocate memory|bad[_ ]alloc|out of memory|"
-                          r"failed to allocate memory|MemoryError", re.IGNORECASE)
+OOM_MESSAGES = re.compile(
+    r"can't allocate memory|cannot allocate memory|bad[_ ]alloc|out of memory|"
+    r"failed to allocate memory|MemoryError",
+    re.IGNORECASE,
+)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -24,7 +24,9 @@ from worker.passes.base import (
 
 
 class BenchmarkConfig(PassConfig):
-    batch_sizes: list[int] = Field(default=[1, 8], min_length=1, max_length=4, description="Batch 1 is latency; a larger one is throughput.")
+    batch_sizes: list[int] = Field(
+        default=[1, 8], min_length=1, max_length=4, description="Batch 1 is latency; a larger one is throughput."
+    )
     warmup: int = Field(default=5, ge=0, le=1000)
     runs: int = Field(default=50, ge=5, le=10_000)
     max_seconds: float = Field(default=60.0, gt=0, description="Time budget for all timed runs of one batch size.")
@@ -48,8 +50,9 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
-def time_interleaved(models: dict, feeds: dict, *, runs: int, threads: int, warmup: int = 5,
-                     budget_s: float = 20.0) -> dict[str, dict]:
+def time_interleaved(
+    models: dict, feeds: dict, *, runs: int, threads: int, warmup: int = 5, budget_s: float = 20.0
+) -> dict[str, dict]:
     """ONNX models on the same inputs, timed round-robin (a block of calls of each per round)
     so that every variant sees the same machine noise; ``p50_ms`` is the median over rounds of
     each round's mean, which short calls need to be stable."""
@@ -210,15 +213,14 @@ class Benchmark(Pass):
                 stats = percentiles(samples[i])
                 stats["images_per_s"] = batch * 1000 / stats["mean_ms"]
                 results[i]["latency"][str(batch)] = stats
-        results += [{"artifact": v.name, "step": v.step, "format": v.format, "skipped": reason, "latency": {}}
-                    for v, reason in skipped]
+        results += [
+            {"artifact": v.name, "step": v.step, "format": v.format, "skipped": reason, "latency": {}}
+            for v, reason in skipped
+        ]
         baseline = results[0]["latency"].get("1", {}).get("p50_ms")
         for res in results:
             p50 = res["latency"].get("1", {}).get("p50_ms")
             res["speedup_vs_original"] = baseline / p50 if baseline and p50 else None
             if "size_bytes" in res:
                 res["size_ratio"] = res["size_bytes"] / results[0]["size_bytes"]
-        return PassResult(
-            metrics={"results": results, "machine": machine_info(ctx.threads)}
-        )
-
+        return PassResult(metrics={"results": results, "machine": machine_info(ctx.threads)})

@@ -67,7 +67,8 @@ class BuildTensorrtConfig(PassConfig):
         "quantization, TensorRT 10's way); best (every precision TensorRT finds faster).",
     )
     gpu_kind: str | None = Field(
-        default=None, pattern=GPU_KIND_PATTERN,
+        default=None,
+        pattern=GPU_KIND_PATTERN,
         description="The GPU kind the engine is for (a worker's CVOPT_GPU_KIND, e.g. h100, l4); the step "
         "runs on that kind's queue. Several kinds: one build_tensorrt step per kind.",
     )
@@ -77,7 +78,9 @@ class BuildTensorrtConfig(PassConfig):
         "'Softmax', '.*head.*'): a per-layer precision constraint, for layers that overflow in FP16.",
     )
     profiles: list[ShapeRange] = Field(
-        default_factory=lambda: [ShapeRange()], min_length=1, max_length=8,
+        default_factory=lambda: [ShapeRange()],
+        min_length=1,
+        max_length=8,
         description="Optimization profiles for an open batch (and resolution); ignored for fixed shapes.",
     )
     workspace_mib: int = Field(default=4096, ge=64, le=1 << 20, description="Builder workspace limit.")
@@ -108,8 +111,9 @@ class Profile:
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
 
-def plan_profiles(model_inputs: list[dict[str, Any]], input_spec: list[dict[str, Any]],
-                  ranges: list[ShapeRange]) -> list[Profile]:
+def plan_profiles(
+    model_inputs: list[dict[str, Any]], input_spec: list[dict[str, Any]], ranges: list[ShapeRange]
+) -> list[Profile]:
     """Optimization profiles from the model's declared input shapes (open dims are strings or
     None) and the job's input spec. Fixed-shape models get one profile at their shape; an open
     batch takes the ranges' batches; open spatial dims take the ranges' hw or the job's shape."""
@@ -121,8 +125,10 @@ def plan_profiles(model_inputs: list[dict[str, Any]], input_spec: list[dict[str,
         for name, spec_shape in concrete.items():
             file_shape = declared.get(name) or spec_shape
             if len(file_shape) != len(spec_shape):
-                raise PassError(f"input {name!r} has rank {len(file_shape)} in the model and {len(spec_shape)} in the job",
-                                code="shape_mismatch")
+                raise PassError(
+                    f"input {name!r} has rank {len(file_shape)} in the model and {len(spec_shape)} in the job",
+                    code="shape_mismatch",
+                )
             lo, opt, hi = list(spec_shape), list(spec_shape), list(spec_shape)
             for axis, dim in enumerate(file_shape):
                 if isinstance(dim, int) and dim > 0:
@@ -148,8 +154,9 @@ class PrecisionPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_precision(precision: str, *, qdq_nodes: int, nodes: list[tuple[str, str]],
-                   fp32_patterns: list[str]) -> PrecisionPlan:
+def plan_precision(
+    precision: str, *, qdq_nodes: int, nodes: list[tuple[str, str]], fp32_patterns: list[str]
+) -> PrecisionPlan:
     """The builder flags and per-layer constraints for a precision. ``nodes`` are the ONNX
     graph's (name, op_type); ``qdq_nodes`` its QuantizeLinear/DequantizeLinear count."""
     flags: list[str] = []
@@ -175,15 +182,22 @@ def plan_precision(precision: str, *, qdq_nodes: int, nodes: list[tuple[str, str
     if fp32_patterns:
         regexes = [re.compile(p) for p in fp32_patterns]
         pinned = [name for name, op in nodes if any(r.fullmatch(name) or r.fullmatch(op) for r in regexes)]
-        unmatched = [p for p, r in zip(fp32_patterns, regexes, strict=True)
-                     if not any(r.fullmatch(n) or r.fullmatch(o) for n, o in nodes)]
+        unmatched = [
+            p
+            for p, r in zip(fp32_patterns, regexes, strict=True)
+            if not any(r.fullmatch(n) or r.fullmatch(o) for n, o in nodes)
+        ]
         if unmatched:
-            raise PassError(f"fp32_layers match no node or op type of the model: {unmatched}", code="invalid_step_config",
-                            details={"unmatched": unmatched})
+            raise PassError(
+                f"fp32_layers match no node or op type of the model: {unmatched}",
+                code="invalid_step_config",
+                details={"unmatched": unmatched},
+            )
         if precision != "fp32":
             flags.append("OBEY_PRECISION_CONSTRAINTS")
-    return PrecisionPlan(builder_flags=list(dict.fromkeys(flags)), fp32_layers=pinned,
-                         explicit_quantization=explicit, notes=notes)
+    return PrecisionPlan(
+        builder_flags=list(dict.fromkeys(flags)), fp32_layers=pinned, explicit_quantization=explicit, notes=notes
+    )
 
 
 def engine_name(*, model_stem: str, precision: str, gpu: dict[str, Any], trt_version: str) -> str:
@@ -202,8 +216,9 @@ def timing_cache_key(*, gpu: dict[str, Any], trt_version: str) -> str:
     return f"tensorrt/timing-cache/{name}-sm{cc}/trt-{trt_version}.cache"
 
 
-def engine_metadata(*, gpu: dict[str, Any], trt_version: str, precision: str, profiles: list[Profile],
-                    plan: PrecisionPlan) -> dict[str, Any]:
+def engine_metadata(
+    *, gpu: dict[str, Any], trt_version: str, precision: str, profiles: list[Profile], plan: PrecisionPlan
+) -> dict[str, Any]:
     return {
         "runtime": "tensorrt",
         "gpu_name": gpu.get("name"),
@@ -246,8 +261,9 @@ class BuildTensorrt(Pass):
         if gpu is None:
             raise PassError("build_tensorrt needs an NVIDIA GPU and this worker has none", code="no_gpu")
         if config.gpu_kind and gpu["kind"] != config.gpu_kind:
-            raise PassError(f"this step is for {config.gpu_kind} but ran on a {gpu['kind']} ({gpu['name']})",
-                            code="wrong_gpu")
+            raise PassError(
+                f"this step is for {config.gpu_kind} but ran on a {gpu['kind']} ({gpu['name']})", code="wrong_gpu"
+            )
         trt_version = tensorrt_backend.version()  # PassError when tensorrt is not installed
 
         model = onnx.load(str(source.path), load_external_data=False)
@@ -255,9 +271,12 @@ class BuildTensorrt(Pass):
         qdq = sum(op in ("QuantizeLinear", "DequantizeLinear") for _, op in nodes)
         initializers = {i.name for i in model.graph.initializer}
         declared = [
-            {"name": i.name, "shape": [d.dim_value if d.HasField("dim_value") else None
-                                       for d in i.type.tensor_type.shape.dim]}
-            for i in model.graph.input if i.name not in initializers
+            {
+                "name": i.name,
+                "shape": [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim],
+            }
+            for i in model.graph.input
+            if i.name not in initializers
         ]
         plan = plan_precision(config.precision, qdq_nodes=qdq, nodes=nodes, fp32_patterns=config.fp32_layers)
         profiles = plan_profiles(declared, ctx.input_spec, config.profiles)
@@ -267,19 +286,26 @@ class BuildTensorrt(Pass):
         cache_key = timing_cache_key(gpu=gpu, trt_version=trt_version)
         if config.reuse_timing_cache and ctx.fetch_shared is not None:
             ctx.fetch_shared(cache_key, cache_path)
-        out = ctx.work_dir / engine_name(model_stem=source.path.stem, precision=config.precision, gpu=gpu,
-                                         trt_version=trt_version)
+        out = ctx.work_dir / engine_name(
+            model_stem=source.path.stem, precision=config.precision, gpu=gpu, trt_version=trt_version
+        )
         # build_engine parses first and fails naming every node and op TensorRT refuses, before
         # any GPU time is spent.
         build = tensorrt_backend.build_engine(
-            source.path, out, plan=plan, profiles=profiles, workspace_mib=config.workspace_mib,
+            source.path,
+            out,
+            plan=plan,
+            profiles=profiles,
+            workspace_mib=config.workspace_mib,
             optimization_level=config.optimization_level,
-            timing_cache=cache_path if config.reuse_timing_cache else None, log=ctx.log,
+            timing_cache=cache_path if config.reuse_timing_cache else None,
+            log=ctx.log,
         )
         if config.reuse_timing_cache and ctx.store_shared is not None and cache_path.exists():
             ctx.store_shared(cache_key, cache_path)
-        meta = engine_metadata(gpu=gpu, trt_version=trt_version, precision=config.precision, profiles=profiles,
-                               plan=plan)
+        meta = engine_metadata(
+            gpu=gpu, trt_version=trt_version, precision=config.precision, profiles=profiles, plan=plan
+        )
         metrics = {**meta, **build, "timing_cache_key": cache_key if config.reuse_timing_cache else None}
         if plan.notes:
             metrics["warning"] = "; ".join(plan.notes)

@@ -103,8 +103,13 @@ class CompileGpu(Pass):
                 reference = module(*example)
             reference = reference[0] if isinstance(reference, (tuple, list)) else reference
             reference = reference.float().cpu().numpy()
-        low = _Cast(copy.deepcopy(module).to(dtype=dtype, memory_format=torch.channels_last if config.channels_last else torch.preserve_format),
-                    dtype, config.channels_last).eval()
+        low = _Cast(
+            copy.deepcopy(module).to(
+                dtype=dtype, memory_format=torch.channels_last if config.channels_last else torch.preserve_format
+            ),
+            dtype,
+            config.channels_last,
+        ).eval()
         batch = torch.export.Dim("batch", min=1, max=config.max_batch)
         try:
             program = torch.export.export(low, example, dynamic_shapes=({0: batch},))
@@ -131,14 +136,24 @@ class CompileGpu(Pass):
                 else:
                     snr = snr_db(reference, checked["output"])
                     if snr < floor:
-                        raise PassError(f"the compiled package's outputs differ from the model's: SNR {snr:.1f} dB < {floor:g} dB",
-                                        code="compile_mismatch")
+                        raise PassError(
+                            f"the compiled package's outputs differ from the model's: SNR {snr:.1f} dB < {floor:g} dB",
+                            code="compile_mismatch",
+                        )
                     return PassResult(
-                        artifact=out, format=AOTI_PACKAGE,
-                        metrics={"package": "aoti", "precision": config.precision, "device": config.device,
-                                 "dynamic_batch": dynamic, "max_batch": config.max_batch if dynamic else None,
-                                 "channels_last": config.channels_last, "snr_db": snr, "min_snr_db": floor,
-                                 "load_seconds": checked["load_seconds"]},
+                        artifact=out,
+                        format=AOTI_PACKAGE,
+                        metrics={
+                            "package": "aoti",
+                            "precision": config.precision,
+                            "device": config.device,
+                            "dynamic_batch": dynamic,
+                            "max_batch": config.max_batch if dynamic else None,
+                            "channels_last": config.channels_last,
+                            "snr_db": snr,
+                            "min_snr_db": floor,
+                            "load_seconds": checked["load_seconds"],
+                        },
                         meta={"runtime": "aoti", "device": config.device, "precision": config.precision},
                     )
             ctx.log.warning("falling back to an ExportedProgram compiled at load: %s", fallback_reason)
@@ -148,16 +163,31 @@ class CompileGpu(Pass):
             got = torch.export.load(str(out)).module()(*example)
         snr = snr_db(reference, got.float().cpu().numpy())
         if snr < floor:
-            raise PassError(f"the {config.precision} program's outputs differ from the model's: SNR {snr:.1f} dB < {floor:g} dB",
-                            code="compile_mismatch")
-        metrics = {"package": "exported_program", "precision": config.precision, "device": config.device,
-                   "dynamic_batch": dynamic, "channels_last": config.channels_last, "snr_db": snr, "min_snr_db": floor}
+            raise PassError(
+                f"the {config.precision} program's outputs differ from the model's: SNR {snr:.1f} dB < {floor:g} dB",
+                code="compile_mismatch",
+            )
+        metrics = {
+            "package": "exported_program",
+            "precision": config.precision,
+            "device": config.device,
+            "dynamic_batch": dynamic,
+            "channels_last": config.channels_last,
+            "snr_db": snr,
+            "min_snr_db": floor,
+        }
         if fallback_reason:
             metrics["warning"] = f"AOTInductor package not used ({fallback_reason}); the program is compiled at load"
         return PassResult(
-            artifact=out, format=EXPORTED_PROGRAM, metrics=metrics,
-            meta={"runtime": "torch.compile", "device": config.device, "precision": config.precision,
-                  "compile_at_load": True},
+            artifact=out,
+            format=EXPORTED_PROGRAM,
+            metrics=metrics,
+            meta={
+                "runtime": "torch.compile",
+                "device": config.device,
+                "precision": config.precision,
+                "compile_at_load": True,
+            },
         )
 
 
@@ -183,8 +213,12 @@ def _check_in_child(package, example_path, device: str, work_dir) -> dict:
 
     out = work_dir / "child-output.pt"
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(package), str(example_path), device, str(out)],
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(package), str(example_path), device, str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     except subprocess.TimeoutExpired:
         return {"error": "loading the AOTInductor package took over 600 s"}
     if proc.returncode != 0:

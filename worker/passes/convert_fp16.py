@@ -23,7 +23,9 @@ FP16_MAX = 65504.0
 class ConvertFp16Config(PassConfig):
     keep_io_types: bool = Field(default=True, description="Inputs and outputs stay float32.")
     overflow_fraction: float = Field(
-        default=0.5, gt=0, le=1,
+        default=0.5,
+        gt=0,
+        le=1,
         description="Keep a node in FP32 when its observed |activation| exceeds this fraction of FP16's max.",
     )
     num_samples: int = Field(default=32, ge=1, le=4096, description="Inputs used to look for overflow.")

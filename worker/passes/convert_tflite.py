@@ -67,7 +67,8 @@ class ConvertTfliteConfig(PassConfig):
         default="nchw", description="nhwc: image inputs channels-last, as Android camera pipelines hand them over."
     )
     min_snr_db: float | None = Field(
-        default=None, description="Fidelity floor (SNR of the outputs against the source, dB); default by "
+        default=None,
+        description="Fidelity floor (SNR of the outputs against the source, dB); default by "
         "precision: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_MIN_SNR_DB.items()),
     )
     min_channel_snr_db: float | None = Field(
@@ -109,8 +110,11 @@ class ConvertTflite(Pass):
         if source.format in TF_FORMATS:
             return self._from_tensorflow(ctx, source, config)
         if config.precision == "dynamic" or config.io_dtype != "auto":
-            raise PassError("precision 'dynamic' and io_dtype are for TensorFlow uploads; PyTorch models take "
-                            "fp32, fp16 or int8 (int8 inputs/outputs)", code="invalid_step_config")
+            raise PassError(
+                "precision 'dynamic' and io_dtype are for TensorFlow uploads; PyTorch models take "
+                "fp32, fp16 or int8 (int8 inputs/outputs)",
+                code="invalid_step_config",
+            )
         module = load_module(source)
         args = sample_tensors(ctx.input_spec)
         target = ctx.work_dir / f"model.{config.precision}.tflite"
@@ -133,15 +137,24 @@ class ConvertTflite(Pass):
             raise
         except Exception as exc:  # litert-torch raises many types for ops it cannot lower
             raise PassError(
-                f"litert-torch could not convert the model: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:400]}",
+                "litert-torch could not convert the model: "
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:400]}",
                 code="conversion_failed",
             ) from exc
         ctx.check_cancelled()
 
         # Verify in the interpreter a phone would use, against the model converted.
-        return _verified(ctx, config, target, layout=config.io_layout, reference=_torch_reference(module),
-                         shape=tuple(args[0].shape), against="the model it was converted from",
-                         calibration_samples=calibration_samples, extra={"io_layout": config.io_layout})
+        return _verified(
+            ctx,
+            config,
+            target,
+            layout=config.io_layout,
+            reference=_torch_reference(module),
+            shape=tuple(args[0].shape),
+            against="the model it was converted from",
+            calibration_samples=calibration_samples,
+            extra={"io_layout": config.io_layout},
+        )
 
     def _from_tensorflow(self, ctx: PassContext, source: ArtifactRef, config: ConvertTfliteConfig) -> PassResult:
         from worker.data import iter_batches
@@ -153,8 +166,9 @@ class ConvertTflite(Pass):
         )
 
         if config.io_layout != "nchw":
-            raise PassError("io_layout is for PyTorch models; a TensorFlow model keeps its own layout",
-                            code="invalid_step_config")
+            raise PassError(
+                "io_layout is for PyTorch models; a TensorFlow model keeps its own layout", code="invalid_step_config"
+            )
         tf = import_tensorflow()
         if source.format == "keras":
             converter = tf.lite.TFLiteConverter.from_keras_model(load_keras(source))
@@ -190,16 +204,25 @@ class ConvertTflite(Pass):
         try:
             blob = converter.convert()
         except Exception as exc:  # the converter raises ConverterError and friends
-            raise PassError(f"TensorFlow's TFLite converter failed: {type(exc).__name__}: "
-                            f"{str(exc).strip().splitlines()[0][:400]}", code="conversion_failed") from exc
+            raise PassError(
+                f"TensorFlow's TFLite converter failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:400]}",
+                code="conversion_failed",
+            ) from exc
         target = ctx.work_dir / f"model.{config.precision}.tflite"
         target.write_bytes(blob)
         ctx.check_cancelled()
         reference = tf_runner(source)
-        return _verified(ctx, config, target, layout="source", reference=lambda x: reference({spec["name"]: x})[0],
-                         shape=tuple(spec["shape"]), against="the TensorFlow model",
-                         calibration_samples=calibration_samples,
-                         extra={"converter": "tf.lite.TFLiteConverter", "tensorflow": tf.__version__})
+        return _verified(
+            ctx,
+            config,
+            target,
+            layout="source",
+            reference=lambda x: reference({spec["name"]: x})[0],
+            shape=tuple(spec["shape"]),
+            against="the TensorFlow model",
+            calibration_samples=calibration_samples,
+            extra={"converter": "tf.lite.TFLiteConverter", "tensorflow": tf.__version__},
+        )
 
     def _int8(self, ctx: PassContext, config: ConvertTfliteConfig, module, args):
         import litert_torch
@@ -226,8 +249,14 @@ class ConvertTflite(Pass):
             raise PassError("the calibration dataset holds no samples", code="empty_dataset")
         seen = 0
         with torch.no_grad():
-            for x, real in calibration_batches(dataset, ctx.input_spec[0], ctx.preprocessing,
-                                               batch_size=config.batch_size, baked_batch=baked, limit=total):
+            for x, real in calibration_batches(
+                dataset,
+                ctx.input_spec[0],
+                ctx.preprocessing,
+                batch_size=config.batch_size,
+                baked_batch=baked,
+                limit=total,
+            ):
                 ctx.check_cancelled()
                 tensor = torch.from_numpy(x)
                 if config.io_layout == "nhwc":
@@ -239,8 +268,9 @@ class ConvertTflite(Pass):
         return litert_torch.convert(converted, args, quant_config=QuantConfig(pt2e_quantizer=quantizer)), seen
 
 
-def calibration_batches(dataset, spec: dict, preprocessing, *, batch_size: int, baked_batch: int | None,
-                        limit: int) -> Iterator[tuple[np.ndarray, int]]:
+def calibration_batches(
+    dataset, spec: dict, preprocessing, *, batch_size: int, baked_batch: int | None, limit: int
+) -> Iterator[tuple[np.ndarray, int]]:
     """(inputs, how many of them are real samples) over every one of the first ``limit`` samples.
     A graph with a dynamic batch takes the last partial batch at its own size; one whose batch is
     baked in gets it padded with its own samples repeated (a repeated sample adds nothing to the
@@ -255,8 +285,18 @@ def calibration_batches(dataset, spec: dict, preprocessing, *, batch_size: int, 
         yield x, real
 
 
-def _verified(ctx: PassContext, config: ConvertTfliteConfig, target, *, layout: str, reference, shape: tuple,
-              against: str, calibration_samples: int, extra: dict) -> PassResult:
+def _verified(
+    ctx: PassContext,
+    config: ConvertTfliteConfig,
+    target,
+    *,
+    layout: str,
+    reference,
+    shape: tuple,
+    against: str,
+    calibration_samples: int,
+    extra: dict,
+) -> PassResult:
     """Run the .tflite in LiteRT (XNNPACK) against its source, refuse it below the floors, and
     describe it: fidelity, delegate coverage, I/O types."""
     from worker.litert import TfliteRunner, delegate_coverage, io_details
@@ -266,17 +306,29 @@ def _verified(ctx: PassContext, config: ConvertTfliteConfig, target, *, layout: 
     ctx.report_progress(0.9)
     verification, warnings = _judge(config, fidelity, against)
     coverage = delegate_coverage(target, ctx.threads)
-    metrics = {**extra, "precision": config.precision, "size_bytes": target.stat().st_size,
-               "verification": verification, "interpreter": coverage, "io": io_details(target)}
+    metrics = {
+        **extra,
+        "precision": config.precision,
+        "size_bytes": target.stat().st_size,
+        "verification": verification,
+        "interpreter": coverage,
+        "io": io_details(target),
+    }
     if calibration_samples:
         metrics["calibration_samples"] = calibration_samples
     if coverage["ops_fallback"]:
-        warnings.append(f"{coverage['ops_fallback']} of {coverage['ops']} ops run outside XNNPACK "
-                        f"({', '.join(coverage['fallback_op_types'])})")
+        warnings.append(
+            f"{coverage['ops_fallback']} of {coverage['ops']} ops run outside XNNPACK "
+            f"({', '.join(coverage['fallback_op_types'])})"
+        )
     if warnings:
         metrics["warning"] = "; ".join(warnings)
-    return PassResult(artifact=target, format=TFLITE, metrics=metrics,
-                      meta={"precision": config.precision, "io_layout": layout, "runtime": "litert"})
+    return PassResult(
+        artifact=target,
+        format=TFLITE,
+        metrics=metrics,
+        meta={"precision": config.precision, "io_layout": layout, "runtime": "litert"},
+    )
 
 
 def _judge(config: ConvertTfliteConfig, fidelity: dict, against: str) -> tuple[dict, list[str]]:
@@ -287,13 +339,15 @@ def _judge(config: ConvertTfliteConfig, fidelity: dict, against: str) -> tuple[d
     if fidelity["snr_db"] < floor:
         failures.append(f"output SNR {fidelity['snr_db']:.1f} dB < {floor:g} dB")
     if config.min_channel_snr_db is not None and fidelity["worst_channel_snr_db"] < config.min_channel_snr_db:
-        failures.append(f"worst output channel SNR {fidelity['worst_channel_snr_db']:.1f} dB < "
-                        f"{config.min_channel_snr_db:g} dB")
+        failures.append(
+            f"worst output channel SNR {fidelity['worst_channel_snr_db']:.1f} dB < {config.min_channel_snr_db:g} dB"
+        )
     if failures:
         raise PassError(
             f"the {config.precision} .tflite does not match {against}: {'; '.join(failures)} "
             f"(top-1 agreement {fidelity['top1_agreement']:.3f})",
-            code="tflite_mismatch", details=verification,
+            code="tflite_mismatch",
+            details=verification,
         )
     warnings = []
     if fidelity["worst_channel_snr_db"] < 10:
@@ -311,7 +365,9 @@ def _cast_weights_fp16(source, target) -> None:
 
     recipe = recipe_manager.RecipeManager()
     recipe.add_weight_only_config(
-        regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=16,
+        regex=".*",
+        operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+        num_bits=16,
         algorithm_key=AlgorithmName.FLOAT_CASTING,
     )
     result = quantizer.Quantizer(str(source), recipe.get_quantization_recipe()).quantize(enable_progress_report=False)

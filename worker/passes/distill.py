@@ -25,7 +25,9 @@ from worker.passes.base import (
 
 class DistillConfig(PassConfig):
     alpha: float = Field(default=1.0, ge=0, description="Weight of the teacher's soft targets.")
-    beta: float | None = Field(default=None, ge=0, description="Weight of the labels' CE; default 0.5 with labels, 0 without.")
+    beta: float | None = Field(
+        default=None, ge=0, description="Weight of the labels' CE; default 0.5 with labels, 0 without."
+    )
     temperature: float = Field(default=4.0, gt=0)
     epochs: int = Field(default=5, ge=1, le=500)
     learning_rate: float = Field(default=1e-3, gt=0, le=1)
@@ -66,10 +68,14 @@ class Distill(Pass):
 
         dataset = ctx.calibration_dataset
         if dataset is None:
-            raise PassError(f"{self.name} needs training images (calibration_dataset_id)", code="calibration_dataset_required")
+            raise PassError(
+                f"{self.name} needs training images (calibration_dataset_id)", code="calibration_dataset_required"
+            )
         torch.manual_seed(config.seed)
         xs, ys = [], []
-        for x, y in iter_batches(dataset, ctx.input_spec[0], ctx.preprocessing, batch_size=256, limit=config.max_samples):
+        for x, y in iter_batches(
+            dataset, ctx.input_spec[0], ctx.preprocessing, batch_size=256, limit=config.max_samples
+        ):
             xs.append(x)
             ys.append(y)
         x_all = torch.from_numpy(np.concatenate(xs))
@@ -91,7 +97,8 @@ class Distill(Pass):
         with torch.inference_mode():
             soft = (
                 torch.cat([teacher(x_all[i : i + 256].to(device)).cpu() for i in range(0, len(x_all), 256)])
-                if teacher is not None else None
+                if teacher is not None
+                else None
             )
         student = module_from_state_dict(source).to(device)
         optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=1e-4)
@@ -102,8 +109,9 @@ class Distill(Pass):
         def validate() -> float:
             student.eval()
             with torch.inference_mode():
-                pred = torch.cat([student(x_all[val_idx[i : i + 256]].to(device)).cpu()
-                                  for i in range(0, n_val, 256)]).argmax(1)
+                pred = torch.cat(
+                    [student(x_all[val_idx[i : i + 256]].to(device)).cpu() for i in range(0, n_val, 256)]
+                ).argmax(1)
             target = labels[val_idx] if labels is not None else soft[val_idx].argmax(1)
             return float((pred == target).float().mean())
 
@@ -127,9 +135,13 @@ class Distill(Pass):
                 if config.alpha > 0:
                     with torch.no_grad():
                         t_out = teacher(x) if config.augmentation else soft[idx].to(device)
-                    loss = loss + config.alpha * F.kl_div(
-                        F.log_softmax(out / T, dim=1), F.softmax(t_out / T, dim=1), reduction="batchmean"
-                    ) * T * T
+                    loss = (
+                        loss
+                        + config.alpha
+                        * F.kl_div(F.log_softmax(out / T, dim=1), F.softmax(t_out / T, dim=1), reduction="batchmean")
+                        * T
+                        * T
+                    )
                 if beta > 0:
                     loss = loss + beta * F.cross_entropy(out, labels[idx].to(device))
                 optimizer.zero_grad()
@@ -153,9 +165,15 @@ class Distill(Pass):
             meta=dict(source.meta),
             metrics={
                 "validation_metric": "accuracy" if labels is not None else "top1_agreement_with_teacher",
-                "validation_before": history[0]["validation"], "validation_best": best[0], "best_epoch": best[2],
-                "epochs": history, "train_samples": len(train_idx), "validation_samples": n_val,
-                "alpha": config.alpha, "beta": beta, "temperature": T, "device": device.type,
+                "validation_before": history[0]["validation"],
+                "validation_best": best[0],
+                "best_epoch": best[2],
+                "epochs": history,
+                "train_samples": len(train_idx),
+                "validation_samples": n_val,
+                "alpha": config.alpha,
+                "beta": beta,
+                "temperature": T,
+                "device": device.type,
             },
         )
-

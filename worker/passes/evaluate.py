@@ -92,7 +92,9 @@ class Evaluate(Pass):
             entry["metric"] = with_drop(entry["metric"], reference_value)
             results.append(entry)
         metrics: dict[str, Any] = {
-            "dataset": used, "num_samples": seen, "task": task,
+            "dataset": used,
+            "num_samples": seen,
+            "task": task,
             "labels": dataset.label_type if labeled else None,
             "results": results + [{"artifact": v.name, "skipped": reason} for v, reason in skipped],
         }

@@ -117,8 +117,10 @@ def _check_feeds(ctx: PassContext) -> dict:
     from worker.data import iter_batches
 
     spec = ctx.input_spec[0]
-    x, _ = next(iter_batches(dataset, spec, ctx.preprocessing, batch_size=int(spec["shape"][0]), limit=int(spec["shape"][0])),
-                (None, None))
+    x, _ = next(
+        iter_batches(dataset, spec, ctx.preprocessing, batch_size=int(spec["shape"][0]), limit=int(spec["shape"][0])),
+        (None, None),
+    )
     return {spec["name"]: x} if x is not None and len(x) == int(spec["shape"][0]) else sample_feeds(ctx.input_spec)
 
 
@@ -172,11 +174,22 @@ class ExportOnnx(Pass):
         if not error <= config.tolerance and config.simplify:
             # onnxslim's fusions can move a deep net's outputs past the tolerance (a real text detector did,
             # 2.5e-3): the graph as exported is the answer then, and the step says so.
-            plain = self._finish(ctx, source, config, onnx.load(str(ctx.work_dir / "unsimplified.onnx")), out,
-                                 metrics, feeds, reference, simplify=False)
+            plain = self._finish(
+                ctx,
+                source,
+                config,
+                onnx.load(str(ctx.work_dir / "unsimplified.onnx")),
+                out,
+                metrics,
+                feeds,
+                reference,
+                simplify=False,
+            )
             if plain <= config.tolerance:
-                metrics["warning"] = (f"the simplified graph differed from the original by {error:.3g} (relative, > "
-                                      f"{config.tolerance}); kept the graph without onnxslim ({plain:.3g})")
+                metrics["warning"] = (
+                    f"the simplified graph differed from the original by {error:.3g} (relative, > "
+                    f"{config.tolerance}); kept the graph without onnxslim ({plain:.3g})"
+                )
                 ctx.log.warning(metrics["warning"])
                 metrics["simplified"] = False
             error = plain
@@ -260,8 +273,10 @@ class ExportOnnx(Pass):
                 return f"with the batch opened the graph does not run at batch {n} ({str(exc).splitlines()[0][:200]})"
             error = _relative_error(want, got)
             if not error <= config.tolerance:
-                return (f"with the batch opened, batch {n} does not give each sample its batch-{batch} output "
-                        f"(relative error {error:.3g}); the graph mixes samples or hard-codes the batch")
+                return (
+                    f"with the batch opened, batch {n} does not give each sample its batch-{batch} output "
+                    f"(relative error {error:.3g}); the graph mixes samples or hard-codes the batch"
+                )
         return None
 
     def _from_torchscript(self, ctx, source, config, out) -> None:
@@ -277,8 +292,14 @@ class ExportOnnx(Pass):
         try:
             # TorchScript can only go through the TorchScript-based exporter.
             torch.onnx.export(
-                module, args, str(out), dynamo=False, opset_version=config.opset,
-                input_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+                module,
+                args,
+                str(out),
+                dynamo=False,
+                opset_version=config.opset,
+                input_names=names,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
             )
         except Exception as exc:  # the exporter raises many types for unsupported operators
             raise PassError(f"ONNX export of the TorchScript model failed: {exc}", code="export_failed") from exc
@@ -303,8 +324,9 @@ class ExportOnnx(Pass):
         if program is None:
             program = torch.export.export(module, sample_tensors(ctx.input_spec))
         try:
-            torch.onnx.export(program, (), str(out), dynamo=True, opset_version=max(config.opset, 18),
-                              optimize=True, verbose=False)
+            torch.onnx.export(
+                program, (), str(out), dynamo=True, opset_version=max(config.opset, 18), optimize=True, verbose=False
+            )
         except Exception as exc:
             raise PassError(f"ONNX export of the ExportedProgram failed: {exc}", code="export_failed") from exc
         if config.opset < 18:
@@ -317,7 +339,8 @@ class ExportOnnx(Pass):
                 model = version_converter.convert_version(onnx.load(str(out)), config.opset)
                 onnx.checker.check_model(model)
             except Exception as exc:  # the converter raises RuntimeError, the checker ValidationError
-                ctx.log.warning("kept opset 18: conversion to opset %d failed: %s", config.opset,
-                                str(exc).splitlines()[0][:200])
+                ctx.log.warning(
+                    "kept opset 18: conversion to opset %d failed: %s", config.opset, str(exc).splitlines()[0][:200]
+                )
             else:
                 onnx.save(model, str(out))

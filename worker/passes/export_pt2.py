@@ -52,5 +52,9 @@ class ExportPt2(Pass):
             got = torch.export.load(str(out)).module()(*example)
         error = float((want - got).abs().max())
         if error > 1e-4 * max(1.0, float(want.abs().max())):
-            raise PassError(f"the exported program disagrees with the model (max error {error:.3g})", code="export_mismatch")
-        return PassResult(artifact=out, format=EXPORTED_PROGRAM, metrics={"dynamic_batch": dynamic, "max_abs_error": error})
+            raise PassError(
+                f"the exported program disagrees with the model (max error {error:.3g})", code="export_mismatch"
+            )
+        return PassResult(
+            artifact=out, format=EXPORTED_PROGRAM, metrics={"dynamic_batch": dynamic, "max_abs_error": error}
+        )

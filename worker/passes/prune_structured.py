@@ -34,7 +34,9 @@ class PruneStructuredConfig(PassConfig):
     protect: list[str] | None = Field(
         default=None, description="Module names never pruned (default: the first convolution and the classifier)."
     )
-    iterative_steps: int = Field(default=1, ge=1, le=20, description="Prune in this many rounds (importance re-ranked each round).")
+    iterative_steps: int = Field(
+        default=1, ge=1, le=20, description="Prune in this many rounds (importance re-ranked each round)."
+    )
     tolerance: float = Field(default=0.02, gt=0, le=0.1, description="How close to the target the bisection must get.")
 
 
@@ -84,8 +86,12 @@ class PruneStructured(Pass):
 
         importance = _importance(config.importance)
         pruner = tp.pruner.MetaPruner(
-            module, example, importance=importance, pruning_ratio=channel_ratio,
-            global_pruning=config.global_pruning, iterative_steps=config.iterative_steps,
+            module,
+            example,
+            importance=importance,
+            pruning_ratio=channel_ratio,
+            global_pruning=config.global_pruning,
+            iterative_steps=config.iterative_steps,
             ignored_layers=protected_modules(module, config.protect),
         )
         for _ in range(config.iterative_steps):
@@ -103,9 +109,13 @@ class PruneStructured(Pass):
         from worker.data import iter_batches
 
         if ctx.calibration_dataset is None:
-            raise PassError("taylor importance needs a calibration dataset (it uses gradients)", code="calibration_dataset_required")
+            raise PassError(
+                "taylor importance needs a calibration dataset (it uses gradients)", code="calibration_dataset_required"
+            )
         module.zero_grad(set_to_none=True)
-        for x, _ in iter_batches(ctx.calibration_dataset, ctx.input_spec[0], ctx.preprocessing, batch_size=16, limit=64):
+        for x, _ in iter_batches(
+            ctx.calibration_dataset, ctx.input_spec[0], ctx.preprocessing, batch_size=16, limit=64
+        ):
             out = module(torch.from_numpy(x))
             # Label-free: the model's own confidence as the loss.
             torch.nn.functional.cross_entropy(out, out.argmax(1)).backward()
@@ -131,7 +141,9 @@ class PruneStructured(Pass):
             try:
                 candidate = self._prune(copy.deepcopy(original), example, config, ratio, ctx)
             except (RuntimeError, ValueError) as exc:  # the graph could not be pruned consistently
-                raise PassError(f"structured pruning failed: {str(exc).splitlines()[0]}", code="pruning_failed") from exc
+                raise PassError(
+                    f"structured pruning failed: {str(exc).splitlines()[0]}", code="pruning_failed"
+                ) from exc
             macs, params = measure(candidate, example)
             remaining = params if config.target == "params" else macs
             if best is None or abs(remaining - wanted) < abs(best[1] - wanted):
@@ -144,7 +156,9 @@ class PruneStructured(Pass):
             ratio = min(0.95, max(0.01, 1 - goal ** (1 / max(exponent, 0.5))))
         module, remaining, ratio, macs, params = best
         if abs(remaining - wanted) > config.tolerance * base:
-            ctx.log.warning("pruning reached %.3f of the %s, not %.3f", remaining / base, config.target, 1 - config.target_ratio)
+            ctx.log.warning(
+                "pruning reached %.3f of the %s, not %.3f", remaining / base, config.target, 1 - config.target_ratio
+            )
         out = ctx.work_dir / "model.pruned.pt"
         module.eval()
         save_module(module, out)
@@ -153,9 +167,16 @@ class PruneStructured(Pass):
             format=STATE_DICT,
             meta=dict(source.meta, pruned=True),
             metrics={
-                "parameters_before": params0, "parameters_after": params, "parameters_ratio": params / params0,
-                "macs_before": macs0, "macs_after": macs, "macs_ratio": macs / macs0,
-                "channel_ratio": ratio, "importance": config.importance, "global_pruning": config.global_pruning,
-                "size_bytes_before": source.path.stat().st_size, "size_bytes_after": out.stat().st_size,
+                "parameters_before": params0,
+                "parameters_after": params,
+                "parameters_ratio": params / params0,
+                "macs_before": macs0,
+                "macs_after": macs,
+                "macs_ratio": macs / macs0,
+                "channel_ratio": ratio,
+                "importance": config.importance,
+                "global_pruning": config.global_pruning,
+                "size_bytes_before": source.path.stat().st_size,
+                "size_bytes_after": out.stat().st_size,
             },
         )

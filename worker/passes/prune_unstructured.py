@@ -24,9 +24,15 @@ from worker.passes.base import (
 
 class PruneUnstructuredConfig(PassConfig):
     sparsity: float = Field(default=0.5, gt=0, lt=1, description="Fraction of weights set to zero (ignored for n:m).")
-    scope: Literal["global", "layer"] = Field(default="global", description="Rank weights across all layers or within each.")
-    pattern: Literal["none", "2:4"] = Field(default="none", description="2:4: two zeros in every group of four input weights.")
-    protect: list[str] | None = Field(default=None, description="Module names left dense (default: the first convolution and the classifier).")
+    scope: Literal["global", "layer"] = Field(
+        default="global", description="Rank weights across all layers or within each."
+    )
+    pattern: Literal["none", "2:4"] = Field(
+        default="none", description="2:4: two zeros in every group of four input weights."
+    )
+    protect: list[str] | None = Field(
+        default=None, description="Module names left dense (default: the first convolution and the classifier)."
+    )
 
 
 def _prunable(module, protect: list[str] | None):
@@ -36,7 +42,8 @@ def _prunable(module, protect: list[str] | None):
 
     kept = {id(m) for m in protected_modules(module, protect)}
     return [
-        (name, m) for name, m in module.named_modules()
+        (name, m)
+        for name, m in module.named_modules()
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and id(m) not in kept
     ]
 
@@ -84,7 +91,9 @@ class PruneUnstructured(Pass):
             if config.pattern == "2:4":
                 masks = {name: _two_of_four(m.weight) for name, m in layers}
             elif config.scope == "global":
-                threshold = _threshold(torch.cat([m.weight.detach().abs().flatten() for _, m in layers]), config.sparsity)
+                threshold = _threshold(
+                    torch.cat([m.weight.detach().abs().flatten() for _, m in layers]), config.sparsity
+                )
                 masks = {name: m.weight.detach().abs() > threshold for name, m in layers}
             else:
                 masks = {
@@ -93,9 +102,7 @@ class PruneUnstructured(Pass):
                 }
             for name, m in layers:
                 m.weight.mul_(masks[name])
-        per_layer = {
-            name: round(1 - float(masks[name].float().mean()), 4) for name, _ in layers
-        }
+        per_layer = {name: round(1 - float(masks[name].float().mean()), 4) for name, _ in layers}
         total = sum(p.numel() for p in module.parameters())
         zeros = sum(int((p == 0).sum()) for p in module.parameters())
         out = ctx.work_dir / "model.sparse.pt"

@@ -48,7 +48,9 @@ class QuantizeInt8Config(PassConfig):
     )
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     num_calibration_samples: int = Field(default=256, ge=1, le=100_000)
-    batch_size: int = Field(default=16, ge=1, le=1024, description="Calibration batch (models with an open batch axis).")
+    batch_size: int = Field(
+        default=16, ge=1, le=1024, description="Calibration batch (models with an open batch axis)."
+    )
     per_channel: bool = True
     # u8 activations with s8 weights ran fastest on x86 CPUs without VNNI (measured here).
     activation_type: Literal["uint8", "int8"] = "uint8"
@@ -60,7 +62,9 @@ class QuantizeInt8Config(PassConfig):
         "whose u8s8 kernels saturate with full 8-bit weights (measured: 12 points of accuracy lost).",
     )
     percentile: float = Field(default=99.999, gt=90, le=100)
-    op_types: list[str] | None = Field(default=None, description="Only quantize these op types (default: all supported).")
+    op_types: list[str] | None = Field(
+        default=None, description="Only quantize these op types (default: all supported)."
+    )
     exclude_nodes: list[str] = Field(default_factory=list, description="Node names to keep in float.")
     keep_mixed_scale_heads_float: bool = Field(
         default=True,
@@ -69,14 +73,18 @@ class QuantizeInt8Config(PassConfig):
         "lists them with the ranges.",
     )
     max_accuracy_drop: float | None = Field(
-        default=None, ge=0, le=1,
+        default=None,
+        ge=0,
+        le=1,
         description="Per-layer fallback: keep the nodes that add the most error in float until the task's metric "
         "(evaluate's: accuracy or top-1 agreement; mAP with box labels, else post-NMS F1 against FP32, for "
         "detectors, whose raw head must also keep every score channel at 15 dB SNR or more; pixel agreement for "
         "segmenters) is within this of the FP32 model. Default: the job's max_accuracy_drop when search_speed is "
         "on, else no fallback.",
     )
-    max_float_layers: int = Field(default=16, ge=1, le=1000, description="Fallback keeps at most this many layers in float.")
+    max_float_layers: int = Field(
+        default=16, ge=1, le=1000, description="Fallback keeps at most this many layers in float."
+    )
     validation_samples: int = Field(default=512, ge=16, le=100_000, description="Samples that judge the fallback.")
     search_speed: bool = Field(
         default=False,
@@ -105,17 +113,30 @@ class QuantizeInt8(Pass):
         out = ctx.work_dir / "model.int8.dynamic.onnx"
         graph, per_channel, opset_metrics = quantizable_graph(source.path, ctx.work_dir, config.per_channel, ctx.log)
         quantize_dynamic(
-            str(graph), str(out), per_channel=per_channel,
+            str(graph),
+            str(out),
+            per_channel=per_channel,
             weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[config.weight_type],
-            op_types_to_quantize=config.op_types, nodes_to_exclude=config.exclude_nodes,
+            op_types_to_quantize=config.op_types,
+            nodes_to_exclude=config.exclude_nodes,
         )
-        quantized = sum(count_nodes(out, op) for op in ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-                                                        "DynamicQuantizeMatMul"))
+        quantized = sum(
+            count_nodes(out, op)
+            for op in ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul")
+        )
         if quantized == 0:
             raise PassError("nothing in the model could be quantized dynamically", code="nothing_quantized")
-        return PassResult(artifact=out, format=ONNX, metrics={"mode": "dynamic", "quantized_nodes": quantized,
-                                                              "weight_type": config.weight_type,
-                                                              "per_channel": per_channel, **opset_metrics})
+        return PassResult(
+            artifact=out,
+            format=ONNX,
+            metrics={
+                "mode": "dynamic",
+                "quantized_nodes": quantized,
+                "weight_type": config.weight_type,
+                "per_channel": per_channel,
+                **opset_metrics,
+            },
+        )
 
     def run(self, ctx: PassContext, source: ArtifactRef, config: QuantizeInt8Config) -> PassResult:
         if config.mode == "dynamic":
@@ -149,8 +170,9 @@ class QuantizeInt8(Pass):
         return PassResult(artifact=out, format=ONNX, metrics=metrics)
 
 
-def _calibrated_quantizer(ctx: PassContext, source: ArtifactRef,
-                          config: QuantizeInt8Config) -> tuple[Quantizer, dict[str, Any], int | None, dict[str, Any]]:
+def _calibrated_quantizer(
+    ctx: PassContext, source: ArtifactRef, config: QuantizeInt8Config
+) -> tuple[Quantizer, dict[str, Any], int | None, dict[str, Any]]:
     """(the quantizer of the prepared graph with its calibration reader, the input spec as the graph
     names it, the graph's fixed batch or None, the opset metrics). Every calibration sample counts:
     a fixed-batch model's last, short batch is padded, never dropped."""
@@ -163,30 +185,58 @@ def _calibrated_quantizer(ctx: PassContext, source: ArtifactRef,
     input_name, fixed_batch = graph_input(prepared)
     spec = dict(ctx.input_spec[0], name=input_name)
     dataset = ctx.calibration_dataset
-    reader = CalibrationReader(ctx, dataset, spec, batch_size=fixed_batch or config.batch_size,
-                               total=min(config.num_calibration_samples, dataset.num_samples), fixed_batch=fixed_batch)
+    reader = CalibrationReader(
+        ctx,
+        dataset,
+        spec,
+        batch_size=fixed_batch or config.batch_size,
+        total=min(config.num_calibration_samples, dataset.num_samples),
+        fixed_batch=fixed_batch,
+    )
     if reader.total == 0:
         raise PassError("the calibration dataset has no samples", code="empty_dataset")
-    quantizer = Quantizer(prepared=prepared, config=config, per_channel=per_channel, reader=reader,
-                          ranges=ctx.work_dir / "calibration.json", reduce_range=reduce_range_for(config))
+    quantizer = Quantizer(
+        prepared=prepared,
+        config=config,
+        per_channel=per_channel,
+        reader=reader,
+        ranges=ctx.work_dir / "calibration.json",
+        reduce_range=reduce_range_for(config),
+    )
     return quantizer, spec, fixed_batch, opset_metrics
 
 
-def _judge_and_search(ctx: PassContext, config: QuantizeInt8Config, tolerance: float | None, quantizer: Quantizer,
-                      spec: dict[str, Any], fixed_batch: int | None, out: Path, metrics: dict[str, Any]) -> Path:
+def _judge_and_search(
+    ctx: PassContext,
+    config: QuantizeInt8Config,
+    tolerance: float | None,
+    quantizer: Quantizer,
+    spec: dict[str, Any],
+    fixed_batch: int | None,
+    out: Path,
+    metrics: dict[str, Any],
+) -> Path:
     """The graph the gate chooses: the per-layer fallback on the task's metric, then (search_speed)
     the fastest candidate within the tolerance. Writes their reports into ``metrics``."""
     from worker.quantization.gate import ValidationSet, per_layer_fallback, speed_search
 
-    validation = ValidationSet(ctx, spec, quantizer.prepared, batch_size=fixed_batch or config.batch_size,
-                               samples=config.validation_samples, fixed_batch=fixed_batch)
+    validation = ValidationSet(
+        ctx,
+        spec,
+        quantizer.prepared,
+        batch_size=fixed_batch or config.batch_size,
+        samples=config.validation_samples,
+        fixed_batch=fixed_batch,
+    )
     out, judged, metrics["fallback"] = per_layer_fallback(ctx, config, tolerance, quantizer, validation, out)
     if config.search_speed:
-        out, metrics["speed_search"] = speed_search(ctx, config, tolerance, quantizer, validation, out, judged,
-                                                    metrics["fallback"])
+        out, metrics["speed_search"] = speed_search(
+            ctx, config, tolerance, quantizer, validation, out, judged, metrics["fallback"]
+        )
         metrics["quant_format"] = "QOperator" if metrics["speed_search"]["chosen"] == "qoperator" else "QDQ"
-    warnings = [w for w in (metrics.get("warning"), validation.note, metrics.get("speed_search", {}).get("warning"))
-                if w]
+    warnings = [
+        w for w in (metrics.get("warning"), validation.note, metrics.get("speed_search", {}).get("warning")) if w
+    ]
     if warnings:
         metrics["warning"] = "; ".join(warnings)
     return out

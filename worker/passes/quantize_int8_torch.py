@@ -74,8 +74,13 @@ class QuantizeInt8Torch(Pass):
                     code="not_traceable",
                 ) from exc
             with torch.inference_mode():
-                for x, _ in iter_batches(ctx.calibration_dataset, ctx.input_spec[0], ctx.preprocessing,
-                                         batch_size=config.batch_size, limit=total):
+                for x, _ in iter_batches(
+                    ctx.calibration_dataset,
+                    ctx.input_spec[0],
+                    ctx.preprocessing,
+                    batch_size=config.batch_size,
+                    limit=total,
+                ):
                     ctx.check_cancelled()
                     prepared(torch.from_numpy(x))
                     seen += len(x)
@@ -88,7 +93,8 @@ class QuantizeInt8Torch(Pass):
             out = ctx.work_dir / "model.int8.ts"
             torch.jit.save(scripted, str(out))
         quantized_modules = sum(
-            1 for m in quantized.modules()
+            1
+            for m in quantized.modules()
             if type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
         )
         if quantized_modules == 0:

@@ -10,16 +10,16 @@ from core.errors import InvalidInput
 if TYPE_CHECKING:
     from worker.passes.base import Pass
 
-REGISTRY: dict[str, type["Pass"]] = {}
+REGISTRY: dict[str, type[Pass]] = {}
 
 
-def register(cls: type["Pass"]) -> None:
+def register(cls: type[Pass]) -> None:
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise RuntimeError(f"two passes are named {cls.name!r}: {REGISTRY[cls.name]} and {cls}")
     REGISTRY[cls.name] = cls
 
 
-def get_pass(name: str) -> type["Pass"]:
+def get_pass(name: str) -> type[Pass]:
     import worker.passes  # noqa: F401  (fills REGISTRY)
 
     try:

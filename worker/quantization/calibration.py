@@ -26,8 +26,16 @@ class CalibrationReader:
     as they are and weighs one sample twice in a histogram, and no sample is dropped. ``seen``
     counts the real samples."""
 
-    def __init__(self, ctx: PassContext, dataset: DatasetRef, spec: dict[str, Any], *, batch_size: int,
-                 total: int, fixed_batch: int | None) -> None:
+    def __init__(
+        self,
+        ctx: PassContext,
+        dataset: DatasetRef,
+        spec: dict[str, Any],
+        *,
+        batch_size: int,
+        total: int,
+        fixed_batch: int | None,
+    ) -> None:
         self.ctx, self.dataset, self.spec = ctx, dataset, spec
         self.batch_size, self.total, self.fixed_batch = batch_size, total, fixed_batch
         self.n_batches = -(-total // batch_size)
@@ -42,8 +50,12 @@ class CalibrationReader:
 
         first = start_index * self.batch_size
         limit = min(end_index * self.batch_size, self.total) - first
-        self.batches = (x for x, _ in iter_batches(self.dataset, self.spec, self.ctx.preprocessing,
-                                                    batch_size=self.batch_size, offset=first, limit=limit))
+        self.batches = (
+            x
+            for x, _ in iter_batches(
+                self.dataset, self.spec, self.ctx.preprocessing, batch_size=self.batch_size, offset=first, limit=limit
+            )
+        )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         self.ctx.check_cancelled()

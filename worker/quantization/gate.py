@@ -59,8 +59,16 @@ class ValidationSet:
     them, the task measured from those outputs and FP32's own value of its metric (the reference
     every drop is taken from)."""
 
-    def __init__(self, ctx: PassContext, spec: dict[str, Any], fp32: Path, *, batch_size: int, samples: int,
-                 fixed_batch: int | None) -> None:
+    def __init__(
+        self,
+        ctx: PassContext,
+        spec: dict[str, Any],
+        fp32: Path,
+        *,
+        batch_size: int,
+        samples: int,
+        fixed_batch: int | None,
+    ) -> None:
         self.ctx, self.spec, self.fixed_batch, self.batch_size = ctx, spec, fixed_batch, batch_size
         self.dataset: DatasetRef = ctx.evaluation_dataset or ctx.calibration_dataset
         self.source = "evaluation" if ctx.evaluation_dataset else "calibration"
@@ -98,8 +106,9 @@ class ValidationSet:
     def _read(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         from worker.data import iter_batches
 
-        for x, labels in iter_batches(self.dataset, self.spec, self.ctx.preprocessing, batch_size=self.batch_size,
-                                      limit=self.samples):
+        for x, labels in iter_batches(
+            self.dataset, self.spec, self.ctx.preprocessing, batch_size=self.batch_size, limit=self.samples
+        ):
             self.ctx.check_cancelled()
             yield x, labels
 
@@ -114,8 +123,9 @@ class ValidationSet:
             yield _Batch(x, reference, labels, targets)
 
     def _resolve_task(self, reference: Outputs) -> None:
-        self.task, self.layout, self.note = measured_task(self.ctx.task, self.ctx.task_options, reference,
-                                                          self.spec["shape"])
+        self.task, self.layout, self.note = measured_task(
+            self.ctx.task, self.ctx.task_options, reference, self.spec["shape"]
+        )
         if self.note:
             self.ctx.log.warning(self.note)
         self.labeled = labels_fit_task(self.task, self.dataset)
@@ -181,9 +191,14 @@ def _float_counts(most: int) -> list[int]:
     return sorted({min(2**i, most) for i in range(most.bit_length() + 1)} - {0})
 
 
-def per_layer_fallback(ctx: PassContext, config: QuantizeInt8Config, tolerance: float | None,
-                       quantizer: Quantizer, validation: ValidationSet,
-                       full: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+def per_layer_fallback(
+    ctx: PassContext,
+    config: QuantizeInt8Config,
+    tolerance: float | None,
+    quantizer: Quantizer,
+    validation: ValidationSet,
+    full: Path,
+) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """(the chosen graph, its metric, the report): ``full`` when it meets the tolerance (or none is given), else
     the nodes that add the most error kept in float, doubling their number, until the task's metric
     is within the tolerance (and above its floor); the best found when none is."""
@@ -197,16 +212,23 @@ def per_layer_fallback(ctx: PassContext, config: QuantizeInt8Config, tolerance: 
         report.update(tolerance_met=None if tolerance is None else True, result=metric["value"])
         return full, metric, report
 
-    ranked = added_error_ranking(quantizer.prepared, full, validation.probe_batches(), validation.spec["name"],
-                                 skip=set(config.exclude_nodes) | set(quantizer.head_nodes), threads=ctx.threads)
+    ranked = added_error_ranking(
+        quantizer.prepared,
+        full,
+        validation.probe_batches(),
+        validation.spec["name"],
+        skip=set(config.exclude_nodes) | set(quantizer.head_nodes),
+        threads=ctx.threads,
+    )
     report["ranked_by"] = "added_error"
     report["most_damaging"] = ranked[:16]
     best: tuple[dict[str, Any], Path, list[dict[str, Any]]] = (metric, full, [])
     most = min(config.max_float_layers, len(ranked))
     for k in _float_counts(most):
         ctx.check_cancelled()
-        candidate = quantizer.quantize([layer["node"] for layer in ranked[:k]],
-                                       ctx.work_dir / f"model.int8.fallback{k}.onnx")
+        candidate = quantizer.quantize(
+            [layer["node"] for layer in ranked[:k]], ctx.work_dir / f"model.int8.fallback{k}.onnx"
+        )
         metric = validation.judge(candidate)
         report["attempts"].append({"float_layers": k, **attempt_entry(metric)})
         if _badness(metric) < _badness(best[0]):
@@ -227,8 +249,13 @@ def per_layer_fallback(ctx: PassContext, config: QuantizeInt8Config, tolerance: 
 def _fallback_report(validation: ValidationSet, tolerance: float | None) -> dict[str, Any]:
     baseline = validation.baseline
     report: dict[str, Any] = {
-        "task": validation.task, "metric": baseline["name"], "validated_on": validation.source,
-        "samples": validation.samples, "tolerance": tolerance, "fp32": baseline["value"], "attempts": [],
+        "task": validation.task,
+        "metric": baseline["name"],
+        "validated_on": validation.source,
+        "samples": validation.samples,
+        "tolerance": tolerance,
+        "fp32": baseline["value"],
+        "attempts": [],
         "kept_float": [],
     }
     if validation.task == "detection":
@@ -240,11 +267,14 @@ def _fallback_report(validation: ValidationSet, tolerance: float | None) -> dict
 
 def kept_float_entries(kept: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
-        dict(layer, reason=(
-            f"alone, its quantization leaves its worst output channel at {layer['worst_channel_snr_db']:.1f} dB "
-            f"SNR against FP32 on the same inputs (whole tensor {layer['snr_db']:.1f} dB): among the "
-            f"{len(kept)} nodes that add the most error"
-        ))
+        dict(
+            layer,
+            reason=(
+                f"alone, its quantization leaves its worst output channel at {layer['worst_channel_snr_db']:.1f} dB "
+                f"SNR against FP32 on the same inputs (whole tensor {layer['snr_db']:.1f} dB): among the "
+                f"{len(kept)} nodes that add the most error"
+            ),
+        )
         for layer in kept
     ]
 
@@ -256,13 +286,22 @@ def shortfall_reason(metric: dict[str, Any], tolerance: float, most: int) -> str
     else:
         shortfall = f"{floor['name']} to {floor['min']:g} or more"
     measured = f", {floor['name']} {floor['value']:.1f}" if floor else ""
-    return (f"keeping up to {most} layers in float did not bring {shortfall}; returning the best found "
-            f"(drop {metric['drop']:.4f}{measured})")
+    return (
+        f"keeping up to {most} layers in float did not bring {shortfall}; returning the best found "
+        f"(drop {metric['drop']:.4f}{measured})"
+    )
 
 
-def speed_search(ctx: PassContext, config: QuantizeInt8Config, tolerance: float | None, quantizer: Quantizer,
-                 validation: ValidationSet, chosen: Path, chosen_metric: dict[str, Any],
-                 fallback: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+def speed_search(
+    ctx: PassContext,
+    config: QuantizeInt8Config,
+    tolerance: float | None,
+    quantizer: Quantizer,
+    validation: ValidationSet,
+    chosen: Path,
+    chosen_metric: dict[str, Any],
+    fallback: dict[str, Any],
+) -> tuple[Path, dict[str, Any]]:
     """Time the quality-approved INT8 graph (``chosen``, judged ``chosen_metric`` by the fallback)
     against alternatives and the FP32 graph, on this worker, and keep the fastest INT8 that still
     meets the tolerance."""
@@ -277,12 +316,18 @@ def speed_search(ctx: PassContext, config: QuantizeInt8Config, tolerance: float 
         ctx.log.warning("QOperator candidate failed: %s", exc)
     if config.op_types is None:
         candidates["qdq_weighted_only"] = quantizer.quantize(
-            kept, ctx.work_dir / "model.int8.weighted.onnx", op_types=["Conv", "Gemm", "MatMul"])
+            kept, ctx.work_dir / "model.int8.weighted.onnx", op_types=["Conv", "Gemm", "MatMul"]
+        )
     judged = {label: chosen_metric if label == "qdq" else validation.judge(path) for label, path in candidates.items()}
-    results = {label: {**attempt_entry(judged[label]), "size_bytes": path.stat().st_size}
-               for label, path in candidates.items()}
-    timings = time_interleaved({"fp32": quantizer.prepared, **candidates},
-                               {validation.spec["name"]: validation.timing_feed()}, runs=9, threads=ctx.threads)
+    results = {
+        label: {**attempt_entry(judged[label]), "size_bytes": path.stat().st_size} for label, path in candidates.items()
+    }
+    timings = time_interleaved(
+        {"fp32": quantizer.prepared, **candidates},
+        {validation.spec["name"]: validation.timing_feed()},
+        runs=9,
+        threads=ctx.threads,
+    )
     for label in candidates:
         results[label]["p50_ms"] = timings[label]["p50_ms"]
     fp32_p50 = timings["fp32"]["p50_ms"]

@@ -44,9 +44,11 @@ def quantizable_graph(source: Path, work_dir: Path, per_channel: bool, log: logg
             onnx.checker.check_model(converted)
         except Exception as exc:  # the converter raises RuntimeError, the checker ValidationError
             per_channel = False
-            reason = (f"the model's opset {opset} has no per-channel quantization and converting it to opset "
-                      f"{PER_CHANNEL_OPSET} failed ({str(exc).splitlines()[0][:200]}); weights are quantized "
-                      "per tensor")
+            reason = (
+                f"the model's opset {opset} has no per-channel quantization and converting it to opset "
+                f"{PER_CHANNEL_OPSET} failed ({str(exc).splitlines()[0][:200]}); weights are quantized "
+                "per tensor"
+            )
             log.warning(reason)
             metrics = {"opset": opset, "warning": reason}
         else:

@@ -34,8 +34,13 @@ def calibrated_ranges(cache: Path) -> dict[str, tuple[float, float]]:
     return ranges
 
 
-def mixed_scale_heads(model, ranges: dict[str, tuple[float, float]], *, ratio: float = HEAD_RANGE_RATIO,
-                      op_types: Collection[str] | None = None) -> list[dict[str, Any]]:
+def mixed_scale_heads(
+    model,
+    ranges: dict[str, tuple[float, float]],
+    *,
+    ratio: float = HEAD_RANGE_RATIO,
+    op_types: Collection[str] | None = None,
+) -> list[dict[str, Any]]:
     """The nodes to keep in float so that no INT8 scale is shared by a mixed-scale head: each Concat
     whose inputs' largest magnitudes differ ``ratio``-fold or more with no learned op after it, then
     every node after it up to the graph outputs. [{"node", "op_type", "reason", ...numbers}]."""
@@ -59,19 +64,29 @@ def mixed_scale_heads(model, ranges: dict[str, tuple[float, float]], *, ratio: f
         if any(n.op_type in WEIGHTED_OPS for n in after):
             continue
         factor = max(live) / min(live)
-        float_nodes.append({
-            "node": node.name, "op_type": node.op_type,
-            "reason": (f"mixed-scale head: its inputs' calibrated ranges differ {factor:.0f}x (largest |x| "
-                       f"{max(live):.4g} vs {min(live):.4g}); one INT8 scale for both would leave the smaller input "
-                       f"{255 / factor:.1f} of 255 levels, so it stays float with all after it"),
-            "range_ratio": float(factor),
-            "input_ranges": [{"tensor": t, "min": lo, "max": hi} for t, lo, hi in spans],
-        })
+        float_nodes.append(
+            {
+                "node": node.name,
+                "op_type": node.op_type,
+                "reason": (
+                    f"mixed-scale head: its inputs' calibrated ranges differ {factor:.0f}x (largest |x| "
+                    f"{max(live):.4g} vs {min(live):.4g}); one INT8 scale for both would leave the smaller input "
+                    f"{255 / factor:.1f} of 255 levels, so it stays float with all after it"
+                ),
+                "range_ratio": float(factor),
+                "input_ranges": [{"tensor": t, "min": lo, "max": hi} for t, lo, hi in spans],
+            }
+        )
         listed.add(node.name)
         for later in after:
             if later.name and later.name not in listed:
-                float_nodes.append({"node": later.name, "op_type": later.op_type,
-                                    "reason": f"after the mixed-scale head {node.name}, up to the outputs"})
+                float_nodes.append(
+                    {
+                        "node": later.name,
+                        "op_type": later.op_type,
+                        "reason": f"after the mixed-scale head {node.name}, up to the outputs",
+                    }
+                )
                 listed.add(later.name)
     return float_nodes
 
@@ -87,4 +102,3 @@ def _downstream(node, consumers: dict[str, list]) -> list:
                 order.append(later)
                 frontier.extend(later.output)
     return order
-

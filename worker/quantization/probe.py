@@ -88,8 +88,9 @@ class _ChannelError:
         for axis, sig in self.signal.items():
             live = sig > 1e-12 * max(float(sig.max()), 1e-30)  # dead channels (all zero after ReLU) say nothing
             if live.any():
-                worst = min(worst, min(_db(float(s), float(n)) for s, n in zip(sig[live], self.noise[axis][live],
-                                                                                strict=True)))
+                worst = min(
+                    worst, min(_db(float(s), float(n)) for s, n in zip(sig[live], self.noise[axis][live], strict=True))
+                )
         return worst, whole
 
 
@@ -218,8 +219,11 @@ class ProbeBuilder:
             if not f_out:
                 continue
             q = next((c for c in self.consumers.get(q_out, ()) if c.op_type == "QuantizeLinear"), None)
-            dq = next((c for c in self.consumers.get(q.output[0], ()) if c.op_type == "DequantizeLinear"),
-                      None) if q else None
+            dq = (
+                next((c for c in self.consumers.get(q.output[0], ()) if c.op_type == "DequantizeLinear"), None)
+                if q
+                else None
+            )
             if q is not None and dq is not None:
                 rounded = self._qdq_node("QuantizeLinear", q, got)
                 got = (self._qdq_node("DequantizeLinear", dq, rounded) if rounded else None) or got
@@ -227,8 +231,15 @@ class ProbeBuilder:
         return pairs
 
 
-def added_error_ranking(prepared: Path, quantized: Path, batches: Iterable[np.ndarray], input_name: str, *,
-                        skip: Collection[str] = (), threads: int = 1) -> list[dict[str, Any]]:
+def added_error_ranking(
+    prepared: Path,
+    quantized: Path,
+    batches: Iterable[np.ndarray],
+    input_name: str,
+    *,
+    skip: Collection[str] = (),
+    threads: int = 1,
+) -> list[dict[str, Any]]:
     """Nodes of the QDQ graph by the error their own quantization adds, worst first:
     [{"node", "op_type", "worst_channel_snr_db", "snr_db"}], the SNR of the node's twin (see
     ``ProbeBuilder``) against the FP32 node, on its worst live channel and on the whole output.
@@ -241,8 +252,14 @@ def added_error_ranking(prepared: Path, quantized: Path, batches: Iterable[np.nd
     if not twins:
         return []
     session = _session(probe, threads)
-    names = list(dict.fromkeys([*(t for twin in twins for pair in twin.pairs for t in pair),
-                                *(t for twin in twins for t in twin.concat_inputs)]))
+    names = list(
+        dict.fromkeys(
+            [
+                *(t for twin in twins for pair in twin.pairs for t in pair),
+                *(t for twin in twins for t in twin.concat_inputs),
+            ]
+        )
+    )
     errors = [[_ChannelError() for _ in twin.pairs] for twin in twins]
     for x in batches:
         values = dict(zip(names, session.run(names, {input_name: x}), strict=True))
@@ -260,9 +277,14 @@ def added_error_ranking(prepared: Path, quantized: Path, batches: Iterable[np.nd
     for twin, errs in zip(twins, errors, strict=True):
         measured = [m for m in (e.worst_and_whole() for e in errs) if m is not None]
         if measured:
-            ranking.append({"node": twin.node, "op_type": twin.op_type,
-                            "worst_channel_snr_db": min(m[0] for m in measured),
-                            "snr_db": min(m[1] for m in measured)})
+            ranking.append(
+                {
+                    "node": twin.node,
+                    "op_type": twin.op_type,
+                    "worst_channel_snr_db": min(m[0] for m in measured),
+                    "snr_db": min(m[1] for m in measured),
+                }
+            )
     return sorted(ranking, key=lambda r: (r["worst_channel_snr_db"], r["snr_db"]))
 
 
@@ -275,5 +297,3 @@ def _session(model, threads: int = 1):
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-

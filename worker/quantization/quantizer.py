@@ -37,15 +37,22 @@ class Quantizer:
     # Mixed-scale heads (worker.quantization.heads): float in every candidate.
     head_nodes: list[str] = field(default_factory=list)
 
-    def quantize(self, exclude: list[str], out: Path, *, fmt: QuantFormatName = "qdq",
-                 op_types: list[str] | None | Literal["config"] = "config") -> Path:
+    def quantize(
+        self,
+        exclude: list[str],
+        out: Path,
+        *,
+        fmt: QuantFormatName = "qdq",
+        op_types: list[str] | None | Literal["config"] = "config",
+    ) -> Path:
         """A candidate with ``exclude`` (and the config's and the heads' nodes) kept in float."""
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         config = self.config
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         quantize_static(
-            str(self.prepared), str(out),
+            str(self.prepared),
+            str(out),
             # After the first call the ranges come from the cache file: calibrated once.
             self.reader if not self.ranges.exists() else None,
             quant_format={"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}[fmt],
@@ -53,8 +60,11 @@ class Quantizer:
             reduce_range=self.reduce_range,
             activation_type=qtype[config.activation_type],
             weight_type=qtype[config.weight_type],
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                              "percentile": CalibrationMethod.Percentile}[config.calibration_method],
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile,
+            }[config.calibration_method],
             op_types_to_quantize=config.op_types if op_types == "config" else op_types,
             nodes_to_exclude=sorted(set(config.exclude_nodes) | set(self.head_nodes) | set(exclude)),
             calibration_cache_path=str(self.ranges),
