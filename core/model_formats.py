@@ -13,19 +13,14 @@ import json
 import pickletools
 import re
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from core.datasets import check_zip_members
 from core.errors import InvalidInput, UnsupportedMedia
-
-ONNX = "onnx"
-TORCHSCRIPT = "torchscript"
-EXPORTED_PROGRAM = "exported_program"
-STATE_DICT = "state_dict"
-KERAS = "keras"  # Keras 3 .keras archive (config.json + weights), TFLite conversion only
-SAVED_MODEL = "saved_model"  # a TensorFlow SavedModel directory, zipped, TFLite conversion only
+from core.formats import EXPORTED_PROGRAM, KERAS, ONNX, SAVED_MODEL, STATE_DICT, TORCHSCRIPT
 
 # torchvision classification architectures a state_dict upload may name, with the input size
 # each was trained at (the job's input_shape may choose another the architecture accepts).
@@ -171,8 +166,9 @@ def _varint(fh: BinaryIO) -> int | None:
             raise _Corrupt("varint too long")
 
 
-def _fields(fh: BinaryIO, end: int):
-    """Yield (field_number, wire_type, payload_offset, payload_length) up to ``end``."""
+def _fields(fh: BinaryIO, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """Yield (field_number, wire_type, payload_offset, payload_length) up to ``end`` (a varint's
+    payload is the varint's own bytes; fixed-width fields are skipped)."""
     while fh.tell() < end:
         tag = _varint(fh)
         if tag is None:
@@ -181,8 +177,9 @@ def _fields(fh: BinaryIO, end: int):
         if number == 0:
             raise _Corrupt("field number 0")
         if wire == 0:
+            start = fh.tell()
             _varint(fh)
-            yield number, wire, None, None
+            yield number, wire, start, fh.tell() - start
         elif wire == 1:
             fh.seek(8, 1)
         elif wire == 5:
@@ -536,9 +533,9 @@ def _interpret_weights_pickle(data: bytes, foreign: list[str]) -> Any:
             )
         elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
             n = int(name[-1])
-            items = tuple(stack[-n:])
+            top = tuple(stack[-n:])
             del stack[-n:]
-            stack.append(items)
+            stack.append(top)
         elif name == "APPEND":
             value = stack.pop()
             stack[-1].append(value)
@@ -552,15 +549,16 @@ def _interpret_weights_pickle(data: bytes, foreign: list[str]) -> Any:
             items = pop_mark()
             stack[-1].update(zip(items[::2], items[1::2], strict=True))
         elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            memo[arg] = stack[-1]
+            memo[cast(int, arg)] = stack[-1]  # genops gives these opcodes an int
         elif name == "MEMOIZE":
             memo[len(memo)] = stack[-1]
         elif name in ("GET", "BINGET", "LONG_BINGET"):
-            stack.append(memo[arg])
+            stack.append(memo[cast(int, arg)])
         elif name in ("GLOBAL", "INST"):
-            stack.append(_global(arg.replace(" ", "."), foreign))
+            path = cast(str, arg).replace(" ", ".")  # genops gives these opcodes "module name"
+            stack.append(_global(path, foreign))
             if name == "INST":
-                raise ValueError(f"an instance of {arg.replace(' ', '.')}")
+                raise ValueError(f"an instance of {path}")
         elif name == "STACK_GLOBAL":
             attr, module = stack.pop(), stack.pop()
             stack.append(_global(f"{module}.{attr}", foreign))
@@ -578,7 +576,7 @@ def _interpret_weights_pickle(data: bytes, foreign: list[str]) -> Any:
     return stack[0]
 
 
-def _reduce(fn: Any, args: tuple) -> Any:
+def _reduce(fn: Any, args: tuple[Any, ...]) -> Any:
     if not isinstance(fn, _Global):
         raise ValueError("a call of something that is not a global")
     if fn.name not in STATE_DICT_GLOBALS:
@@ -741,7 +739,7 @@ def _inspect_keras(zf: zipfile.ZipFile) -> ModelInfo:
         raise UnsupportedMedia(f"the .keras archive's config is not valid JSON: {exc}", code="corrupt_model") from exc
     inner = config.get("config") or {}
     layers = inner.get("layers") or []
-    inputs = []
+    inputs: list[dict[str, Any]] = []
     for layer in layers:
         if layer.get("class_name") == "InputLayer":
             c = layer.get("config") or {}
@@ -792,7 +790,7 @@ def _inspect_saved_model(zf: zipfile.ZipFile, member: str) -> ModelInfo:
     if zf.getinfo(member).file_size > MAX_SAVED_MODEL_PB:
         raise InvalidInput("saved_model.pb is over 64 MiB (constants frozen into the graph?)", code="model_too_large")
     data = zf.read(member)
-    signatures: dict[str, dict] = {}
+    signatures: dict[str, dict[str, Any]] = {}
     try:
         fh = io.BytesIO(data)
         for number, wire, start, length in _fields(fh, len(data)):  # seeks past the graph's bytes
@@ -824,12 +822,17 @@ def _message(data: bytes) -> list[tuple[int, int | bytes]]:
     fields are skipped (none of the SavedModel fields read here has one)."""
     import io
 
-    fh, out = io.BytesIO(data), []
+    fh, out = io.BytesIO(data), list[tuple[int, int | bytes]]()
     while fh.tell() < len(data):
         tag = _varint(fh)
+        if tag is None:
+            raise _Corrupt("truncated message")
         number, wire = tag >> 3, tag & 7
         if wire == 0:
-            out.append((number, _varint(fh)))
+            value = _varint(fh)
+            if value is None:  # a varint cut off by the message's end
+                raise _Corrupt("truncated varint")
+            out.append((number, value))
         elif wire == 2:
             length = _varint(fh)
             if length is None or fh.tell() + length > len(data):
@@ -852,7 +855,7 @@ def _map_entries(data: bytes, field_number: int) -> list[tuple[str, bytes]]:
     return entries
 
 
-def _signature_defs(meta_graph: bytes) -> dict[str, dict]:
+def _signature_defs(meta_graph: bytes) -> dict[str, dict[str, Any]]:
     """MetaGraphDef.signature_def = 5; SignatureDef {inputs = 1; outputs = 2} (maps to TensorInfo)."""
     return {
         name: {

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
+from core.formats import DEPLOY_FORMATS
 from core.metric_names import metric_label
 from core.models import JobStatus
 from core.schemas import (
@@ -43,9 +44,6 @@ TIE_FRACTION = 0.02
 # A drop computed as 0.99 - 0.98 is 0.010000000000000009: it meets a tolerance of 0.01.
 DROP_EPSILON = 1e-9
 
-# Formats whose artifacts end their branch (worker.passes.base.DEPLOY_FORMATS; a test keeps the
-# two equal): the next step still takes the artifact before them.
-BRANCH_END_FORMATS = frozenset({"tflite", "tensorrt_engine", "aoti_package"})
 # Steps that keep the float32 weights and arithmetic of their source (each checks its output
 # against its source within float rounding).
 LOSSLESS_STEPS = frozenset({"export_onnx", "export_pt2"})
@@ -95,7 +93,7 @@ def lossless_artifacts(artifacts: Sequence[ArtifactFacts]) -> set[str]:
         lossless = chain_lossless and step_keeps_float(artifact.step, artifact.meta)
         if lossless:
             out.add(artifact.name)
-        if artifact.format not in BRANCH_END_FORMATS:
+        if artifact.format not in DEPLOY_FORMATS:
             chain_lossless = lossless
     return out
 
@@ -125,6 +123,18 @@ def _ms(value: float) -> str:
     return f"{value:.3g} ms"
 
 
+def _timed(c: Candidate) -> float:
+    """The batch-1 p50 of a candidate its caller knows was timed (it filtered on ``p50_ms``)."""
+    assert c.p50_ms is not None, c.name
+    return c.p50_ms
+
+
+def _rate(c: Candidate) -> float:
+    """The images/s of a candidate its caller knows was timed under load (it filtered on ``throughput``)."""
+    assert c.throughput is not None, c.name
+    return c.throughput[1]
+
+
 def _drop_text(metric: dict[str, Any]) -> str:
     reference = metric.get("reference")
     versus = f" vs {float(reference):.4f}" if reference is not None else ""
@@ -145,11 +155,11 @@ def _floor_text(floor: dict[str, Any], relation: str) -> str:
     return f"{metric_label(str(floor.get('name')))} {shown} {relation} floor {float(floor['min']):g}{unit}"
 
 
-def _drop_over(metric: dict[str, Any] | None, tolerance: float) -> bool:
+def _drop_over(metric: dict[str, Any] | None, tolerance: float) -> TypeGuard[dict[str, Any]]:
     return metric is not None and float(metric["drop"]) > tolerance + DROP_EPSILON
 
 
-def over_tolerance(metric: dict[str, Any] | None, tolerance: float) -> bool:
+def over_tolerance(metric: dict[str, Any] | None, tolerance: float) -> TypeGuard[dict[str, Any]]:
     """Loses more of the task's metric than the tolerance, or misses the metric's floor (the one rule for
     verdicts here and for the INT8 search's gate in the worker)."""
     return _drop_over(metric, tolerance) or _missed_floor(metric) is not None
@@ -209,14 +219,15 @@ def recommend(
         if missing:
             judgements[c.name] = Judgement("not_measured", "; ".join(missing))
             continue
+        assert c.p50_ms is not None  # else not_measured (above)
         others = [f for f in floats if f.name != c.name]
-        fastest = min(others, key=lambda f: f.p50_ms, default=None)
-        if fastest is not None and c.p50_ms > fastest.p50_ms * (1 + TIE_FRACTION):
+        fastest = min(others, key=_timed, default=None)
+        if fastest is not None and c.p50_ms > _timed(fastest) * (1 + TIE_FRACTION):
             which = "the original" if fastest.step is None else f"the float artifact {fastest.name}"
             judgements[c.name] = Judgement(
                 "slower_than_float",
-                f"{c.p50_ms / fastest.p50_ms:.2f}x slower at batch 1 than {which} "
-                f"({_ms(c.p50_ms)} vs {_ms(fastest.p50_ms)} p50)",
+                f"{c.p50_ms / _timed(fastest):.2f}x slower at batch 1 than {which} "
+                f"({_ms(c.p50_ms)} vs {_ms(_timed(fastest))} p50)",
             )
             continue
         if c.metric is not None:
@@ -250,8 +261,8 @@ class _Behind:
 
 def _tie_break(pool: list[Candidate]) -> tuple[Candidate, Candidate, dict[str, _Behind]]:
     """(winner, fastest at batch 1, who fell behind under load) among the pool."""
-    fastest = min(pool, key=lambda c: c.p50_ms)
-    tied = [c for c in pool if c.p50_ms <= fastest.p50_ms * (1 + TIE_FRACTION)]
+    fastest = min(pool, key=_timed)
+    tied = [c for c in pool if _timed(c) <= _timed(fastest) * (1 + TIE_FRACTION)]
     # Equal at batch 1 is not equal under load (FP16 on a CPU without FP16 arithmetic ties at batch 1
     # and runs several times slower at batch 8): within the tie, what falls behind at the largest
     # batch both were timed at gives way, before size decides.
@@ -259,8 +270,8 @@ def _tie_break(pool: list[Candidate]) -> tuple[Candidate, Candidate, dict[str, _
     batches = [c.throughput for c in tied if c.throughput]
     if batches:
         batch = max(b for b, _ in batches)
-        leader = max((c for c in tied if c.throughput and c.throughput[0] == batch), key=lambda c: c.throughput[1])
-        best = leader.throughput[1]
+        leader = max((c for c in tied if c.throughput and c.throughput[0] == batch), key=_rate)
+        best = _rate(leader)
         for c in tied:
             if c.throughput and c.throughput[0] == batch and c.throughput[1] < best * (1 - TIE_FRACTION):
                 behind[c.name] = _Behind(batch, c.throughput[1], best, leader.name)
@@ -308,12 +319,12 @@ def _choose(
         )
     base_p50 = original.p50_ms if original else None
     base_size = original.size_bytes if original else 0
-    speedup = base_p50 / winner.p50_ms if base_p50 else None
+    speedup = base_p50 / _timed(winner) if base_p50 else None
     why = _meets_reason(winner.metric, tolerance) if winner.metric is not None else "lossless float conversion"
     speed = (
-        f"{speedup:.2f}x the original's speed at batch 1 ({_ms(winner.p50_ms)} vs {_ms(base_p50)} p50)"
-        if speedup
-        else f"{_ms(winner.p50_ms)} p50 at batch 1 (the original was not timed)"
+        f"{speedup:.2f}x the original's speed at batch 1 ({_ms(_timed(winner))} vs {_ms(base_p50)} p50)"
+        if speedup and base_p50  # the one implies the other
+        else f"{_ms(_timed(winner))} p50 at batch 1 (the original was not timed)"
     )
     if winner is fastest:
         lead = "fastest within the tolerance"
@@ -321,7 +332,7 @@ def _choose(
         lead = (
             f"smallest of the fastest within the tolerance ({winner.size_bytes / max(fastest.size_bytes, 1):.2f}x "
             f"the size of {fastest.name if fastest.step else 'the original'}, whose p50 of "
-            f"{_ms(fastest.p50_ms)} it matches within {TIE_FRACTION:.0%})"
+            f"{_ms(_timed(fastest))} it matches within {TIE_FRACTION:.0%})"
         )
     metric = winner.metric
     return Recommendation(
@@ -374,7 +385,7 @@ def _nothing_beats(
             b = behind[c.name]
             leader = "the original" if original is not None and b.leader == original.name else b.leader
             parts.append(
-                f"{c.name} ties at batch 1 ({_ms(c.p50_ms)} p50, within {TIE_FRACTION:.0%} of the fastest) "
+                f"{c.name} ties at batch 1 ({_ms(_timed(c))} p50, within {TIE_FRACTION:.0%} of the fastest) "
                 f"but falls behind at batch {b.batch} ({b.images_per_s:.0f} vs {b.best:.0f} images/s for "
                 f"{leader})"
             )

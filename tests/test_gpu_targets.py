@@ -12,20 +12,19 @@ import onnx
 import pytest
 
 from core.errors import InvalidInput, PassError
+from core.recipes import plan_job, resolve_steps
 from core.schemas import StepSpec
+from core.steps.build_tensorrt import BuildTensorrtConfig, ShapeRange
 from core.workers import gpu_kind_from_name, gpu_queue, waiting_for
 from tests.test_passes import context, run_pass
 from worker.passes.base import ArtifactRef
 from worker.passes.build_tensorrt import (
-    BuildTensorrtConfig,
-    ShapeRange,
     engine_metadata,
     engine_name,
     plan_precision,
     plan_profiles,
     timing_cache_key,
 )
-from worker.recipes import plan_job, resolve_steps
 
 H100 = {"name": "NVIDIA H100 80GB HBM3", "kind": "h100", "compute_capability": "9.0", "cuda": "12.8"}
 NEEDS_TRT = pytest.mark.skipif(
@@ -174,6 +173,7 @@ def test_a_bad_gpu_kind_is_a_422():
     assert err.value.code == "invalid_step_config"
 
 
+@pytest.mark.integration
 def test_build_tensorrt_without_a_gpu_fails_with_a_clear_reason(digit_assets, tmp_path):
     original = ArtifactRef("digits.onnx", "onnx", digit_assets.models["onnx"])
     with pytest.raises(PassError) as err:
@@ -181,6 +181,7 @@ def test_build_tensorrt_without_a_gpu_fails_with_a_clear_reason(digit_assets, tm
     assert err.value.code in ("no_gpu", "tensorrt_missing")
 
 
+@pytest.mark.integration
 @NEEDS_TRT
 def test_preflight_and_build_on_a_gpu_worker(digit_assets, tmp_path):  # runs where TensorRT is
     from worker import tensorrt_backend
@@ -194,6 +195,7 @@ def test_preflight_and_build_on_a_gpu_worker(digit_assets, tmp_path):  # runs wh
     assert out.shape == (1, 10)
 
 
+@pytest.mark.integration
 def test_compile_gpu_packages_and_checks_in_a_child_process(digit_assets, tmp_path):
     """The AOTInductor path end to end on the CPU (device=cpu): compile, load in a child
     process, compare, and load it back through the runtime."""
@@ -211,6 +213,7 @@ def test_compile_gpu_packages_and_checks_in_a_child_process(digit_assets, tmp_pa
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.integration
 def test_compile_gpu_without_a_gpu_says_so(digit_assets, tmp_path):
     original = ArtifactRef("digits.pt2", "exported_program", digit_assets.models["pt2"])
     with pytest.raises(PassError) as err:
@@ -218,6 +221,7 @@ def test_compile_gpu_without_a_gpu_says_so(digit_assets, tmp_path):
     assert err.value.code == "no_gpu"
 
 
+@pytest.mark.integration
 def test_gpu_artifacts_are_skipped_not_crashed_on_a_cpu_worker(digit_assets, tmp_path):
     original = ArtifactRef("digits.pt2", "exported_program", digit_assets.models["pt2"])
     engine = ArtifactRef(

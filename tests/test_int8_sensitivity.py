@@ -15,12 +15,15 @@ import onnxruntime as ort
 import pytest
 
 from core.schemas import DetectionOptions, Preprocessing
+from core.steps.quantize_int8 import QuantizeInt8Config
 from tests import synthetic_detector as shapes
 from worker.metrics import detection
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
-from worker.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
+from worker.passes.quantize_int8 import QuantizeInt8
 from worker.quantization.heads import mixed_scale_heads
 from worker.quantization.probe import added_error_ranking
+
+pytestmark = pytest.mark.integration
 
 YOLO_ONNX = shapes.FIXTURES / shapes.FIXTURE_FILES["yolo"]
 SIZE = shapes.IMAGE_SIZE

@@ -15,6 +15,8 @@ from core.schemas import Preprocessing
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
 from worker.passes.registry import get_pass
 
+pytestmark = pytest.mark.integration
+
 SPEC = [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
 PREP = Preprocessing(mean=[0.0], std=[1.0])
 
@@ -306,7 +308,8 @@ def test_pytorch_int8_path_on_a_torchvision_state_dict(digit_assets, tmp_path):
 
 
 def test_dynamic_int8_needs_no_calibration(exported, tmp_path):
-    from worker.passes.quantize_int8 import QuantizeInt8, QuantizeInt8Config
+    from core.steps.quantize_int8 import QuantizeInt8Config
+    from worker.passes.quantize_int8 import QuantizeInt8
 
     config = QuantizeInt8Config(mode="dynamic")
     assert QuantizeInt8().requirements(config) == frozenset()

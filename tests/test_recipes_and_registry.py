@@ -1,4 +1,5 @@
-"""The pass registry (one source of truth), recipe planning, and the API's import hygiene."""
+"""The pass specs and their implementations (one source of truth each, kept in step), recipe planning,
+and the API's import hygiene."""
 
 from __future__ import annotations
 
@@ -9,28 +10,103 @@ import sys
 
 import pytest
 
+import core.steps
 import worker.passes
 from core.errors import InvalidInput
+from core.recipes import PRESETS, DatasetFacts, plan_job, resolve_input_spec
 from core.schemas import StepSpec
+from core.steps.base import PassSpec
+from core.steps.registry import SPECS, get_spec
 from worker.passes.base import Pass
-from worker.passes.registry import REGISTRY
-from worker.recipes import PRESETS, DatasetFacts, plan_job, resolve_input_spec
+from worker.passes.registry import REGISTRY, get_pass
+
+SPEC_MEMBERS = (
+    "name",
+    "version",
+    "description",
+    "Config",
+    "accepts",
+    "produces",
+    "needs",
+    "queue",
+    "format_hints",
+    "output_format",
+    "step_queue",
+    "requirements",
+)
+
+
+def _defined_in(package, base: type, infrastructure=frozenset({"base", "registry"})) -> dict[str, list[type]]:
+    """module name -> the subclasses of ``base`` that module defines itself."""
+    found = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name in infrastructure:
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        found[info.name] = [
+            v
+            for v in vars(module).values()
+            if isinstance(v, type) and issubclass(v, base) and v is not base and v.__module__ == module.__name__
+        ]
+    return found
 
 
 def test_every_pass_module_registers_exactly_one_pass():
-    infrastructure = {"base", "registry"}
-    modules = [m.name for m in pkgutil.iter_modules(worker.passes.__path__) if m.name not in infrastructure]
     found = {}
-    for name in modules:
-        module = importlib.import_module(f"worker.passes.{name}")
-        classes = [
-            v
-            for v in vars(module).values()
-            if isinstance(v, type) and issubclass(v, Pass) and v.__module__ == module.__name__
-        ]
+    for name, classes in _defined_in(worker.passes, Pass).items():
         assert len(classes) == 1, f"{name} defines {classes}"
         found[classes[0].name] = classes[0]
     assert found == REGISTRY
+
+
+def test_every_step_module_defines_exactly_one_spec():
+    found = {}
+    for name, classes in _defined_in(core.steps, PassSpec).items():
+        assert len(classes) == 1, f"core.steps.{name} defines {classes}"
+        assert classes[0].name == name
+        found[name] = classes[0]
+    assert found == SPECS
+
+
+def test_every_spec_has_exactly_one_implementation_and_every_pass_a_spec():
+    assert set(SPECS) == set(REGISTRY)
+    for name, spec in SPECS.items():
+        implementations = [cls for cls in REGISTRY.values() if spec in cls.__mro__ and cls.name == name]
+        assert implementations == [REGISTRY[name]], name
+        implementation = REGISTRY[name]
+        assert implementation.version == spec.version, name
+        # The pass adds run and its helpers; what the API plans with is the spec's alone.
+        assert not set(SPEC_MEMBERS) & set(vars(implementation)), name
+        assert get_pass(name) is implementation and get_spec(name) is spec
+
+
+def test_the_runtime_registry_covers_exactly_the_measurable_formats():
+    """One table (worker.runtime.RUNTIMES) answers load / info / can-run for every format a step
+    can measure, and no other."""
+    from core.formats import MEASURABLE_FORMATS
+    from worker.runtime import RUNTIMES
+
+    assert set(RUNTIMES) == set(MEASURABLE_FORMATS)
+
+
+def test_an_unknown_step_is_the_same_error_for_spec_and_pass():
+    for lookup in (get_spec, get_pass):
+        with pytest.raises(InvalidInput) as err:
+            lookup("no_such_step")
+        assert err.value.code == "unknown_step"
+        assert err.value.details == {"step": "no_such_step", "known_steps": sorted(SPECS)}
+
+
+def test_importing_one_pass_runs_no_other_pass_module_and_the_specs_no_worker_code():
+    code = (
+        "import sys; import worker.passes.export_onnx; import core.recipes, core.steps.registry; "
+        "passes = sorted(m for m in sys.modules if m.startswith('worker.passes.')); "
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'onnxruntime', 'tensorflow', 'tensorrt')]; "
+        "print(passes, heavy); "
+        "sys.exit(0 if passes == ['worker.passes.base', 'worker.passes.export_onnx'] and not heavy else 1)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_every_preset_plans_on_a_torchvision_state_dict_upload():
@@ -88,6 +164,7 @@ def test_the_api_never_imports_torch_or_onnxruntime():
     code = (
         "import sys; import api.main; "
         "heavy = [m for m in ('torch', 'onnxruntime', 'tensorflow', 'tensorrt', 'onnxscript') if m in sys.modules]; "
+        "heavy += [m for m in sys.modules if m == 'worker' or m.startswith('worker.')]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -158,8 +235,28 @@ def test_the_readmes_preset_table_lists_every_step_in_order():
         assert listed == [s.name for s in steps], name
 
 
-def test_every_pass_declares_its_version_and_a_pass_without_one_is_refused():
-    assert all(isinstance(cls.__dict__.get("version"), int) for cls in REGISTRY.values())
+def test_every_spec_declares_its_version_and_a_spec_without_one_is_refused():
+    assert all(isinstance(vars(spec).get("version"), int) for spec in SPECS.values())
     with pytest.raises(TypeError, match="declares no version"):
-        type("Unversioned", (Pass,), {"name": "unversioned", "run": lambda self, ctx, source, config: None})
-    assert "unversioned" not in REGISTRY
+        type("Unversioned", (PassSpec,), {"name": "unversioned"})
+    assert "unversioned" not in SPECS
+
+
+def test_no_pass_module_imports_another_pass():
+    """Shared words live below the passes (core.formats, core.steps, worker.onnx_graph, worker.timing...), so a
+    pass depends on base alone among worker.passes, even inside a function."""
+    import ast
+    from pathlib import Path
+
+    package = Path(worker.passes.__path__[0])
+    for path in package.glob("*.py"):
+        if path.stem in ("__init__", "base", "registry"):
+            continue
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+        others = {m for m in imported if m.startswith("worker.passes") and m != "worker.passes.base"}
+        assert not others, f"{path.stem} imports {sorted(others)}"

@@ -12,7 +12,6 @@ import pytest
 
 from core.models import JobStatus
 from core.recommend import (
-    BRANCH_END_FORMATS,
     ArtifactFacts,
     Candidate,
     StepFacts,
@@ -347,12 +346,6 @@ def test_an_export_of_a_pruned_model_is_not_lossless_and_a_deployment_file_does_
     # compile_gpu's fallback is an FP16 ExportedProgram, which the next step takes.
     fallback = [facts("00", "compile_gpu", "exported_program", precision="fp16"), facts("01", "export_onnx")]
     assert lossless_artifacts(fallback) == set()
-
-
-def test_the_branch_ending_formats_are_the_workers_deployment_formats():
-    from worker.passes.base import DEPLOY_FORMATS
-
-    assert BRANCH_END_FORMATS == DEPLOY_FORMATS
 
 
 # -- the report -----------------------------------------------------------------------------------

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from core.errors import InvalidInput
+from core.recipes import plan_job, resolve_steps
 from core.schemas import StepSpec
 from tests.test_passes import PREP, SPEC, context, keep, npz_ref, run_pass
 from worker.litert import TfliteRunner, io_details
 from worker.passes.base import ArtifactRef
-from worker.recipes import plan_job, resolve_steps
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,13 @@ import pytest
 
 from core.errors import InvalidInput
 from core.model_formats import inspect_model
+from core.recipes import plan_job, resolve_steps
 from core.schemas import StepSpec
 from tests.test_passes import npz_ref, run_pass
 from worker.litert import TfliteRunner, io_details
 from worker.passes.base import ArtifactRef, PassContext
-from worker.recipes import plan_job, resolve_steps
+
+pytestmark = pytest.mark.integration
 
 NHWC = [{"name": "image", "shape": [1, 8, 8, 1], "dtype": "float32"}]
 
@@ -202,7 +204,7 @@ def test_tensorflow_uploads_plan_for_tflite_only():
 
 
 def _facts():
-    from worker.recipes import DatasetFacts
+    from core.recipes import DatasetFacts
 
     return DatasetFacts(id="d", layout="NCHW", sample_shape=[1, 8, 8])
 

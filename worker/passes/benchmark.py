@@ -7,74 +7,11 @@ import os
 import platform
 import re
 import time
-from typing import Literal
 
-from pydantic import Field
-
-from worker.passes.base import (
-    MEASURABLE_FORMATS,
-    ONNX,
-    ArtifactRef,
-    Pass,
-    PassConfig,
-    PassContext,
-    PassResult,
-    is_out_of_memory,
-)
-
-
-class BenchmarkConfig(PassConfig):
-    batch_sizes: list[int] = Field(
-        default=[1, 8], min_length=1, max_length=4, description="Batch 1 is latency; a larger one is throughput."
-    )
-    warmup: int = Field(default=5, ge=0, le=1000)
-    runs: int = Field(default=50, ge=5, le=10_000)
-    max_seconds: float = Field(default=60.0, gt=0, description="Time budget for all timed runs of one batch size.")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        default="auto",
-        description="Where PyTorch models run: auto = the GPU on GPU workers (GPU artifacts are compared with the "
-        "original in FP32 on the same GPU), else the CPU. ONNX and TFLite run on the CPU.",
-    )
-
-
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    import numpy as np
-
-    arr = np.asarray(samples_ms)
-    return {
-        "p50_ms": float(np.percentile(arr, 50)),
-        "p90_ms": float(np.percentile(arr, 90)),
-        "p99_ms": float(np.percentile(arr, 99)),
-        "mean_ms": float(arr.mean()),
-        "runs": len(samples_ms),
-    }
-
-
-def time_interleaved(
-    models: dict, feeds: dict, *, runs: int, threads: int, warmup: int = 5, budget_s: float = 20.0
-) -> dict[str, dict]:
-    """ONNX models on the same inputs, timed round-robin (a block of calls of each per round)
-    so that every variant sees the same machine noise; ``p50_ms`` is the median over rounds of
-    each round's mean, which short calls need to be stable."""
-    from worker.runtime import load_runner
-
-    runners = {label: load_runner(ArtifactRef(label, ONNX, path), threads=threads) for label, path in models.items()}
-    for run in runners.values():
-        for _ in range(warmup):
-            run(feeds)
-    t0 = time.perf_counter()
-    for run in runners.values():
-        run(feeds)
-    one_round = max(time.perf_counter() - t0, 1e-6)
-    calls = max(1, min(20, int(budget_s / runs / one_round)))
-    samples: dict[str, list[float]] = {label: [] for label in runners}
-    for _ in range(runs):
-        for label, run in runners.items():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                run(feeds)
-            samples[label].append((time.perf_counter() - t0) * 1000 / calls)
-    return {label: dict(percentiles(values), calls_per_round=calls) for label, values in samples.items()}
+from core.formats import ONNX
+from core.steps.benchmark import BenchmarkConfig, BenchmarkSpec
+from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult, is_out_of_memory
+from worker.timing import percentiles
 
 
 def parameter_count(ref: ArtifactRef) -> int | None:
@@ -94,7 +31,7 @@ def batch_error(ref: ArtifactRef, batch: int, exc: Exception) -> str:
     if ref.format == ONNX:
         import onnx
 
-        from worker.passes.export_onnx import input_batch_dims
+        from worker.onnx_graph import input_batch_dims
 
         dims = set(input_batch_dims(onnx.load(str(ref.path), load_external_data=False)))
         fixed = dims.pop() if len(dims) == 1 else None
@@ -135,92 +72,101 @@ def machine_info(threads: int) -> dict:
     return info
 
 
-class Benchmark(Pass):
-    name = "benchmark"
-    description = "Size and latency of the original and every artifact so far (on the GPU on GPU workers)."
-    Config = BenchmarkConfig
-    accepts = MEASURABLE_FORMATS
-    produces = None
-    version = 2
-
+class Benchmark(BenchmarkSpec, Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: BenchmarkConfig) -> PassResult:
-        from worker.runtime import (
-            gpu_available,
-            load_runner,
-            runtime_info,
-            sample_feeds,
-            split_runnable,
-        )
+        from worker.runtime import gpu_available, split_runnable
 
         device = config.device if config.device != "auto" else ("cuda" if gpu_available() else "cpu")
         variants, skipped = split_runnable([ctx.original, *ctx.artifacts])
-        runners, memory = [], []
-        first_feeds = sample_feeds(ctx.input_spec)
-        for v in variants:
-            before = _rss_mib()
-            run = load_runner(v, threads=ctx.threads, device=device)
-            try:
-                run(first_feeds)
-            except Exception as exc:  # reported below with the batch it failed at
-                if is_out_of_memory(exc):
-                    raise
-            runners.append(run)
-            memory.append(round(_rss_mib() - before, 1))
-        results = [
-            {
-                "artifact": v.name,
-                "step": v.step,
-                "format": v.format,
-                "size_bytes": v.path.stat().st_size,
-                "parameters": parameter_count(v),
-                # Resident memory that loading and one batch-1 run added to the worker (in-process,
-                # so approximate: memory freed by an earlier variant can be reused).
-                "memory_mib": mem,
-                "threads": ctx.threads,
-                "runtime": runtime_info(v, threads=ctx.threads, device=device),
-                "latency": {},
-            }
-            for v, mem in zip(variants, memory, strict=True)
-        ]
+        runners, results = _load_variants(ctx, variants, device)
         for b_index, batch in enumerate(config.batch_sizes):
-            feeds = sample_feeds(ctx.input_spec, batch=batch)
-            usable = []
-            for i, run in enumerate(runners):
-                try:
-                    for _ in range(config.warmup):
-                        run(feeds)
-                    usable.append(i)
-                except Exception as exc:  # e.g. a model whose batch is fixed at 1
-                    if is_out_of_memory(exc):
-                        raise
-                    results[i]["latency"][str(batch)] = {"error": batch_error(variants[i], batch, exc)}
-            samples: dict[int, list[float]] = {i: [] for i in usable}
-            # GPU runners time themselves with CUDA events, one variant after the other.
-            for i in [i for i in usable if getattr(runners[i], "time_ms", None)]:
-                samples[i] = runners[i].time_ms(feeds, runs=config.runs, warmup=config.warmup)
-            usable_cpu = [i for i in usable if not samples[i]]
-            deadline = time.perf_counter() + config.max_seconds
-            for r in range(config.runs if usable_cpu else 0):
-                ctx.check_cancelled()
-                for i in usable_cpu:
-                    t0 = time.perf_counter()
-                    runners[i](feeds)
-                    samples[i].append((time.perf_counter() - t0) * 1000)
-                ctx.report_progress((b_index + (r + 1) / config.runs) / len(config.batch_sizes))
-                if time.perf_counter() > deadline and r >= 4:
-                    break
-            for i in usable:
-                stats = percentiles(samples[i])
-                stats["images_per_s"] = batch * 1000 / stats["mean_ms"]
-                results[i]["latency"][str(batch)] = stats
+            _time_batch(ctx, config, variants, runners, results, batch=batch, b_index=b_index)
         results += [
             {"artifact": v.name, "step": v.step, "format": v.format, "skipped": reason, "latency": {}}
             for v, reason in skipped
         ]
-        baseline = results[0]["latency"].get("1", {}).get("p50_ms")
-        for res in results:
-            p50 = res["latency"].get("1", {}).get("p50_ms")
-            res["speedup_vs_original"] = baseline / p50 if baseline and p50 else None
-            if "size_bytes" in res:
-                res["size_ratio"] = res["size_bytes"] / results[0]["size_bytes"]
+        _add_ratios(results)
         return PassResult(metrics={"results": results, "machine": machine_info(ctx.threads)})
+
+
+def _load_variants(ctx: PassContext, variants: list[ArtifactRef], device: str) -> tuple[list, list[dict]]:
+    """A runner for every variant, each run once at batch 1, and its result entry (latency still empty)."""
+    from worker.data import sample_feeds
+    from worker.runtime import load_runner, runtime_info
+
+    runners, memory = [], []
+    first_feeds = sample_feeds(ctx.input_spec)
+    for v in variants:
+        before = _rss_mib()
+        run = load_runner(v, threads=ctx.threads, device=device)
+        try:
+            run(first_feeds)
+        except Exception as exc:  # reported by _time_batch with the batch it failed at
+            if is_out_of_memory(exc):
+                raise
+        runners.append(run)
+        memory.append(round(_rss_mib() - before, 1))
+    results = [
+        {
+            "artifact": v.name,
+            "step": v.step,
+            "format": v.format,
+            "size_bytes": v.path.stat().st_size,
+            "parameters": parameter_count(v),
+            # Resident memory that loading and one batch-1 run added to the worker (in-process,
+            # so approximate: memory freed by an earlier variant can be reused).
+            "memory_mib": mem,
+            "threads": ctx.threads,
+            "runtime": runtime_info(v, threads=ctx.threads, device=device),
+            "latency": {},
+        }
+        for v, mem in zip(variants, memory, strict=True)
+    ]
+    return runners, results
+
+
+def _time_batch(ctx, config: BenchmarkConfig, variants, runners, results, *, batch: int, b_index: int) -> None:
+    """Every variant's latency at ``batch`` into its entry (or why it cannot run there): GPU runners
+    time themselves, the rest round-robin within the time budget."""
+    from worker.data import sample_feeds
+
+    feeds = sample_feeds(ctx.input_spec, batch=batch)
+    usable = []
+    for i, run in enumerate(runners):
+        try:
+            for _ in range(config.warmup):
+                run(feeds)
+            usable.append(i)
+        except Exception as exc:  # e.g. a model whose batch is fixed at 1
+            if is_out_of_memory(exc):
+                raise
+            results[i]["latency"][str(batch)] = {"error": batch_error(variants[i], batch, exc)}
+    samples: dict[int, list[float]] = {i: [] for i in usable}
+    # GPU runners time themselves with CUDA events, one variant after the other.
+    for i in [i for i in usable if getattr(runners[i], "time_ms", None)]:
+        samples[i] = runners[i].time_ms(feeds, runs=config.runs, warmup=config.warmup)
+    usable_cpu = [i for i in usable if not samples[i]]
+    deadline = time.perf_counter() + config.max_seconds
+    for r in range(config.runs if usable_cpu else 0):
+        ctx.check_cancelled()
+        for i in usable_cpu:
+            t0 = time.perf_counter()
+            runners[i](feeds)
+            samples[i].append((time.perf_counter() - t0) * 1000)
+        ctx.report_progress((b_index + (r + 1) / config.runs) / len(config.batch_sizes))
+        if time.perf_counter() > deadline and r >= 4:
+            break
+    for i in usable:
+        stats = percentiles(samples[i])
+        stats["images_per_s"] = batch * 1000 / stats["mean_ms"]
+        results[i]["latency"][str(batch)] = stats
+
+
+def _add_ratios(results: list[dict]) -> None:
+    """Speed-up at batch 1 and size against the original (the first entry)."""
+    baseline = results[0]["latency"].get("1", {}).get("p50_ms")
+    for res in results:
+        p50 = res["latency"].get("1", {}).get("p50_ms")
+        res["speedup_vs_original"] = baseline / p50 if baseline and p50 else None
+        if "size_bytes" in res:
+            res["size_ratio"] = res["size_bytes"] / results[0]["size_bytes"]

@@ -5,31 +5,12 @@ FP32, with the nodes that consume those activations; the metrics name them and w
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from core.errors import PassError
-from worker.passes.base import (
-    ONNX,
-    ArtifactRef,
-    Pass,
-    PassConfig,
-    PassContext,
-    PassResult,
-)
+from core.formats import ONNX
+from core.steps.convert_fp16 import ConvertFp16Config, ConvertFp16Spec
+from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
 
 FP16_MAX = 65504.0
-
-
-class ConvertFp16Config(PassConfig):
-    keep_io_types: bool = Field(default=True, description="Inputs and outputs stay float32.")
-    overflow_fraction: float = Field(
-        default=0.5,
-        gt=0,
-        le=1,
-        description="Keep a node in FP32 when its observed |activation| exceeds this fraction of FP16's max.",
-    )
-    num_samples: int = Field(default=32, ge=1, le=4096, description="Inputs used to look for overflow.")
-    op_block_list: list[str] = Field(default_factory=list, description="Extra op types to keep in FP32.")
 
 
 def observed_maxima(model_path, feeds_iter) -> dict[str, float]:
@@ -110,14 +91,7 @@ def topological_order(model, nodes):
     return ordered
 
 
-class ConvertFp16(Pass):
-    name = "convert_fp16"
-    version = 1
-    description = "FP16 ONNX with FP32 inputs/outputs; nodes that would overflow FP16 stay FP32."
-    Config = ConvertFp16Config
-    accepts = frozenset({ONNX})
-    produces = ONNX
-
+class ConvertFp16(ConvertFp16Spec, Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: ConvertFp16Config) -> PassResult:
         import onnx
         from onnxruntime.transformers.float16 import (
@@ -125,8 +99,7 @@ class ConvertFp16(Pass):
             convert_float_to_float16,
         )
 
-        from worker.data import iter_batches
-        from worker.runtime import sample_feeds
+        from worker.data import iter_batches, sample_feeds
 
         model = onnx.load(str(source.path))
         graph_input = model.graph.input[0].name

@@ -15,34 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
-
 from core.errors import PassError
-from worker.passes.base import (
-    MEASURABLE_FORMATS,
-    NEEDS_DATASET,
-    ArtifactRef,
-    Pass,
-    PassConfig,
-    PassContext,
-    PassResult,
-)
+from core.steps.evaluate import EvaluateConfig, EvaluateSpec
+from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
 
 
-class EvaluateConfig(PassConfig):
-    max_samples: int = Field(default=1000, ge=1, le=1_000_000)
-    batch_size: int = Field(default=32, ge=1, le=1024)
-
-
-class Evaluate(Pass):
-    name = "evaluate"
-    description = "The task's metric (accuracy, mAP, or agreement with the original) of every artifact so far."
-    Config = EvaluateConfig
-    accepts = MEASURABLE_FORMATS
-    produces = None
-    needs = frozenset({NEEDS_DATASET})
-    version = 4
-
+class Evaluate(EvaluateSpec, Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: EvaluateConfig) -> PassResult:
         from worker.data import iter_batches
         from worker.metrics.tasks import box_targets, labels_fit_task, make_tally, measured_task, with_drop

@@ -6,110 +6,17 @@ from __future__ import annotations
 
 import shutil
 
-from pydantic import Field
-
 from core.errors import PassError
-from worker.passes.base import (
-    ALL_MODEL_FORMATS,
-    EXPORTED_PROGRAM,
-    ONNX,
-    STATE_DICT,
-    TORCHSCRIPT,
-    ArtifactRef,
-    Pass,
-    PassConfig,
-    PassContext,
-    PassResult,
-)
-
-
-class ExportOnnxConfig(PassConfig):
-    opset: int = Field(default=17, ge=13, le=21, description="ONNX opset of the exported graph.")
-    dynamic_batch: bool = Field(default=True, description="Leave the batch dimension open.")
-    simplify: bool = Field(default=True, description="Run onnxslim (constant folding, fusions).")
-    tolerance: float = Field(
-        default=1e-3, gt=0, description="Largest accepted |ONNX - original| relative to max |original|."
-    )
-
-
-def constants_to_initializers(model) -> int:
-    """Move tensors held by Constant nodes into initializers. Some exporters put every weight
-    in a Constant node; quantizers (and per-channel scales) only look at initializers."""
-    from onnx import numpy_helper
-
-    moved, keep = 0, []
-    initializer_names = {t.name for t in model.graph.initializer}
-    for node in model.graph.node:
-        value = next((a for a in node.attribute if a.name == "value" and a.t is not None and a.HasField("t")), None)
-        if node.op_type == "Constant" and value is not None and node.output[0] not in initializer_names:
-            tensor = numpy_helper.from_array(numpy_helper.to_array(value.t), node.output[0])
-            model.graph.initializer.append(tensor)
-            moved += 1
-        else:
-            keep.append(node)
-    if moved:
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
-    return moved
-
-
-def input_batch_dims(model) -> list[int | None]:
-    """Dim 0 of every graph input: its size when fixed, None when it is symbolic or missing."""
-    initializers = {t.name for t in model.graph.initializer}  # old IR versions list them as inputs
-    dims = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        shape = value.type.tensor_type.shape.dim
-        dims.append(shape[0].dim_value if shape and shape[0].HasField("dim_value") else None)
-    return dims
-
-
-def with_open_batch(model, batch: int):
-    """A copy of ``model`` whose inputs (and outputs) of first dimension ``batch`` take any batch, and whose
-    Reshape targets that hard-code the batch follow their input instead. Whether the graph then computes each
-    sample as before is for the caller to check: other operators may still hard-code the batch."""
-    import onnx
-    from onnx import numpy_helper
-
-    opened = onnx.ModelProto()
-    opened.CopyFrom(model)
-    graph = opened.graph
-    initializers = {t.name: t for t in graph.initializer}
-    for value in [*graph.input, *graph.output]:
-        shape = value.type.tensor_type.shape.dim
-        if value.name not in initializers and shape and shape[0].HasField("dim_value") and shape[0].dim_value == batch:
-            shape[0].dim_param = "batch"
-    rewritten: dict[str, str] = {}
-    for node in graph.node:
-        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in initializers:
-            continue
-        target = numpy_helper.to_array(initializers[node.input[1]])
-        if target.ndim != 1 or not len(target) or target[0] != batch:
-            continue
-        allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
-        if -1 in target and allow_zero:
-            continue  # 0 would mean a zero-sized dimension, and a second -1 is not allowed
-        if node.input[1] not in rewritten:
-            # A new tensor: the old one may feed operators where the batch does not belong.
-            opened_target = target.copy()
-            opened_target[0] = 0 if -1 in target else -1  # 0 copies the input's dim 0
-            name = f"{node.input[1]}_open_batch"
-            graph.initializer.append(numpy_helper.from_array(opened_target, name))
-            rewritten[node.input[1]] = name
-        node.input[1] = rewritten[node.input[1]]
-    # Inferred intermediate shapes name the old batch and would contradict the open one.
-    del graph.value_info[:]
-    try:
-        return onnx.shape_inference.infer_shapes(opened)
-    except Exception:  # inference is optional here: runtimes infer shapes themselves
-        return opened
+from core.formats import EXPORTED_PROGRAM, ONNX, STATE_DICT, TORCHSCRIPT
+from core.steps.export_onnx import ExportOnnxConfig, ExportOnnxSpec
+from worker.onnx_graph import constants_to_initializers, input_batch_dims, with_open_batch
+from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
 
 
 def _check_feeds(ctx: PassContext) -> dict:
     """What the export is checked on: a few of the job's own images when it has a dataset (random inputs
     drive a deep net where no image does, and amplify rounding there), else random inputs."""
-    from worker.runtime import sample_feeds
+    from worker.data import sample_feeds
 
     dataset = ctx.evaluation_dataset or ctx.calibration_dataset
     if dataset is None or len(ctx.input_spec) != 1 or not dataset.num_samples:
@@ -136,19 +43,7 @@ def _relative_error(reference, candidate) -> float:
     return worst
 
 
-class ExportOnnx(Pass):
-    name = "export_onnx"
-    description = "Export to ONNX (or simplify an ONNX upload) and check it against the original."
-    Config = ExportOnnxConfig
-    accepts = ALL_MODEL_FORMATS
-    produces = ONNX
-    version = 4
-    format_hints = {
-        fmt: "TensorFlow uploads go to TFLite (presets tflite-fp16, tflite-int8, or convert_tflite); for the ONNX "
-        "steps, convert the model with tf2onnx and upload the .onnx"
-        for fmt in ("keras", "saved_model")
-    }
-
+class ExportOnnx(ExportOnnxSpec, Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: ExportOnnxConfig) -> PassResult:
         import onnx
 
@@ -260,7 +155,8 @@ class ExportOnnx(Pass):
         """Why the opened graph is wrong (None when it is not): at a larger batch, at 1 and at one
         more than the fixed batch (what evaluate's last partial batch and benchmark use), it must run
         and give every sample the original's output for that sample."""
-        from worker.runtime import load_runner, run_in_fixed_batches, sample_feeds
+        from worker.data import sample_feeds
+        from worker.runtime import load_runner, run_in_fixed_batches
 
         reference = load_runner(source, threads=ctx.threads)
         opened = load_runner(ArtifactRef("open_batch.onnx", ONNX, path), threads=ctx.threads)
@@ -282,7 +178,7 @@ class ExportOnnx(Pass):
     def _from_torchscript(self, ctx, source, config, out) -> None:
         import torch
 
-        from worker.runtime import sample_feeds
+        from worker.data import sample_feeds
 
         module = torch.jit.load(str(source.path), map_location="cpu").eval()
         feeds = sample_feeds(ctx.input_spec)
@@ -307,7 +203,7 @@ class ExportOnnx(Pass):
     def _from_exported_program(self, ctx, source, config, out) -> None:
         import torch
 
-        from worker.runtime import sample_tensors
+        from worker.data import sample_tensors
         from worker.torch_models import export_open_batch, module_from_state_dict
 
         if source.format == STATE_DICT:

@@ -4,36 +4,17 @@ without torchvision or this service's code, with an open batch axis where the gr
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from core.errors import PassError
-from worker.passes.base import (
-    EXPORTED_PROGRAM,
-    STATE_DICT,
-    ArtifactRef,
-    Pass,
-    PassConfig,
-    PassContext,
-    PassResult,
-)
+from core.formats import EXPORTED_PROGRAM
+from core.steps.export_pt2 import ExportPt2Config, ExportPt2Spec
+from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
 
 
-class ExportPt2Config(PassConfig):
-    dynamic_batch: bool = Field(default=True, description="Leave the batch dimension open.")
-
-
-class ExportPt2(Pass):
-    name = "export_pt2"
-    version = 1
-    description = "Save a weights-only PyTorch model as a whole ExportedProgram (.pt2)."
-    Config = ExportPt2Config
-    accepts = frozenset({STATE_DICT})
-    produces = EXPORTED_PROGRAM
-
+class ExportPt2(ExportPt2Spec, Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: ExportPt2Config) -> PassResult:
         import torch
 
-        from worker.runtime import sample_tensors
+        from worker.data import sample_tensors
         from worker.torch_models import export_open_batch, module_from_state_dict
 
         module = module_from_state_dict(source)

@@ -1,20 +1,14 @@
 """finetune: plain supervised recovery training on labeled images, no teacher; for comparison
-with distill, and for users who have labels but no use for the original's outputs."""
+with distill, and for users who have labels but no use for the original's outputs. The training
+is worker.distillation's with alpha = 0."""
 
 from __future__ import annotations
 
-from pydantic import Field
-
-from worker.passes.distill import Distill, DistillConfig
-
-
-class FinetuneConfig(DistillConfig):
-    alpha: float = Field(default=0.0, ge=0, le=0, description="No teacher term.")
-    beta: float | None = Field(default=1.0, gt=0, description="Weight of the labels' CE.")
+from core.steps.finetune import FinetuneConfig, FinetuneSpec
+from worker.distillation import train_student
+from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
 
 
-class Finetune(Distill):
-    name = "finetune"
-    version = 1
-    description = "Supervised recovery training on labeled images (no teacher)."
-    Config = FinetuneConfig
+class Finetune(FinetuneSpec, Pass):
+    def run(self, ctx: PassContext, source: ArtifactRef, config: FinetuneConfig) -> PassResult:
+        return train_student(ctx, source, config, step=self.name)

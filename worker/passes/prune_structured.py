@@ -9,35 +9,11 @@ refits that exponent); the first convolution and the classifier are protected by
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
-
 from core.errors import PassError
-from worker.passes.base import (
-    STATE_DICT,
-    ArtifactRef,
-    Pass,
-    PassConfig,
-    PassContext,
-    PassResult,
-)
-
-
-class PruneStructuredConfig(PassConfig):
-    target: Literal["params", "macs"] = "params"
-    target_ratio: float = Field(default=0.5, gt=0, lt=0.95, description="Fraction of parameters (or MACs) to remove.")
-    importance: Literal["l1", "l2", "taylor", "bn_scale"] = Field(
-        default="l2", description="taylor uses gradients on the calibration images."
-    )
-    global_pruning: bool = Field(default=False, description="Rank channels across layers instead of per layer.")
-    protect: list[str] | None = Field(
-        default=None, description="Module names never pruned (default: the first convolution and the classifier)."
-    )
-    iterative_steps: int = Field(
-        default=1, ge=1, le=20, description="Prune in this many rounds (importance re-ranked each round)."
-    )
-    tolerance: float = Field(default=0.02, gt=0, le=0.1, description="How close to the target the bisection must get.")
+from core.formats import STATE_DICT
+from core.steps.prune_structured import PruneStructuredConfig, PruneStructuredSpec
+from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
+from worker.pruning import protected_modules
 
 
 def _importance(name: str):
@@ -51,20 +27,6 @@ def _importance(name: str):
     }[name]()
 
 
-def protected_modules(module, names: list[str] | None) -> list:
-    import torch
-
-    mods = dict(module.named_modules())
-    if names is not None:
-        missing = [n for n in names if n not in mods]
-        if missing:
-            raise PassError(f"protect names modules the model does not have: {missing}", code="unknown_modules")
-        return [mods[n] for n in names]
-    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
-    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
-    return [m for m in (convs[:1] + linears[-1:])]
-
-
 def measure(module, example) -> tuple[int, int]:
     import torch_pruning as tp
 
@@ -72,14 +34,7 @@ def measure(module, example) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-class PruneStructured(Pass):
-    name = "prune_structured"
-    version = 1
-    description = "Remove whole channels (dependency-aware) to a target fraction of parameters or MACs."
-    Config = PruneStructuredConfig
-    accepts = frozenset({STATE_DICT})
-    produces = STATE_DICT
-
+class PruneStructured(PruneStructuredSpec, Pass):
     def _prune(self, module, example, config: PruneStructuredConfig, channel_ratio: float, ctx: PassContext):
         import torch
         import torch_pruning as tp
@@ -123,7 +78,7 @@ class PruneStructured(Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: PruneStructuredConfig) -> PassResult:
         import copy
 
-        from worker.runtime import sample_tensors
+        from worker.data import sample_tensors
         from worker.torch_models import module_from_state_dict, save_module
 
         original = module_from_state_dict(source)

@@ -8,37 +8,15 @@ with sparse tensor cores (Ampere and later) through TensorRT.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
-
-from worker.passes.base import (
-    STATE_DICT,
-    ArtifactRef,
-    Pass,
-    PassConfig,
-    PassContext,
-    PassResult,
-)
-
-
-class PruneUnstructuredConfig(PassConfig):
-    sparsity: float = Field(default=0.5, gt=0, lt=1, description="Fraction of weights set to zero (ignored for n:m).")
-    scope: Literal["global", "layer"] = Field(
-        default="global", description="Rank weights across all layers or within each."
-    )
-    pattern: Literal["none", "2:4"] = Field(
-        default="none", description="2:4: two zeros in every group of four input weights."
-    )
-    protect: list[str] | None = Field(
-        default=None, description="Module names left dense (default: the first convolution and the classifier)."
-    )
+from core.formats import STATE_DICT
+from core.steps.prune_unstructured import PruneUnstructuredConfig, PruneUnstructuredSpec
+from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
 
 
 def _prunable(module, protect: list[str] | None):
     import torch
 
-    from worker.passes.prune_structured import protected_modules
+    from worker.pruning import protected_modules
 
     kept = {id(m) for m in protected_modules(module, protect)}
     return [
@@ -69,14 +47,7 @@ def _two_of_four(weight):
     return full.reshape(w.shape)
 
 
-class PruneUnstructured(Pass):
-    name = "prune_unstructured"
-    version = 1
-    description = "Zero individual weights by magnitude (global/per-layer) or in the 2:4 pattern."
-    Config = PruneUnstructuredConfig
-    accepts = frozenset({STATE_DICT})
-    produces = STATE_DICT
-
+class PruneUnstructured(PruneUnstructuredSpec, Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: PruneUnstructuredConfig) -> PassResult:
         import gzip
         import shutil

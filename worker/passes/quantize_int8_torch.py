@@ -9,47 +9,20 @@ graphs that are already exported (.pt2, TorchScript) go through quantize_int8 (O
 from __future__ import annotations
 
 import warnings
-from typing import Literal
-
-from pydantic import Field
 
 from core.errors import PassError
-from worker.passes.base import (
-    NEEDS_CALIBRATION,
-    STATE_DICT,
-    TORCHSCRIPT,
-    ArtifactRef,
-    Pass,
-    PassConfig,
-    PassContext,
-    PassResult,
-)
+from core.formats import TORCHSCRIPT
+from core.steps.quantize_int8_torch import QuantizeInt8TorchConfig, QuantizeInt8TorchSpec
+from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
 
 
-class QuantizeInt8TorchConfig(PassConfig):
-    backend: Literal["x86", "fbgemm", "qnnpack"] = Field(
-        default="x86", description="x86/fbgemm for x86 servers, qnnpack for ARM phones and boards."
-    )
-    num_calibration_samples: int = Field(default=256, ge=1, le=100_000)
-    batch_size: int = Field(default=16, ge=1, le=1024)
-
-
-class QuantizeInt8Torch(Pass):
-    name = "quantize_int8_torch"
-    version = 1
-    description = "PyTorch INT8 (FX graph mode: fuse, observe, convert), saved as TorchScript."
-    Config = QuantizeInt8TorchConfig
-    accepts = frozenset({STATE_DICT})
-    produces = TORCHSCRIPT
-    needs = frozenset({NEEDS_CALIBRATION})
-
+class QuantizeInt8Torch(QuantizeInt8TorchSpec, Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: QuantizeInt8TorchConfig) -> PassResult:
         import torch
         from torch.ao.quantization import get_default_qconfig_mapping
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-        from worker.data import iter_batches
-        from worker.runtime import sample_tensors
+        from worker.data import iter_batches, sample_tensors
         from worker.torch_models import module_from_state_dict
 
         if ctx.calibration_dataset is None:

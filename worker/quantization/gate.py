@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from core.errors import PassError
-from worker.metrics.detection import Detections
+from core.formats import ONNX
+from core.steps.quantize_int8 import QuantizeInt8Config
+from worker.metrics.detection import Detections, PerSample
 from worker.metrics.tasks import (
     Outputs,
     box_targets,
@@ -23,11 +25,10 @@ from worker.metrics.tasks import (
     meets_tolerance,
     with_drop,
 )
-from worker.passes.base import ONNX, ArtifactRef, DatasetRef, PassContext
-from worker.runtime import BatchRunner, PerSample, load_runner, pad_batch
+from worker.passes.base import ArtifactRef, DatasetRef, PassContext
+from worker.runtime import BatchRunner, load_runner, pad_batch
 
 if TYPE_CHECKING:
-    from worker.passes.quantize_int8 import QuantizeInt8Config
     from worker.quantization.quantizer import Quantizer
 
 # The added-error probe holds every intermediate tensor of a batch twice (FP32 and twin): a few
@@ -305,7 +306,7 @@ def speed_search(
     """Time the quality-approved INT8 graph (``chosen``, judged ``chosen_metric`` by the fallback)
     against alternatives and the FP32 graph, on this worker, and keep the fastest INT8 that still
     meets the tolerance."""
-    from worker.passes.benchmark import time_interleaved
+    from worker.timing import time_interleaved
 
     kept = [layer["node"] for layer in fallback["kept_float"]]
     limit = tolerance if tolerance is not None else 1.0

@@ -32,7 +32,7 @@ def quantizable_graph(source: Path, work_dir: Path, per_channel: bool, log: logg
     import onnx
     from onnx import version_converter
 
-    from worker.passes.export_onnx import constants_to_initializers
+    from worker.onnx_graph import constants_to_initializers
 
     model = onnx.load(str(source))
     changed = constants_to_initializers(model) > 0

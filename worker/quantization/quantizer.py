@@ -6,14 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from core.errors import PassError
+from core.steps.quantize_int8 import QuantizeInt8Config
 from worker.quantization.calibration import CalibrationReader, stride
 from worker.quantization.graph import count_nodes, cpu_has_vnni
-
-if TYPE_CHECKING:
-    from worker.passes.quantize_int8 import QuantizeInt8Config
 
 QuantFormatName = Literal["qdq", "qoperator"]
 

@@ -1,7 +1,8 @@
 """Recipes: presets, and the checks that make a recipe runnable before anything is queued.
 
-Pure Python over the pass registry (no heavy imports): the API calls ``plan_job`` at
-POST /v1/jobs and answers 422 with what is wrong.
+Pure Python over the pass specs (core.steps; no pass implementation, no heavy import): the API
+calls ``plan_job`` at POST /v1/jobs and answers 422 with what is wrong; the CLI and the SDK can
+plan the same way.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pydantic import ValidationError
 
 from core.datasets import dataset_fit_error, model_layout
 from core.errors import InvalidInput
+from core.formats import DEPLOY_FORMATS, NEEDS_CALIBRATION, NEEDS_DATASET
 from core.schemas import Preprocessing, StepSpec
-from worker.passes.base import DEPLOY_FORMATS, NEEDS_CALIBRATION, NEEDS_DATASET
-from worker.passes.registry import get_pass
+from core.steps.base import PassConfig, PassSpec
+from core.steps.registry import get_spec
 
 PRESETS: dict[str, list[StepSpec]] = {
     "onnx": [StepSpec(name="export_onnx"), StepSpec(name="benchmark")],
@@ -136,7 +138,7 @@ def resolve_steps(
             raise InvalidInput(
                 f"unknown preset {preset!r}", code="unknown_preset", details={"presets": sorted(PRESETS)}
             )
-        chosen = [s for s in PRESETS[preset] if has_dataset or NEEDS_DATASET not in get_pass(s.name).needs]
+        chosen = [s for s in PRESETS[preset] if has_dataset or NEEDS_DATASET not in get_spec(s.name).needs]
         unknown = set(overrides or {}) - {s.name for s in chosen}
         if unknown:
             raise InvalidInput(
@@ -223,57 +225,99 @@ def plan_job(
     default_input_shape: list[int] | None = None,
     preprocessing: Preprocessing | None = None,
 ) -> JobPlan:
+    """The job as it will run, or the 422 that says why it cannot: steps that chain, valid configs,
+    the datasets the steps need and that fit the model, concrete input shapes."""
+    planned, queue = _plan_steps(model_format, steps, calibration=calibration, evaluation=evaluation)
+    input_spec = resolve_input_spec(model_inputs, input_shape, default_input_shape)
+    _check_datasets_fit(input_spec, calibration=calibration, evaluation=evaluation)
+    _check_classes(evaluation, model_outputs or [])
+    if preprocessing is not None:
+        _check_preprocessing(preprocessing, input_spec)
+    return JobPlan(steps=planned, queue=queue, input_spec=input_spec)
+
+
+def _plan_steps(
+    model_format: str,
+    steps: list[StepSpec],
+    *,
+    calibration: DatasetFacts | None,
+    evaluation: DatasetFacts | None,
+) -> tuple[list[PlannedStep], str]:
+    """Each step checked against the format the one before it leaves; the job's starting queue."""
     current = model_format
     planned: list[PlannedStep] = []
     queue = "cpu"
-    for index, spec in enumerate(steps):
-        cls = get_pass(spec.name)
-        if current not in cls.accepts:
-            hint = cls.format_hints.get(current)
-            before = "the step before it leaves" if index else "the upload is"
-            raise InvalidInput(
-                f"step {index} ({spec.name}) takes {sorted(cls.accepts)} but {before} a {current} model"
-                + (f": {hint}" if hint else ""),
-                code="steps_do_not_chain",
-                details={"index": index, "step": spec.name, "input_format": current, "accepts": sorted(cls.accepts)},
-            )
-        try:
-            config = cls.Config.model_validate(spec.config)
-        except ValidationError as exc:
-            raise InvalidInput(
-                f"invalid config for step {index} ({spec.name})",
-                code="invalid_step_config",
-                details={
-                    "index": index,
-                    "step": spec.name,
-                    "errors": [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()],
-                },
-            ) from None
-        needs = cls().requirements(config)
-        if NEEDS_CALIBRATION in needs and calibration is None:
-            raise InvalidInput(
-                f"step {spec.name} needs calibration_dataset_id (a few hundred representative images)",
-                code="calibration_dataset_required",
-                details={"step": spec.name},
-            )
-        if NEEDS_DATASET in needs and calibration is None and evaluation is None:
-            raise InvalidInput(
-                f"step {spec.name} needs evaluation_dataset_id or calibration_dataset_id",
-                code="dataset_required",
-                details={"step": spec.name},
-            )
-        step_queue = cls().step_queue(config)
+    for index, step in enumerate(steps):
+        spec = get_spec(step.name)
+        _check_accepts(spec, index, current)
+        config = _validated_config(spec, index, step.config)
+        _check_needs(spec, spec().requirements(config), calibration=calibration, evaluation=evaluation)
+        step_queue = spec().step_queue(config)
         if queue == "cpu" and step_queue != "cpu":
             # The job starts where its first GPU step must run (GPU workers run the CPU steps
             # before it too); a later step for another GPU kind hands the job over.
             queue = step_queue
-        planned.append(PlannedStep(name=spec.name, config=config.model_dump(mode="json"), queue=step_queue))
-        if cls.produces not in DEPLOY_FORMATS:
+        planned.append(PlannedStep(name=step.name, config=config.model_dump(mode="json"), queue=step_queue))
+        if spec.produces not in DEPLOY_FORMATS:
             # A deployment artifact (engine, .tflite, package) ends its branch: the next
             # producing step (an engine for another GPU kind) starts from the same model.
-            current = cls().output_format(current)
+            current = spec().output_format(current)
+    return planned, queue
 
-    input_spec = resolve_input_spec(model_inputs, input_shape, default_input_shape)
+
+def _check_accepts(spec: type[PassSpec[Any]], index: int, current: str) -> None:
+    if current in spec.accepts:
+        return
+    hint = spec.format_hints.get(current)
+    before = "the step before it leaves" if index else "the upload is"
+    raise InvalidInput(
+        f"step {index} ({spec.name}) takes {sorted(spec.accepts)} but {before} a {current} model"
+        + (f": {hint}" if hint else ""),
+        code="steps_do_not_chain",
+        details={"index": index, "step": spec.name, "input_format": current, "accepts": sorted(spec.accepts)},
+    )
+
+
+def _validated_config(spec: type[PassSpec[Any]], index: int, config: dict[str, Any]) -> PassConfig:
+    try:
+        return spec.Config.model_validate(config)
+    except ValidationError as exc:
+        raise InvalidInput(
+            f"invalid config for step {index} ({spec.name})",
+            code="invalid_step_config",
+            details={
+                "index": index,
+                "step": spec.name,
+                "errors": [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()],
+            },
+        ) from None
+
+
+def _check_needs(
+    spec: type[PassSpec[Any]],
+    needs: frozenset[str],
+    *,
+    calibration: DatasetFacts | None,
+    evaluation: DatasetFacts | None,
+) -> None:
+    if NEEDS_CALIBRATION in needs and calibration is None:
+        raise InvalidInput(
+            f"step {spec.name} needs calibration_dataset_id (a few hundred representative images)",
+            code="calibration_dataset_required",
+            details={"step": spec.name},
+        )
+    if NEEDS_DATASET in needs and calibration is None and evaluation is None:
+        raise InvalidInput(
+            f"step {spec.name} needs evaluation_dataset_id or calibration_dataset_id",
+            code="dataset_required",
+            details={"step": spec.name},
+        )
+
+
+def _check_datasets_fit(
+    input_spec: list[dict[str, Any]], *, calibration: DatasetFacts | None, evaluation: DatasetFacts | None
+) -> None:
+    """Each dataset's samples fit the model's one input."""
     for role, facts in (("calibration", calibration), ("evaluation", evaluation)):
         if facts is None:
             continue
@@ -292,10 +336,6 @@ def plan_job(
                 code="shape_mismatch",
                 details={"dataset_id": facts.id, "input": input_spec[0]},
             )
-    _check_classes(evaluation, model_outputs or [])
-    if preprocessing is not None:
-        _check_preprocessing(preprocessing, input_spec)
-    return JobPlan(steps=planned, queue=queue, input_spec=input_spec)
 
 
 def _check_preprocessing(preprocessing: Preprocessing, input_spec: list[dict[str, Any]]) -> None:
