@@ -5,6 +5,9 @@ of the step process is left running afterwards."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import os
 import signal
 import threading
@@ -15,10 +18,12 @@ from pathlib import Path
 import pytest
 
 from core.errors import CvoptError, JobCancelled
-from core.schemas import Preprocessing
+from core.schemas import DetectionOptions, Preprocessing
 from tests.hostile_models import endless_loop, memory_bomb
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
-from worker.step_process import StepFailed, StepLimits, run_step_in_child
+from worker.step_process import StepFailed, StepLimits, run_step_in_child, write_request
+
+pytestmark = pytest.mark.integration
 
 SPEC = [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
 BENCH = {"batch_sizes": [1], "runs": 20, "warmup": 1, "max_seconds": 5}
@@ -158,3 +163,58 @@ run(ctx, source, timeout_seconds=600)
     while processes_marked(mark) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_marked(mark) == []
+
+
+def test_the_context_crosses_to_the_step_process_whole(tmp_path):
+    """Every field of PassContext either travels (equal after the JSON round trip) or is one the
+    step process makes itself; a field added to the context without either fails here."""
+    original = ArtifactRef(name="m.onnx", format="onnx", path=tmp_path / "m.onnx", meta={"opset": 17})
+    made = ArtifactRef("01-x.onnx", "onnx", tmp_path / "x.onnx", step="x", step_index=1, meta={"a": [1, 2]})
+    data = DatasetRef(tmp_path / "d.zip", "zip", True, 8, "NCHW", [3, 4, 4], label_type="boxes")
+    values = {
+        "work_dir": tmp_path / "step",
+        "original": original,
+        "artifacts": [made, original],
+        "input_spec": SPEC,
+        "preprocessing": Preprocessing(letterbox=True, channel_order="BGR", mean=[0.5] * 3, std=[0.2] * 3),
+        "task": "detection",
+        "task_options": {"max_accuracy_drop": 0.02, "detection": DetectionOptions().model_dump(mode="json")},
+        "calibration_dataset": data,
+        "evaluation_dataset": dataclasses.replace(data, format="npz", labeled=False, label_type=None),
+        "threads": 3,
+        "shared_prefix": "tenants/t1/",
+    }
+    local = {
+        "log": logging.getLogger("cvopt.pass.test"),
+        "report_progress": lambda fraction: None,
+        "check_cancelled": lambda: None,
+        "fetch_shared": lambda key, dest: False,
+        "store_shared": lambda key, path: None,
+    }
+    assert {f.name for f in dataclasses.fields(PassContext)} == set(values) | set(local)
+    # Every value differs from its default, so that a field dropped on the way would show.
+    defaults = PassContext(tmp_path, original, [], [], Preprocessing())
+    assert all(getattr(defaults, k) != v for k, v in values.items() if k not in ("original", "work_dir"))
+
+    ctx = PassContext(**values, **local)
+    wire = json.loads(json.dumps(ctx.to_wire()))
+    assert set(wire) == set(values)
+    back = PassContext.from_wire(wire, **local)
+    for name, value in values.items():
+        assert getattr(back, name) == value, name
+        assert type(getattr(back, name)) is type(value), name
+    assert isinstance(back.original.path, Path) and isinstance(back.calibration_dataset.path, Path)
+    for name, value in local.items():
+        assert getattr(back, name) is value, name
+
+
+def test_the_request_carries_the_source_and_the_context(tmp_path):
+    source = ArtifactRef(name="m.onnx", format="onnx", path=tmp_path / "m.onnx", step="x", step_index=0)
+    ctx = PassContext(tmp_path, source, [source], SPEC, Preprocessing(), task="classification")
+    path = tmp_path / "step-request.json"
+    write_request(path, name="benchmark", config=BENCH, source=source, ctx=ctx, limits=StepLimits(memory_mb=5))
+    request = json.loads(path.read_text())
+    assert request["pass"] == "benchmark" and request["config"] == BENCH
+    assert request["limits"] == {"memory_mb": 5, "cpu_seconds": 0, "timeout_seconds": 0}
+    assert PassContext.value_from_wire(ArtifactRef, request["source"]) == source
+    assert PassContext.from_wire(request["context"]).artifacts == [source]

@@ -1,4 +1,5 @@
-"""Stream a dataset as preprocessed model-input batches, in bounded memory."""
+"""Model inputs: a dataset streamed as preprocessed batches in bounded memory, or random ones of the
+model's input shapes (sample_feeds) where only the shapes matter."""
 
 from __future__ import annotations
 
@@ -23,6 +24,26 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "uint8": np.uint8, "int8": np.int8}
+
+
+def sample_feeds(input_spec: list[dict[str, Any]], *, batch: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for every model input (the batch dimension replaced when given)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in input_spec:
+        shape = [int(d) for d in spec["shape"]]
+        if batch is not None and shape:
+            shape[0] = batch
+        dtype = NP_DTYPES.get(spec.get("dtype", "float32"), np.float32)
+        feeds[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def sample_tensors(input_spec: list[dict[str, Any]], *, batch: int | None = None) -> tuple:
+    """sample_feeds as a tuple of torch tensors, in input order (example args for torch)."""
+    import torch
+
+    return tuple(torch.from_numpy(v) for v in sample_feeds(input_spec, batch=batch).values())
 
 
 def _image_to_array(img, *, height: int, width: int, channels: int, prep: Preprocessing) -> np.ndarray:

@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +28,40 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import logs
 from core.errors import CvoptError, JobCancelled, NotFound, StorageUnavailable
+from core.formats import (
+    AOTI_PACKAGE,
+    DEPLOY_FORMATS,
+    EXPORTED_PROGRAM,
+    KERAS,
+    ONNX,
+    SAVED_MODEL,
+    STATE_DICT,
+    TENSORRT_ENGINE,
+    TFLITE,
+    TORCHSCRIPT,
+)
 from core.models import Artifact, Dataset, Job, JobStatus, JobStep, StepStatus, Worker, utcnow
 from core.queue import enqueue_job
 from core.schemas import Preprocessing
 from core.settings import Settings
 from core.storage import ObjectStore
 from core.workers import is_gpu_queue, live_queues, waiting_for, worker_identity
-from worker.passes.base import (
-    DEPLOY_FORMATS,
-    ArtifactRef,
-    DatasetRef,
-    PassContext,
-    PassResult,
-)
+from worker.passes.base import ArtifactRef, DatasetRef, PassContext, PassResult
 from worker.passes.registry import get_pass
 from worker.step_process import StepLimits, default_memory_limit_mb, run_step_in_child
 
 log = logging.getLogger("cvopt.runner")
 
 FILE_EXTENSIONS = {
-    "onnx": ".onnx",
-    "torchscript": ".ts.pt",
-    "exported_program": ".pt2",
-    "state_dict": ".pt",
-    "tflite": ".tflite",
-    "tensorrt_engine": ".engine",
-    "aoti_package": ".aoti.pt2",
-    "keras": ".keras",
-    "saved_model": ".zip",
+    ONNX: ".onnx",
+    TORCHSCRIPT: ".ts.pt",
+    EXPORTED_PROGRAM: ".pt2",
+    STATE_DICT: ".pt",
+    TFLITE: ".tflite",
+    TENSORRT_ENGINE: ".engine",
+    AOTI_PACKAGE: ".aoti.pt2",
+    KERAS: ".keras",
+    SAVED_MODEL: ".zip",
 }
 LOG_TAIL_CHARS = 4000
 
@@ -143,6 +149,56 @@ class _Heartbeat(threading.Thread):
 class _Claim:
     job_id: str
     attempt: int
+
+
+@dataclass(frozen=True)
+class _StepRow:
+    id: str
+    index: int
+    name: str
+    config: dict[str, Any]
+    queue: str
+    status: StepStatus
+
+
+@dataclass
+class _JobPlan:
+    """The job as its rows stood when this run started, read in one session (none stays open
+    while a step runs)."""
+
+    steps: list[_StepRow]
+    model_key: str
+    model_name: str
+    model_format: str
+    model_sha: str
+    model_details: dict[str, Any]
+    calibration: Dataset | None
+    evaluation: Dataset | None
+    input_spec: list[dict[str, Any]]
+    preprocessing: Preprocessing
+    task: str
+    task_options: dict[str, Any]
+    # What every step's result depends on beyond its own pass, config and input (_step_digest).
+    job_facts: dict[str, Any]
+    # The step cache and the files shared between jobs are the tenant's own: another tenant
+    # never reuses (nor learns of) an artifact made from the same bytes.
+    tenant_prefix: str
+    # Where earlier runs of this job stored what they made, by step index (a step replayed after
+    # a hand-over or a lost worker finds its own object, whichever GPU made it).
+    recorded: dict[int, str]
+
+
+@dataclass
+class _Chain:
+    """What the steps take, as it grows: the job's inputs, the artifact the next producing step
+    starts from (``current``, its sha256 ``sha``) and every artifact made so far, in order."""
+
+    original: ArtifactRef
+    calibration: DatasetRef | None
+    evaluation: DatasetRef | None
+    current: ArtifactRef
+    sha: str
+    artifacts: list[ArtifactRef]
 
 
 class JobRunner:
@@ -342,20 +398,47 @@ class JobRunner:
         )
 
     def _run_steps(self, job_id: str, work: Path, heartbeat: _Heartbeat, tail: _LogTail) -> None:
+        """Every step in order, then the job's end: succeeded, cancelled, or failed with the step
+        and a reason (an unexpected error also goes on to the worker's log and Celery)."""
+        plan = self._read_plan(job_id)
+        current_step: str | None = None
+        try:
+            chain = self._fetch_inputs(plan, work)
+            for step in plan.steps:
+                current_step = step.name
+                if not self._run_step(job_id, plan, step, chain, work, heartbeat):
+                    return  # handed over to another queue; the worker there ends the job
+            self._finish(job_id, JobStatus.succeeded, tail=tail)
+        except _ClaimLost:
+            raise
+        except JobCancelled:
+            self._end_cancelled(job_id, current_step, heartbeat, tail)
+        except CvoptError as exc:
+            log.warning("job %s failed at %s: %s", job_id, current_step, exc.message)
+            extra_log = getattr(exc, "log_text", None)
+            self._fail(job_id, tail, current_step, exc.code, exc.message, extra_log=extra_log)
+        except MemoryError:
+            self._fail(job_id, tail, current_step, "out_of_memory", f"out of memory at step {current_step}")
+        except Exception as exc:
+            # A bug or an unexpected library error: the job still ends failed with a reason,
+            # and the exception goes on to the worker's log and Celery.
+            log.exception("job %s crashed at %s", job_id, current_step)
+            first_line = (str(exc).strip().splitlines() or [""])[0][:500]
+            message = f"step {current_step} crashed: {type(exc).__name__}: {first_line}"
+            self._fail(job_id, tail, current_step, "internal_error", message, extra_log=traceback.format_exc())
+            raise
+
+    def _read_plan(self, job_id: str) -> _JobPlan:
         with self.sessions() as s:
             job = s.get(Job, job_id)
             model = job.model
             calibration = s.get(Dataset, job.calibration_dataset_id) if job.calibration_dataset_id else None
             evaluation = s.get(Dataset, job.evaluation_dataset_id) if job.evaluation_dataset_id else None
-            steps = [(st.id, st.index, st.name, dict(st.config), st.queue, st.status) for st in job.steps]
-            input_spec = list(job.input_spec)
             preprocessing = Preprocessing.model_validate(job.preprocessing or {})
-            task, task_options = job.task or "auto", dict(job.task_options or {})
-            model_key, model_format, model_sha = model.storage_key, model.format, model.sha256
-            model_name, model_details = model.filename, dict(model.details or {})
-            # What every step's result depends on beyond its own pass, config and input.
+            input_spec, task, task_options = list(job.input_spec), job.task or "auto", dict(job.task_options or {})
+            model_details = dict(model.details or {})
             job_facts = {
-                "original": {"sha256": model_sha, "format": model_format, "details": model_details},
+                "original": {"sha256": model.sha256, "format": model.format, "details": model_details},
                 "input_spec": input_spec,
                 "preprocessing": preprocessing.model_dump(mode="json"),
                 "task": {"task": task, **task_options},
@@ -364,156 +447,143 @@ class JobRunner:
                     "evaluation": evaluation.sha256 if evaluation else None,
                 },
             }
-            # The step cache and the files shared between jobs are the tenant's own: another tenant
-            # never reuses (nor learns of) an artifact made from the same bytes.
-            tenant_prefix = f"tenants/{job.tenant_id}/"
-            # Where earlier runs of this job stored what they made (a step replayed after a
-            # hand-over or a lost worker finds its own object, whichever GPU made it).
-            recorded = {
-                a.step_index: a.storage_key.rsplit("/", 1)[0]
-                for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))
-            }
-
-        current_step: str | None = None
-        try:
-            original_path = self._fetch(
-                model_key,
-                work / "inputs" / f"original{FILE_EXTENSIONS.get(model_format, '')}",
-                what="reading the model",
+            artifacts = s.scalars(select(Artifact).where(Artifact.job_id == job_id))
+            return _JobPlan(
+                steps=[_StepRow(st.id, st.index, st.name, dict(st.config), st.queue, st.status) for st in job.steps],
+                model_key=model.storage_key,
+                model_name=model.filename,
+                model_format=model.format,
+                model_sha=model.sha256,
+                model_details=model_details,
+                calibration=calibration,
+                evaluation=evaluation,
+                input_spec=input_spec,
+                preprocessing=preprocessing,
+                task=task,
+                task_options=task_options,
+                job_facts=job_facts,
+                tenant_prefix=f"tenants/{job.tenant_id}/",
+                recorded={a.step_index: a.storage_key.rsplit("/", 1)[0] for a in artifacts},
             )
-            original = ArtifactRef(name=model_name, format=model_format, path=original_path, meta=model_details)
-            calibration_ref = self._dataset_ref(calibration, work, "calibration")
-            evaluation_ref = self._dataset_ref(evaluation, work, "evaluation")
 
-            chain = original
-            chain_sha = model_sha
-            artifacts: list[ArtifactRef] = []
-            total = len(steps)
-            for step_id, index, name, config_dict, step_queue, step_status in steps:
-                current_step = name
-                if heartbeat.cancelled.is_set():
-                    raise JobCancelled()
-                cls = get_pass(name)
-                if step_status == StepStatus.succeeded and cls.produces is None:
-                    continue  # measured before a hand-over or a lost worker; its metrics stand
-                # A step that already succeeded elsewhere (an engine for another GPU kind) comes
-                # back from the artifact cache; only a step still to run can need another worker.
-                if step_status != StepStatus.succeeded and not self._can_run(step_queue):
-                    self._hand_over(job_id, step_queue, name)
-                    return
-                config = cls.Config.model_validate(config_dict)
-                step_dir = work / f"{index:02d}-{name}"
-                step_dir.mkdir(parents=True, exist_ok=True)
-                self._mark_step_running(job_id, step_id, name, index / total)
-                heartbeat.progress = index / total
+    def _fetch_inputs(self, plan: _JobPlan, work: Path) -> _Chain:
+        original_path = self._fetch(
+            plan.model_key,
+            work / "inputs" / f"original{FILE_EXTENSIONS.get(plan.model_format, '')}",
+            what="reading the model",
+        )
+        original = ArtifactRef(
+            name=plan.model_name, format=plan.model_format, path=original_path, meta=plan.model_details
+        )
+        return _Chain(
+            original=original,
+            calibration=self._dataset_ref(plan.calibration, work, "calibration"),
+            evaluation=self._dataset_ref(plan.evaluation, work, "evaluation"),
+            current=original,
+            sha=plan.model_sha,
+            artifacts=[],
+        )
 
-                def report(fraction: float, _i=index) -> None:
-                    heartbeat.progress = (_i + min(max(fraction, 0.0), 1.0)) / total
+    def _run_step(
+        self, job_id: str, plan: _JobPlan, step: _StepRow, chain: _Chain, work: Path, heartbeat: _Heartbeat
+    ) -> bool:
+        """One step: skipped (measured before), handed over (False: another worker goes on),
+        replayed from the artifact cache, or executed; then recorded."""
+        if heartbeat.cancelled.is_set():
+            raise JobCancelled()
+        cls = get_pass(step.name)
+        if step.status == StepStatus.succeeded and cls.produces is None:
+            return True  # measured before a hand-over or a lost worker; its metrics stand
+        # A step that already succeeded elsewhere (an engine for another GPU kind) comes back
+        # from the artifact cache; only a step still to run can need another worker.
+        if step.status != StepStatus.succeeded and not self._can_run(step.queue):
+            self._hand_over(job_id, step.queue, step.name)
+            return False
+        config = cls.Config.model_validate(step.config)
+        step_dir = work / f"{step.index:02d}-{step.name}"
+        step_dir.mkdir(parents=True, exist_ok=True)
+        self._mark_step_running(job_id, step.id, step.name, step.index / len(plan.steps))
+        heartbeat.progress = step.index / len(plan.steps)
+        ctx = self._context(plan, step, chain, step_dir, heartbeat)
+        started = time.perf_counter()
+        log.info("job %s: step %d %s started", job_id, step.index, step.name)
+        cache_key = _cache_key(plan, step, cls, config, chain.sha)
+        result, cached = self._cached_result(cache_key, step_dir) if cache_key else (None, False)
+        if result is None:
+            result = self._execute(cls, ctx, chain.current, config, heartbeat)
+        duration = time.perf_counter() - started
+        if result.artifact is not None:
+            self._add_artifact(job_id, step, cls, result, cache_key, cached, chain)
+        metrics = dict(result.metrics, duration_s=round(duration, 3), cached=cached)
+        self._mark_step_done(job_id, step.id, metrics, message=result.metrics.get("warning"))
+        log.info("job %s: step %d %s finished in %.2fs", job_id, step.index, step.name, duration)
+        return True
 
-                def check_cancelled() -> None:
-                    if heartbeat.cancelled.is_set():
-                        raise JobCancelled()
+    def _context(
+        self, plan: _JobPlan, step: _StepRow, chain: _Chain, step_dir: Path, heartbeat: _Heartbeat
+    ) -> PassContext:
+        total, prefix = len(plan.steps), plan.tenant_prefix
 
-                ctx = PassContext(
-                    work_dir=step_dir,
-                    original=original,
-                    artifacts=list(artifacts),
-                    input_spec=input_spec,
-                    preprocessing=preprocessing,
-                    task=task,
-                    task_options=task_options,
-                    calibration_dataset=calibration_ref,
-                    evaluation_dataset=evaluation_ref,
-                    threads=self.settings.benchmark_threads,
-                    log=logging.getLogger(f"cvopt.pass.{name}"),
-                    report_progress=report,
-                    check_cancelled=check_cancelled,
-                    shared_prefix=tenant_prefix,
-                    fetch_shared=lambda key, dest: self._fetch_shared(tenant_prefix + key, dest),
-                    store_shared=lambda key, path: self.store.put_file(tenant_prefix + key, path),
-                )
-                started = time.perf_counter()
-                log.info("job %s: step %d %s started", job_id, index, name)
-                cache_key = None
-                if cls.produces is not None and step_status == StepStatus.succeeded and index in recorded:
-                    cache_key = recorded[index]
-                elif cls.produces is not None:
-                    cache_key = (
-                        tenant_prefix + "artifacts/" + _step_digest(cls, config, chain_sha, step_queue, job_facts)
-                    )
-                result, cached = self._cached_result(cache_key, step_dir) if cache_key else (None, False)
-                if result is None:
-                    result = self._execute(cls, ctx, chain, config, heartbeat)
-                duration = time.perf_counter() - started
-                artifact_ref = None
-                if result.artifact is not None:
-                    fmt = result.format or cls().output_format(chain.format)
-                    filename = f"{index:02d}-{name}{FILE_EXTENSIONS.get(fmt, '')}"
-                    artifact_ref = ArtifactRef(
-                        name=filename,
-                        format=fmt,
-                        path=result.artifact,
-                        step=name,
-                        step_index=index,
-                        meta=dict(result.meta),
-                    )
-                    digest = self._record_artifact(
-                        job_id, step_id, index, name, artifact_ref, cache_key, result, cached
-                    )
-                    if cls.produces not in DEPLOY_FORMATS:  # deployment artifacts end their branch
-                        chain, chain_sha = artifact_ref, digest
-                    artifacts.append(artifact_ref)
-                metrics = dict(result.metrics, duration_s=round(duration, 3), cached=cached)
-                self._mark_step_done(job_id, step_id, metrics, message=result.metrics.get("warning"))
-                log.info("job %s: step %d %s finished in %.2fs", job_id, index, name, duration)
-            self._finish(job_id, JobStatus.succeeded, tail=tail)
-        except _ClaimLost:
-            raise
-        except JobCancelled:
-            if heartbeat.lost.is_set():
-                raise _ClaimLost() from None
-            log.info("job %s cancelled during %s", job_id, current_step)
-            with self.sessions() as s:
-                job = s.get(Job, job_id)
-                self._check_owned(s, job_id)
-                self._finish_cancelled(job)
-                job.log_tail = tail.text()
-                s.commit()
-        except CvoptError as exc:
-            log.warning("job %s failed at %s: %s", job_id, current_step, exc.message)
-            self._finish(
-                job_id,
-                JobStatus.failed,
-                tail=tail,
-                step=current_step,
-                code=exc.code,
-                message=exc.message,
-                extra_log=getattr(exc, "log_text", None),
-            )
-        except MemoryError:
-            self._finish(
-                job_id,
-                JobStatus.failed,
-                tail=tail,
-                step=current_step,
-                code="out_of_memory",
-                message=f"out of memory at step {current_step}",
-            )
-        except Exception as exc:
-            # A bug or an unexpected library error: the job still ends failed with a reason,
-            # and the exception goes on to the worker's log and Celery.
-            log.exception("job %s crashed at %s", job_id, current_step)
-            first_line = (str(exc).strip().splitlines() or [""])[0][:500]
-            self._finish(
-                job_id,
-                JobStatus.failed,
-                tail=tail,
-                step=current_step,
-                code="internal_error",
-                message=f"step {current_step} crashed: {type(exc).__name__}: {first_line}",
-                extra_log=traceback.format_exc(),
-            )
-            raise
+        def report(fraction: float) -> None:
+            heartbeat.progress = (step.index + min(max(fraction, 0.0), 1.0)) / total
+
+        def check_cancelled() -> None:
+            if heartbeat.cancelled.is_set():
+                raise JobCancelled()
+
+        return PassContext(
+            work_dir=step_dir,
+            original=chain.original,
+            artifacts=list(chain.artifacts),
+            input_spec=plan.input_spec,
+            preprocessing=plan.preprocessing,
+            task=plan.task,
+            task_options=plan.task_options,
+            calibration_dataset=chain.calibration,
+            evaluation_dataset=chain.evaluation,
+            threads=self.settings.benchmark_threads,
+            log=logging.getLogger(f"cvopt.pass.{step.name}"),
+            report_progress=report,
+            check_cancelled=check_cancelled,
+            shared_prefix=prefix,
+            fetch_shared=lambda key, dest: self._fetch_shared(prefix + key, dest),
+            store_shared=lambda key, path: self.store.put_file(prefix + key, path),
+        )
+
+    def _add_artifact(
+        self, job_id: str, step: _StepRow, cls, result: PassResult, cache_key: str | None, cached: bool, chain: _Chain
+    ) -> None:
+        """Store and record the step's artifact; the next producing step starts from it, unless
+        it is a deployment artifact, which ends its branch."""
+        fmt = result.format or cls().output_format(chain.current.format)
+        ref = ArtifactRef(
+            name=f"{step.index:02d}-{step.name}{FILE_EXTENSIONS.get(fmt, '')}",
+            format=fmt,
+            path=result.artifact,
+            step=step.name,
+            step_index=step.index,
+            meta=dict(result.meta),
+        )
+        digest = self._record_artifact(job_id, step.id, step.index, step.name, ref, cache_key, result, cached)
+        if cls.produces not in DEPLOY_FORMATS:
+            chain.current, chain.sha = ref, digest
+        chain.artifacts.append(ref)
+
+    def _end_cancelled(self, job_id: str, current_step: str | None, heartbeat: _Heartbeat, tail: _LogTail) -> None:
+        if heartbeat.lost.is_set():
+            raise _ClaimLost() from None  # the "cancel" was the heartbeat finding the job taken
+        log.info("job %s cancelled during %s", job_id, current_step)
+        with self.sessions() as s:
+            job = s.get(Job, job_id)
+            self._check_owned(s, job_id)
+            self._finish_cancelled(job)
+            job.log_tail = tail.text()
+            s.commit()
+
+    def _fail(
+        self, job_id: str, tail: _LogTail, step: str | None, code: str, message: str, *, extra_log: str | None = None
+    ) -> None:
+        self._finish(job_id, JobStatus.failed, tail=tail, step=step, code=code, message=message, extra_log=extra_log)
 
     def _execute(self, cls, ctx: PassContext, source: ArtifactRef, config, heartbeat: _Heartbeat) -> PassResult:
         """Run the pass: in a child process with the step limits (the default), or in this
@@ -709,6 +779,16 @@ class JobRunner:
             s.commit()
 
 
+def _cache_key(plan: _JobPlan, step: _StepRow, cls, config, input_sha256: str) -> str | None:
+    """Where the step's result is stored: nowhere for a measuring step; for a step that succeeded
+    before, where that run stored it; else under the digest of everything that determines it."""
+    if cls.produces is None:
+        return None
+    if step.status == StepStatus.succeeded and step.index in plan.recorded:
+        return plan.recorded[step.index]
+    return plan.tenant_prefix + "artifacts/" + _step_digest(cls, config, input_sha256, step.queue, plan.job_facts)
+
+
 def _step_digest(cls, config, input_sha256: str, queue: str, job_facts: dict[str, Any]) -> str:
     """Everything that changes what a step makes: its code version and config, its input, the
     job's facts (how the upload is read, e.g. a state_dict's architecture; the original, a
@@ -777,71 +857,86 @@ def reap_stale_jobs(*, settings: Settings, sessions: sessionmaker[Session], cele
     sent again oldest first, so that they keep their submission order among themselves.
     """
     now = utcnow()
-    stale = now - timedelta(seconds=settings.stale_after_seconds)
-    lost = now - timedelta(seconds=settings.worker_lost_after_seconds)
-    forgotten = now - timedelta(seconds=settings.requeue_after_seconds)
-    abandoned = now - timedelta(seconds=settings.no_worker_timeout_seconds)
-    requeue: list[tuple[str, str]] = []
-    failed = 0
     with sessions() as s:
         live = live_queues(s, settings)
-        # Queued jobs on a queue that no live worker consumes (a GPU job and no GPU worker up):
-        # re-sending them would only pile messages up; past the timeout they fail saying why.
-        for job in s.scalars(
-            select(Job)
-            .where(Job.status == JobStatus.queued, Job.queue.not_in(live or {""}), Job.enqueued_at < abandoned)
-            .with_for_update(skip_locked=True)
-            .limit(100)
-        ).all():
-            pending = [st for st in job.steps if st.status == StepStatus.pending]
-            job.status = JobStatus.failed
-            job.error_code = "no_worker"
-            # The step that waits for the missing worker, not the CPU steps before it.
-            waiting = next((st for st in pending if st.queue == job.queue), pending[0] if pending else None)
-            job.error_step = waiting.name if waiting else None
-            job.error_message = (
-                f"no {waiting_for(job.queue)} was alive to take this job for "
-                f"{settings.no_worker_timeout_seconds:.0f} s (queue {job.queue!r}); start one with "
-                f"`cvopt worker --queues {job.queue}` on a machine that has "
-                + ("an NVIDIA GPU" if is_gpu_queue(job.queue) else "the worker extras")
-            )
-            job.finished_at = now
-            for st in pending:
-                st.status = StepStatus.skipped
-            failed += 1
-        # A worker that stopped deletes its row; one that died stops refreshing it. Its jobs go
-        # back to the queue after a few missed heartbeats rather than after stale_after_seconds.
-        beating = select(Worker.id).where(Worker.last_seen_at >= lost)
-        rows = s.scalars(
-            select(Job)
-            .where(
-                ((Job.status == JobStatus.running) & (Job.heartbeat_at < stale))
-                | ((Job.status == JobStatus.running) & (Job.heartbeat_at < lost) & Job.worker.not_in(beating))
-                | ((Job.status == JobStatus.queued) & (Job.enqueued_at < forgotten))
-            )
-            .order_by(Job.created_at, Job.id)
-            .with_for_update(skip_locked=True)
-            .limit(100)
-        ).all()
-        for job in rows:
-            if job.status == JobStatus.running and job.attempts >= settings.max_attempts:
-                job.status = JobStatus.failed
-                job.error_code = "too_many_attempts"
-                job.error_step = job.current_step
-                job.error_message = (
-                    f"the worker running step {job.current_step} stopped answering "
-                    f"{job.attempts} times (killed, out of memory, or restarted)"
-                )
-                job.finished_at = now
-                failed += 1
-                continue
-            if job.status == JobStatus.queued and job.queue not in live:
-                continue  # nobody could take it; the original message waits in the broker
-            job.status = JobStatus.queued
-            job.enqueued_at = now
-            requeue.append((job.id, job.queue))
+        failed = _fail_unserved(s, settings, live, now)
+        requeue, too_many = _take_back_stale(s, settings, live, now)
         s.commit()
     for job_id, queue in requeue:
         log.warning("re-queueing job %s", job_id)
         enqueue_job(job_id, queue, celery=celery)
-    return {"requeued": len(requeue), "failed": failed}
+    return {"requeued": len(requeue), "failed": failed + too_many}
+
+
+def _fail_unserved(s: Session, settings: Settings, live: set[str], now: datetime) -> int:
+    """Fail the queued jobs on a queue that no live worker consumes (a GPU job and no GPU worker
+    up) past the timeout, saying why: re-sending them would only pile messages up."""
+    abandoned = now - timedelta(seconds=settings.no_worker_timeout_seconds)
+    failed = 0
+    for job in s.scalars(
+        select(Job)
+        .where(Job.status == JobStatus.queued, Job.queue.not_in(live or {""}), Job.enqueued_at < abandoned)
+        .with_for_update(skip_locked=True)
+        .limit(100)
+    ).all():
+        pending = [st for st in job.steps if st.status == StepStatus.pending]
+        job.status = JobStatus.failed
+        job.error_code = "no_worker"
+        # The step that waits for the missing worker, not the CPU steps before it.
+        waiting = next((st for st in pending if st.queue == job.queue), pending[0] if pending else None)
+        job.error_step = waiting.name if waiting else None
+        job.error_message = (
+            f"no {waiting_for(job.queue)} was alive to take this job for "
+            f"{settings.no_worker_timeout_seconds:.0f} s (queue {job.queue!r}); start one with "
+            f"`cvopt worker --queues {job.queue}` on a machine that has "
+            + ("an NVIDIA GPU" if is_gpu_queue(job.queue) else "the worker extras")
+        )
+        job.finished_at = now
+        for st in pending:
+            st.status = StepStatus.skipped
+        failed += 1
+    return failed
+
+
+def _take_back_stale(
+    s: Session, settings: Settings, live: set[str], now: datetime
+) -> tuple[list[tuple[str, str]], int]:
+    """([(job id, queue)] to send again, how many failed past max_attempts): running jobs whose
+    worker went silent, and queued jobs nobody picked up on a queue someone consumes."""
+    stale = now - timedelta(seconds=settings.stale_after_seconds)
+    lost = now - timedelta(seconds=settings.worker_lost_after_seconds)
+    forgotten = now - timedelta(seconds=settings.requeue_after_seconds)
+    # A worker that stopped deletes its row; one that died stops refreshing it. Its jobs go
+    # back to the queue after a few missed heartbeats rather than after stale_after_seconds.
+    beating = select(Worker.id).where(Worker.last_seen_at >= lost)
+    rows = s.scalars(
+        select(Job)
+        .where(
+            ((Job.status == JobStatus.running) & (Job.heartbeat_at < stale))
+            | ((Job.status == JobStatus.running) & (Job.heartbeat_at < lost) & Job.worker.not_in(beating))
+            | ((Job.status == JobStatus.queued) & (Job.enqueued_at < forgotten))
+        )
+        .order_by(Job.created_at, Job.id)
+        .with_for_update(skip_locked=True)
+        .limit(100)
+    ).all()
+    requeue: list[tuple[str, str]] = []
+    failed = 0
+    for job in rows:
+        if job.status == JobStatus.running and job.attempts >= settings.max_attempts:
+            job.status = JobStatus.failed
+            job.error_code = "too_many_attempts"
+            job.error_step = job.current_step
+            job.error_message = (
+                f"the worker running step {job.current_step} stopped answering "
+                f"{job.attempts} times (killed, out of memory, or restarted)"
+            )
+            job.finished_at = now
+            failed += 1
+            continue
+        if job.status == JobStatus.queued and job.queue not in live:
+            continue  # nobody could take it; the original message waits in the broker
+        job.status = JobStatus.queued
+        job.enqueued_at = now
+        requeue.append((job.id, job.queue))
+    return requeue, failed

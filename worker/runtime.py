@@ -1,73 +1,219 @@
 """Load any artifact the passes make and run it on numpy inputs: ONNX Runtime and LiteRT on the
 CPU, torch on the CPU or (on GPU workers) CUDA, TensorRT engines and AOTInductor packages on the
-GPU they were built for. GPU runners also time themselves with CUDA events (``time_ms``)."""
+GPU they were built for. GPU runners also time themselves with CUDA events (``time_ms``).
+
+One registry (RUNTIMES: format -> Runtime) answers the three questions every caller asks of an
+artifact: how to run it, what runs it (for the report), and whether this worker can. Each entry
+imports its runtime library only when called, so importing this module stays cheap."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import Any
 
 import numpy as np
 
-from worker.passes.base import (
+from core.errors import PassError
+from core.formats import (
     AOTI_PACKAGE,
+    EXPORTED_PROGRAM,
+    KERAS,
     ONNX,
+    SAVED_MODEL,
+    STATE_DICT,
     TENSORRT_ENGINE,
-    TF_FORMATS,
     TFLITE,
-    ArtifactRef,
+    TORCHSCRIPT,
 )
+from worker.metrics.detection import PerSample, batchless_post_nms
+from worker.passes.base import ArtifactRef, is_out_of_memory
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+NO_GPU = "needs an NVIDIA GPU; this worker has none"
 
 
-def _flatten(out: Any) -> list[np.ndarray]:
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [a for o in out for a in _flatten(o)]
-    return [out.detach().cpu().numpy()]
+@dataclass(frozen=True)
+class Runtime:
+    """What runs one artifact format: ``load(ref, threads, device)`` -> Runner, ``info(ref, threads,
+    device)`` -> the report's runtime facts, and ``unavailable(ref)`` -> why this worker cannot run
+    it (None when it can). ``device`` applies to torch models (default: where the artifact was made
+    for, else cpu)."""
+
+    load: Callable[[ArtifactRef, int, str | None], Runner]
+    info: Callable[[ArtifactRef, int, str | None], dict[str, Any]]
+    unavailable: Callable[[ArtifactRef], str | None] = lambda ref: None
 
 
 def load_runner(ref: ArtifactRef, *, threads: int = 1, device: str | None = None) -> Runner:
-    """``device`` applies to torch models (default: where the artifact was made for, else cpu)."""
-    if ref.format == ONNX:
-        import onnxruntime as ort
+    """The artifact as a callable on numpy feeds (``device``: see Runtime)."""
+    return runtime_for(ref).load(ref, threads, device)
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(ref.path), opts, providers=["CPUExecutionProvider"])
-        output_names = [o.name for o in session.get_outputs()]
 
-        def run_onnx(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-            return session.run(output_names, feeds)
+def runtime_info(ref: ArtifactRef, *, threads: int = 1, device: str | None = None) -> dict[str, Any]:
+    """Which runtime measures this artifact, on what, for the report."""
+    return runtime_for(ref).info(ref, threads, device)
 
-        return run_onnx
-    if ref.format == TFLITE:
-        from worker.litert import TfliteRunner
 
-        return TfliteRunner(ref.path, threads=threads, layout=ref.meta.get("io_layout", "nchw"))
+def not_runnable_here(ref: ArtifactRef) -> str | None:
+    """Why this machine cannot run the artifact (None when it can): engines run only on the GPU
+    model and TensorRT version they were built for; CUDA packages need a GPU."""
+    runtime = RUNTIMES.get(ref.format)
+    if runtime is None:
+        return f"no runtime on this worker runs {ref.format} artifacts"
+    if ref.meta.get("device") == "cuda" and not gpu_available():
+        return NO_GPU
+    return runtime.unavailable(ref)
 
-    if ref.format in TF_FORMATS:
-        from worker.tf_models import tf_runner
 
-        return tf_runner(ref)
-    if ref.format == TENSORRT_ENGINE:
-        from worker.tensorrt_backend import EngineRunner
+def runtime_for(ref: ArtifactRef) -> Runtime:
+    try:
+        return RUNTIMES[ref.format]
+    except KeyError:
+        raise PassError(f"no runtime runs {ref.format} artifacts", code="unsupported_model") from None
 
-        return EngineRunner(ref.path)
 
+def split_runnable(refs: list[ArtifactRef]) -> tuple[list[ArtifactRef], list[tuple[ArtifactRef, str]]]:
+    """(what this machine can run, [(what it cannot, why)]) for the measuring steps."""
+    runnable, skipped = [], []
+    for ref in refs:
+        reason = not_runnable_here(ref)
+        if reason:
+            skipped.append((ref, reason))
+        else:
+            runnable.append(ref)
+    return runnable, skipped
+
+
+def gpu_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# -- ONNX Runtime ----------------------------------------------------------------------------------
+
+
+def _load_onnx(ref: ArtifactRef, threads: int, device: str | None) -> Runner:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(ref.path), opts, providers=["CPUExecutionProvider"])
+    output_names = [o.name for o in session.get_outputs()]
+
+    def run_onnx(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return session.run(output_names, feeds)
+
+    return run_onnx
+
+
+def _onnx_info(ref: ArtifactRef, threads: int, device: str | None) -> dict[str, Any]:
+    import onnxruntime
+
+    return {
+        "name": "onnxruntime",
+        "version": onnxruntime.__version__,
+        "device": "cpu",
+        "provider": "CPUExecutionProvider",
+    }
+
+
+# -- LiteRT and TensorFlow -------------------------------------------------------------------------
+
+
+def _load_tflite(ref: ArtifactRef, threads: int, device: str | None) -> Runner:
+    from worker.litert import TfliteRunner
+
+    return TfliteRunner(ref.path, threads=threads, layout=ref.meta.get("io_layout", "nchw"))
+
+
+def _tflite_info(ref: ArtifactRef, threads: int, device: str | None) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    from worker.litert import delegate_coverage
+
+    return {
+        "name": "litert",
+        "version": version("ai-edge-litert"),
+        "device": "cpu",
+        **delegate_coverage(ref.path, threads),
+    }
+
+
+def _needs_module(module: str, package: str) -> Callable[[ArtifactRef], str | None]:
+    return lambda ref: None if find_spec(module) is not None else f"needs {package}; this worker has none"
+
+
+def _load_tf(ref: ArtifactRef, threads: int, device: str | None) -> Runner:
+    from worker.tf_models import tf_runner
+
+    return tf_runner(ref)
+
+
+def _tf_info(ref: ArtifactRef, threads: int, device: str | None) -> dict[str, Any]:
+    from worker.tf_models import import_tensorflow
+
+    return {"name": "tensorflow", "version": import_tensorflow().__version__, "device": "cpu"}
+
+
+# -- TensorRT --------------------------------------------------------------------------------------
+
+
+def _load_engine(ref: ArtifactRef, threads: int, device: str | None) -> Runner:
+    from worker.tensorrt_backend import EngineRunner
+
+    return EngineRunner(ref.path)
+
+
+def _engine_info(ref: ArtifactRef, threads: int, device: str | None) -> dict[str, Any]:
+    return _torch_info("cuda", name="tensorrt", version=ref.meta.get("tensorrt"), precision=ref.meta.get("precision"))
+
+
+def _engine_unavailable(ref: ArtifactRef) -> str | None:
+    """Engines run only on the GPU model and TensorRT version they were built for."""
+    if not gpu_available():
+        return NO_GPU
+    if find_spec("tensorrt") is None:
+        return "needs TensorRT; this worker has none"
+    from worker.devices import detect_gpu
+
+    gpu = detect_gpu()
+    if ref.meta.get("compute_capability") and gpu["compute_capability"] != ref.meta["compute_capability"]:
+        return (
+            f"built for {ref.meta.get('gpu_name')} (sm {ref.meta['compute_capability']}); this worker has "
+            f"{gpu['name']} (sm {gpu['compute_capability']})"
+        )
+    return None
+
+
+# -- torch: modules, AOTInductor packages ----------------------------------------------------------
+
+
+def _load_aoti(ref: ArtifactRef, threads: int, device: str | None) -> Runner:
     import torch
 
     torch.set_num_threads(threads)
-    if ref.format == AOTI_PACKAGE:
-        device = ref.meta.get("device", "cuda")
-        return TorchRunner(torch._inductor.aoti_load_package(str(ref.path)), device)
+    return TorchRunner(torch._inductor.aoti_load_package(str(ref.path)), ref.meta.get("device", "cuda"))
+
+
+def _aoti_info(ref: ArtifactRef, threads: int, device: str | None) -> dict[str, Any]:
+    return _torch_info(
+        device or ref.meta.get("device") or "cpu", name="aotinductor", precision=ref.meta.get("precision")
+    )
+
+
+def _load_module(ref: ArtifactRef, threads: int, device: str | None) -> Runner:
+    import torch
 
     from worker.torch_models import load_module
 
+    torch.set_num_threads(threads)
     module = load_module(ref)
     device = device or ref.meta.get("device") or "cpu"
     if device == "cuda":
@@ -76,6 +222,46 @@ def load_runner(ref: ArtifactRef, *, threads: int = 1, device: str | None = None
             # CUDA graphs ("reduce-overhead") remove the launch overhead that dominates batch 1.
             module = torch.compile(module, mode="reduce-overhead")
     return TorchRunner(module, device)
+
+
+def _module_info(ref: ArtifactRef, threads: int, device: str | None) -> dict[str, Any]:
+    on = device or ref.meta.get("device") or "cpu"
+    if ref.meta.get("compile_at_load"):
+        return _torch_info(on, name="torch.compile", precision=ref.meta.get("precision"))
+    return _torch_info(on)
+
+
+def _torch_info(on: str, **facts: Any) -> dict[str, Any]:
+    """torch's facts on device ``on`` (and its GPU's name), overridden by ``facts``."""
+    import torch
+
+    info: dict[str, Any] = {"name": "torch", "version": torch.__version__, "device": on, **facts}
+    if on == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+_TORCH_MODULE = Runtime(_load_module, _module_info)
+_TENSORFLOW = Runtime(_load_tf, _tf_info, _needs_module("tensorflow", "TensorFlow"))
+RUNTIMES: dict[str, Runtime] = {
+    ONNX: Runtime(_load_onnx, _onnx_info),
+    TFLITE: Runtime(_load_tflite, _tflite_info, _needs_module("ai_edge_litert", "ai-edge-litert")),
+    KERAS: _TENSORFLOW,
+    SAVED_MODEL: _TENSORFLOW,
+    TENSORRT_ENGINE: Runtime(_load_engine, _engine_info, _engine_unavailable),
+    AOTI_PACKAGE: Runtime(_load_aoti, _aoti_info),
+    TORCHSCRIPT: _TORCH_MODULE,
+    EXPORTED_PROGRAM: _TORCH_MODULE,
+    STATE_DICT: _TORCH_MODULE,
+}
+
+
+def _flatten(out: Any) -> list[np.ndarray]:
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [a for o in out for a in _flatten(o)]
+    return [out.detach().cpu().numpy()]
 
 
 class TorchRunner:
@@ -115,72 +301,6 @@ class TorchRunner:
         return samples
 
 
-def gpu_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def split_runnable(refs: list[ArtifactRef]) -> tuple[list[ArtifactRef], list[tuple[ArtifactRef, str]]]:
-    """(what this machine can run, [(what it cannot, why)]) for the measuring steps."""
-    runnable, skipped = [], []
-    for ref in refs:
-        reason = not_runnable_here(ref)
-        if reason:
-            skipped.append((ref, reason))
-        else:
-            runnable.append(ref)
-    return runnable, skipped
-
-
-def not_runnable_here(ref: ArtifactRef) -> str | None:
-    """Why this machine cannot run the artifact (None when it can): engines run only on the GPU
-    model and TensorRT version they were built for; CUDA packages need a GPU."""
-    needs_gpu = ref.format == TENSORRT_ENGINE or ref.meta.get("device") == "cuda"
-    if not needs_gpu:
-        return None
-    if not gpu_available():
-        return "needs an NVIDIA GPU; this worker has none"
-    if ref.format == TENSORRT_ENGINE:
-        from importlib.util import find_spec
-
-        from worker.devices import detect_gpu
-
-        if find_spec("tensorrt") is None:
-            return "needs TensorRT; this worker has none"
-        gpu = detect_gpu()
-        if ref.meta.get("compute_capability") and gpu["compute_capability"] != ref.meta["compute_capability"]:
-            return (
-                f"built for {ref.meta.get('gpu_name')} (sm {ref.meta['compute_capability']}); this worker has "
-                f"{gpu['name']} (sm {gpu['compute_capability']})"
-            )
-    return None
-
-
-def sample_tensors(input_spec: list[dict[str, Any]], *, batch: int | None = None) -> tuple:
-    """sample_feeds as a tuple of torch tensors, in input order (example args for torch)."""
-    import torch
-
-    return tuple(torch.from_numpy(v) for v in sample_feeds(input_spec, batch=batch).values())
-
-
-def sample_feeds(input_spec: list[dict[str, Any]], *, batch: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for every model input (the batch dimension replaced when given)."""
-    from worker.data import NP_DTYPES
-
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in input_spec:
-        shape = [int(d) for d in spec["shape"]]
-        if batch is not None and shape:
-            shape[0] = batch
-        dtype = NP_DTYPES.get(spec.get("dtype", "float32"), np.float32)
-        feeds[spec["name"]] = rng.standard_normal(shape).astype(dtype)
-    return feeds
-
-
 def pad_batch(x: np.ndarray, batch: int) -> np.ndarray:
     """``x`` with copies of its last sample appended up to ``batch`` rows: a fixed-batch model's
     last, short batch (a repeat changes no calibrated min/max, and its outputs are dropped)."""
@@ -199,11 +319,6 @@ def run_in_fixed_batches(run: Runner, feeds: dict[str, np.ndarray], batch: int) 
         real = len(next(iter(part.values())))
         chunks.append([out[:real] for out in run({k: pad_batch(v, batch) for k, v in part.items()})])
     return [np.concatenate(outputs) for outputs in zip(*chunks, strict=True)]
-
-
-class PerSample(list):
-    """Each sample's own outputs (a list of output lists, batch axis 1), when their shapes differ
-    between samples: post-NMS detections of a batch-less export. Only the detection measures take them."""
 
 
 class BatchRunner:
@@ -225,8 +340,6 @@ class BatchRunner:
         self.split = bool(batchless)
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray] | PerSample:
-        from worker.passes.base import is_out_of_memory
-
         if not self.split:
             try:
                 outputs = self.run({self.input_name: x})
@@ -247,8 +360,6 @@ class BatchRunner:
 
     def _decide_batchless(self, outputs: list[np.ndarray]) -> bool:
         if self.batchless is None:
-            from worker.metrics.detection import batchless_post_nms
-
             self.batchless = batchless_post_nms([o.shape for o in outputs])
         return self.batchless
 
@@ -260,46 +371,3 @@ class BatchRunner:
         if any(len({p[k].shape for p in per_sample}) > 1 for k in range(len(per_sample[0]))):
             return PerSample(per_sample)  # a detection count that varies by image
         return [np.concatenate(parts) for parts in zip(*per_sample, strict=True)]
-
-
-def runtime_info(ref: ArtifactRef, *, threads: int = 1, device: str | None = None) -> dict[str, Any]:
-    """Which runtime measures this artifact, on what, for the report."""
-    if ref.format == ONNX:
-        import onnxruntime
-
-        return {
-            "name": "onnxruntime",
-            "version": onnxruntime.__version__,
-            "device": "cpu",
-            "provider": "CPUExecutionProvider",
-        }
-    if ref.format == TFLITE:
-        from importlib.metadata import version
-
-        from worker.litert import delegate_coverage
-
-        return {
-            "name": "litert",
-            "version": version("ai-edge-litert"),
-            "device": "cpu",
-            **delegate_coverage(ref.path, threads),
-        }
-    if ref.format in TF_FORMATS:
-        from worker.tf_models import import_tensorflow
-
-        return {"name": "tensorflow", "version": import_tensorflow().__version__, "device": "cpu"}
-    import torch
-
-    on = device or ref.meta.get("device") or "cpu"
-    if ref.format == TENSORRT_ENGINE:
-        on = "cuda"
-    info: dict[str, Any] = {"name": "torch", "version": torch.__version__, "device": on}
-    if ref.format == TENSORRT_ENGINE:
-        info.update(name="tensorrt", version=ref.meta.get("tensorrt"), precision=ref.meta.get("precision"))
-    elif ref.format == AOTI_PACKAGE:
-        info.update(name="aotinductor", precision=ref.meta.get("precision"))
-    elif ref.meta.get("compile_at_load"):
-        info.update(name="torch.compile", precision=ref.meta.get("precision"))
-    if on == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info

@@ -38,13 +38,9 @@ from typing import Any
 from core import errors
 from core.errors import CvoptError, JobCancelled
 from core.settings import get_settings
-from worker.passes.base import (
-    ArtifactRef,
-    DatasetRef,
-    PassContext,
-    PassResult,
-    is_out_of_memory,
-)
+from core.storage import get_store
+from worker.passes.base import ArtifactRef, PassContext, PassResult, is_out_of_memory
+from worker.passes.registry import get_pass
 
 log = logging.getLogger("cvopt.step")
 
@@ -54,7 +50,8 @@ NICE_ENV = "CVOPT_STEP_NICE"
 LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\|([\w.\-]+)\|(.*)$")
 KILL_GRACE_S = 5.0
 # Imported by a step process while it waits for its step (what most steps need).
-PRELOAD = ("numpy", "torch", "onnx", "onnxruntime", "worker.passes.registry", "core.storage")
+# (The pass registry and the store come with this module's own imports.)
+PRELOAD = ("numpy", "torch", "onnx", "onnxruntime")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,49 +80,21 @@ def default_memory_limit_mb(concurrency: int) -> int:
     return int(total * 0.8 / max(1, concurrency) / 2**20)
 
 
-# -- (de)serializing what a pass gets ---------------------------------------------------------------
-
-
-def _ref_to_json(ref: ArtifactRef | DatasetRef | None) -> dict | None:
-    if ref is None:
-        return None
-    out = dataclasses.asdict(ref)
-    out["path"] = str(ref.path)
-    return out
-
-
-def _artifact_from_json(data: dict) -> ArtifactRef:
-    return ArtifactRef(**{**data, "path": Path(data["path"])})
-
-
-def _dataset_from_json(data: dict | None) -> DatasetRef | None:
-    return None if data is None else DatasetRef(**{**data, "path": Path(data["path"])})
+# -- what a step process is given ------------------------------------------------------------------
 
 
 def write_request(
     path: Path, *, name: str, config: dict, source: ArtifactRef, ctx: PassContext, limits: StepLimits
 ) -> None:
-    path.write_text(
-        json.dumps(
-            {
-                "pass": name,
-                "config": config,
-                "source": _ref_to_json(source),
-                "original": _ref_to_json(ctx.original),
-                "artifacts": [_ref_to_json(a) for a in ctx.artifacts],
-                "input_spec": ctx.input_spec,
-                "preprocessing": ctx.preprocessing.model_dump(mode="json"),
-                "task": ctx.task,
-                "task_options": ctx.task_options,
-                "calibration": _ref_to_json(ctx.calibration_dataset),
-                "evaluation": _ref_to_json(ctx.evaluation_dataset),
-                "threads": ctx.threads,
-                "work_dir": str(ctx.work_dir),
-                "limits": dataclasses.asdict(limits),
-                "shared_prefix": ctx.shared_prefix,
-            }
-        )
-    )
+    """The step as JSON for the child: the context by its own definition (PassContext.to_wire)."""
+    request = {
+        "pass": name,
+        "config": config,
+        "source": PassContext.value_to_wire(source),
+        "context": ctx.to_wire(),
+        "limits": dataclasses.asdict(limits),
+    }
+    path.write_text(json.dumps(request))
 
 
 # -- the parent's side -------------------------------------------------------------------------------
@@ -417,16 +386,7 @@ class _StderrLines(logging.Handler):
 
 
 def _child_main() -> int:
-    die_with_parent(int(os.environ.get(PARENT_PID_ENV) or os.getppid()))
-    # Below the API and the worker itself: on a shared machine, a step's imports and compute must
-    # not take the CPU from requests (CVOPT_STEP_NICE; 0 keeps the worker's priority).
-    os.nice(int(os.environ.get(NICE_ENV) or 0))
-    # The slow imports happen while this process waits as the spare, not while a step waits.
-    for module in PRELOAD:
-        try:
-            __import__(module)
-        except Exception:  # an optional extra that is not installed; the step says so itself
-            pass
+    _become_step_process()
     line = sys.stdin.readline().strip()
     if not line:
         return 0  # the worker closed it: no step for this one
@@ -436,85 +396,47 @@ def _child_main() -> int:
     root = logging.getLogger()
     root.handlers[:] = [_StderrLines()]
     root.setLevel(logging.INFO)
-    result_path = request_path.with_name("step-result.json")
     progress = os.fdopen(int(os.environ[PROGRESS_FD_ENV]), "w", buffering=1)
-
-    def report(fraction: float) -> None:
-        progress.write(f"progress {fraction:.4f}\n")
+    result_path = request_path.with_name("step-result.json")
 
     def write(payload: dict) -> None:
         tmp = result_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, default=str))
         tmp.replace(result_path)
 
+    return _run_request(request, lambda fraction: progress.write(f"progress {fraction:.4f}\n"), write)
+
+
+def _become_step_process() -> None:
+    """Tie this process to its worker, lower its priority, and do the slow imports now, while it
+    waits as the spare, not while a step waits."""
+    die_with_parent(int(os.environ.get(PARENT_PID_ENV) or os.getppid()))
+    # Below the API and the worker itself: on a shared machine, a step's imports and compute must
+    # not take the CPU from requests (CVOPT_STEP_NICE; 0 keeps the worker's priority).
+    os.nice(int(os.environ.get(NICE_ENV) or 0))
+    for module in PRELOAD:
+        try:
+            __import__(module)
+        except Exception:  # an optional extra that is not installed; the step says so itself
+            pass
+
+
+def _run_request(request: dict, report: Callable[[float], None], write: Callable[[dict], None]) -> int:
+    """Run the requested pass and ``write`` its result or its error; the process's exit code."""
     try:
-        from core.schemas import Preprocessing
-        from core.storage import get_store
-        from worker.passes.registry import get_pass
-
-        store = get_store()
-        shared_prefix = request["shared_prefix"]
-
-        def fetch_shared(key: str, dest: Path) -> bool:
-            try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                store.get_file(shared_prefix + key, dest)
-                return True
-            except errors.NotFound:
-                return False
-
         cls = get_pass(request["pass"])
         config = cls.Config.model_validate(request["config"])
-        limits = request["limits"]
-        logging.getLogger("cvopt.step").info(
-            "step %s runs in process %d (nice %d, memory limit %s, CPU-time limit %s)",
-            request["pass"],
-            os.getpid(),
-            os.nice(0),
-            f"{limits['memory_mb']} MiB" if limits.get("memory_mb") else "none",
-            f"{limits['cpu_seconds']} s" if limits.get("cpu_seconds") else "none",
-        )
-        ctx = PassContext(
-            work_dir=Path(request["work_dir"]),
-            original=_artifact_from_json(request["original"]),
-            artifacts=[_artifact_from_json(a) for a in request["artifacts"]],
-            input_spec=request["input_spec"],
-            preprocessing=Preprocessing.model_validate(request["preprocessing"]),
-            task=request["task"],
-            task_options=request["task_options"],
-            calibration_dataset=_dataset_from_json(request["calibration"]),
-            evaluation_dataset=_dataset_from_json(request["evaluation"]),
-            threads=request["threads"],
-            log=logging.getLogger(f"cvopt.pass.{request['pass']}"),
-            report_progress=report,
-            fetch_shared=fetch_shared,
-            store_shared=lambda key, path: store.put_file(shared_prefix + key, path),
-            shared_prefix=shared_prefix,
-        )
-        result = cls().run(ctx, _artifact_from_json(request["source"]), config)
+        _log_start(request)
+        ctx = PassContext.from_wire(request["context"], **_local_fields(request, report))
+        result = cls().run(ctx, PassContext.value_from_wire(ArtifactRef, request["source"]), config)
+        artifact = str(result.artifact) if result.artifact else None
         write(
-            {
-                "ok": True,
-                "metrics": result.metrics,
-                "artifact": str(result.artifact) if result.artifact else None,
-                "format": result.format,
-                "meta": result.meta,
-            }
+            {"ok": True, "metrics": result.metrics, "artifact": artifact, "format": result.format, "meta": result.meta}
         )
         return 0
     except CvoptError as exc:
-        write(
-            {
-                "ok": False,
-                "error": {
-                    "type": "cvopt",
-                    "class": type(exc).__name__,
-                    "code": exc.code,
-                    "message": exc.message,
-                    "details": exc.details,
-                },
-            }
-        )
+        error = {"class": type(exc).__name__, "code": exc.code, "message": exc.message, "details": exc.details}
+        write({"ok": False, "error": {"type": "cvopt", **error}})
         return 0
     except MemoryError:
         write({"ok": False, "error": {"type": "oom"}})
@@ -523,18 +445,42 @@ def _child_main() -> int:
         first_line = (str(exc).strip().splitlines() or [""])[0][:500]
         kind = "oom" if is_out_of_memory(exc) else "crash"
         logging.getLogger("cvopt.step").error("step %s failed: %s", request["pass"], first_line)
-        write(
-            {
-                "ok": False,
-                "error": {
-                    "type": kind,
-                    "exc_type": type(exc).__name__,
-                    "message": first_line,
-                    "traceback": traceback.format_exc()[-4000:],
-                },
-            }
-        )
+        error = {"exc_type": type(exc).__name__, "message": first_line, "traceback": traceback.format_exc()[-4000:]}
+        write({"ok": False, "error": {"type": kind, **error}})
         return 1
+
+
+def _local_fields(request: dict, report: Callable[[float], None]) -> dict[str, Any]:
+    """The PassContext fields that do not travel (PassContext.to_wire), made in this process."""
+    store = get_store()
+    shared_prefix = request["context"]["shared_prefix"]
+
+    def fetch_shared(key: str, dest: Path) -> bool:
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            store.get_file(shared_prefix + key, dest)
+            return True
+        except errors.NotFound:
+            return False
+
+    return {
+        "log": logging.getLogger(f"cvopt.pass.{request['pass']}"),
+        "report_progress": report,
+        "fetch_shared": fetch_shared,
+        "store_shared": lambda key, path: store.put_file(shared_prefix + key, path),
+    }
+
+
+def _log_start(request: dict) -> None:
+    limits = request["limits"]
+    logging.getLogger("cvopt.step").info(
+        "step %s runs in process %d (nice %d, memory limit %s, CPU-time limit %s)",
+        request["pass"],
+        os.getpid(),
+        os.nice(0),
+        f"{limits['memory_mb']} MiB" if limits.get("memory_mb") else "none",
+        f"{limits['cpu_seconds']} s" if limits.get("cpu_seconds") else "none",
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import PassError
-from worker.passes.base import KERAS, SAVED_MODEL, ArtifactRef
+from core.formats import KERAS, SAVED_MODEL
+from worker.passes.base import ArtifactRef
 
 
 def import_tensorflow():

@@ -4,7 +4,9 @@ architecture, loaded with ``torch.load(weights_only=True)`` (never a full unpick
 from __future__ import annotations
 
 from core.errors import PassError
+from core.formats import EXPORTED_PROGRAM, STATE_DICT, TORCHSCRIPT
 from core.model_formats import unwrap_checkpoint
+from worker.data import sample_tensors
 from worker.passes.base import ArtifactRef
 
 # Module attributes that define tensor shapes; a pruned model records them beside its weights
@@ -49,8 +51,6 @@ def export_open_batch(module, input_spec, log):
     """torch.export the module with an open batch axis; (program, True). When the graph
     specialised on the batch size (or the module guards it), (None, False)."""
     import torch
-
-    from worker.runtime import sample_tensors
 
     args = sample_tensors(input_spec, batch=2)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -110,8 +110,6 @@ def load_module(ref: ArtifactRef):
     import warnings
 
     import torch
-
-    from worker.passes.base import EXPORTED_PROGRAM, STATE_DICT, TORCHSCRIPT
 
     if ref.format == STATE_DICT:
         return module_from_state_dict(ref)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import PassError
+from worker.data import letterbox_geometry
 from worker.metrics.fidelity import ChannelSums, channel_axis
 
 LAYOUTS = ("yolo", "yolo_objectness", "post_nms")
@@ -177,8 +178,6 @@ def targets_to_input_pixels(
     img_w, img_h = (int(v) for v in image_wh)
     in_w, in_h = (int(v) for v in input_wh)
     if letterbox:
-        from worker.data import letterbox_geometry
-
         new_w, new_h, left, top = letterbox_geometry((img_w, img_h), (in_w, in_h))
         left, top = -left, -top  # the image moves right and down on its canvas
     elif resize:
@@ -199,6 +198,12 @@ def targets_to_input_pixels(
 
 # --------------------------------------------------------------------------------------------
 # Layouts
+
+
+class PerSample(list):
+    """Each sample's own outputs (a list of output lists, batch axis 1), when their shapes differ
+    between samples: post-NMS detections of a batch-less export (batchless_post_nms). Only the
+    detection measures take them."""
 
 
 def batchless_post_nms(output_shapes: list[tuple[int, ...]]) -> bool:

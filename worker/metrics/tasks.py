@@ -19,19 +19,23 @@ from typing import Any
 
 import numpy as np
 
+from core.datasets import image_sizes, read_box_targets
 from core.errors import PassError
+from core.recommend import over_tolerance
 from core.schemas import DetectionOptions
+from core.tasks import input_hw, resolve_measured_task
 from worker.metrics.detection import (
     RAW_HEAD_LAYOUTS,
     AgreementTally,
     Detections,
     MeanAveragePrecision,
+    PerSample,
     decode,
     head_channel_snrs,
     scores_are_logits,
+    targets_to_input_pixels,
 )
 from worker.metrics.fidelity import Fidelity
-from worker.runtime import PerSample
 
 # Outputs of one batch: every output batch-first, or each sample's own (worker.runtime.BatchRunner).
 Outputs = list[np.ndarray] | PerSample
@@ -53,8 +57,6 @@ def detection_options(task_options: dict[str, Any]) -> DetectionOptions:
 def meets_tolerance(metric: dict[str, Any], tolerance: float) -> bool:
     """Within ``tolerance`` of the original on the task's metric, and above the metric's floor when
     it has one: the rule core.recommend judges artifacts by."""
-    from core.recommend import over_tolerance
-
     return not over_tolerance(metric, tolerance)
 
 
@@ -244,10 +246,6 @@ def box_targets(dataset, input_shape: Sequence[int], preprocessing, total: int) 
     labels), in the order worker.data.iter_batches reads the images."""
     if dataset.label_type != "boxes":
         return None
-    from core.datasets import image_sizes, read_box_targets
-    from core.tasks import input_hw
-    from worker.metrics.detection import targets_to_input_pixels
-
     height, width = input_hw(input_shape)
     boxes = read_box_targets(dataset.path, dataset.format)  # keyed in the listing's order
     members = list(boxes)[:total]
@@ -268,8 +266,6 @@ def measured_task(
 ) -> tuple[str, str | None, str | None]:
     """(task, detection layout or None, note or None) from the job and the original's real outputs
     (core.tasks.resolve_measured_task; a detector no layout reads fails the step with its code)."""
-    from core.tasks import resolve_measured_task
-
     first = outputs[0] if isinstance(outputs, PerSample) else outputs
     return resolve_measured_task(
         task, [list(o.shape) for o in first], list(input_shape), detection_options(task_options).layout
