@@ -10,12 +10,13 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.tenants import API_KEYS, hash_key, load_live_key
+from api.key_cache import API_KEYS
 from core.db import get_sessionmaker
 from core.errors import Forbidden, Unauthorized
 from core.models import ApiKey
 from core.settings import Settings, get_settings
 from core.storage import ObjectStore, get_store
+from core.tenants import hash_key, load_live_key
 
 
 async def get_session() -> AsyncIterator[Session]:

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import APIRouter, FastAPI
-from sqlalchemy import select
 
 from api.errors import install_error_handlers
 from api.observability import install_request_context
 from api.routes import datasets, jobs, models, system, tenants, workers
-from api.tenants import ensure_default_tenant, hash_key
 from core.db import session_scope
-from core.models import ApiKey
+from core.logs import setup as setup_logging
 from core.settings import get_settings
 from core.storage import get_store
+from core.tenants import ensure_default_tenant, ensure_key
 
 log = logging.getLogger("cvopt.api")
 
@@ -30,24 +31,18 @@ def ensure_bootstrap_key() -> None:
         return
     with session_scope() as session:
         tenant = ensure_default_tenant(session)
-        if session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key))) is None:
-            session.add(
-                ApiKey(tenant_id=tenant.id, name="bootstrap", prefix=key[:8], key_hash=hash_key(key), is_admin=True)
-            )
+        _, created = ensure_key(session=session, tenant_id=tenant.id, name="bootstrap", plain=key, admin=True)
+        if created:
             log.info("created the bootstrap API key")
 
 
 @asynccontextmanager
-async def lifespan(_app: FastAPI):
-    import anyio.to_thread
-
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     # Sync routes and dependencies run in this pool. Requests are short and CPU-bound under
     # one GIL: a few threads serve more requests per second than 40 that fight for the GIL.
     anyio.to_thread.current_default_thread_limiter().total_tokens = get_settings().api_threads
     if not logging.getLogger().handlers:  # an API process uvicorn started itself (--workers N)
-        from core.logs import setup
-
-        setup()
+        setup_logging()
     ensure_bootstrap_key()
     get_store()  # built now, to be frozen below: an S3 client is some 50k objects
     # What is imported and built by now lives as long as the process. Frozen, it is no longer

@@ -119,7 +119,7 @@ class DatabaseCollector:
 def _broker_queues(settings):
     if not settings.resolved_broker_url.startswith("redis"):
         return
-    import redis
+    import redis  # a library (no cycle), needed only when the broker is Redis
 
     family = GaugeMetricFamily(
         "cvopt_broker_queue_length", "Messages waiting in the broker, by queue.", labels=["queue"]

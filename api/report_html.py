@@ -354,26 +354,21 @@ svg.chart text { font: 12px system-ui, sans-serif; } svg.chart .title { font-wei
 """
 
 
-def render(job: Job, report: ReportRead) -> str:
-    entries = report.entries
-    mb = [(e.name, e.size_bytes / 1e6, None) for e in entries]
-    latency = [
-        (e.name, e.latency_ms["p50_ms"] if e.latency_ms else None, e.latency_ms.get("p90_ms") if e.latency_ms else None)
-        for e in entries
-    ]
+def _quality_charts(entries: list[ReportEntry]) -> str:
+    """Accuracy when the job had labels, fidelity to the original when it had none (or both)."""
     labeled = any(e.accuracy for e in entries)
     accuracy = [(e.name, (e.accuracy or {}).get("top1"), None) for e in entries]
     agreement = [
         (e.name, e.fidelity.get("top1_agreement") if e.fidelity else (1.0 if e.step is None else None), None)
         for e in entries
     ]
-    quality_charts = ""
+    charts = ""
     if labeled:
-        quality_charts += _bars(
+        charts += _bars(
             "Top-1 accuracy on the evaluation set", "", accuracy, chart_id="accuracy-chart", digits=4, scale_max=1.0
         )
     if not labeled or any(e.fidelity for e in entries):
-        quality_charts += _bars(
+        charts += _bars(
             "Fidelity: top-1 agreement with the original",
             "",
             agreement,
@@ -381,8 +376,11 @@ def render(job: Job, report: ReportRead) -> str:
             digits=4,
             scale_max=1.0,
         )
-    points = [(e.name, e.size_bytes / 1e6, e.latency_ms["p50_ms"]) for e in entries if e.latency_ms]
-    step_rows = "".join(
+    return charts
+
+
+def _step_rows(job: Job) -> str:
+    return "".join(
         f"<tr><td>{s.index}</td><td>{escape(s.name)}</td>"
         f'<td><span class="status" style="color:{STATUS_COLOR.get(s.status.value, "#000")}">{s.status.value}</span></td>'
         f"<td>{((s.finished_at - s.started_at).total_seconds() if s.started_at and s.finished_at else 0):.2f} s</td>"
@@ -390,9 +388,14 @@ def render(job: Job, report: ReportRead) -> str:
         f"<td>{escape(s.message or '')}</td></tr>"
         for s in job.steps
     )
-    table_rows, throughput_notes = "", []
+
+
+def _artifact_rows(report: ReportRead) -> tuple[str, str]:
+    """The artifacts table's rows, and the footnotes its throughput cells point to."""
+    table_rows = ""
+    throughput_notes: list[str] = []
     recommended = report.recommended.artifact if report.recommended else None
-    for e in entries:
+    for e in report.entries:
         lat = f"{_num(e.latency_ms['p50_ms'], None)} / {_num(e.latency_ms['p90_ms'], None)}" if e.latency_ms else "-"
         table_rows += (
             f"<tr><td>{escape(e.name)}</td><td>{escape(e.format)}</td><td>{e.size_bytes / 1e6:.2f} MB</td>"
@@ -404,6 +407,21 @@ def render(job: Job, report: ReportRead) -> str:
         f'<p class="why"><sup>{i}</sup> throughput not measured: {escape(note)}</p>'
         for i, note in enumerate(throughput_notes, 1)
     )
+    return table_rows, notes
+
+
+def render(job: Job, report: ReportRead) -> str:
+    """The job's report as one self-contained HTML page (no script, no external resource)."""
+    entries = report.entries
+    mb = [(e.name, e.size_bytes / 1e6, None) for e in entries]
+    latency = [
+        (e.name, e.latency_ms["p50_ms"] if e.latency_ms else None, e.latency_ms.get("p90_ms") if e.latency_ms else None)
+        for e in entries
+    ]
+    quality_charts = _quality_charts(entries)
+    points = [(e.name, e.size_bytes / 1e6, e.latency_ms["p50_ms"]) for e in entries if e.latency_ms]
+    step_rows = _step_rows(job)
+    table_rows, notes = _artifact_rows(report)
     error = ""
     if job.error_code:
         error = (

@@ -8,7 +8,6 @@ from pathlib import Path
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from api.tenants import check_job_quota, check_upload_quota
 from api.uploads import Upload
 from core.datasets import inspect_dataset
 from core.errors import Conflict, InvalidInput, NotFound
@@ -25,6 +24,7 @@ from core.models import (
     new_id,
     utcnow,
 )
+from core.recipes import DatasetFacts, plan_job, resolve_steps
 from core.schemas import (
     ArtifactRead,
     JobCreate,
@@ -33,9 +33,9 @@ from core.schemas import (
 from core.settings import Settings
 from core.storage import ObjectStore
 from core.tasks import resolve_task
+from core.tenants import check_job_quota, check_upload_quota
 from core.views import job_report
-from core.webhooks import check_url  # noqa: F401  (the routes' name for it)
-from worker.recipes import DatasetFacts, plan_job, resolve_steps
+from core.webhooks import check_url
 
 log = logging.getLogger("cvopt.api")
 
@@ -163,38 +163,42 @@ def delete_dataset(*, session: Session, store: ObjectStore, dataset_id: str, ten
 # -- jobs --------------------------------------------------------------------------------------
 
 
+def _job_model(*, session: Session, model_id: str, tenant_id: str) -> Model:
+    """The job's model; another tenant's reads like one that does not exist (422, not 404: it is
+    a field of the body)."""
+    model = session.get(Model, model_id)
+    if model is None or model.tenant_id != tenant_id:
+        raise InvalidInput(f"model {model_id} not found", code="model_not_found", details={"model_id": model_id})
+    if model.deleted_at is not None:
+        raise InvalidInput(f"model {model_id} was deleted", code="model_deleted", details={"model_id": model_id})
+    return model
+
+
+def _dataset_facts(*, session: Session, dataset_id: str | None, role: str, tenant_id: str) -> DatasetFacts | None:
+    """What recipe planning needs to know of the job's ``role`` (calibration or evaluation) dataset."""
+    if dataset_id is None:
+        return None
+    ds = session.get(Dataset, dataset_id)
+    if ds is None or ds.deleted_at is not None or ds.tenant_id != tenant_id:
+        raise InvalidInput(
+            f"{role} dataset {dataset_id} not found",
+            code="dataset_not_found",
+            details={f"{role}_dataset_id": dataset_id},
+        )
+    return DatasetFacts(
+        id=ds.id,
+        layout=ds.layout,
+        sample_shape=list(ds.sample_shape),
+        # Class labels only: box labels' classes are checked by the worker's detection metrics.
+        num_classes=ds.num_classes if ds.labeled and ds.label_type != "boxes" else None,
+    )
+
+
 def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings: Settings) -> Job:
     """Validate the recipe against the model and datasets and write the job; nothing is queued
     here (the route commits first, then sends the id to the broker). Another tenant's model or
     dataset reads exactly like one that does not exist."""
-    model = session.get(Model, job_in.model_id)
-    if model is None or model.tenant_id != tenant_id:
-        raise InvalidInput(
-            f"model {job_in.model_id} not found", code="model_not_found", details={"model_id": job_in.model_id}
-        )
-    if model.deleted_at is not None:
-        raise InvalidInput(
-            f"model {job_in.model_id} was deleted", code="model_deleted", details={"model_id": job_in.model_id}
-        )
-
-    def facts(dataset_id: str | None, role: str) -> DatasetFacts | None:
-        if dataset_id is None:
-            return None
-        ds = session.get(Dataset, dataset_id)
-        if ds is None or ds.deleted_at is not None or ds.tenant_id != tenant_id:
-            raise InvalidInput(
-                f"{role} dataset {dataset_id} not found",
-                code="dataset_not_found",
-                details={f"{role}_dataset_id": dataset_id},
-            )
-        return DatasetFacts(
-            id=ds.id,
-            layout=ds.layout,
-            sample_shape=list(ds.sample_shape),
-            # Class labels only: box labels' classes are checked by the worker's detection metrics.
-            num_classes=ds.num_classes if ds.labeled and ds.label_type != "boxes" else None,
-        )
-
+    model = _job_model(session=session, model_id=job_in.model_id, tenant_id=tenant_id)
     has_dataset = bool(job_in.calibration_dataset_id or job_in.evaluation_dataset_id)
     steps = resolve_steps(
         preset=job_in.preset, steps=job_in.step_specs(), has_dataset=has_dataset, overrides=job_in.overrides
@@ -206,8 +210,12 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
         steps=steps,
         default_input_shape=(model.details or {}).get("default_input_shape"),
         input_shape=job_in.input_shape,
-        calibration=facts(job_in.calibration_dataset_id, "calibration"),
-        evaluation=facts(job_in.evaluation_dataset_id, "evaluation"),
+        calibration=_dataset_facts(
+            session=session, dataset_id=job_in.calibration_dataset_id, role="calibration", tenant_id=tenant_id
+        ),
+        evaluation=_dataset_facts(
+            session=session, dataset_id=job_in.evaluation_dataset_id, role="evaluation", tenant_id=tenant_id
+        ),
         preprocessing=job_in.preprocessing,
     )
     # Decided now when the file records its output shapes; otherwise by the worker from real outputs.

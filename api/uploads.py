@@ -15,17 +15,20 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
-from core.errors import BadRequest, InvalidInput, PayloadTooLarge
+from core.errors import BadRequest, CvoptError, InvalidInput, PayloadTooLarge
 from core.schemas import Name
 from core.settings import Settings
 from core.storage import safe_filename
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 MAX_TEXT_FIELD = 4096
 # A file system's limit for one path part is 255 bytes; the object key ends with the file name.
@@ -92,7 +95,100 @@ def _too_large(limit: int) -> PayloadTooLarge:
     )
 
 
-async def receive_upload(request: Request, *, file_field: str, max_bytes: int, tmp_dir: Path) -> Upload:
+class _FormReader:
+    """python-multipart's callbacks for one body: the file field streams into ``out`` (hashed,
+    counted, held to ``max_bytes``); every other field is kept as a short text. The callbacks run
+    inside the parser, so an error is recorded there and raised by the caller between chunks."""
+
+    def __init__(self, out: BinaryIO, *, file_field: str, max_bytes: int) -> None:
+        self.out = out
+        self.file_field = file_field
+        self.max_bytes = max_bytes
+        self.digest = hashlib.sha256()
+        self.fields: dict[str, str] = {}
+        self.file_seen = False
+        self.file_size = 0
+        self.filename = ""
+        self.errors: list[CvoptError] = []
+        # The part being read: its headers so far, its field name, and its text (None for the file).
+        self._headers: dict[bytes, bytes] = {}
+        self._header_field = b""
+        self._header_value = b""
+        self._name = ""
+        self._text: bytearray | None = None
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self._on_part_begin,
+            "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value,
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+            "on_part_data": self._on_part_data,
+            "on_part_end": self._on_part_end,
+        }
+
+    def _on_part_begin(self) -> None:
+        self._headers = {}
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        self._headers[self._header_field.lower()] = self._header_value
+        self._header_field = self._header_value = b""
+
+    def _on_headers_finished(self) -> None:
+        _, disposition = parse_options_header(self._headers.get(b"content-disposition", b""))
+        self._name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        if self._name != self.file_field:
+            self._text = bytearray()
+            return
+        self._text = None
+        if self.file_seen:
+            self.errors.append(InvalidInput(f"send one file in {self.file_field!r}", code="multiple_files"))
+        self.file_seen = True
+        filename = disposition.get(b"filename")
+        self.filename = filename.decode("utf-8", "replace") if filename else "upload"
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.errors:
+            return
+        chunk = data[start:end]
+        if self._text is not None:
+            self._text += chunk
+            if len(self._text) > MAX_TEXT_FIELD:
+                self.errors.append(InvalidInput(f"form field {self._name!r} is too long", code="field_too_long"))
+            return
+        self.file_size += len(chunk)
+        if self.file_size > self.max_bytes:
+            self.errors.append(_too_large(self.max_bytes))
+            return
+        self.digest.update(chunk)
+        self.out.write(chunk)
+
+    def _on_part_end(self) -> None:
+        if self._text is not None and self._name:
+            self.fields[self._name] = bytes(self._text).decode("utf-8", "replace")
+
+    def checked_fields(self) -> dict[str, str]:
+        """The form's text fields, once the whole body is read and holds one non-empty file."""
+        if self.errors:
+            raise self.errors[0]
+        if not self.file_seen:
+            raise InvalidInput(f"no file in the multipart field {self.file_field!r}", code="file_required")
+        if self.file_size == 0:
+            raise InvalidInput("the uploaded file is empty", code="empty_file")
+        if "name" in self.fields:
+            self.fields["name"] = _check_name_field(self.fields["name"])
+        return self.fields
+
+
+def _multipart_boundary(request: Request, *, file_field: str, max_bytes: int) -> bytes:
+    """The body's boundary, once its headers say it is a multipart form that may fit the limit."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise InvalidInput(
@@ -101,102 +197,43 @@ async def receive_upload(request: Request, *, file_field: str, max_bytes: int, t
     length = content_length(request)
     if length is not None and length > max_bytes + MULTIPART_SLACK:
         raise _too_large(max_bytes)
+    return params[b"boundary"]
 
+
+async def _read_body(request: Request, boundary: bytes, reader: _FormReader) -> None:
+    """Push the body through the parser as it arrives, stopping at the first error."""
+    parser = MultipartParser(boundary, callbacks=reader.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+            if reader.errors:
+                raise reader.errors[0]
+        parser.finalize()
+    except (PayloadTooLarge, InvalidInput):
+        raise
+    except Exception as exc:  # python-multipart's parse errors
+        raise InvalidInput(f"the multipart body is malformed: {exc}", code="malformed_multipart") from exc
+
+
+async def receive_upload(request: Request, *, file_field: str, max_bytes: int, tmp_dir: Path) -> Upload:
+    """The multipart body's file, in a temporary file under ``tmp_dir`` (removed again if the body
+    is refused), with its size, sha256 and the form's other fields."""
+    boundary = _multipart_boundary(request, file_field=file_field, max_bytes=max_bytes)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
-    out = os.fdopen(fd, "wb")
-    state = {"headers": {}, "header_field": b"", "header_value": b"", "name": None, "filename": None, "text": None}
-    digest = hashlib.sha256()
-    fields: dict[str, str] = {}
-    got_file = {"size": 0, "seen": False, "filename": ""}
-    errors: list[Exception] = []
-
-    def on_part_begin() -> None:
-        state["headers"] = {}
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["header_field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["header_value"] += data[start:end]
-
-    def on_header_end() -> None:
-        state["headers"][state["header_field"].lower()] = state["header_value"]
-        state["header_field"] = state["header_value"] = b""
-
-    def on_headers_finished() -> None:
-        _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
-        state["name"] = disp.get(b"name", b"").decode("utf-8", "replace")
-        filename = disp.get(b"filename")
-        state["filename"] = filename.decode("utf-8", "replace") if filename is not None else None
-        state["text"] = None if state["name"] == file_field else bytearray()
-        if state["name"] == file_field:
-            if got_file["seen"]:
-                errors.append(InvalidInput(f"send one file in {file_field!r}", code="multiple_files"))
-            got_file["seen"] = True
-            got_file["filename"] = state["filename"] or "upload"
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        if errors:
-            return
-        chunk = data[start:end]
-        if state["text"] is None:
-            got_file["size"] += len(chunk)
-            if got_file["size"] > max_bytes:
-                errors.append(_too_large(max_bytes))
-                return
-            digest.update(chunk)
-            out.write(chunk)
-        else:
-            state["text"] += chunk
-            if len(state["text"]) > MAX_TEXT_FIELD:
-                errors.append(InvalidInput(f"form field {state['name']!r} is too long", code="field_too_long"))
-
-    def on_part_end() -> None:
-        if state["text"] is not None and state["name"]:
-            fields[state["name"]] = bytes(state["text"]).decode("utf-8", "replace")
-
-    parser = MultipartParser(
-        params[b"boundary"],
-        callbacks={
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
     try:
-        try:
-            async for chunk in request.stream():
-                parser.write(chunk)
-                if errors:
-                    raise errors[0]
-            parser.finalize()
-        except (PayloadTooLarge, InvalidInput):
-            raise
-        except Exception as exc:  # python-multipart's parse errors
-            raise InvalidInput(f"the multipart body is malformed: {exc}", code="malformed_multipart") from exc
-        finally:
-            out.close()
-        if errors:
-            raise errors[0]
-        if not got_file["seen"]:
-            raise InvalidInput(f"no file in the multipart field {file_field!r}", code="file_required")
-        if got_file["size"] == 0:
-            raise InvalidInput("the uploaded file is empty", code="empty_file")
-        if "name" in fields:
-            fields["name"] = _check_name_field(fields["name"])
+        with os.fdopen(fd, "wb") as out:
+            reader = _FormReader(out, file_field=file_field, max_bytes=max_bytes)
+            await _read_body(request, boundary, reader)
+        fields = reader.checked_fields()
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return Upload(
         path=Path(tmp_name),
-        filename=_safe_filename(got_file["filename"]),
-        size_bytes=got_file["size"],
-        sha256=digest.hexdigest(),
+        filename=_safe_filename(reader.filename),
+        size_bytes=reader.file_size,
+        sha256=reader.digest.hexdigest(),
         fields=fields,
     )
 
@@ -223,7 +260,7 @@ async def handle_upload(
         upload.discard()
 
 
-def multipart_openapi(description: str) -> dict:
+def multipart_openapi(description: str) -> dict[str, Any]:
     """The request body for docs: the route reads the stream itself, so FastAPI can't infer it."""
     return {
         "requestBody": {

@@ -1,5 +1,6 @@
 """A job as the API shows it: the one rendering GET /v1/jobs/{id}, the job list and webhooks
-share."""
+share. core.webhooks imports this module (a webhook's body is the job's view); nothing here
+imports core.webhooks, so the view of a webhook's delivery lives here too."""
 
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ import time
 from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
-from core.models import Artifact, Job, JobStatus, Model, StepStatus
+from core.models import Artifact, Job, JobStatus, Model, StepStatus, WebhookDelivery
 from core.recommend import ArtifactFacts, StepFacts, report_for
-from core.schemas import JobError, JobRead, ReportRead, StepRead, TensorSpec
+from core.schemas import JobError, JobRead, ReportRead, StepRead, TensorSpec, WebhookRead
 from core.settings import get_settings
 from core.storage import sign_local, verify_local
 from core.tasks import DEFAULT_TOLERANCE
-from core.webhooks import delivery_to_read
 from core.workers import waiting_for
 
 
@@ -54,6 +54,22 @@ def job_report(session: Session, job: Job) -> ReportRead:
         artifacts=[
             ArtifactFacts(a.name, a.step, a.format, a.size_bytes, dict(a.meta or {})) for _, a in rows if a is not None
         ],
+    )
+
+
+def delivery_to_read(delivery: WebhookDelivery | None) -> WebhookRead | None:
+    """A job's webhook delivery as the job's view shows it: its attempts so far and what is next."""
+    if delivery is None:
+        return None
+    return WebhookRead.model_validate(
+        {
+            "url": delivery.url,
+            "event": delivery.event,
+            "status": delivery.status,
+            "attempts": list(delivery.attempts or []),
+            "next_attempt_at": delivery.next_attempt_at if delivery.status == "pending" else None,
+            "finished_at": delivery.finished_at,
+        }
     )
 
 

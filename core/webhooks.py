@@ -29,6 +29,7 @@ import re
 import socket
 import time
 from datetime import timedelta
+from typing import Any
 
 import httpx
 from sqlalchemy import select
@@ -37,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.errors import InvalidInput
 from core.models import Job, Tenant, WebhookDelivery, utcnow
 from core.settings import Settings
+from core.views import job_to_read
 
 log = logging.getLogger("cvopt.webhooks")
 
@@ -148,7 +150,7 @@ def check_url(url: str, settings: Settings, *, resolve: bool) -> None:
     literal = _ip_address(host)
     if literal is None and (host == "localhost" or host.endswith(".localhost")):
         literal = ipaddress.ip_address("127.0.0.1")
-    addresses = [literal] if literal is not None else []
+    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [literal] if literal is not None else []
     if literal is None and resolve:
         try:
             infos = socket.getaddrinfo(
@@ -156,33 +158,22 @@ def check_url(url: str, settings: Settings, *, resolve: bool) -> None:
             )
         except socket.gaierror as exc:
             raise refuse(f"its host does not resolve ({exc.strerror})", "webhook_host_unresolved") from exc
-        addresses = [_ip_address(info[4][0]) for info in infos]
+        for info in infos:
+            address = _ip_address(str(info[4][0]))
+            if address is None:  # getaddrinfo answers numeric addresses; anything else is not called
+                raise refuse(f"its host resolves to {info[4][0]!r}, which is not an IP address")
+            addresses.append(address)
     for address in addresses:
         if why := _refused(address, settings):
             shown = host if str(address) == host else f"{host} ({address})"
             raise refuse(f"{shown} is {why}")
 
 
-def delivery_to_read(delivery: WebhookDelivery | None) -> dict | None:
-    if delivery is None:
-        return None
-    return {
-        "url": delivery.url,
-        "event": delivery.event,
-        "status": delivery.status,
-        "attempts": list(delivery.attempts or []),
-        "next_attempt_at": delivery.next_attempt_at if delivery.status == "pending" else None,
-        "finished_at": delivery.finished_at,
-    }
-
-
-def _attempt(delivery: WebhookDelivery, job: Job, secret: str, settings: Settings) -> tuple[dict, bool]:
+def _attempt(delivery: WebhookDelivery, job: Job, secret: str, settings: Settings) -> tuple[dict[str, Any], bool]:
     """One attempt's record, and whether the URL was refused by policy (no retry can succeed)."""
-    from core.views import job_to_read
-
     body = job_to_read(job).model_dump_json().encode()
     started = time.perf_counter()
-    record: dict = {"at": utcnow().isoformat(), "status_code": None, "error": None}
+    record: dict[str, Any] = {"at": utcnow().isoformat(), "status_code": None, "error": None}
     refused = False
     try:
         check_url(delivery.url, settings, resolve=True)
@@ -212,6 +203,31 @@ def _attempt(delivery: WebhookDelivery, job: Job, secret: str, settings: Setting
     return record, refused
 
 
+def _settle(delivery: WebhookDelivery, job_id: str, record: dict[str, Any], refused: bool, settings: Settings) -> None:
+    """Record an attempt on its delivery: delivered, refused (no retry can succeed), given up once
+    CVOPT_WEBHOOK_RETRY_SECONDS have passed, or due again after an exponential back-off."""
+    delivery.attempts = [*delivery.attempts, record]
+    now = utcnow()
+    if record["error"] is None:
+        delivery.status, delivery.finished_at = "delivered", now
+    elif refused:
+        delivery.status, delivery.finished_at = "refused", now
+        log.warning("webhook for job %s refused: %s", job_id, record["error"])
+    elif (now - delivery.created_at).total_seconds() >= settings.webhook_retry_seconds:
+        delivery.status, delivery.finished_at = "failed", now
+        log.warning("webhook for job %s gave up after %d attempts", job_id, len(delivery.attempts))
+    else:
+        backoff = min(MAX_BACKOFF_S, settings.webhook_backoff_seconds * 2 ** (len(delivery.attempts) - 1))
+        delivery.next_attempt_at = now + timedelta(seconds=backoff)
+        log.info(
+            "webhook for job %s: attempt %d failed (%s); next in %.0f s",
+            job_id,
+            len(delivery.attempts),
+            record["error"],
+            backoff,
+        )
+
+
 def deliver_due(sessions: sessionmaker[Session], settings: Settings, *, limit: int = 20) -> int:
     """Make one attempt for each delivery that is due; returns how many were attempted."""
     done = 0
@@ -227,29 +243,10 @@ def deliver_due(sessions: sessionmaker[Session], settings: Settings, *, limit: i
             if delivery is None:
                 s.rollback()
                 return done
-            job = s.get(Job, delivery.job_id)
-            secret = s.scalar(select(Tenant.webhook_secret).where(Tenant.id == job.tenant_id))
+            job = s.get_one(Job, delivery.job_id)  # the delivery row goes with its job
+            secret = s.execute(select(Tenant.webhook_secret).where(Tenant.id == job.tenant_id)).scalar_one()
             record, refused = _attempt(delivery, job, secret, settings)
-            delivery.attempts = [*delivery.attempts, record]
-            now = utcnow()
-            if record["error"] is None:
-                delivery.status, delivery.finished_at = "delivered", now
-            elif refused:
-                delivery.status, delivery.finished_at = "refused", now
-                log.warning("webhook for job %s refused: %s", job.id, record["error"])
-            elif (now - delivery.created_at).total_seconds() >= settings.webhook_retry_seconds:
-                delivery.status, delivery.finished_at = "failed", now
-                log.warning("webhook for job %s gave up after %d attempts", job.id, len(delivery.attempts))
-            else:
-                backoff = min(MAX_BACKOFF_S, settings.webhook_backoff_seconds * 2 ** (len(delivery.attempts) - 1))
-                delivery.next_attempt_at = now + timedelta(seconds=backoff)
-                log.info(
-                    "webhook for job %s: attempt %d failed (%s); next in %.0f s",
-                    job.id,
-                    len(delivery.attempts),
-                    record["error"],
-                    backoff,
-                )
+            _settle(delivery, job.id, record, refused, settings)
             s.commit()
             done += 1
     return done

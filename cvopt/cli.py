@@ -1,5 +1,9 @@
 """The ``cvopt`` command: serve (embedded or API-only), worker, migrate, tenants, keys, and the
-pipeline-facing client commands (submit, status, cancel, download: cvopt/client_cli.py)."""
+pipeline-facing client commands (submit, status, cancel, download: cvopt/client_cli.py).
+
+Each server-side command imports what it needs inside itself: the client commands then start
+without the database, Celery or the settings; worker/ is imported only by ``worker`` and api/ by
+no command (``serve`` hands uvicorn the app's import path)."""
 
 from __future__ import annotations
 
@@ -257,10 +261,10 @@ def tenants() -> None:
 @click.option("--max-uploads-per-minute", type=int, default=None)
 def tenants_create(name: str, **quotas) -> None:
     """Create a tenant and print its id."""
-    from api.tenants import create_tenant
     from core.db import session_scope
     from core.errors import CvoptError
     from core.schemas import TenantCreate
+    from core.tenants import create_tenant
 
     try:
         with session_scope() as session:
@@ -273,13 +277,11 @@ def tenants_create(name: str, **quotas) -> None:
 
 @tenants.command("list")
 def tenants_list() -> None:
-    from sqlalchemy import select
-
     from core.db import session_scope
-    from core.models import Tenant
+    from core.tenants import list_tenants
 
     with session_scope() as session:
-        for row in session.scalars(select(Tenant).order_by(Tenant.created_at)):
+        for row in list_tenants(session=session)[0]:
             click.echo(f"{row.id}  {row.name}")
 
 
@@ -294,9 +296,9 @@ def keys() -> None:
 @click.option("--admin", is_flag=True, help="May create tenants and keys.")
 def keys_create(name: str, tenant_id: str, admin: bool) -> None:
     """Create an API key and print it (only its hash is stored)."""
-    from api.tenants import create_key, ensure_default_tenant
     from core.db import session_scope
     from core.errors import CvoptError
+    from core.tenants import create_key, ensure_default_tenant
 
     with session_scope() as session:
         ensure_default_tenant(session)
@@ -311,13 +313,11 @@ def keys_create(name: str, tenant_id: str, admin: bool) -> None:
 
 @keys.command("list")
 def keys_list() -> None:
-    from sqlalchemy import select
-
     from core.db import session_scope
-    from core.models import ApiKey
+    from core.tenants import list_keys
 
     with session_scope() as session:
-        for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
+        for row in list_keys(session=session)[0]:
             state = "revoked" if row.revoked_at else "active"
             role = "admin" if row.is_admin else "tenant"
             click.echo(f"{row.id}  {row.prefix}…  {row.tenant_id}  {row.name}  {role}  {state}")
@@ -326,10 +326,10 @@ def keys_list() -> None:
 @keys.command("revoke")
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
-    from api.tenants import revoke_key
     from core.db import session_scope
     from core.errors import CvoptError
     from core.settings import get_settings
+    from core.tenants import revoke_key
 
     with session_scope() as session:
         try:

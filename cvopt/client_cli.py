@@ -206,176 +206,198 @@ class _JsonObject(click.ParamType):
         return parsed
 
 
-def register(main: click.Group) -> None:
-    @main.command()
-    @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-    @click.option("--preset", help="e.g. onnx-int8, onnx-fp16, prune50-distill-int8, tflite-int8.")
-    @click.option("--step", "steps", multiple=True, help="A step name, repeated in order (instead of --preset).")
-    @click.option(
-        "--calibration",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        help="Calibration images (zip/tar/npz).",
-    )
-    @click.option(
-        "--evaluation", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labeled evaluation images."
-    )
-    @click.option("--architecture", help="The torchvision architecture of a state_dict upload.")
-    @click.option("--input-shape", help="e.g. 1,3,224,224 when the model does not say.")
-    @click.option(
-        "--preprocessing",
-        type=_JsonObject(),
-        help='How images become inputs, as JSON, e.g. \'{"resize": 256, "mean": [0, 0, 0]}\'.',
-    )
-    @click.option(
-        "--overrides",
-        type=_JsonObject(),
-        help='Step configs over the preset\'s, as JSON, e.g. \'{"distill": {"epochs": 2}}\'.',
-    )
-    @click.option("--name", help="A name for the job.")
-    @click.option("--webhook-url", help="POSTed the job when it ends (signed).")
-    @click.option("--wait/--no-wait", default=False, help="Wait for the job to end, showing progress.")
-    @click.option("--timeout", default=6 * 3600.0, show_default=True, help="Seconds --wait waits.")
-    @click.option(
-        "--download",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Download the recommended artifact here (implies --wait); sha256 checked.",
-    )
-    @click.option(
-        "--all", "all_artifacts", is_flag=True, help="With --download: every artifact, not only the recommended one."
-    )
-    @with_connection
-    def submit(
-        model,
-        preset,
-        steps,
-        calibration,
-        evaluation,
-        architecture,
-        input_shape,
-        preprocessing,
-        overrides,
-        name,
-        webhook_url,
-        wait,
-        timeout,
-        download,
-        all_artifacts,
-        url,
-        api_key,
-        as_json,
-    ):
-        """Upload MODEL (and datasets), submit a job, and optionally wait and download."""
-        if bool(preset) == bool(steps):
-            raise click.UsageError("give --preset or one or more --step")
-        wait = wait or download is not None
-        progress = Progress(quiet=as_json)
-        try:
-            with Client(url, api_key) as cv:
-                uploaded = cv.upload_model(model, architecture=architecture)
-                extra: dict[str, Any] = {
-                    "name": name,
-                    "webhook_url": webhook_url,
-                    "preprocessing": preprocessing,
-                    "overrides": overrides,
-                }
-                if calibration:
-                    extra["calibration_dataset_id"] = cv.upload_dataset(calibration)["id"]
-                if evaluation:
-                    extra["evaluation_dataset_id"] = cv.upload_dataset(evaluation)["id"]
-                if input_shape:
-                    extra["input_shape"] = [int(d) for d in input_shape.split(",")]
-                job = cv.submit_job(model_id=uploaded["id"], preset=preset, steps=list(steps) or None, **extra)
-                if not as_json:
-                    click.echo(f"job {job['id']} submitted", err=True)
-                if not wait:
-                    click.echo(json.dumps({"ok": True, "job": job}, default=str) if as_json else job["id"])
-                    return
-                try:
-                    job = cv.wait(job["id"], timeout=timeout, on_update=progress)
-                finally:
-                    progress.done()
-                report = cv.report(job["id"])
-                files = (
-                    [str(p) for p in cv.download_artifacts(job["id"], download, all_artifacts=all_artifacts)]
-                    if download
-                    else []
-                )
-                if as_json:
-                    click.echo(
-                        json.dumps(
-                            {
-                                "ok": True,
-                                "job": job,
-                                "report": report,
-                                "artifacts": cv.artifacts(job["id"]),
-                                "downloaded": files,
-                            },
-                            default=str,
-                        )
-                    )
-                else:
-                    click.echo(report_table(report))
-                    for path in files:
-                        click.echo(f"downloaded {path}", err=True)
-                if download and not files:
-                    _say_nothing_recommended(report.get("recommended"))
-        except JobFailed as exc:
-            _fail(str(exc), 1, as_json, job=exc.job)
-        except WaitTimeout as exc:
-            _fail(str(exc), 1, as_json, job=exc.job)
-        except ApiError as exc:
-            _fail(str(exc), 2, as_json, code=exc.code, details=exc.details)
-        except CvoptClientError as exc:
-            _fail(str(exc), 2, as_json)
+def _upload_and_submit(
+    cv: Client,
+    model: Path,
+    *,
+    architecture: str | None,
+    calibration: Path | None,
+    evaluation: Path | None,
+    input_shape: str | None,
+    preset: str | None,
+    steps: tuple[str, ...],
+    fields: dict[str, Any],
+) -> dict[str, Any]:
+    """Upload the model and its datasets, then submit the job; the job as the service answers."""
+    uploaded = cv.upload_model(model, architecture=architecture)
+    extra = dict(fields)
+    if calibration:
+        extra["calibration_dataset_id"] = cv.upload_dataset(calibration)["id"]
+    if evaluation:
+        extra["evaluation_dataset_id"] = cv.upload_dataset(evaluation)["id"]
+    if input_shape:
+        extra["input_shape"] = [int(d) for d in input_shape.split(",")]
+    return cv.submit_job(model_id=uploaded["id"], preset=preset, steps=list(steps) or None, **extra)
 
-    @main.command()
-    @click.argument("job_id")
-    @with_connection
-    def status(job_id, url, api_key, as_json):
-        """Show a job (exit 1 if it failed or was cancelled)."""
-        job = _call(url, api_key, as_json, lambda cv: cv.get_job(job_id))
-        if as_json:
-            click.echo(json.dumps(job, default=str))
-        else:
-            click.echo(f"{job['id']}  {job['status']}  {job['progress'] * 100:.0f}%  {job.get('current_step') or ''}")
-            if job.get("error"):
-                click.echo(f"failed at {job['error'].get('step')}: {job['error']['message']}")
-        sys.exit(1 if job["status"] in ("failed", "cancelled") else 0)
 
-    @main.command()
-    @click.argument("job_id")
-    @with_connection
-    def cancel(job_id, url, api_key, as_json):
-        """Cancel a queued or running job."""
-        job = _call(url, api_key, as_json, lambda cv: cv.cancel(job_id))
-        click.echo(json.dumps(job, default=str) if as_json else f"{job['id']}  {job['status']}")
+def _wait_and_show(
+    cv: Client, job_id: str, *, timeout: float, download: Path | None, all_artifacts: bool, as_json: bool
+) -> None:
+    """Wait for the job showing progress, then print its report and download what was asked for."""
+    progress = Progress(quiet=as_json)
+    try:
+        job = cv.wait(job_id, timeout=timeout, on_update=progress)
+    finally:
+        progress.done()
+    report = cv.report(job_id)
+    files = [str(p) for p in cv.download_artifacts(job_id, download, all_artifacts=all_artifacts)] if download else []
+    if as_json:
+        document = {"ok": True, "job": job, "report": report, "artifacts": cv.artifacts(job_id), "downloaded": files}
+        click.echo(json.dumps(document, default=str))
+    else:
+        click.echo(report_table(report))
+        for path in files:
+            click.echo(f"downloaded {path}", err=True)
+    if download and not files:
+        _say_nothing_recommended(report.get("recommended"))
 
-    @main.command()
-    @click.argument("job_id")
-    @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
-    @click.option("--all", "all_artifacts", is_flag=True, help="Every artifact, not only the recommended one.")
-    @with_connection
-    def download(job_id, dest, all_artifacts, url, api_key, as_json):
-        """Download a job's recommended artifact (--all: every artifact) into DEST, checking each sha256."""
 
-        def fetch(cv: Client) -> tuple[list[Path], dict[str, Any]]:
-            files = cv.download_artifacts(job_id, dest, all_artifacts=all_artifacts)
-            # The job carries the recommendation: what was chosen and why, or why nothing was.
-            return files, cv.get_job(job_id)
-
-        files, job = _call(url, api_key, as_json, fetch)
-        if as_json:
-            click.echo(
-                json.dumps({"ok": True, "downloaded": [str(p) for p in files], "recommended": job.get("recommended")})
+@click.command("submit")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--preset", help="e.g. onnx-int8, onnx-fp16, prune50-distill-int8, tflite-int8.")
+@click.option("--step", "steps", multiple=True, help="A step name, repeated in order (instead of --preset).")
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Calibration images (zip/tar/npz).",
+)
+@click.option(
+    "--evaluation", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Labeled evaluation images."
+)
+@click.option("--architecture", help="The torchvision architecture of a state_dict upload.")
+@click.option("--input-shape", help="e.g. 1,3,224,224 when the model does not say.")
+@click.option(
+    "--preprocessing",
+    type=_JsonObject(),
+    help='How images become inputs, as JSON, e.g. \'{"resize": 256, "mean": [0, 0, 0]}\'.',
+)
+@click.option(
+    "--overrides",
+    type=_JsonObject(),
+    help='Step configs over the preset\'s, as JSON, e.g. \'{"distill": {"epochs": 2}}\'.',
+)
+@click.option("--name", help="A name for the job.")
+@click.option("--webhook-url", help="POSTed the job when it ends (signed).")
+@click.option("--wait/--no-wait", default=False, help="Wait for the job to end, showing progress.")
+@click.option("--timeout", default=6 * 3600.0, show_default=True, help="Seconds --wait waits.")
+@click.option(
+    "--download",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Download the recommended artifact here (implies --wait); sha256 checked.",
+)
+@click.option(
+    "--all", "all_artifacts", is_flag=True, help="With --download: every artifact, not only the recommended one."
+)
+@with_connection
+def submit_command(
+    model: Path,
+    preset: str | None,
+    steps: tuple[str, ...],
+    calibration: Path | None,
+    evaluation: Path | None,
+    architecture: str | None,
+    input_shape: str | None,
+    preprocessing: dict[str, Any] | None,
+    overrides: dict[str, Any] | None,
+    name: str | None,
+    webhook_url: str | None,
+    wait: bool,
+    timeout: float,
+    download: Path | None,
+    all_artifacts: bool,
+    url: str,
+    api_key: str,
+    as_json: bool,
+) -> None:
+    """Upload MODEL (and datasets), submit a job, and optionally wait and download."""
+    if bool(preset) == bool(steps):
+        raise click.UsageError("give --preset or one or more --step")
+    fields = {"name": name, "webhook_url": webhook_url, "preprocessing": preprocessing, "overrides": overrides}
+    try:
+        with Client(url, api_key) as cv:
+            job = _upload_and_submit(
+                cv,
+                model,
+                architecture=architecture,
+                calibration=calibration,
+                evaluation=evaluation,
+                input_shape=input_shape,
+                preset=preset,
+                steps=steps,
+                fields=fields,
             )
-        elif files:
-            click.echo("\n".join(str(p) for p in files))
-        if not files and not all_artifacts:
-            if job["status"] != "succeeded":
-                click.echo(
-                    f"nothing downloaded: job {job_id} is {job['status']}; an artifact is recommended "
-                    "once it succeeds (--all fetches what is there)",
-                    err=True,
-                )
-            else:
-                _say_nothing_recommended(job.get("recommended"))
+            if not as_json:
+                click.echo(f"job {job['id']} submitted", err=True)
+            if not (wait or download is not None):
+                click.echo(json.dumps({"ok": True, "job": job}, default=str) if as_json else job["id"])
+                return
+            _wait_and_show(
+                cv, job["id"], timeout=timeout, download=download, all_artifacts=all_artifacts, as_json=as_json
+            )
+    except (JobFailed, WaitTimeout) as exc:
+        _fail(str(exc), 1, as_json, job=exc.job)
+    except ApiError as exc:
+        _fail(str(exc), 2, as_json, code=exc.code, details=exc.details)
+    except CvoptClientError as exc:
+        _fail(str(exc), 2, as_json)
+
+
+@click.command("status")
+@click.argument("job_id")
+@with_connection
+def status_command(job_id: str, url: str, api_key: str, as_json: bool) -> None:
+    """Show a job (exit 1 if it failed or was cancelled)."""
+    job = _call(url, api_key, as_json, lambda cv: cv.get_job(job_id))
+    if as_json:
+        click.echo(json.dumps(job, default=str))
+    else:
+        click.echo(f"{job['id']}  {job['status']}  {job['progress'] * 100:.0f}%  {job.get('current_step') or ''}")
+        if job.get("error"):
+            click.echo(f"failed at {job['error'].get('step')}: {job['error']['message']}")
+    sys.exit(1 if job["status"] in ("failed", "cancelled") else 0)
+
+
+@click.command("cancel")
+@click.argument("job_id")
+@with_connection
+def cancel_command(job_id: str, url: str, api_key: str, as_json: bool) -> None:
+    """Cancel a queued or running job."""
+    job = _call(url, api_key, as_json, lambda cv: cv.cancel(job_id))
+    click.echo(json.dumps(job, default=str) if as_json else f"{job['id']}  {job['status']}")
+
+
+@click.command("download")
+@click.argument("job_id")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--all", "all_artifacts", is_flag=True, help="Every artifact, not only the recommended one.")
+@with_connection
+def download_command(job_id: str, dest: Path, all_artifacts: bool, url: str, api_key: str, as_json: bool) -> None:
+    """Download a job's recommended artifact (--all: every artifact) into DEST, checking each sha256."""
+
+    def fetch(cv: Client) -> tuple[list[Path], dict[str, Any]]:
+        files = cv.download_artifacts(job_id, dest, all_artifacts=all_artifacts)
+        # The job carries the recommendation: what was chosen and why, or why nothing was.
+        return files, cv.get_job(job_id)
+
+    files, job = _call(url, api_key, as_json, fetch)
+    if as_json:
+        click.echo(
+            json.dumps({"ok": True, "downloaded": [str(p) for p in files], "recommended": job.get("recommended")})
+        )
+    elif files:
+        click.echo("\n".join(str(p) for p in files))
+    if not files and not all_artifacts:
+        if job["status"] != "succeeded":
+            click.echo(
+                f"nothing downloaded: job {job_id} is {job['status']}; an artifact is recommended "
+                "once it succeeds (--all fetches what is there)",
+                err=True,
+            )
+        else:
+            _say_nothing_recommended(job.get("recommended"))
+
+
+def register(main: click.Group) -> None:
+    """Add the client commands to ``main`` (the ``cvopt`` group, or a test's own group)."""
+    for command in (submit_command, status_command, cancel_command, download_command):
+        main.add_command(command)

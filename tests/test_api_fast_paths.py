@@ -24,9 +24,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event, update
 
+from api.key_cache import API_KEYS
 from api.main import create_app
 from api.routes import jobs as job_routes
-from api.tenants import API_KEYS
 from core.db import get_engine, get_sessionmaker
 from core.migrate import upgrade
 from core.models import ApiKey, utcnow
@@ -259,7 +259,7 @@ def test_the_report_page_opens_with_the_key_or_with_the_signed_link(api):
 def test_a_lookup_that_read_a_key_before_its_revocation_does_not_cache_it():
     """A request's lookup reads the key, the key is revoked (the cache forgets it), then that
     lookup would put it back for the cache time: it must not."""
-    from api.tenants import KeyCache
+    from api.key_cache import KeyCache
 
     cache = KeyCache()
     key = ApiKey(id="k1", tenant_id="t1", name="n", key_hash="h1")

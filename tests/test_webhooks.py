@@ -19,7 +19,8 @@ from core.errors import InvalidInput
 from core.models import Base, Job, JobStatus, Model, Tenant, WebhookDelivery, new_id
 from core.schemas import WebhookRead
 from core.settings import Settings
-from core.webhooks import check_url, deliver_due, delivery_to_read, sign, verify
+from core.views import delivery_to_read
+from core.webhooks import check_url, deliver_due, sign, verify
 from tests.test_api import assert_error
 from tests.test_end_to_end import upload
 

@@ -13,10 +13,10 @@ from api.deps import (
     StoreDep,
     released,
 )
-from api.tenants import admit_upload
 from api.uploads import Upload, handle_upload, multipart_openapi
 from core.models import Dataset
 from core.schemas import DatasetRead, DatasetsRead
+from core.tenants import admit_upload
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 

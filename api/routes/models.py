@@ -13,10 +13,10 @@ from api.deps import (
     StoreDep,
     released,
 )
-from api.tenants import admit_upload
 from api.uploads import Upload, handle_upload, multipart_openapi
 from core.models import Model
 from core.schemas import ModelRead, ModelsRead
+from core.tenants import admit_upload
 
 router = APIRouter(prefix="/models", tags=["models"])
 

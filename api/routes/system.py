@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import text
 
+from api import metrics
 from api.deps import SessionDep, StoreDep
 from core.errors import NotFound, Unauthorized
 from core.queue import get_celery
@@ -45,8 +46,6 @@ def prometheus_metrics(request: Request) -> Response:
     token = get_settings().metrics_token
     if token and not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {token}"):
         raise Unauthorized("send CVOPT_METRICS_TOKEN as 'Authorization: Bearer <token>'", code="invalid_metrics_token")
-    from api import metrics
-
     return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

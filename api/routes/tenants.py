@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import secrets
-
 from fastapi import APIRouter, Request, Response
-from sqlalchemy import func, select
 
-from api import tenants as svc
 from api.deps import (
     AdminKey,
     CurrentKey,
@@ -17,8 +13,8 @@ from api.deps import (
     SettingsDep,
     released,
 )
-from api.tenants import API_KEYS
-from core.models import ApiKey, Tenant
+from api.key_cache import API_KEYS
+from core import tenants as svc
 from core.schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -55,8 +51,7 @@ def create_tenant(
 def list_tenants(
     _admin: AdminKey, session: SessionDep, settings: SettingsDep, limit: Limit = 50, offset: Offset = 0
 ) -> TenantsRead:
-    rows = session.scalars(select(Tenant).order_by(Tenant.created_at, Tenant.id).limit(limit).offset(offset)).all()
-    count = session.scalar(select(func.count()).select_from(Tenant)) or 0
+    rows, count = svc.list_tenants(session=session, limit=limit, offset=offset)
     data = [svc.tenant_to_read(session, t, settings, with_usage=False) for t in rows]
     return released(session, TenantsRead(data=data, count=count))
 
@@ -78,8 +73,7 @@ def read_webhook_secret(key: CurrentKey, session: SessionDep) -> WebhookSecret:
 @router.post("/tenant/webhook-secret", response_model=WebhookSecret)
 def rotate_webhook_secret(key: CurrentKey, session: SessionDep) -> WebhookSecret:
     """A new secret for the caller's tenant; webhooks sent from now on are signed with it."""
-    tenant = svc.get_tenant(session=session, tenant_id=key.tenant_id)
-    tenant.webhook_secret = secrets.token_hex(32)
+    tenant = svc.rotate_webhook_secret(session=session, tenant_id=key.tenant_id)
     session.commit()
     return WebhookSecret(webhook_secret=tenant.webhook_secret)
 
@@ -102,14 +96,7 @@ def create_key(key_in: ApiKeyCreate, _admin: AdminKey, session: SessionDep) -> A
 def list_keys(
     _admin: AdminKey, session: SessionDep, tenant_id: str | None = None, limit: Limit = 50, offset: Offset = 0
 ) -> ApiKeysRead:
-    query, count_query = select(ApiKey), select(func.count()).select_from(ApiKey)
-    if tenant_id is not None:
-        query, count_query = (
-            query.where(ApiKey.tenant_id == tenant_id),
-            count_query.where(ApiKey.tenant_id == tenant_id),
-        )
-    rows = session.scalars(query.order_by(ApiKey.created_at, ApiKey.id).limit(limit).offset(offset)).all()
-    count = session.scalar(count_query) or 0
+    rows, count = svc.list_keys(session=session, tenant_id=tenant_id, limit=limit, offset=offset)
     return released(session, ApiKeysRead(data=[ApiKeyRead.model_validate(r) for r in rows], count=count))
 
 

@@ -8,6 +8,9 @@ Quotas are checked where the work is admitted, under a lock on the tenant's row 
 concurrent requests cannot both take the last slot: queued+running jobs at POST /jobs, stored
 bytes and uploads per minute at POST /models and /datasets (before the body is read, and again
 with the real size). Each refusal is a 429 with ``Retry-After``.
+
+The API's routes and the ``cvopt tenants`` / ``cvopt keys`` commands both call these functions
+(keyword-only, session passed in; the caller commits), so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, union_all
 from sqlalchemy.exc import IntegrityError
@@ -48,51 +50,17 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class KeyCache:
-    """Live API keys by hash, in this process, each for a few seconds after its lookup: a
-    request with a known key then needs no query and no thread of its own to authenticate.
-
-    Entries are found by the full hash of the presented key, so a key only ever finds its own
-    row (and so its own tenant). Unknown and revoked keys are not kept: each such request still
-    asks the database. The keys are detached from any session, so that one request's rollback
-    cannot expire a key another request reads."""
-
-    MAX_ENTRIES = 10_000  # far more live keys than a deployment has; bounds what floods can add
-
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[float, ApiKey]] = {}
-        # Bumped by every forget: a lookup that began before a revocation (and may have read the
-        # key unrevoked) must not put it back afterwards.
-        self.generation = 0
-
-    def get(self, key_hash: str) -> ApiKey | None:
-        entry = self._entries.get(key_hash)
-        if entry is None:
-            return None
-        if entry[0] <= time.monotonic():
-            self._entries.pop(key_hash, None)
-            return None
-        return entry[1]
-
-    def put(self, key_hash: str, key: ApiKey, ttl_seconds: float, generation: int) -> None:
-        """Keep ``key`` unless a key was forgotten since ``generation`` (read before the lookup)."""
-        if ttl_seconds <= 0 or generation != self.generation:
-            return
-        if len(self._entries) >= self.MAX_ENTRIES:
-            self._entries.clear()
-        self._entries[key_hash] = (time.monotonic() + ttl_seconds, key)
-
-    def forget(self, key_id: str) -> None:
-        self.generation += 1
-        for key_hash, (_, key) in list(self._entries.items()):
-            if key.id == key_id:
-                self._entries.pop(key_hash, None)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-
-API_KEYS = KeyCache()
+def ensure_key(*, session: Session, tenant_id: str, name: str, plain: str, admin: bool) -> tuple[ApiKey, bool]:
+    """The key ``plain`` for the tenant and whether it was added now (it is unless a key with its
+    hash exists): the operator's bootstrap key, given at every start-up."""
+    key_hash = hash_key(plain)
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+    if row is not None:
+        return row, False
+    row = ApiKey(tenant_id=tenant_id, name=name, prefix=plain[:8], key_hash=key_hash, is_admin=admin)
+    session.add(row)
+    session.flush()
+    return row, True
 
 
 def load_live_key(*, session: Session, key_hash: str) -> ApiKey | None:
@@ -128,6 +96,21 @@ def create_tenant(*, session: Session, tenant_in: TenantCreate) -> Tenant:
         raise Conflict(
             f"a tenant named {tenant_in.name!r} exists", code="tenant_exists", details={"name": tenant_in.name}
         ) from exc
+    return tenant
+
+
+def list_tenants(*, session: Session, limit: int | None = None, offset: int = 0) -> tuple[list[Tenant], int]:
+    """A page of tenants, oldest first, and how many there are in all."""
+    query = select(Tenant).order_by(Tenant.created_at, Tenant.id).limit(limit).offset(offset)
+    count = session.scalar(select(func.count()).select_from(Tenant)) or 0
+    return list(session.scalars(query)), count
+
+
+def rotate_webhook_secret(*, session: Session, tenant_id: str) -> Tenant:
+    """A new secret for the tenant's webhooks; those sent from the commit on are signed with it."""
+    tenant = get_tenant(session=session, tenant_id=tenant_id)
+    tenant.webhook_secret = secrets.token_hex(32)
+    session.flush()
     return tenant
 
 
@@ -211,6 +194,18 @@ def create_key(*, session: Session, tenant_id: str, name: str, admin: bool) -> t
     return row, plain
 
 
+def list_keys(
+    *, session: Session, tenant_id: str | None = None, limit: int | None = None, offset: int = 0
+) -> tuple[list[ApiKey], int]:
+    """A page of keys (all tenants', or one tenant's), oldest first, and how many there are in all."""
+    query, count_query = select(ApiKey), select(func.count()).select_from(ApiKey)
+    if tenant_id is not None:
+        query = query.where(ApiKey.tenant_id == tenant_id)
+        count_query = count_query.where(ApiKey.tenant_id == tenant_id)
+    rows = session.scalars(query.order_by(ApiKey.created_at, ApiKey.id).limit(limit).offset(offset))
+    return list(rows), session.scalar(count_query) or 0
+
+
 def revoke_key(*, session: Session, key_id: str) -> ApiKey:
     row = session.get(ApiKey, key_id)
     if row is None:
@@ -229,7 +224,7 @@ def _lock_tenant(session: Session, tenant_id: str) -> Tenant:
     return session.execute(select(Tenant).where(Tenant.id == tenant_id).with_for_update()).scalar_one()
 
 
-def _recent_uploads(session: Session, tenant_id: str) -> list:
+def _recent_uploads(session: Session, tenant_id: str) -> list[datetime]:
     since = utcnow() - timedelta(seconds=60)
     made = union_all(
         select(Model.created_at.label("at")).where(Model.tenant_id == tenant_id, Model.created_at >= since),
