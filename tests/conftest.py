@@ -6,9 +6,11 @@ each test session gets its own database and Redis db number."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,6 +28,20 @@ PG_ADMIN_URL = os.environ.get("CVOPT_TEST_PG", "postgresql://postgres@127.0.0.1:
 REDIS_SERVER = os.environ.get("CVOPT_TEST_REDIS", "redis://127.0.0.1:6379")
 API_KEY = "cvopt_test_" + uuid.uuid4().hex
 VENV_BIN = Path(sys.executable).parent
+
+
+# Fixtures that start real services or processes, or train and export real models: a test that
+# uses one is in the slow layer whether or not its module says so, so that `pytest -m "not
+# integration"` (the inner loop) never starts a stack by accident.
+SLOW_FIXTURES = frozenset(
+    {"stack", "embedded", "s3_server", "pg_url", "migrated_pg", "redis_url", "digit_assets", "digit_teacher"}
+)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
 
 
 def free_port() -> int:
@@ -368,3 +384,146 @@ def embedded(tmp_path_factory):
     env = stack_env(tmp)
     env.pop("CVOPT_SECRET_KEY")  # embedded mode makes and keeps its own
     yield from _running_stack(env, tmp, with_worker=False, embedded=True)
+
+
+# -- the API in process: the fast layer ---------------------------------------------------------
+#
+# Here, not in a tests/fast/ package: the in-process API is one more fixture of the same suite
+# (the layers are told apart by the `integration` marker, not by folders), and the in-process tests
+# that already exist beside the others (test_api_fast_paths, test_trust_inputs) can share it.
+
+INPROCESS_ADMIN_KEY = "cvopt_inprocess_admin_" + "a" * 32
+
+
+@dataclass
+class SentTask:
+    name: str
+    args: list
+    queue: str | None
+    routing_key: str | None
+
+
+class RecordedQueue:
+    """Stands in for the Celery app the API sends tasks with (core.queue.get_celery): it keeps what
+    would have reached the broker, in order. ``broken``: every send fails, as with the broker down."""
+
+    def __init__(self) -> None:
+        self.sent: list[SentTask] = []
+        self.broken = False
+
+    def send_task(self, name, args=None, kwargs=None, queue=None, routing_key=None, **_options):
+        if self.broken:
+            raise ConnectionError("the broker is down (RecordedQueue.broken)")
+        self.sent.append(SentTask(name=name, args=list(args or ()), queue=queue, routing_key=routing_key))
+
+    def job_ids(self) -> list[str]:
+        return [task.args[0] for task in self.sent]
+
+
+@dataclass
+class InProcessApi:
+    app: object
+    client: object  # fastapi.testclient.TestClient holding the bootstrap (admin) key
+    queue: RecordedQueue
+    admin_key: str
+    data_dir: Path
+
+    def client_for(self, key: str | None):
+        """Another client of the same app, holding ``key`` (None: no Authorization header)."""
+        from fastapi.testclient import TestClient
+
+        return TestClient(self.app, headers={"Authorization": f"Bearer {key}"} if key else {})
+
+
+def _forget_cached_state() -> None:
+    """The process-wide caches built from settings: the next use builds them from the environment."""
+    from api import deps
+    from api.routes import jobs as job_routes
+    from core.db import get_engine, get_sessionmaker
+    from core.queue import get_celery
+    from core.settings import get_settings
+    from core.storage import get_store
+
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    for cached in (get_settings, get_engine, get_sessionmaker, get_store, get_celery):
+        cached.cache_clear()
+    deps.API_KEYS.clear()  # the request authentication's own name for the key cache, wherever it is defined
+    job_routes._live_queues_read = (-math.inf, set())
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory) -> Path:
+    """An embedded database upgraded to head once (what `cvopt serve` runs at start); each test
+    starts from a copy, which takes milliseconds where the migrations take most of a second."""
+    from core.migrate import upgrade
+
+    path = tmp_path_factory.mktemp("sqlite-template") / "cvopt.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
+def _copy_sqlite(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    src, dst = sqlite3.connect(source), sqlite3.connect(target)
+    try:
+        src.backup(dst)  # whole and consistent, whatever the source's WAL holds
+    finally:
+        dst.close()
+        src.close()
+
+
+@pytest.fixture(scope="session")
+def inprocess_app():
+    """``api.main.create_app()``, built once: its routes read the settings per request (the one
+    value read when the app is built, CVOPT_ACCESS_LOG, is the same in every in-process test)."""
+    from api.main import create_app
+
+    return create_app()
+
+
+@pytest.fixture
+def start_inprocess_api(tmp_path, monkeypatch, migrated_sqlite, inprocess_app):
+    """A factory: ``start(**settings)`` is the FastAPI app in this process on the embedded defaults
+    under tmp_path (a migrated SQLite file, local storage with signed download URLs) with a
+    RecordedQueue in place of the broker, and ``settings`` as CVOPT_* variables (``max_upload_bytes=
+    "100"``); once per test. Every CVOPT_* variable of the outer environment is dropped; the settings, engine,
+    store, Celery app and key caches are built for the test and forgotten after it.
+
+    The client does not run the app's lifespan (its gc.collect + gc.freeze of the whole test
+    process cost more than the rest of a test); start() makes the bootstrap key as it does.
+    test_api_inprocess.py starts one app through its lifespan."""
+    from fastapi.testclient import TestClient
+
+    import core.queue
+    from api.main import ensure_bootstrap_key
+
+    def start(**settings: str) -> InProcessApi:
+        for name in [n for n in os.environ if n.startswith("CVOPT_")]:
+            monkeypatch.delenv(name)
+        data_dir = tmp_path / "cvopt"
+        env = {"DATA_DIR": str(data_dir), "BOOTSTRAP_API_KEY": INPROCESS_ADMIN_KEY, "ACCESS_LOG": "false"}
+        for name, value in {**env, **{k.upper(): v for k, v in settings.items()}}.items():
+            monkeypatch.setenv(f"CVOPT_{name}", value)
+        _copy_sqlite(migrated_sqlite, data_dir / "cvopt.db")
+        _forget_cached_state()
+        queue = RecordedQueue()
+        # The one place the API sends a task from: core.queue.enqueue_job asks get_celery() for the app.
+        monkeypatch.setattr(core.queue, "get_celery", lambda: queue)
+        ensure_bootstrap_key()
+        client = TestClient(inprocess_app, headers={"Authorization": f"Bearer {INPROCESS_ADMIN_KEY}"})
+        return InProcessApi(
+            app=inprocess_app, client=client, queue=queue, admin_key=INPROCESS_ADMIN_KEY, data_dir=data_dir
+        )
+
+    try:
+        yield start
+    finally:
+        monkeypatch.undo()  # the real get_celery and the outer environment first: then forget what was built
+        _forget_cached_state()
+
+
+@pytest.fixture
+def inprocess_api(start_inprocess_api) -> InProcessApi:
+    """The in-process API on its defaults (see start_inprocess_api)."""
+    return start_inprocess_api()

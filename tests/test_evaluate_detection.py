@@ -22,6 +22,8 @@ from tests.synthetic_detector import (
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
 from worker.passes.registry import get_pass
 
+pytestmark = pytest.mark.integration
+
 SPEC = [{"name": "images", "shape": [1, 3, 128, 128], "dtype": "float32"}]
 
 

@@ -22,6 +22,7 @@ class Boom:
         return (exec, ("raise SystemExit('unpickled!')",))
 
 
+@pytest.mark.integration
 def test_onnx_inputs_and_outputs_are_read(digit_assets):
     info = inspect_model(digit_assets.models["onnx"])
     assert info.format == "onnx"
@@ -29,6 +30,7 @@ def test_onnx_inputs_and_outputs_are_read(digit_assets):
     assert info.outputs == [{"name": "logits", "shape": ["batch", 10], "dtype": "float32"}]
 
 
+@pytest.mark.integration
 def test_exported_program_shapes_come_from_its_json(digit_assets):
     info = inspect_model(digit_assets.models["pt2"])
     assert info.format == "exported_program"
@@ -36,6 +38,7 @@ def test_exported_program_shapes_come_from_its_json(digit_assets):
     assert info.outputs[0]["shape"] == [1, 10]
 
 
+@pytest.mark.integration
 def test_torchscript_is_recognised_with_its_argument_names(digit_assets):
     info = inspect_model(digit_assets.models["torchscript"])
     assert info.format == "torchscript"
@@ -52,12 +55,14 @@ def test_pickles_are_refused_unread(tmp_path, payload):
     assert err.value.code == "pickle_not_allowed"
 
 
+@pytest.mark.integration
 def test_a_torch_save_zip_is_refused_as_a_pickle(digit_assets):
     with pytest.raises(UnsupportedMedia) as err:
         inspect_model(digit_assets.models["state_dict"])
     assert err.value.code == "pickle_not_allowed"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("cut", [10, 100, 0.5, -7])
 def test_truncated_onnx_is_corrupt(digit_assets, tmp_path, cut):
     data = digit_assets.models["onnx"].read_bytes()
@@ -78,6 +83,7 @@ def test_a_zip_that_is_no_model_is_unrecognized(tmp_path):
     assert err.value.code == "unrecognized_model_format"
 
 
+@pytest.mark.integration
 def test_image_tar_with_a_wrapping_folder_is_labeled(tmp_path, digit_assets):
     src = zipfile.ZipFile(digit_assets.labeled_zip)
     path = tmp_path / "d.tar.gz"
@@ -103,6 +109,7 @@ def test_tar_links_are_refused(tmp_path):
     assert err.value.code == "unsafe_archive"
 
 
+@pytest.mark.integration
 def test_mixed_folder_depths_are_refused(tmp_path, digit_assets):
     png = zipfile.ZipFile(digit_assets.labeled_zip).read(zipfile.ZipFile(digit_assets.labeled_zip).namelist()[0])
     path = tmp_path / "m.zip"
@@ -153,6 +160,7 @@ def resnet_state_dict(tmp_path_factory):
     return path
 
 
+@pytest.mark.integration
 def test_a_state_dict_is_accepted_only_with_an_architecture(resnet_state_dict):
     with pytest.raises(UnsupportedMedia) as err:
         inspect_model(resnet_state_dict)
@@ -184,6 +192,7 @@ def test_every_listed_architecture_exists_in_torchvision():
     assert set(TORCHVISION_ARCHITECTURES) <= set(torchvision.models.list_models(module=torchvision.models))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("member", ["../escape.txt", "archive/../../escape.txt", "/etc/cron.d/x"])
 def test_a_pt2_archive_with_an_unsafe_member_path_is_refused_at_upload(digit_assets, tmp_path, member):
     """Like dataset zips and tars: nothing with a path outside the archive reaches the worker,

@@ -13,6 +13,8 @@ from core.schemas import Preprocessing
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
 from worker.passes.registry import get_pass
 
+pytestmark = pytest.mark.integration
+
 SPEC32 = [{"name": "x", "shape": [1, 3, 32, 32], "dtype": "float32"}]
 
 

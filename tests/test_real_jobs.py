@@ -11,6 +11,8 @@ from tests import digits
 from tests.synthetic_detector import FIXTURE_FILES, FIXTURES, HELD_OUT_SEED, PREPROCESSING, write_yolo_zip
 from tests.test_end_to_end import upload
 
+pytestmark = pytest.mark.integration
+
 
 def submit(stack, model_id: str, dataset_id: str, **job) -> dict:
     resp = stack.client.post(

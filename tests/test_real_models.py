@@ -22,6 +22,8 @@ from tests.real_models import (
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
 from worker.passes.registry import get_pass
 
+pytestmark = pytest.mark.integration
+
 
 def dataset_ref(path: Path) -> DatasetRef:
     info = inspect_dataset(path)

@@ -28,6 +28,7 @@ def build(architecture: str, **kwargs):
     return torchvision.models.get_model(architecture, weights=None, **kwargs)
 
 
+@pytest.mark.integration
 def test_the_shipped_table_is_torchvisions():
     assert SHAPES_FILE.read_bytes() == serialized(architecture_shapes()), (
         "torchvision changed: run .venv/bin/python -m tests.architecture_shapes and commit the file"

@@ -15,6 +15,8 @@ from tests import digits
 from tests.test_passes import PREP, SPEC, context, npz_ref, run_pass
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
 
+pytestmark = pytest.mark.integration
+
 
 def fixed_batch_net(path: Path, *, opset: int = 17, batch: int = 1) -> Path:
     """Conv -> ReLU -> view(batch, -1) -> Linear exported without dynamic axes, as most users export: the
