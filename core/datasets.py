@@ -22,12 +22,15 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from core.errors import InvalidInput, UnsupportedMedia
 from core.tasks import image_layout
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_MEMBERS = 1_000_000
@@ -324,7 +327,7 @@ def _yolo_labels(images: list[str], texts: dict[str, bytes]) -> _BoxLabels | Non
         class_names = [str(i) for i in range(top + 1)]
     elif top >= len(class_names):
         bad = next(label_for[i] for i, r in rows.items() if len(r) and r[:, 0].max() >= len(class_names))
-        raise _invalid_labels(bad, f"class {top} is past the {len(class_names)} class names given")
+        raise _invalid_labels(cast(str, bad), f"class {top} is past the {len(class_names)} class names given")
     return _BoxLabels(kind="yolo", members=images, class_names=class_names, rows=rows)
 
 
@@ -412,7 +415,7 @@ def _looks_like_coco(data: bytes) -> bool:
     return b'"annotations"' in data and b'"images"' in data
 
 
-def _coco_labels(images: list[str], files: _LabelFiles) -> tuple[str, dict] | None:
+def _coco_labels(images: list[str], files: _LabelFiles) -> tuple[str, dict[str, Any]] | None:
     """The one COCO annotation file at the top of the images (the archive's root, or the folder
     all images share or one above it), parsed; None when there is none. A JSON there is COCO only
     when it is an object with "images" and "annotations": other JSON (metadata.json) is ignored, and
@@ -461,12 +464,8 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
-def _parse_coco(member: str, doc: dict, images: list[str]) -> _BoxLabels:
-    entries, annotations, categories = doc.get("images"), doc.get("annotations"), doc.get("categories")
-    if not isinstance(entries, list) or not isinstance(annotations, list):
-        raise _invalid_labels(member, "'images' and 'annotations' must be lists")
-    if not isinstance(categories, list) or not categories:
-        raise _invalid_labels(member, "'categories' must list the classes ({'id', 'name'} each)")
+def _coco_categories(member: str, categories: list[Any]) -> dict[int, str]:
+    """Each category's name by its id."""
     cat_names: dict[int, str] = {}
     for cat in categories:
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or isinstance(cat.get("id"), bool):
@@ -474,13 +473,19 @@ def _parse_coco(member: str, doc: dict, images: list[str]) -> _BoxLabels:
         if cat["id"] in cat_names:
             raise _invalid_labels(member, f"category id {cat['id']} is listed twice")
         cat_names[cat["id"]] = str(cat.get("name", cat["id"]))
-    # Contiguous class indices in the order of the category ids (COCO's 1..90 become 0..79).
-    cat_index = {cid: i for i, cid in enumerate(sorted(cat_names))}
+    return cat_names
+
+
+def _coco_images(
+    member: str, entries: list[Any], images: list[str]
+) -> tuple[dict[Any, str | None], dict[str, tuple[float, float] | None]]:
+    """(the archive member each image id names, None for one it does not hold; the (width, height)
+    each found member's entry gives, None when it gives none)."""
     base = PurePosixPath(member).parent
     present = set(images)
     by_basename: dict[str, list[str]] = {}
-    for image in images:
-        by_basename.setdefault(PurePosixPath(image).name, []).append(image)
+    for listed in images:
+        by_basename.setdefault(PurePosixPath(listed).name, []).append(listed)
     member_of: dict[Any, str | None] = {}
     size_of: dict[str, tuple[float, float] | None] = {}
     for entry in entries:
@@ -500,9 +505,23 @@ def _parse_coco(member: str, doc: dict, images: list[str]) -> _BoxLabels:
             raise _invalid_labels(member, f"two image entries name the file {found!r}")
         member_of[entry["id"]] = found
         if found is not None:
-            w, h = entry.get("width"), entry.get("height")
+            w: Any = entry.get("width")
+            h: Any = entry.get("height")
             ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (w, h))
             size_of[found] = (float(w), float(h)) if ok else None
+    return member_of, size_of
+
+
+def _parse_coco(member: str, doc: dict[str, Any], images: list[str]) -> _BoxLabels:
+    entries, annotations, categories = doc.get("images"), doc.get("annotations"), doc.get("categories")
+    if not isinstance(entries, list) or not isinstance(annotations, list):
+        raise _invalid_labels(member, "'images' and 'annotations' must be lists")
+    if not isinstance(categories, list) or not categories:
+        raise _invalid_labels(member, "'categories' must list the classes ({'id', 'name'} each)")
+    cat_names = _coco_categories(member, categories)
+    # Contiguous class indices in the order of the category ids (COCO's 1..90 become 0..79).
+    cat_index = {cid: i for i, cid in enumerate(sorted(cat_names))}
+    member_of, size_of = _coco_images(member, entries, images)
     if not size_of:
         raise _invalid_labels(
             member, f"none of the {len(entries)} images it lists is in the archive", images_listed=len(entries)
@@ -543,8 +562,9 @@ def _parse_coco(member: str, doc: dict, images: list[str]) -> _BoxLabels:
             continue
         x1, y1 = float(bbox[0]), float(bbox[1])
         x2, y2 = x1 + float(bbox[2]), y1 + float(bbox[3])
-        if size_of[image] is not None:
-            w, h = size_of[image]
+        size = size_of[image]
+        if size is not None:
+            w, h = size
             x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
             y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
         rows[image].append([cat_index[ann["category_id"]], x1, y1, x2, y2])
@@ -588,7 +608,7 @@ def image_sizes(path: Path, fmt: str, members: list[str]) -> list[tuple[int, int
     """(width, height) of each member, from the image headers alone (nothing is decoded)."""
     from PIL import Image, UnidentifiedImageError
 
-    def size(fh, name: str) -> tuple[int, int]:
+    def size(fh: IO[bytes], name: str) -> tuple[int, int]:
         try:
             with Image.open(fh) as img:
                 return img.size
@@ -609,8 +629,8 @@ def image_sizes(path: Path, fmt: str, members: list[str]) -> list[tuple[int, int
         with tarfile.open(path, "r:*") as tf:
             for member in tf:
                 if member.name in wanted and member.isfile():
-                    fh = tf.extractfile(member)
-                    sizes[member.name] = size(fh, member.name)
+                    file = cast(IO[bytes], tf.extractfile(member))  # a regular file (isfile): never None
+                    sizes[member.name] = size(file, member.name)
     missing = [m for m in members if m not in sizes]
     if missing:
         raise InvalidInput(
@@ -624,7 +644,7 @@ def image_sizes(path: Path, fmt: str, members: list[str]) -> list[tuple[int, int
 def read_member(path: Path, fmt: str, member: str, handle: Any = None) -> bytes:
     if fmt == "zip":
         if handle is not None:
-            return handle.read(member)
+            return cast(bytes, handle.read(member))
         with zipfile.ZipFile(path) as zf:
             return zf.read(member)
     if handle is not None:
@@ -635,11 +655,11 @@ def read_member(path: Path, fmt: str, member: str, handle: Any = None) -> bytes:
         return fh.read() if fh else b""
 
 
-def open_archive(path: Path, fmt: str):
+def open_archive(path: Path, fmt: str) -> zipfile.ZipFile | tarfile.TarFile:
     return zipfile.ZipFile(path) if fmt == "zip" else tarfile.open(path, "r:*")
 
 
-def decode_image(data: bytes, name: str):
+def decode_image(data: bytes, name: str) -> PILImage:
     """The image in the dataset's member ``name``; InvalidInput naming the member and saying why
     it is not one (Pillow's own message names an in-memory buffer, not the file)."""
     import io
@@ -733,12 +753,13 @@ def inspect_dataset(path: Path) -> DatasetInfo:
         rng = random.Random(0)
         sample = [listing.members[0]] + rng.sample(listing.members, min(VERIFY_SAMPLE, len(listing.members)))
         with open_archive(path, fmt) as handle:
-            first = None
+            first: PILImage | None = None
             for name in sample:
                 img = decode_image(read_member(path, fmt, name, handle), name)
                 first = first or img
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
         raise UnsupportedMedia(f"the archive is corrupt or truncated: {exc}", code="corrupt_dataset") from exc
+    assert first is not None  # the sample holds the first member at least
     channels = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
     return DatasetInfo(
         format=fmt,

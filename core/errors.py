@@ -10,7 +10,7 @@ class CvoptError(Exception):
 
     code = "error"
 
-    def __init__(self, message: str, *, code: str | None = None, details: Any = None):
+    def __init__(self, message: str, *, code: str | None = None, details: Any = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -63,7 +63,7 @@ class QuotaExceeded(CvoptError):
 
     code = "quota_exceeded"
 
-    def __init__(self, message: str, *, retry_after: int, code: str | None = None, details=None):
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None, details: Any = None):
         super().__init__(message, code=code, details=details)
         self.retry_after = max(1, int(retry_after))
 

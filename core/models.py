@@ -23,6 +23,7 @@ from sqlalchemy import (
     inspect,
     select,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -48,18 +49,18 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
-class TZDateTime(TypeDecorator):
+class TZDateTime(TypeDecorator[datetime]):
     """Timezone-aware on Postgres; SQLite keeps no zone, so values are read back as UTC."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value, dialect):
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
         return value
 
-    def process_result_value(self, value, dialect):
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
         return value
@@ -291,7 +292,7 @@ class WebhookDelivery(Base):
 
 
 @event.listens_for(Session, "before_flush")
-def _schedule_webhooks(session: Session, _context, _instances) -> None:
+def _schedule_webhooks(session: Session, _context: Any, _instances: Any) -> None:
     """Wherever a job reaches its end (runner, reaper, cancel), in that same transaction: its
     webhook delivery, if it asked for one. One place, so no path can forget it."""
     for obj in list(session.dirty) + list(session.new):

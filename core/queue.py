@@ -7,6 +7,7 @@ tasks by name and never imports the worker's code that runs them.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
@@ -21,7 +22,7 @@ QUEUES = ("cpu", "gpu")
 def make_celery(settings: Settings) -> Celery:
     app = Celery("cvopt")
     broker_url = settings.resolved_broker_url
-    conf: dict = dict(
+    conf: dict[str, Any] = dict(
         broker_url=broker_url,
         # No result backend: results and progress live on the job row.
         result_backend=None,

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 import unicodedata
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -219,7 +220,7 @@ class S3Store:
 
 
 @contextmanager
-def _unavailable_on_network_errors(key: str):
+def _unavailable_on_network_errors(key: str) -> Iterator[None]:
     """The server unreachable (after the client's own retries) or failing with a 5xx is
     StorageUnavailable: the API answers 503, the worker retries and then fails the step."""
     from botocore.exceptions import BotoCoreError, ClientError

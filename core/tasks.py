@@ -5,6 +5,7 @@ file records them; the worker decides again from real outputs when it does not).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeGuard, cast
 
 TASKS = ("classification", "detection", "segmentation")
 YOLO_STRIDES = (8, 16, 32)
@@ -14,10 +15,12 @@ DETECTION_LAYOUTS = ("yolo", "yolo_objectness", "post_nms")
 # The job's max_accuracy_drop when it gives none: one point of the task's metric.
 DEFAULT_TOLERANCE = 0.01
 
-Shape = Sequence[int | str | None]
+Dim = int | str | None  # a size, a symbolic name, or unknown
+Shape = Sequence[Dim]
+HW = tuple[Dim, Dim]
 
 
-def _known(d) -> bool:
+def _known(d: object) -> TypeGuard[int]:
     return isinstance(d, int) and not isinstance(d, bool) and d > 0
 
 
@@ -26,12 +29,12 @@ def yolo_anchor_count(height: int, width: int, strides: Sequence[int] = YOLO_STR
     return sum(-(-height // s) * -(-width // s) for s in strides)
 
 
-def _same(a, b) -> bool:
+def _same(a: object, b: object) -> bool:
     """Two dimensions that can be the same: equal, or either left open (symbolic or unknown)."""
     return not (_known(a) and _known(b)) or a == b
 
 
-def _post_nms_boxes(shapes: list[list]) -> bool:
+def _post_nms_boxes(shapes: list[list[Dim]]) -> bool:
     """Whether some output is boxes (…, K, 4) with a scores partner: the boxes' shape without its last
     dim ((N, K) or, batch-less, (K,)), or per-class scores (N, K, C) beside (N, K, 4) boxes. An (N, 4)
     beside an (N, C) is a classifier's auxiliary output, not boxes."""
@@ -64,9 +67,7 @@ def layout_fits(layout: str, output_shapes: Sequence[Shape]) -> bool:
     return False
 
 
-def detection_layout(
-    output_shapes: Sequence[Shape], input_hw: tuple[int, int] | None = None, hint: str = "auto"
-) -> str | None:
+def detection_layout(output_shapes: Sequence[Shape], input_hw: HW | None = None, hint: str = "auto") -> str | None:
     """``yolo``, ``yolo_objectness``, ``post_nms``, or None when the outputs are not a detector's (or,
     with a ``hint`` other than auto, cannot hold that layout).
 
@@ -90,16 +91,17 @@ def detection_layout(
     if not (_known(a) and _known(b)):
         # The anchor axis is left open (dynamic size). Anchors-first heads are YOLOv5/v7 exports (with
         # objectness) far more often than not; the job's detection.layout overrides.
-        channels = a if _known(a) else b
+        channels = cast(int, a if _known(a) else b)  # the known one
         if channels < 5:
             return None
         return "yolo" if _known(a) else "yolo_objectness"
     channels, anchors = min(a, b), max(a, b)
     if channels < 5 or input_hw is None or not all(_known(d) for d in input_hw):
         return None
-    if anchors == 3 * yolo_anchor_count(*input_hw) and channels >= 6:
+    height, width = cast(tuple[int, int], input_hw)  # both known (checked above)
+    if anchors == 3 * yolo_anchor_count(height, width) and channels >= 6:
         return "yolo_objectness"
-    grids = {yolo_anchor_count(*input_hw, strides) for strides in STRIDE_SETS}
+    grids = {yolo_anchor_count(height, width, strides) for strides in STRIDE_SETS}
     if anchors in grids:
         return "yolo"
     if b == 6:
@@ -107,14 +109,15 @@ def detection_layout(
     return None
 
 
-def infer_task(output_shapes: Sequence[Shape], input_shape: Shape | None = None) -> str | None:
+def infer_task(output_shapes: Sequence[Shape | None], input_shape: Shape | None = None) -> str | None:
     """classification, detection, segmentation, or None when the shapes do not say."""
     hw = input_hw(input_shape)
     if not output_shapes or any(s is None for s in output_shapes):
         return None
-    if detection_layout(output_shapes, hw) is not None:
+    shapes = cast(Sequence[Shape], output_shapes)  # none is None (checked above)
+    if detection_layout(shapes, hw) is not None:
         return "detection"
-    first = list(output_shapes[0])
+    first = list(shapes[0])
     if len(first) == 2 or (len(first) == 4 and first[2:] == [1, 1]):
         return "classification"
     if len(first) == 4 and all(_known(d) and d >= 8 for d in first[2:]):
@@ -136,8 +139,10 @@ def image_layout(input_shape: Shape | None) -> str:
     return "raw"
 
 
-def input_hw(input_shape: Shape | None) -> tuple | None:
+def input_hw(input_shape: Shape | None) -> HW | None:
     """(height, width) of an image model's input, None when it is no image input."""
+    if input_shape is None:
+        return None
     layout = image_layout(input_shape)
     if layout == "NCHW":
         return input_shape[2], input_shape[3]
@@ -192,7 +197,7 @@ def resolve_task(
     if requested == "auto":
         return (infer_task(output_shapes, input_shape) if known else None) or "auto"
     if requested == "detection" and known:
-        _detection_layout_or_raise(output_shapes, input_shape, layout)
+        _detection_layout_or_raise(cast(Sequence[Shape], output_shapes), input_shape, layout)
     return requested
 
 
@@ -207,10 +212,10 @@ def resolve_measured_task(
     note = None
     task = "detection" if requested == "auto" and layout_hint != "auto" else requested
     if task == "auto":
-        task = infer_task(shapes, input_shape)
-        if task is None:
+        inferred = infer_task(shapes, input_shape)
+        if inferred is None:
             note = f"the outputs {shapes} do not say the task; measured as classification (give the job's task)"
-            task = "classification"
+        task = inferred or "classification"
     if task != "detection":
         return task, None, note
     return task, _detection_layout_or_raise(shapes, input_shape, layout_hint), note

@@ -14,6 +14,7 @@ import re
 import secrets
 import socket
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -76,7 +77,9 @@ def live_queues(session: Session, settings: Settings) -> set[str]:
     return {q for queues in rows for q in queues}
 
 
-def heartbeat(session: Session, *, worker_id: str, hostname: str, queues: list[str], gpu: dict | None) -> None:
+def heartbeat(
+    session: Session, *, worker_id: str, hostname: str, queues: list[str], gpu: dict[str, Any] | None
+) -> None:
     row = session.get(Worker, worker_id)
     now = utcnow()
     if row is None:
