@@ -89,6 +89,26 @@ def test_the_runtime_registry_covers_exactly_the_measurable_formats():
     assert set(RUNTIMES) == set(MEASURABLE_FORMATS)
 
 
+def test_measuring_steps_skip_what_this_worker_cannot_run_but_never_the_reference(monkeypatch, tmp_path):
+    """An artifact this worker cannot run is skipped with the reason; the original (refs[0], what
+    every ratio and drop is taken against) is never skipped: the step fails saying why."""
+    import dataclasses
+
+    from core.errors import PassError
+    from core.formats import ONNX, TFLITE
+    from worker import runtime
+    from worker.passes.base import ArtifactRef
+
+    no_litert = dataclasses.replace(runtime.RUNTIMES[TFLITE], unavailable=lambda ref: "ai-edge-litert is not installed")
+    monkeypatch.setitem(runtime.RUNTIMES, TFLITE, no_litert)
+    original = ArtifactRef(name="model.onnx", format=ONNX, path=tmp_path / "model.onnx")
+    phone = ArtifactRef(name="model.tflite", format=TFLITE, path=tmp_path / "model.tflite", step="convert_tflite")
+    assert runtime.split_runnable([original, phone]) == ([original], [(phone, "ai-edge-litert is not installed")])
+    with pytest.raises(PassError) as err:
+        runtime.split_runnable([phone, original])
+    assert err.value.code == "runtime_unavailable" and "ai-edge-litert" in str(err.value)
+
+
 def test_an_unknown_step_is_the_same_error_for_spec_and_pass():
     for lookup in (get_spec, get_pass):
         with pytest.raises(InvalidInput) as err:

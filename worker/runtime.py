@@ -75,7 +75,12 @@ def runtime_for(ref: ArtifactRef) -> Runtime:
 
 
 def split_runnable(refs: list[ArtifactRef]) -> tuple[list[ArtifactRef], list[tuple[ArtifactRef, str]]]:
-    """(what this machine can run, [(what it cannot, why)]) for the measuring steps."""
+    """(what this machine can run, [(what it cannot, why)]) for the measuring steps. ``refs[0]`` is
+    the reference every other artifact is compared with (the original): a machine that cannot run
+    it fails the step saying why, rather than measuring the rest against the wrong model."""
+    reason = not_runnable_here(refs[0]) if refs else None
+    if reason:
+        raise PassError(f"this worker cannot run the original model: {reason}", code="runtime_unavailable")
     runnable, skipped = [], []
     for ref in refs:
         reason = not_runnable_here(ref)
