@@ -17,7 +17,8 @@ ALL_MODEL_FORMATS = frozenset({ONNX, TORCHSCRIPT, EXPORTED_PROGRAM, STATE_DICT})
 TFLITE = "tflite"  # LiteRT flatbuffer (convert_tflite)
 TENSORRT_ENGINE = "tensorrt_engine"  # serialized TensorRT engine for one GPU kind (build_tensorrt)
 AOTI_PACKAGE = "aoti_package"  # AOTInductor-compiled .pt2 package (compile_gpu)
-DEPLOY_FORMATS = frozenset({TFLITE, TENSORRT_ENGINE, AOTI_PACKAGE})
+OPENVINO_IR = "openvino_ir"  # OpenVINO IR: a zip of model.xml + model.bin (convert_openvino)
+DEPLOY_FORMATS = frozenset({TFLITE, TENSORRT_ENGINE, AOTI_PACKAGE, OPENVINO_IR})
 
 # TensorFlow uploads: converted to TFLite only (by TensorFlow's own converter).
 KERAS = "keras"  # Keras 3 .keras archive (config.json + weights)

@@ -55,6 +55,13 @@ PRESETS: dict[str, list[StepSpec]] = {
         StepSpec(name="benchmark"),
         StepSpec(name="evaluate"),
     ],
+    # x86 CPUs: OpenVINO computes in its own choice of precision (bf16 where the CPU has it).
+    "openvino": [
+        StepSpec(name="export_onnx"),
+        StepSpec(name="convert_openvino"),
+        StepSpec(name="benchmark"),
+        StepSpec(name="evaluate"),
+    ],
     "tflite-fp16": [
         StepSpec(name="convert_tflite", config={"precision": "fp16"}),
         StepSpec(name="benchmark", config={"batch_sizes": [1]}),

@@ -48,18 +48,19 @@ DROP_EPSILON = 1e-9
 # against its source within float rounding).
 LOSSLESS_STEPS = frozenset({"export_onnx", "export_pt2"})
 # Steps that are lossless only at precision fp32 (meta["precision"]).
-LOSSLESS_AT_FP32 = frozenset({"compile_gpu", "convert_tflite"})
+LOSSLESS_AT_FP32 = frozenset({"compile_gpu", "convert_openvino", "convert_tflite"})
 
 
 def step_keeps_float(step: str | None, meta: dict[str, Any] | None) -> bool:
     """Whether a step keeps its source's float32 weights and arithmetic.
 
-    The original (step None), export_onnx and export_pt2 do; compile_gpu and convert_tflite do at
-    precision fp32 only. Everything else changes what the model computes and must prove it meets
-    the tolerance: convert_fp16 (FP16 is not float32), quantize_int8 / quantize_int8_torch,
-    prune_structured / prune_unstructured, distill / finetune, and build_tensorrt at any precision
-    (an "fp32" engine runs convolutions in TF32 on Ampere and later unless told not to). A step
-    this module does not know is a candidate too."""
+    The original (step None), export_onnx and export_pt2 do; compile_gpu, convert_openvino and
+    convert_tflite do at precision fp32 only (convert_openvino: FP32 weights and f32 compute asked
+    for). Everything else changes what the model computes and must prove it meets the tolerance:
+    convert_fp16 (FP16 is not float32), quantize_int8 / quantize_int8_torch, prune_structured /
+    prune_unstructured, distill / finetune, and build_tensorrt at any precision (an "fp32" engine
+    runs convolutions in TF32 on Ampere and later unless told not to). A step this module does not
+    know is a candidate too."""
     if step is None:
         return True
     if step in LOSSLESS_STEPS:

@@ -136,3 +136,46 @@ def test_a_real_orientation_classifier_through_int8_auto_on_hand_labeled_pages(s
     evaluation = next(s for s in job["steps"] if s["name"] == "evaluate")["metrics"]
     assert evaluation["num_samples"] == 48 and evaluation["labels"] == "classes"
     check_recommendation(stack, job, "top1")
+
+
+def test_the_openvino_preset_on_a_real_classifier_downloads_one_archive_openvino_reads(stack, tmp_path):
+    """Issue 13's first target through the real stack: the real PP-LCNet orientation classifier,
+    hand-labelled pages, preset `openvino`: converted, verified, measured and judged in the precision
+    OpenVINO computed in; the IR downloads as one file that openvino.Core().read_model loads unpacked."""
+    import io
+    import zipfile
+
+    import httpx
+    import numpy as np
+    import openvino as ov
+
+    from tests.real_models import ORIENTATION, asset, orientation_zip
+
+    model = upload(stack.client, "/v1/models", asset(ORIENTATION.file), name="orientation")
+    dataset = upload(stack.client, "/v1/datasets", orientation_zip(tmp_path / "pages.zip"))
+    job = stack.wait_for_job(
+        submit(stack, model["id"], dataset["id"], preset="openvino", preprocessing=ORIENTATION.preprocessing)["id"],
+        timeout=600,
+    )
+    assert job["status"] == "succeeded", (job["error"], job["log_tail"])
+    steps = {s["name"]: s["metrics"] for s in job["steps"]}
+    converted = steps["convert_openvino"]
+    assert converted["inference_precision"] in ("f32", "bf16", "f16")
+    assert converted["verification"]["inputs"] == "dataset"
+    measured = {r["format"]: r for r in steps["benchmark"]["results"]}
+    assert measured["openvino_ir"]["runtime"]["name"] == "openvino"
+    assert measured["openvino_ir"]["runtime"]["inference_precision"] == converted["inference_precision"]
+    assert steps["evaluate"]["num_samples"] == 48
+    check_recommendation(stack, job, "top1")
+
+    artifacts = stack.client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+    (ir,) = [a for a in artifacts if a["format"] == "openvino_ir"]
+    assert ir["name"].endswith(".openvino.zip")
+    download = httpx.get(ir["url"], timeout=60)
+    assert download.status_code == 200 and len(download.content) == ir["size_bytes"]
+    with zipfile.ZipFile(io.BytesIO(download.content)) as archive:
+        assert archive.namelist() == ["model.xml", "model.bin"]
+        archive.extractall(tmp_path / "ir")
+    compiled = ov.Core().compile_model(ov.Core().read_model(str(tmp_path / "ir" / "model.xml")), "CPU")
+    (out,) = compiled(np.zeros((1, 3, 224, 224), np.float32)).to_tuple()
+    assert out.shape == (1, 4)

@@ -34,6 +34,7 @@ from core.formats import (
     EXPORTED_PROGRAM,
     KERAS,
     ONNX,
+    OPENVINO_IR,
     SAVED_MODEL,
     STATE_DICT,
     TENSORRT_ENGINE,
@@ -60,6 +61,8 @@ FILE_EXTENSIONS = {
     TFLITE: ".tflite",
     TENSORRT_ENGINE: ".engine",
     AOTI_PACKAGE: ".aoti.pt2",
+    # One download holding the IR's two files; ".openvino" says what to unpack it for.
+    OPENVINO_IR: ".openvino.zip",
     KERAS: ".keras",
     SAVED_MODEL: ".zip",
 }

@@ -11,6 +11,7 @@ from core.steps.benchmark import BenchmarkSpec
 from core.steps.build_tensorrt import BuildTensorrtSpec
 from core.steps.compile_gpu import CompileGpuSpec
 from core.steps.convert_fp16 import ConvertFp16Spec
+from core.steps.convert_openvino import ConvertOpenvinoSpec
 from core.steps.convert_tflite import ConvertTfliteSpec
 from core.steps.distill import DistillSpec
 from core.steps.evaluate import EvaluateSpec
@@ -29,6 +30,7 @@ SPECS: dict[str, type[PassSpec[Any]]] = {
         BuildTensorrtSpec,
         CompileGpuSpec,
         ConvertFp16Spec,
+        ConvertOpenvinoSpec,
         ConvertTfliteSpec,
         DistillSpec,
         EvaluateSpec,

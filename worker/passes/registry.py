@@ -10,6 +10,7 @@ from worker.passes.benchmark import Benchmark
 from worker.passes.build_tensorrt import BuildTensorrt
 from worker.passes.compile_gpu import CompileGpu
 from worker.passes.convert_fp16 import ConvertFp16
+from worker.passes.convert_openvino import ConvertOpenvino
 from worker.passes.convert_tflite import ConvertTflite
 from worker.passes.distill import Distill
 from worker.passes.evaluate import Evaluate
@@ -28,6 +29,7 @@ REGISTRY: dict[str, type[Pass]] = {
         BuildTensorrt,
         CompileGpu,
         ConvertFp16,
+        ConvertOpenvino,
         ConvertTflite,
         Distill,
         Evaluate,

@@ -1,0 +1,203 @@
+"""convert_openvino: an ONNX model or a torch.export program (.pt2) to OpenVINO IR for x86 CPUs.
+
+``ov.convert_model`` reads either; ``ov.save_model`` writes the IR with FP32 or FP16-compressed
+weights (FP16 weights are decompressed at load: half the file, the same compute). The artifact is
+one file, a zip of ``model.xml`` + ``model.bin`` and nothing else, written with fixed timestamps and
+member order so that the same IR always has the same sha256.
+
+Nothing is handed back unverified: the archive is loaded the way benchmark and evaluate load it
+(worker.runtime, in the configured inference precision) and compared with its source on the job's
+images (random inputs without a dataset). OpenVINO computes in bf16 on CPUs that have it unless told
+otherwise; the precision the compiled model really used is measured and recorded, and the floor is
+that precision's."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.errors import PassError
+from core.formats import EXPORTED_PROGRAM, OPENVINO_IR
+from core.steps.convert_openvino import DEFAULT_MIN_SNR_DB, ConvertOpenvinoConfig, ConvertOpenvinoSpec
+from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
+
+# (member, how it is stored): the XML is text and deflates well; the weights barely compress, and
+# stored uncompressed they read straight out of the archive.
+IR_MEMBERS = (("model.xml", zipfile.ZIP_DEFLATED), ("model.bin", zipfile.ZIP_STORED))
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+# A name OpenVINO gave a node it made (a folded constant, a decomposed op): <Type>_<n>, n from a
+# counter shared by the whole process.
+GENERATED_NAME = re.compile(r"^([A-Za-z][A-Za-z0-9]*)_\d+$")
+
+
+class ConvertOpenvino(ConvertOpenvinoSpec, Pass):
+    def run(self, ctx: PassContext, source: ArtifactRef, config: ConvertOpenvinoConfig) -> PassResult:
+        import openvino as ov
+
+        model = _convert(source)
+        stable_node_names(model)
+        ctx.report_progress(0.3)
+        ir_dir = ctx.work_dir / "ir"
+        ir_dir.mkdir(parents=True, exist_ok=True)
+        # save_model compresses to FP16 unless told not to: say it either way.
+        ov.save_model(model, str(ir_dir / "model.xml"), compress_to_fp16=config.weights == "fp16")
+        target = ctx.work_dir / f"model.{config.weights}.openvino.zip"
+        write_ir_archive(ir_dir, target)
+        ctx.check_cancelled()
+
+        meta = {"inference_precision": config.inference_precision, "weights": config.weights, "runtime": "openvino"}
+        artifact = ArtifactRef(name=target.name, format=OPENVINO_IR, path=target, meta=meta)
+        verification, precision = _verify(ctx, config, source, artifact)
+        ctx.report_progress(0.95)
+        metrics = {
+            "source_format": source.format,
+            "weights": config.weights,
+            "inference_precision": precision,
+            "inference_precision_hint": config.inference_precision,
+            "openvino": ov.get_version(),
+            "size_bytes": target.stat().st_size,
+            "weights_bytes": (ir_dir / "model.bin").stat().st_size,
+            "verification": verification,
+        }
+        shutil.rmtree(ir_dir, ignore_errors=True)
+        # "fp32" (the recommendation's lossless float conversion) only when asked for: "auto" may
+        # compute in bf16 on the worker that measures it, whatever it computed in here.
+        lossless = config.weights == "fp32" and config.inference_precision == "f32" and precision == "f32"
+        meta["precision"] = "fp32" if lossless else f"{config.weights} weights, {precision} compute"
+        return PassResult(artifact=target, format=OPENVINO_IR, metrics=metrics, meta=meta)
+
+
+def _convert(source: ArtifactRef) -> Any:
+    """The source as an ov.Model; a graph OpenVINO's frontends cannot read is a clean failure."""
+    import openvino as ov
+
+    try:
+        if source.format != EXPORTED_PROGRAM:
+            return ov.convert_model(str(source.path))
+        import torch
+
+        program = torch.export.load(str(source.path))
+        model = ov.convert_model(program)
+        _keep_program_shapes(model, program)
+        return model
+    except PassError:
+        raise
+    except Exception as exc:  # the frontends raise OpConversionFailure, RuntimeError, torch's own errors
+        message = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ""
+        raise PassError(
+            f"OpenVINO could not convert the model: {type(exc).__name__}: {message}", code="conversion_failed"
+        ) from exc
+
+
+def _keep_program_shapes(model: Any, program: Any) -> None:
+    """convert_model leaves every dimension of a torch.export program open; give the IR the
+    program's own shapes (a dimension the program declared dynamic stays open) so that it runs
+    where the program runs, at the batch sizes it was exported for."""
+    import openvino as ov
+
+    user_inputs = set(program.graph_signature.user_inputs)
+    shapes = [
+        [d if isinstance(d, int) else -1 for d in node.meta["val"].shape]
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in user_inputs and hasattr(node.meta.get("val"), "shape")
+    ]
+    if len(shapes) == len(model.inputs):
+        model.reshape({port: ov.PartialShape(shape) for port, shape in zip(model.inputs, shapes, strict=True)})
+
+
+def stable_node_names(model: Any) -> None:
+    """Renumber the names OpenVINO generated by the node's place in the graph: they come from a
+    process-wide counter, so the same model converted after another would get another model.xml
+    (and another sha256). Names the source gave its nodes are kept; one that looks generated
+    ("Reshape_15") gets its place too, which names the same node as well. A model without a name of
+    its own (a torch.export program's "Model18", from another counter) is "model"."""
+    if re.fullmatch(r"Model\d+", model.get_friendly_name()):
+        model.set_friendly_name("model")
+    for index, op in enumerate(model.get_ordered_ops()):
+        generated = GENERATED_NAME.match(op.get_friendly_name())
+        if generated:
+            op.set_friendly_name(f"{generated.group(1)}_n{index}")
+
+
+def write_ir_archive(ir_dir: Path, target: Path) -> None:
+    """model.xml + model.bin into one zip, byte for byte the same for the same IR: fixed member
+    order, timestamps and permissions (the cache and the download's sha256 rely on it)."""
+    with zipfile.ZipFile(target, "w") as archive:
+        for name, compression in IR_MEMBERS:
+            path = ir_dir / name
+            info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+            info.compress_type = compression
+            info.external_attr = 0o644 << 16
+            info.file_size = path.stat().st_size  # lets zipfile pick ZIP64 for a weights file over 2 GiB
+            with open(path, "rb") as src, archive.open(info, "w") as dst:
+                shutil.copyfileobj(src, dst, 1024 * 1024)
+
+
+def _verify(
+    ctx: PassContext, config: ConvertOpenvinoConfig, source: ArtifactRef, artifact: ArtifactRef
+) -> tuple[dict[str, Any], str]:
+    """Run the archive as the measuring steps will and its source side by side; refuse it under the
+    floor of the precision it computed in. (verification facts, that precision)."""
+    from worker.metrics.fidelity import Fidelity
+    from worker.runtime import load_runner, runtime_info
+
+    ir = load_runner(artifact, threads=ctx.threads)
+    precision = str(runtime_info(artifact, threads=ctx.threads)["inference_precision"])
+    reference = load_runner(source, threads=ctx.threads)
+    inputs, feeds_iter = _verify_feeds(ctx, config)
+    outputs: list[Fidelity] = []
+    for feeds in feeds_iter:
+        ctx.check_cancelled()
+        want, got = reference(feeds), ir(feeds)
+        if len(got) != len(want) or any(np.shape(g) != np.shape(w) for g, w in zip(got, want, strict=False)):
+            raise PassError(
+                f"the OpenVINO IR gives outputs of shapes {[np.shape(g) for g in got]}, its source "
+                f"{[np.shape(w) for w in want]}",
+                code="openvino_mismatch",
+            )
+        outputs = outputs or [Fidelity() for _ in want]
+        for fidelity, g, w in zip(outputs, got, want, strict=True):
+            fidelity.add(np.asarray(g, np.float64), np.asarray(w, np.float64))
+    results = [f.result() for f in outputs]
+    floor = config.min_snr_db if config.min_snr_db is not None else DEFAULT_MIN_SNR_DB.get(precision, 20.0)
+    verification = {
+        "inputs": inputs,
+        "samples": outputs[0].samples if outputs else 0,
+        "snr_db": min(r["snr_db"] for r in results),
+        "worst_channel_snr_db": min(r["worst_channel_snr_db"] for r in results),
+        "cosine": min(r["cosine"] for r in results),
+        "min_snr_db": floor,
+        "inference_precision": precision,
+    }
+    if not verification["snr_db"] >= floor:  # also refuses a NaN
+        raise PassError(
+            f"the OpenVINO IR does not match its source: output SNR {verification['snr_db']:.1f} dB < {floor:g} dB "
+            f"(computing in {precision}, weights {config.weights})",
+            code="openvino_mismatch",
+            details=verification,
+        )
+    return verification, precision
+
+
+def _verify_feeds(ctx: PassContext, config: ConvertOpenvinoConfig) -> tuple[str, Iterator[dict[str, np.ndarray]]]:
+    """("dataset" or "random", the inputs): the job's images at the model's batch size when it has
+    any and one input, else random inputs."""
+    from worker.data import iter_batches, sample_feeds
+
+    dataset = ctx.evaluation_dataset or ctx.calibration_dataset
+    if dataset is not None and dataset.num_samples and len(ctx.input_spec) == 1:
+        spec = ctx.input_spec[0]
+        fixed = int(spec["shape"][0])
+        total = min(config.verify_samples, dataset.num_samples)
+        total = max(fixed, total - total % fixed)
+        batches = iter_batches(dataset, spec, ctx.preprocessing, batch_size=fixed, limit=total)
+        return "dataset", ({spec["name"]: x} for x, _ in batches)
+    fixed = max(int(ctx.input_spec[0]["shape"][0]), 1) if ctx.input_spec else 1
+    count = max(1, config.verify_samples // fixed)
+    return "random", (sample_feeds(ctx.input_spec, seed=i) for i in range(count))
