@@ -62,6 +62,13 @@ PRESETS: dict[str, list[StepSpec]] = {
         StepSpec(name="benchmark"),
         StepSpec(name="evaluate"),
     ],
+    # NNCF INT8 in OpenVINO, judged on the task's metric (mixed-scale heads float, accuracy control on a miss).
+    "openvino-int8": [
+        StepSpec(name="export_onnx"),
+        StepSpec(name="quantize_openvino"),
+        StepSpec(name="benchmark"),
+        StepSpec(name="evaluate"),
+    ],
     "tflite-fp16": [
         StepSpec(name="convert_tflite", config={"precision": "fp16"}),
         StepSpec(name="benchmark", config={"batch_sizes": [1]}),

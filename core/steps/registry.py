@@ -22,6 +22,7 @@ from core.steps.prune_structured import PruneStructuredSpec
 from core.steps.prune_unstructured import PruneUnstructuredSpec
 from core.steps.quantize_int8 import QuantizeInt8Spec
 from core.steps.quantize_int8_torch import QuantizeInt8TorchSpec
+from core.steps.quantize_openvino import QuantizeOpenvinoSpec
 
 SPECS: dict[str, type[PassSpec[Any]]] = {
     spec.name: spec
@@ -41,6 +42,7 @@ SPECS: dict[str, type[PassSpec[Any]]] = {
         PruneUnstructuredSpec,
         QuantizeInt8Spec,
         QuantizeInt8TorchSpec,
+        QuantizeOpenvinoSpec,
     )
 }
 

@@ -21,6 +21,7 @@ from worker.passes.prune_structured import PruneStructured
 from worker.passes.prune_unstructured import PruneUnstructured
 from worker.passes.quantize_int8 import QuantizeInt8
 from worker.passes.quantize_int8_torch import QuantizeInt8Torch
+from worker.passes.quantize_openvino import QuantizeOpenvino
 
 REGISTRY: dict[str, type[Pass]] = {
     implementation.name: implementation
@@ -40,6 +41,7 @@ REGISTRY: dict[str, type[Pass]] = {
         PruneUnstructured,
         QuantizeInt8,
         QuantizeInt8Torch,
+        QuantizeOpenvino,
     )
 }
 
