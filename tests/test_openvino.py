@@ -17,8 +17,8 @@ from core.formats import OPENVINO_IR
 from core.recipes import PRESETS, DatasetFacts, plan_job
 from core.recommend import step_keeps_float
 from core.schemas import Preprocessing, StepSpec
+from worker.openvino_ir import write_ir_archive
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext
-from worker.passes.convert_openvino import write_ir_archive
 from worker.passes.registry import get_pass
 from worker.runtime import load_runner, runtime_info
 

@@ -1,6 +1,6 @@
-"""The OpenVINO IR archive every OpenVINO step writes (convert_openvino, quantize_openvino): one zip of
-model.xml + model.bin, byte for byte the same for the same IR, with node names that do not depend on what
-the process converted before."""
+"""What every OpenVINO step shares (convert_openvino, quantize_openvino): reading the source, and the IR
+archive they write, one zip of model.xml + model.bin, byte for byte the same for the same IR, with node
+names that do not depend on what the process converted before."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from core.errors import PassError
+from core.formats import EXPORTED_PROGRAM
+from worker.passes.base import ArtifactRef
+
 # (member, how it is stored): the XML is text and deflates well; the weights barely compress, and
 # stored uncompressed they read straight out of the archive.
 IR_MEMBERS = (("model.xml", zipfile.ZIP_DEFLATED), ("model.bin", zipfile.ZIP_STORED))
@@ -17,6 +21,64 @@ ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 # A name OpenVINO gave a node it made (a folded constant, a decomposed op): <Type>_<n>, n from a
 # counter shared by the whole process.
 GENERATED_NAME = re.compile(r"^([A-Za-z][A-Za-z0-9]*)_\d+$")
+
+
+def read_source(source: ArtifactRef) -> Any:
+    """An ONNX model or a torch.export program (with the program's own shapes) as an ov.Model with stable
+    node names; a graph OpenVINO's frontends cannot read is a clean failure (conversion_failed)."""
+    import openvino as ov
+
+    try:
+        if source.format != EXPORTED_PROGRAM:
+            model = ov.convert_model(str(source.path))
+        else:
+            import torch
+
+            program = torch.export.load(str(source.path))
+            model = ov.convert_model(program)
+            _keep_program_shapes(model, program)
+    except PassError:
+        raise
+    except Exception as exc:  # the frontends raise OpConversionFailure, RuntimeError, torch's own errors
+        message = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ""
+        raise PassError(
+            f"OpenVINO could not convert the model: {type(exc).__name__}: {message}", code="conversion_failed"
+        ) from exc
+    stable_node_names(model)
+    return model
+
+
+def _keep_program_shapes(model: Any, program: Any) -> None:
+    """convert_model leaves every dimension of a torch.export program open; give the IR the
+    program's own shapes (a dimension the program declared dynamic stays open) so that it runs
+    where the program runs, at the batch sizes it was exported for."""
+    import openvino as ov
+
+    user_inputs = set(program.graph_signature.user_inputs)
+    shapes = [
+        [d if isinstance(d, int) else -1 for d in node.meta["val"].shape]
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in user_inputs and hasattr(node.meta.get("val"), "shape")
+    ]
+    if len(shapes) == len(model.inputs):
+        model.reshape({port: ov.PartialShape(shape) for port, shape in zip(model.inputs, shapes, strict=True)})
+
+
+def save_ir_archive(model: Any, work_dir: Path, target: Path, *, compress_to_fp16: bool) -> int:
+    """The model as the IR archive at ``target`` (node names made stable first), by way of a scratch
+    folder under ``work_dir`` that is removed; the size of its weights (model.bin) in bytes."""
+    import openvino as ov
+
+    stable_node_names(model)
+    ir_dir = work_dir / "ir"
+    ir_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        # save_model compresses to FP16 unless told not to: say it either way.
+        ov.save_model(model, str(ir_dir / "model.xml"), compress_to_fp16=compress_to_fp16)
+        write_ir_archive(ir_dir, target)
+        return (ir_dir / "model.bin").stat().st_size
+    finally:
+        shutil.rmtree(ir_dir, ignore_errors=True)
 
 
 def stable_node_names(model: Any) -> None:

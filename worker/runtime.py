@@ -29,6 +29,7 @@ from core.formats import (
     TORCHSCRIPT,
 )
 from worker.metrics.detection import PerSample, batchless_post_nms
+from worker.openvino_ir import IR_MEMBERS
 from worker.passes.base import ArtifactRef, is_out_of_memory
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
@@ -132,7 +133,7 @@ def _onnx_info(ref: ArtifactRef, threads: int, device: str | None) -> dict[str, 
 
 # -- OpenVINO --------------------------------------------------------------------------------------
 
-OPENVINO_MEMBERS = ("model.xml", "model.bin")
+OPENVINO_MEMBERS = tuple(name for name, _ in IR_MEMBERS)  # the archive convert_openvino writes
 
 
 def openvino_cpu_config(inference_precision: str, threads: int) -> dict[str, Any]:

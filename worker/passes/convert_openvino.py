@@ -13,16 +13,15 @@ that precision's."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from core.errors import PassError
-from core.formats import EXPORTED_PROGRAM, OPENVINO_IR
+from core.formats import OPENVINO_IR
 from core.steps.convert_openvino import DEFAULT_MIN_SNR_DB, ConvertOpenvinoConfig, ConvertOpenvinoSpec
-from worker.openvino_ir import stable_node_names, write_ir_archive
+from worker.openvino_ir import read_source, save_ir_archive
 from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
 
 
@@ -30,15 +29,10 @@ class ConvertOpenvino(ConvertOpenvinoSpec, Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: ConvertOpenvinoConfig) -> PassResult:
         import openvino as ov
 
-        model = _convert(source)
-        stable_node_names(model)
+        model = read_source(source)
         ctx.report_progress(0.3)
-        ir_dir = ctx.work_dir / "ir"
-        ir_dir.mkdir(parents=True, exist_ok=True)
-        # save_model compresses to FP16 unless told not to: say it either way.
-        ov.save_model(model, str(ir_dir / "model.xml"), compress_to_fp16=config.weights == "fp16")
         target = ctx.work_dir / f"model.{config.weights}.openvino.zip"
-        write_ir_archive(ir_dir, target)
+        weights_bytes = save_ir_archive(model, ctx.work_dir, target, compress_to_fp16=config.weights == "fp16")
         ctx.check_cancelled()
 
         meta = {"inference_precision": config.inference_precision, "weights": config.weights, "runtime": "openvino"}
@@ -52,53 +46,14 @@ class ConvertOpenvino(ConvertOpenvinoSpec, Pass):
             "inference_precision_hint": config.inference_precision,
             "openvino": ov.get_version(),
             "size_bytes": target.stat().st_size,
-            "weights_bytes": (ir_dir / "model.bin").stat().st_size,
+            "weights_bytes": weights_bytes,
             "verification": verification,
         }
-        shutil.rmtree(ir_dir, ignore_errors=True)
         # "fp32" (the recommendation's lossless float conversion) only when asked for: "auto" may
         # compute in bf16 on the worker that measures it, whatever it computed in here.
         lossless = config.weights == "fp32" and config.inference_precision == "f32" and precision == "f32"
         meta["precision"] = "fp32" if lossless else f"{config.weights} weights, {precision} compute"
         return PassResult(artifact=target, format=OPENVINO_IR, metrics=metrics, meta=meta)
-
-
-def _convert(source: ArtifactRef) -> Any:
-    """The source as an ov.Model; a graph OpenVINO's frontends cannot read is a clean failure."""
-    import openvino as ov
-
-    try:
-        if source.format != EXPORTED_PROGRAM:
-            return ov.convert_model(str(source.path))
-        import torch
-
-        program = torch.export.load(str(source.path))
-        model = ov.convert_model(program)
-        _keep_program_shapes(model, program)
-        return model
-    except PassError:
-        raise
-    except Exception as exc:  # the frontends raise OpConversionFailure, RuntimeError, torch's own errors
-        message = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ""
-        raise PassError(
-            f"OpenVINO could not convert the model: {type(exc).__name__}: {message}", code="conversion_failed"
-        ) from exc
-
-
-def _keep_program_shapes(model: Any, program: Any) -> None:
-    """convert_model leaves every dimension of a torch.export program open; give the IR the
-    program's own shapes (a dimension the program declared dynamic stays open) so that it runs
-    where the program runs, at the batch sizes it was exported for."""
-    import openvino as ov
-
-    user_inputs = set(program.graph_signature.user_inputs)
-    shapes = [
-        [d if isinstance(d, int) else -1 for d in node.meta["val"].shape]
-        for node in program.graph.nodes
-        if node.op == "placeholder" and node.name in user_inputs and hasattr(node.meta.get("val"), "shape")
-    ]
-    if len(shapes) == len(model.inputs):
-        model.reshape({port: ov.PartialShape(shape) for port, shape in zip(model.inputs, shapes, strict=True)})
 
 
 def _verify(

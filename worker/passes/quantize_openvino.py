@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 from core.errors import PassError
 from core.formats import OPENVINO_IR
 from core.steps.quantize_openvino import QuantizeOpenvinoConfig, QuantizeOpenvinoSpec
+from worker.openvino_ir import read_source, save_ir_archive
 from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
 
 # Samples whose Concat inputs' ranges decide which heads stay float (ranges settle within a few batches).
@@ -51,7 +51,7 @@ class QuantizeOpenvino(QuantizeOpenvinoSpec, Pass):
         if tolerance is None:
             tolerance = float(ctx.task_options.get("max_accuracy_drop", 0.01))
 
-        nncf, model = _nncf(), _read_onnx(source.path)
+        nncf, model = _nncf(), read_source(source)
         missing = _attach_openvino_names(model, ignored, outputs)
         calibration = nncf.Dataset(_Calibration(ctx, spec, fixed_batch, config.subset_size))
         kwargs = _quantize_kwargs(nncf, config, ignored, calibration.get_length() or 0)
@@ -115,22 +115,6 @@ def _nncf() -> Any:
     import nncf
 
     return nncf
-
-
-def _read_onnx(path: Path) -> Any:
-    import openvino as ov
-
-    from worker.openvino_ir import stable_node_names
-
-    try:
-        model = ov.convert_model(str(path))
-    except Exception as exc:  # the ONNX frontend raises OpConversionFailure, RuntimeError
-        message = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ""
-        raise PassError(
-            f"OpenVINO could not convert the model: {type(exc).__name__}: {message}", code="conversion_failed"
-        ) from exc
-    stable_node_names(model)
-    return model
 
 
 class _Calibration:
@@ -225,16 +209,7 @@ def _quantize_kwargs(nncf: Any, config: QuantizeOpenvinoConfig, ignored: list[di
 
 def _save(ctx: PassContext, config: QuantizeOpenvinoConfig, model: Any, target: Path) -> ArtifactRef:
     """The quantized model as the IR archive, with the meta the runtime compiles it by."""
-    import openvino as ov
-
-    from worker.openvino_ir import stable_node_names, write_ir_archive
-
-    stable_node_names(model)
-    ir_dir = ctx.work_dir / "ir"
-    ir_dir.mkdir(parents=True, exist_ok=True)
-    ov.save_model(model, str(ir_dir / "model.xml"), compress_to_fp16=False)
-    write_ir_archive(ir_dir, target)
-    shutil.rmtree(ir_dir, ignore_errors=True)
+    save_ir_archive(model, ctx.work_dir, target, compress_to_fp16=False)
     meta = {
         "inference_precision": config.inference_precision,
         "weights": "int8",
