@@ -34,7 +34,7 @@ from bench.real_models import TOLERANCE, Case, cases, dataset_ref, peer_int8
 from core.schemas import Preprocessing
 from worker.data import iter_batches
 from worker.metrics.tasks import box_targets, labels_fit_task, make_tally, measured_task, meets_tolerance, with_drop
-from worker.timing import percentiles
+from worker.timing import time_round_robin
 
 DEFAULT_MODELS = "orientation,yolov8n,text_det"
 TASK_OPTIONS = {"max_accuracy_drop": TOLERANCE, "detection": {}}
@@ -320,39 +320,9 @@ def evaluate(case: Case, variants: list[Variant]) -> str:
     return task
 
 
-# Seconds between two variants' blocks: long enough for the last pool's spinning threads to sleep.
+# Seconds between two variants' blocks: long enough for the last pool's spinning threads to sleep
+# (worker.timing.time_round_robin says what it fixes).
 SETTLE_S = 0.1
-
-
-def time_round_robin(variants: list[Variant], x: np.ndarray, *, runs: int, warmup: int = 5, budget_s: float = 30.0):
-    """worker.timing.time_interleaved's discipline (a block of calls of each variant per round, the
-    median over rounds of each round's mean) for runners of any runtime: that one loads ONNX only.
-
-    Plus a settle before each block: ONNX Runtime's and OpenVINO's thread pools spin after a call,
-    and a block that starts while another session's threads still spin is slowed by them (measured
-    here: the same ORT model in three sessions read 2.2, 3.9 and 4.0 ms in one rotation with no
-    pause, 2.23, 2.30 and 2.31 ms with SETTLE_S between blocks). Each block starts with one untimed
-    call, so no block pays for waking its own pool either."""
-    live = [v for v in variants if v.runner is not None]
-    for v in live:
-        for _ in range(warmup):
-            v.runner(x)
-    t0 = time.perf_counter()
-    for v in live:
-        v.runner(x)
-    one_round = max(time.perf_counter() - t0, 1e-6)
-    calls = max(1, min(20, int(budget_s / runs / one_round)))
-    samples: dict[str, list[float]] = {v.label: [] for v in live}
-    for _ in range(runs):
-        for v in live:
-            time.sleep(SETTLE_S)
-            v.runner(x)
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                v.runner(x)
-            samples[v.label].append((time.perf_counter() - t0) * 1000 / calls)
-    for v in live:
-        v.results["latency_ms"] = dict(percentiles(samples[v.label]), calls_per_round=calls)
 
 
 def run_case(case: Case, work: Path, threads: int, repeats: int, service_int8: bool) -> dict[str, Any]:
@@ -368,7 +338,12 @@ def run_case(case: Case, work: Path, threads: int, repeats: int, service_int8: b
             batch_size=1,
         )
     )[0]
-    time_round_robin(variants, first, runs=repeats)
+    live = [v for v in variants if v.runner is not None]
+    timed = time_round_robin(
+        {v.label: (lambda v=v: v.runner(first)) for v in live}, runs=repeats, budget_s=30.0, settle_s=SETTLE_S
+    )
+    for v in live:
+        v.results["latency_ms"] = timed[v.label]
     base = variants[0].results["latency_ms"]["p50_ms"]
     rows = []
     for v in variants:
