@@ -30,4 +30,5 @@ class BenchmarkSpec(PassSpec[BenchmarkConfig]):
     Config = BenchmarkConfig
     accepts = MEASURABLE_FORMATS
     produces = None
-    version = 2
+    # 3: CPU variants are timed in blocks with a settle between them (spinning thread pools skewed the next block).
+    version = 3

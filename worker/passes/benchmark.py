@@ -3,6 +3,7 @@ every artifact made so far, timed round-robin so that all variants see the same 
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -11,7 +12,7 @@ import time
 from core.formats import ONNX
 from core.steps.benchmark import BenchmarkConfig, BenchmarkSpec
 from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult, is_out_of_memory
-from worker.timing import percentiles
+from worker.timing import SETTLE_S, percentiles, time_round_robin
 
 
 def parameter_count(ref: ArtifactRef) -> int | None:
@@ -141,25 +142,43 @@ def _time_batch(ctx, config: BenchmarkConfig, variants, runners, results, *, bat
             if is_out_of_memory(exc):
                 raise
             results[i]["latency"][str(batch)] = {"error": batch_error(variants[i], batch, exc)}
-    samples: dict[int, list[float]] = {i: [] for i in usable}
+    stats: dict[int, dict] = {}
     # GPU runners time themselves with CUDA events, one variant after the other.
     for i in [i for i in usable if getattr(runners[i], "time_ms", None)]:
-        samples[i] = runners[i].time_ms(feeds, runs=config.runs, warmup=config.warmup)
-    usable_cpu = [i for i in usable if not samples[i]]
-    deadline = time.perf_counter() + config.max_seconds
-    for r in range(config.runs if usable_cpu else 0):
-        ctx.check_cancelled()
-        for i in usable_cpu:
-            t0 = time.perf_counter()
-            runners[i](feeds)
-            samples[i].append((time.perf_counter() - t0) * 1000)
-        ctx.report_progress((b_index + (r + 1) / config.runs) / len(config.batch_sizes))
-        if time.perf_counter() > deadline and r >= 4:
-            break
+        stats[i] = percentiles(runners[i].time_ms(feeds, runs=config.runs, warmup=config.warmup))
+    usable_cpu = [i for i in usable if i not in stats]
+    if usable_cpu:
+        stats.update(_time_cpu(ctx, config, {i: runners[i] for i in usable_cpu}, feeds, b_index=b_index))
     for i in usable:
-        stats = percentiles(samples[i])
-        stats["images_per_s"] = batch * 1000 / stats["mean_ms"]
-        results[i]["latency"][str(batch)] = stats
+        stats[i]["images_per_s"] = batch * 1000 / stats[i]["mean_ms"]
+        results[i]["latency"][str(batch)] = stats[i]
+
+
+def _time_cpu(ctx, config: BenchmarkConfig, runners: dict, feeds: dict, *, b_index: int) -> dict[int, dict]:
+    """CPU variants (already warmed up) timed round-robin in settled blocks, every call timed on its
+    own so that p90/p99 show single calls: 5 to 10 rounds of about ``config.runs`` calls in all,
+    stopped at ``config.max_seconds`` once 5 rounds are done. A lone variant needs no settle: no
+    other session's threads spin while it runs."""
+    rounds = min(max(config.runs, 5), 10)
+    deadline = time.perf_counter() + config.max_seconds
+
+    def after_round(done: int) -> bool:
+        ctx.report_progress((b_index + done / rounds) / len(config.batch_sizes))
+        ctx.check_cancelled()
+        return done >= 5 and time.perf_counter() > deadline
+
+    ctx.check_cancelled()
+    timed = time_round_robin(
+        {i: (lambda run=run: run(feeds)) for i, run in runners.items()},
+        runs=rounds,
+        warmup=0,
+        budget_s=config.max_seconds,
+        settle_s=SETTLE_S if len(runners) > 1 else 0.0,
+        max_block=math.ceil(config.runs / rounds),
+        per_call=True,
+        on_round=after_round,
+    )
+    return {i: {k: v for k, v in entry.items() if k != "calls_per_round"} for i, entry in timed.items()}
 
 
 def _add_ratios(results: list[dict]) -> None:
