@@ -100,6 +100,7 @@ def test_the_openvino_preset_plans_on_an_onnx_upload_and_the_step_refuses_torchs
         "weights": "fp32",
         "inference_precision": "auto",
         "min_snr_db": None,
+        "static_shape": False,
         "verify_samples": 32,
     }
     # The IR ends its branch: the next producing step starts again from the ONNX export.
@@ -199,6 +200,50 @@ def test_benchmark_and_evaluate_measure_the_ir_in_openvino(digit_assets, digits_
     assert entry["samples"] == 297  # the last, partial batch too
     assert entry["accuracy"]["top1"] > 0.85 and entry["fidelity"]["top1_agreement"] >= 0.99
     assert entry["metric"]["drop"] <= 0.01
+
+
+@integration
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_static_shape_ir_takes_the_jobs_shape_only_and_benchmark_says_so(digit_assets, digits_onnx, tmp_path, batch):
+    import openvino as ov
+
+    spec = [dict(SPEC[0], shape=[batch, 1, 8, 8])]
+    images = npz_ref(digit_assets.calibration_npz, labeled=False, n=256)
+    ctx = context(tmp_path, digits_onnx, input_spec=spec, calibration_dataset=images)
+    ref, result = convert(tmp_path, digits_onnx, ctx=ctx, static_shape=True)
+    with zipfile.ZipFile(ref.path) as archive:
+        archive.extractall(tmp_path / "unpacked")
+    model = ov.Core().read_model(str(tmp_path / "unpacked" / "model.xml"))
+    assert model.inputs[0].get_partial_shape().to_string() == f"[{batch},1,8,8]"
+    assert ref.meta["static_shape"] == result.metrics["static_shape"] == [[batch, 1, 8, 8]]
+    verification = result.metrics["verification"]  # fed at the IR's batch, on the job's images
+    assert verification["inputs"] == "dataset" and verification["samples"] == 32
+    assert verification["snr_db"] >= verification["min_snr_db"]
+
+    labeled = npz_ref(digit_assets.labeled_npz, labeled=True, n=297)
+    ctx = context(tmp_path / "measure", digits_onnx, artifacts=[ref], input_spec=spec, evaluation_dataset=labeled)
+    bench = get_pass("benchmark")
+    rows = bench().run(ctx, ref, bench.Config(runs=5, warmup=1, batch_sizes=[batch, 8])).metrics["results"]
+    latency = {r["artifact"]: r for r in rows}[ref.name]["latency"]
+    assert latency[str(batch)]["p50_ms"] > 0
+    assert latency["8"] == {"error": f"the model's batch axis is fixed at {batch}"}
+    assert "p50_ms" in {r["artifact"]: r for r in rows}[digits_onnx.name]["latency"]["8"]  # the source's is open
+    # evaluate runs it at its own batch (the last, partial batch padded), as accurate as its source
+    evaluate = get_pass("evaluate")
+    results = evaluate().run(ctx, ref, evaluate.Config(batch_size=16)).metrics["results"]
+    entry = {r["artifact"]: r for r in results}[ref.name]
+    assert entry["samples"] == 297 and entry["fidelity"]["top1_agreement"] >= 0.99
+
+
+@integration
+def test_a_shape_the_graph_cannot_take_is_a_clean_pass_error(tmp_path):
+    from tests import synthetic_detector as shapes
+
+    source = ArtifactRef("shapes_yolo.onnx", "onnx", shapes.FIXTURES / shapes.FIXTURE_FILES["yolo"])
+    spec = [{"name": "images", "shape": [1, 3, 100, 128], "dtype": "float32"}]  # not a multiple of the stride
+    with pytest.raises(PassError) as err:
+        convert(tmp_path, source, ctx=context(tmp_path, source, input_spec=spec), static_shape=True)
+    assert err.value.code == "shape_mismatch" and "[[1, 3, 100, 128]]" in err.value.message
 
 
 @integration

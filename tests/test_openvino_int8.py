@@ -92,6 +92,39 @@ def test_the_digit_cnn_keeps_its_top1_in_openvino_int8_and_benchmark_measures_it
     assert row["runtime"]["name"] == "openvino" and row["latency"]["1"]["p50_ms"] > 0
 
 
+def test_a_static_shape_int8_ir_takes_batch_1_only_is_judged_at_it_and_benchmark_says_so(digit_assets, tmp_path):
+    import openvino as ov
+
+    source = ArtifactRef("digits.onnx", "onnx", digit_assets.models["onnx"])
+    calibration = DatasetRef(
+        path=digit_assets.calibration_npz, format="npz", labeled=False, num_samples=256, layout="NCHW",
+        sample_shape=[1, 8, 8],
+    )  # fmt: skip
+    labeled = DatasetRef(
+        path=digit_assets.labeled_npz, format="npz", labeled=True, num_samples=297, layout="NCHW",
+        sample_shape=[1, 8, 8],
+    )  # fmt: skip
+    ctx = context(
+        tmp_path / "work", source, DIGITS_SPEC, DIGITS_PREP, calibration_dataset=calibration, evaluation_dataset=labeled
+    )
+    dest = tmp_path / "digits.int8.openvino.zip"
+    ir, metrics = quantize(ctx, source, dest, max_accuracy_drop=0.01, static_shape=True)
+    with zipfile.ZipFile(ir.path) as archive:
+        archive.extractall(tmp_path / "unpacked")
+    model = ov.Core().read_model(str(tmp_path / "unpacked" / "model.xml"))
+    assert model.inputs[0].get_partial_shape().to_string() == "[1,1,8,8]"
+    assert ir.meta["static_shape"] == metrics["static_shape"] == [[1, 1, 8, 8]]
+    # judged on every validation sample, fed at the IR's batch
+    assert metrics["samples"] == 297 and metrics["drop"] <= 0.01 and metrics["int8"] > 0.85
+
+    bench = get_pass("benchmark")
+    ctx = context(tmp_path / "bench", source, DIGITS_SPEC, DIGITS_PREP, evaluation_dataset=labeled)
+    ctx.artifacts.extend([source, ir])
+    rows = bench().run(ctx, ir, bench.Config(runs=5, warmup=1, batch_sizes=[1, 8])).metrics["results"]
+    latency = {r["artifact"]: r for r in rows}[ir.name]["latency"]
+    assert latency["1"]["p50_ms"] > 0 and latency["8"] == {"error": "the model's batch axis is fixed at 1"}
+
+
 @pytest.fixture(scope="module")
 def yolo(tmp_path_factory):
     root = tmp_path_factory.mktemp("ov_yolo")
@@ -103,10 +136,11 @@ def yolo(tmp_path_factory):
     return root, ArtifactRef("shapes_yolo.onnx", "onnx", YOLO_ONNX), calibration
 
 
-def test_the_detector_keeps_its_head_float_and_meets_a_tolerance_of_two_points(yolo):
+@pytest.mark.parametrize("static_shape", [False, True])
+def test_the_detector_keeps_its_head_float_and_meets_a_tolerance_of_two_points(yolo, static_shape):
     root, source, calibration = yolo
     ctx = context(
-        root / "work",
+        root / f"work{static_shape}",
         source,
         YOLO_SPEC,
         Preprocessing(**shapes.PREPROCESSING),
@@ -114,7 +148,8 @@ def test_the_detector_keeps_its_head_float_and_meets_a_tolerance_of_two_points(y
         task_options={"max_accuracy_drop": 0.02, "detection": DETECTION_OPTIONS},
         calibration_dataset=calibration,
     )
-    ir, metrics = quantize(ctx, source, root / "yolo.int8.openvino.zip")  # drop measured: about 0.012
+    dest = root / f"yolo{static_shape}.int8.openvino.zip"
+    ir, metrics = quantize(ctx, source, dest, static_shape=static_shape)  # drop measured: about 0.012
     import onnx
 
     graph = onnx.load(str(YOLO_ONNX)).graph
@@ -128,6 +163,7 @@ def test_the_detector_keeps_its_head_float_and_meets_a_tolerance_of_two_points(y
     assert metrics["floor"]["value"] >= DetectionOptions().min_class_channel_snr_db
     x = shapes.to_model_input(shapes.make_images(2, shapes.HELD_OUT_SEED)[0])[:1]
     assert load_runner(ir, threads=2)({"images": x})[0].shape[0] == 1
+    assert metrics["static_shape"] == ([[1, 3, SIZE, SIZE]] if static_shape else None)
 
 
 @pytest.mark.parametrize("accuracy_control", [False, True])

@@ -1,6 +1,7 @@
-"""What every OpenVINO step shares (convert_openvino, quantize_openvino): reading the source, and the IR
-archive they write, one zip of model.xml + model.bin, byte for byte the same for the same IR, with node
-names that do not depend on what the process converted before."""
+"""What every OpenVINO step shares (convert_openvino, quantize_openvino): reading the source, fixing its
+inputs at the job's shapes (static_shape), and the IR archive they write, one zip of model.xml +
+model.bin, byte for byte the same for the same IR, with node names that do not depend on what the
+process converted before; and reading that archive back (the runtime, the benchmark's batch check)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,67 @@ def read_source(source: ArtifactRef) -> Any:
         ) from exc
     stable_node_names(model)
     return model
+
+
+def fix_input_shapes(model: Any, input_spec: list[dict[str, Any]]) -> list[list[int]]:
+    """Fix every input of ``model`` at its shape in the job's input spec (matched by name, else by
+    position): OpenVINO then compiles its kernels for that one shape, faster at it than for an open
+    axis, and the IR takes that shape only. (The shapes, in the model's input order, for the meta.)"""
+    import openvino as ov
+
+    by_name = {spec["name"]: spec for spec in input_spec}
+    specs = [next((by_name[n] for n in port.get_names() if n in by_name), None) for port in model.inputs]
+    if any(spec is None for spec in specs):
+        if len(input_spec) != len(model.inputs):
+            raise PassError(
+                f"the job names {len(input_spec)} inputs, the model has {len(model.inputs)}: "
+                "cannot fix its input shapes",
+                code="shape_mismatch",
+            )
+        specs = list(input_spec)
+    shapes = [[int(d) for d in spec["shape"]] for spec in specs]
+    try:
+        model.reshape({port: ov.PartialShape(shape) for port, shape in zip(model.inputs, shapes, strict=True)})
+    except RuntimeError as exc:  # a graph that hard-codes another shape (a Reshape, a Concat's operands)
+        raise PassError(
+            f"OpenVINO cannot fix the model's inputs at {shapes}: {_first_line(exc)}", code="shape_mismatch"
+        ) from exc
+    return shapes
+
+
+def ir_batch_dims(model: Any) -> list[int | None]:
+    """Dim 0 of every input of an ov.Model: its size when fixed, None when open (or a range)."""
+    dims: list[int | None] = []
+    for port in model.inputs:
+        shape = port.get_partial_shape()
+        fixed = shape.rank.is_static and shape.rank.get_length() > 0 and shape[0].is_static
+        dims.append(shape[0].get_length() if fixed else None)
+    return dims
+
+
+def read_ir_archive(path: Path, name: str) -> Any:
+    """The IR archive at ``path`` as an ov.Model, read from memory: the weights are copied once and
+    nothing is unpacked on disk, so there is no directory to clean. A file that is not such an
+    archive is corrupt_model (``name``: the artifact's, for the message)."""
+    import numpy as np
+    import openvino as ov
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            xml, weights = (archive.read(member) for member, _ in IR_MEMBERS)
+    except (zipfile.BadZipFile, KeyError, OSError) as exc:
+        raise PassError(
+            f"{name} is not an OpenVINO IR archive (model.xml + model.bin): {exc}", code="corrupt_model"
+        ) from exc
+    try:
+        return ov.Core().read_model(xml, ov.Tensor(np.frombuffer(weights, np.uint8)))
+    except RuntimeError as exc:  # OpenVINO raises RuntimeError for an IR it cannot read
+        raise PassError(f"OpenVINO cannot load {name}: {_first_line(exc)}", code="corrupt_model") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    message = str(exc).strip()
+    return message.splitlines()[0][:300] if message else type(exc).__name__
 
 
 def _keep_program_shapes(model: Any, program: Any) -> None:

@@ -29,7 +29,7 @@ from core.formats import (
     TORCHSCRIPT,
 )
 from worker.metrics.detection import PerSample, batchless_post_nms
-from worker.openvino_ir import IR_MEMBERS
+from worker.openvino_ir import read_ir_archive
 from worker.passes.base import ArtifactRef, is_out_of_memory
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
@@ -133,8 +133,6 @@ def _onnx_info(ref: ArtifactRef, threads: int, device: str | None) -> dict[str, 
 
 # -- OpenVINO --------------------------------------------------------------------------------------
 
-OPENVINO_MEMBERS = tuple(name for name, _ in IR_MEMBERS)  # the archive convert_openvino writes
-
 
 def openvino_cpu_config(inference_precision: str, threads: int) -> dict[str, Any]:
     """compile_model's properties: latency-first on ``threads`` threads, as the other CPU runtimes
@@ -146,25 +144,17 @@ def openvino_cpu_config(inference_precision: str, threads: int) -> dict[str, Any
 
 
 def compile_openvino(ref: ArtifactRef, threads: int) -> Any:
-    """The IR archive compiled for this CPU in the precision its meta names. Read from memory: the
-    weights are copied once and nothing is unpacked on disk, so there is no directory to clean."""
-    import zipfile
-
+    """The IR archive (read from memory, worker.openvino_ir.read_ir_archive) compiled for this CPU in
+    the precision its meta names. An IR with fixed input shapes (static_shape) takes those only: a
+    feed of another batch raises, so callers that feed other batches go through BatchRunner at the
+    IR's batch (evaluate: the job's, which static_shape fixes)."""
     import openvino as ov
 
+    model = read_ir_archive(ref.path, ref.name)
     try:
-        with zipfile.ZipFile(ref.path) as archive:
-            xml, weights = (archive.read(name) for name in OPENVINO_MEMBERS)
-    except (zipfile.BadZipFile, KeyError, OSError) as exc:
-        raise PassError(
-            f"{ref.name} is not an OpenVINO IR archive (model.xml + model.bin): {exc}", code="corrupt_model"
-        ) from exc
-    core = ov.Core()
-    try:
-        model = core.read_model(xml, ov.Tensor(np.frombuffer(weights, np.uint8)))
         config = openvino_cpu_config(ref.meta.get("inference_precision", "auto"), threads)
-        return core.compile_model(model, "CPU", config)
-    except RuntimeError as exc:  # OpenVINO raises RuntimeError for an IR it cannot read or compile
+        return ov.Core().compile_model(model, "CPU", config)
+    except RuntimeError as exc:  # OpenVINO raises RuntimeError for an IR it cannot compile
         message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise PassError(f"OpenVINO cannot load {ref.name}: {message}", code="corrupt_model") from exc
 

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from core.formats import NEEDS_CALIBRATION, ONNX, OPENVINO_IR
 from core.steps.base import PassConfig, PassSpec
+from core.steps.convert_openvino import STATIC_SHAPE
 
 
 class QuantizeOpenvinoConfig(PassConfig):
@@ -50,6 +51,7 @@ class QuantizeOpenvinoConfig(PassConfig):
         "benchmarking and evaluating; auto = OpenVINO's own choice on the worker (bf16 where the CPU has AMX "
         "or AVX-512 BF16).",
     )
+    static_shape: bool = Field(default=False, description=STATIC_SHAPE)
     validation_samples: int = Field(
         default=512,
         ge=16,
@@ -60,7 +62,7 @@ class QuantizeOpenvinoConfig(PassConfig):
 
 class QuantizeOpenvinoSpec(PassSpec[QuantizeOpenvinoConfig]):
     name = "quantize_openvino"
-    version = 1
+    version = 2  # static_shape: the IR can take the job's input shape only (faster kernels at that batch)
     description = "NNCF INT8 post-training quantization of an ONNX model into a verified OpenVINO IR (.openvino.zip)."
     Config = QuantizeOpenvinoConfig
     accepts = frozenset({ONNX})

@@ -9,7 +9,7 @@ import platform
 import re
 import time
 
-from core.formats import ONNX
+from core.formats import ONNX, OPENVINO_IR
 from core.steps.benchmark import BenchmarkConfig, BenchmarkSpec
 from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult, is_out_of_memory
 from worker.timing import SETTLE_S, percentiles, time_round_robin
@@ -28,21 +28,31 @@ def parameter_count(ref: ArtifactRef) -> int | None:
 
 def batch_error(ref: ArtifactRef, batch: int, exc: Exception) -> str:
     """Why a variant could not run at ``batch``, in words a report can show."""
-    fixed = None
+    fixed = _fixed_batch(ref, exc)
+    if fixed is not None and fixed != batch:
+        return f"the model's batch axis is fixed at {fixed}"
+    message = str(exc).strip()
+    return f"batch {batch} failed: {message.splitlines()[0][:300] if message else type(exc).__name__}"
+
+
+def _fixed_batch(ref: ArtifactRef, exc: Exception) -> int | None:
+    """The one batch size the variant's inputs are fixed at (None: open, mixed or unknown): read from an
+    ONNX graph or an OpenVINO IR (static_shape), else from torch.export's guard in the error."""
     if ref.format == ONNX:
         import onnx
 
         from worker.onnx_graph import input_batch_dims
 
-        dims = set(input_batch_dims(onnx.load(str(ref.path), load_external_data=False)))
-        fixed = dims.pop() if len(dims) == 1 else None
+        dims = input_batch_dims(onnx.load(str(ref.path), load_external_data=False))
+    elif ref.format == OPENVINO_IR:
+        from worker.openvino_ir import ir_batch_dims, read_ir_archive
+
+        dims = ir_batch_dims(read_ir_archive(ref.path, ref.name))
     else:  # torch.export's guard on a program traced at one batch size
         guard = re.search(r"size\(\)\[0\] == (\d+)", str(exc))
-        fixed = int(guard.group(1)) if guard else None
-    if fixed is not None and fixed != batch:
-        return f"the model's batch axis is fixed at {fixed}"
-    message = str(exc).strip()
-    return f"batch {batch} failed: {message.splitlines()[0][:300] if message else type(exc).__name__}"
+        return int(guard.group(1)) if guard else None
+    distinct = set(dims)
+    return distinct.pop() if len(distinct) == 1 else None
 
 
 def _rss_mib() -> float:

@@ -7,7 +7,8 @@ member order so that the same IR always has the same sha256.
 
 Nothing is handed back unverified: the archive is loaded the way benchmark and evaluate load it
 (worker.runtime, in the configured inference precision) and compared with its source on the job's
-images (random inputs without a dataset). OpenVINO computes in bf16 on CPUs that have it unless told
+images (random inputs without a dataset), at the job's batch: an IR whose inputs are fixed at the job's
+shapes (static_shape) takes that batch only. OpenVINO computes in bf16 on CPUs that have it unless told
 otherwise; the precision the compiled model really used is measured and recorded, and the floor is
 that precision's."""
 
@@ -21,7 +22,7 @@ import numpy as np
 from core.errors import PassError
 from core.formats import OPENVINO_IR
 from core.steps.convert_openvino import DEFAULT_MIN_SNR_DB, ConvertOpenvinoConfig, ConvertOpenvinoSpec
-from worker.openvino_ir import read_source, save_ir_archive
+from worker.openvino_ir import fix_input_shapes, read_source, save_ir_archive
 from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
 
 
@@ -30,12 +31,18 @@ class ConvertOpenvino(ConvertOpenvinoSpec, Pass):
         import openvino as ov
 
         model = read_source(source)
+        static_shape = fix_input_shapes(model, ctx.input_spec) if config.static_shape else None
         ctx.report_progress(0.3)
         target = ctx.work_dir / f"model.{config.weights}.openvino.zip"
         weights_bytes = save_ir_archive(model, ctx.work_dir, target, compress_to_fp16=config.weights == "fp16")
         ctx.check_cancelled()
 
-        meta = {"inference_precision": config.inference_precision, "weights": config.weights, "runtime": "openvino"}
+        meta = {
+            "inference_precision": config.inference_precision,
+            "weights": config.weights,
+            "runtime": "openvino",
+            "static_shape": static_shape,
+        }
         artifact = ArtifactRef(name=target.name, format=OPENVINO_IR, path=target, meta=meta)
         verification, precision = _verify(ctx, config, source, artifact)
         ctx.report_progress(0.95)
@@ -47,6 +54,7 @@ class ConvertOpenvino(ConvertOpenvinoSpec, Pass):
             "openvino": ov.get_version(),
             "size_bytes": target.stat().st_size,
             "weights_bytes": weights_bytes,
+            "static_shape": static_shape,
             "verification": verification,
         }
         # "fp32" (the recommendation's lossless float conversion) only when asked for: "auto" may

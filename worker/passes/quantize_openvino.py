@@ -10,7 +10,10 @@ configured inference precision) against the ONNX source on the job's validation 
 gate's tallies and rule (worker.quantization.gate: top-1 / mAP / agreement, the detection class-channel
 SNR floor). Whole-output cosine is not enough: NNCF INT8 zeroed YOLOv8n's class channels at cosine 0.998.
 A miss runs NNCF's quantize_with_accuracy_control on the same metric, then is judged again; a second
-miss fails the step (int8_over_tolerance) with the metric, the drop and the tolerance."""
+miss fails the step (int8_over_tolerance) with the metric, the drop and the tolerance.
+
+static_shape fixes the IR's inputs at the job's shape after NNCF (calibration and accuracy control run on
+the open-batch model); the judge then feeds the IR at that batch."""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import numpy as np
 from core.errors import PassError
 from core.formats import OPENVINO_IR
 from core.steps.quantize_openvino import QuantizeOpenvinoConfig, QuantizeOpenvinoSpec
-from worker.openvino_ir import read_source, save_ir_archive
+from worker.openvino_ir import fix_input_shapes, read_source, save_ir_archive
 from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
 
 # Samples whose Concat inputs' ranges decide which heads stay float (ranges settle within a few batches).
@@ -66,13 +69,13 @@ class QuantizeOpenvino(QuantizeOpenvinoSpec, Pass):
             fixed_batch=fixed_batch,
         )
         target = ctx.work_dir / "model.int8.openvino.zip"
-        artifact = _save(ctx, config, quantized, target)
+        artifact = _save(ctx, config, quantized, target, spec)
         metric, precision = _judge(ctx, validation, artifact)
         report: dict[str, Any] = {"attempts": [{"route": "nncf.quantize", **_entry(metric)}]}
         if not _meets(metric, tolerance) and config.accuracy_control:
             ctx.check_cancelled()
             quantized, reverted = _with_accuracy_control(nncf, ctx, model, calibration, validation, tolerance, kwargs)
-            artifact = _save(ctx, config, quantized, target)
+            artifact = _save(ctx, config, quantized, target, spec)
             metric, precision = _judge(ctx, validation, artifact)
             report["attempts"].append({"route": "nncf.quantize_with_accuracy_control", **_entry(metric)})
             report["accuracy_control_log"] = reverted
@@ -99,6 +102,7 @@ class QuantizeOpenvino(QuantizeOpenvinoSpec, Pass):
             "ignored_names_not_in_ir": missing,
             "inference_precision": precision,
             "inference_precision_hint": config.inference_precision,
+            "static_shape": artifact.meta["static_shape"],
             "size_bytes": target.stat().st_size,
             "source_size_bytes": source.path.stat().st_size,
             **report,
@@ -207,24 +211,33 @@ def _quantize_kwargs(nncf: Any, config: QuantizeOpenvinoConfig, ignored: list[di
     }
 
 
-def _save(ctx: PassContext, config: QuantizeOpenvinoConfig, model: Any, target: Path) -> ArtifactRef:
-    """The quantized model as the IR archive, with the meta the runtime compiles it by."""
+def _save(
+    ctx: PassContext, config: QuantizeOpenvinoConfig, model: Any, target: Path, spec: dict[str, Any]
+) -> ArtifactRef:
+    """The quantized model as the IR archive, with the meta the runtime compiles it by. static_shape
+    fixes the inputs here, after NNCF: calibration and accuracy control run on the open-batch model at
+    the batches they choose, and quantization does not depend on the batch."""
+    static_shape = fix_input_shapes(model, [spec]) if config.static_shape else None
     save_ir_archive(model, ctx.work_dir, target, compress_to_fp16=False)
     meta = {
         "inference_precision": config.inference_precision,
         "weights": "int8",
         "runtime": "openvino",
         "precision": "int8",
+        "static_shape": static_shape,
     }
     return ArtifactRef(name=target.name, format=OPENVINO_IR, path=target, meta=meta)
 
 
 def _judge(ctx: PassContext, validation: Any, artifact: ArtifactRef) -> tuple[dict[str, Any], str]:
-    """(the IR's task metric against the ONNX source, as the gate judges, the precision it computed in)."""
+    """(the IR's task metric against the ONNX source, as the gate judges, the precision it computed in). An
+    IR fixed at the job's shape runs the validation batches at its own batch."""
     from worker.metrics.tasks import with_drop
     from worker.runtime import BatchRunner, load_runner, runtime_info
 
-    run = BatchRunner(load_runner(artifact, threads=ctx.threads), validation.spec["name"], validation.fixed_batch)
+    static_shape = artifact.meta.get("static_shape")
+    ir_batch = static_shape[0][0] if static_shape else validation.fixed_batch
+    run = BatchRunner(load_runner(artifact, threads=ctx.threads), validation.spec["name"], ir_batch)
     precision = str(runtime_info(artifact, threads=ctx.threads)["inference_precision"])
     tally = validation.tally()
     for batch in validation.batches():
