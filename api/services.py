@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -24,7 +25,7 @@ from core.models import (
     new_id,
     utcnow,
 )
-from core.recipes import DatasetFacts, plan_job, resolve_steps
+from core.recipes import AUTO_PRESET, DatasetFacts, Recipe, job_recipe, plan_job
 from core.schemas import (
     ArtifactRead,
     JobCreate,
@@ -32,6 +33,7 @@ from core.schemas import (
 )
 from core.settings import Settings
 from core.storage import ObjectStore
+from core.targets import DEFAULT_AUTO_TARGET
 from core.tasks import resolve_task
 from core.tenants import check_job_quota, check_upload_quota
 from core.views import job_report
@@ -200,14 +202,20 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
     dataset reads exactly like one that does not exist."""
     model = _job_model(session=session, model_id=job_in.model_id, tenant_id=tenant_id)
     has_dataset = bool(job_in.calibration_dataset_id or job_in.evaluation_dataset_id)
-    steps = resolve_steps(
-        preset=job_in.preset, steps=job_in.step_specs(), has_dataset=has_dataset, overrides=job_in.overrides
+    recipe = job_recipe(
+        preset=job_in.preset,
+        steps=job_in.step_specs(),
+        model_format=model.format,
+        has_calibration=job_in.calibration_dataset_id is not None,
+        has_dataset=has_dataset,
+        overrides=job_in.overrides,
+        target=job_in.target,
     )
     plan = plan_job(
         model_format=model.format,
         model_inputs=list(model.inputs),
         model_outputs=list(model.outputs),
-        steps=steps,
+        steps=recipe.steps,
         default_input_shape=(model.details or {}).get("default_input_shape"),
         input_shape=job_in.input_shape,
         calibration=_dataset_facts(
@@ -241,23 +249,46 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
         input_spec=plan.input_spec,
         preprocessing=job_in.preprocessing.model_dump(mode="json"),
         task=task,
-        task_options={
-            "max_accuracy_drop": job_in.max_accuracy_drop,
-            "detection": job_in.detection.model_dump(mode="json"),
-        },
+        task_options=_task_options(job_in, recipe),
         progress=0.0,
         attempts=0,
         cancel_requested=False,
         enqueued_at=utcnow(),
         webhook_url=job_in.webhook_url,
         steps=[
-            JobStep(index=i, name=s.name, config=s.config, queue=s.queue, status=StepStatus.pending, metrics={})
+            JobStep(
+                index=i,
+                name=s.name,
+                config=s.config,
+                queue=s.queue,
+                optional=s.optional,
+                status=StepStatus.pending,
+                metrics={},
+            )
             for i, s in enumerate(plan.steps)
         ],
     )
     session.add(job)
     session.flush()
     return job
+
+
+def _task_options(job_in: JobCreate, recipe: Recipe) -> dict[str, Any]:
+    """What the job's gates and report judge by: the tolerance, the detection options, the target and
+    the constraints (core.views reads them back), and what preset auto left out."""
+    options: dict[str, Any] = {
+        "max_accuracy_drop": job_in.tolerance(),
+        "detection": job_in.detection.model_dump(mode="json"),
+    }
+    if job_in.preset == AUTO_PRESET:
+        options["target"] = job_in.target or DEFAULT_AUTO_TARGET
+        options["left_out"] = recipe.left_out
+    elif job_in.target is not None:
+        options["target"] = job_in.target
+    if job_in.constraints is not None:
+        constraints = job_in.constraints.model_dump(exclude_none=True)
+        options["constraints"] = {**constraints, "max_accuracy_drop": job_in.tolerance()}
+    return options
 
 
 def get_job(*, session: Session, job_id: str, tenant_id: str) -> Job:

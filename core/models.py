@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     event,
+    false,
     inspect,
     select,
 )
@@ -181,7 +182,8 @@ class Job(Base):
     preprocessing: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # classification | detection | segmentation, or auto (the worker decides from the outputs).
     task: Mapped[str] = mapped_column(String(32), default="auto", server_default="auto")
-    # {"max_accuracy_drop": float, "detection": DetectionOptions}
+    # {"max_accuracy_drop": float, "detection": DetectionOptions, and when given "target",
+    # "constraints" (core.schemas.Constraints), "left_out" (candidates preset auto could not build)}
     task_options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, default=dict)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     current_step: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -218,6 +220,8 @@ class JobStep(Base):
     # Where the step must run (null: any worker of the job's queue); a step for another GPU
     # kind hands the job over to that kind's queue.
     queue: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # A candidate (preset auto): when it refuses its result the step ends failed and the job goes on.
+    optional: Mapped[bool] = mapped_column(default=False, server_default=false())
     status: Mapped[StepStatus] = mapped_column(Enum(StepStatus, name="step_status", native_enum=False, length=16))
     started_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)

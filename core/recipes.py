@@ -15,9 +15,10 @@ from pydantic import ValidationError
 from core.datasets import dataset_fit_error, model_layout
 from core.errors import InvalidInput
 from core.formats import DEPLOY_FORMATS, NEEDS_CALIBRATION, NEEDS_DATASET
-from core.schemas import Preprocessing, StepSpec
+from core.schemas import Preprocessing, StepSpec, Target
 from core.steps.base import PassConfig, PassSpec
 from core.steps.registry import get_spec
+from core.targets import DEFAULT_AUTO_TARGET, auto_recipe, check_steps_for_target
 
 PRESETS: dict[str, list[StepSpec]] = {
     "onnx": [StepSpec(name="export_onnx"), StepSpec(name="benchmark")],
@@ -116,11 +117,24 @@ PRESETS: dict[str, list[StepSpec]] = {
 }
 
 
+# Built per job from the target and the upload (core.targets): the candidates the target allows.
+AUTO_PRESET = "auto"
+
+
 @dataclass
 class PlannedStep:
     name: str
     config: dict[str, Any]
     queue: str = "cpu"
+    optional: bool = False
+
+
+@dataclass
+class Recipe:
+    """The job's steps, and (preset auto) the candidates it could not build, with why."""
+
+    steps: list[StepSpec]
+    left_out: list[dict[str, Any]]
 
 
 @dataclass
@@ -138,6 +152,40 @@ class DatasetFacts:
     num_classes: int | None = None
 
 
+def job_recipe(
+    *,
+    preset: str | None,
+    steps: list[StepSpec] | None,
+    model_format: str,
+    has_calibration: bool,
+    has_dataset: bool,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    target: Target | None = None,
+) -> Recipe:
+    """The job's steps from its preset (auto: the target's candidates for this upload) or its own
+    list; with a target, a 422 for a step whose artifact runs elsewhere."""
+    if preset == AUTO_PRESET:
+        recipe = auto_recipe(
+            target or DEFAULT_AUTO_TARGET,
+            model_format=model_format,
+            has_calibration=has_calibration,
+            has_dataset=has_dataset,
+            overrides=overrides,
+        )
+        unknown = set(overrides or {}) - {s.name for s in recipe.steps}
+        if unknown:
+            raise InvalidInput(
+                f"overrides name steps that preset auto does not run for this job: {sorted(unknown)}",
+                code="unknown_step",
+                details={"steps": [s.name for s in recipe.steps]},
+            )
+        return Recipe(steps=recipe.steps, left_out=recipe.left_out)
+    resolved = resolve_steps(preset=preset, steps=steps, has_dataset=has_dataset, overrides=overrides)
+    if target is not None:
+        check_steps_for_target(target, resolved, model_format)
+    return Recipe(steps=resolved, left_out=[])
+
+
 def resolve_steps(
     *,
     preset: str | None,
@@ -150,7 +198,9 @@ def resolve_steps(
     if preset is not None:
         if preset not in PRESETS:
             raise InvalidInput(
-                f"unknown preset {preset!r}", code="unknown_preset", details={"presets": sorted(PRESETS)}
+                f"unknown preset {preset!r}",
+                code="unknown_preset",
+                details={"presets": sorted([*PRESETS, AUTO_PRESET])},
             )
         chosen = [s for s in PRESETS[preset] if has_dataset or NEEDS_DATASET not in get_spec(s.name).needs]
         unknown = set(overrides or {}) - {s.name for s in chosen}
@@ -160,7 +210,10 @@ def resolve_steps(
                 code="unknown_step",
                 details={"steps": [s.name for s in chosen]},
             )
-        return [StepSpec(name=s.name, config={**s.config, **(overrides or {}).get(s.name, {})}) for s in chosen]
+        return [
+            StepSpec(name=s.name, config={**s.config, **(overrides or {}).get(s.name, {})}, optional=s.optional)
+            for s in chosen
+        ]
     assert steps is not None
     return steps
 
@@ -271,7 +324,9 @@ def _plan_steps(
             # The job starts where its first GPU step must run (GPU workers run the CPU steps
             # before it too); a later step for another GPU kind hands the job over.
             queue = step_queue
-        planned.append(PlannedStep(name=step.name, config=config.model_dump(mode="json"), queue=step_queue))
+        planned.append(
+            PlannedStep(name=step.name, config=config.model_dump(mode="json"), queue=step_queue, optional=step.optional)
+        )
         if spec.produces not in DEPLOY_FORMATS:
             # A deployment artifact (engine, .tflite, package) ends its branch: the next
             # producing step (an engine for another GPU kind) starts from the same model.

@@ -16,7 +16,11 @@ The rules:
   ``step_keeps_float``) can be recommended; everything else is not_measured.
 - A float artifact is a reference for speed: an artifact slower at batch 1 than the fastest float
   model of the job (the original, or a lossless conversion) by more than the 2% tie is
-  slower_than_float, whatever its accuracy.
+  slower_than_float, whatever its accuracy; a float model that misses a constraint is no reference.
+- The job's constraints (max_latency_ms at batch 1, max_size_mb) bind like the tolerance: an
+  artifact within the tolerance that misses one is misses_constraint, and the original competes
+  only if it meets them. When nothing meets them the recommendation is null and names the closest
+  candidate within the tolerance (the least over its worst constraint) with what it misses.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from core.formats import DEPLOY_FORMATS
 from core.metric_names import metric_label
 from core.models import JobStatus
 from core.schemas import (
+    FailedCandidate,
+    LeftOut,
     Recommendation,
     RecommendationMetrics,
     RecommendedMetric,
@@ -36,6 +42,7 @@ from core.schemas import (
     ReportRead,
     Verdict,
 )
+from core.targets import candidate_label
 from core.tasks import DEFAULT_TOLERANCE
 
 # Two p50s this close are one speed: the smaller file wins. Timings on a shared worker move by
@@ -120,6 +127,40 @@ class Judgement:
     reason: str
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The job's constraints beyond the tolerance (core.schemas.Constraints)."""
+
+    max_latency_ms: float | None = None
+    max_size_mb: float | None = None
+
+    @classmethod
+    def of(cls, constraints: dict[str, Any] | None) -> Limits:
+        c = constraints or {}
+        return cls(max_latency_ms=c.get("max_latency_ms"), max_size_mb=c.get("max_size_mb"))
+
+    def __bool__(self) -> bool:
+        return self.max_latency_ms is not None or self.max_size_mb is not None
+
+    def misses(self, c: Candidate) -> list[str]:
+        """Each constraint ``c`` misses, with its numbers."""
+        out = []
+        if self.max_latency_ms is not None and c.p50_ms is not None and c.p50_ms > self.max_latency_ms:
+            out.append(f"p50 {_ms(c.p50_ms)} > max_latency_ms {self.max_latency_ms:g}")
+        if self.max_size_mb is not None and c.size_bytes / 1e6 > self.max_size_mb:
+            out.append(f"size {c.size_bytes / 1e6:.3g} MB > max_size_mb {self.max_size_mb:g}")
+        return out
+
+    def overshoot(self, c: Candidate) -> float:
+        """How far over its worst constraint ``c`` is (1.0: on the limit)."""
+        ratios = [1.0]
+        if self.max_latency_ms is not None and c.p50_ms is not None:
+            ratios.append(c.p50_ms / self.max_latency_ms)
+        if self.max_size_mb is not None:
+            ratios.append(c.size_bytes / 1e6 / self.max_size_mb)
+        return max(ratios)
+
+
 def _ms(value: float) -> str:
     return f"{value:.3g} ms"
 
@@ -185,11 +226,13 @@ def _meets_reason(metric: dict[str, Any], tolerance: float) -> str:
 
 
 def recommend(
-    candidates: Sequence[Candidate], *, tolerance: float, evaluated: bool
+    candidates: Sequence[Candidate], *, tolerance: float, evaluated: bool, limits: Limits | None = None
 ) -> tuple[dict[str, Judgement], Recommendation]:
     """Each candidate's verdict (by name) and the recommendation. ``candidates``: the original
     (step None) and every artifact; ``evaluated``: whether the job measured accuracy (it has an
-    evaluate step), else accuracy is unverified and only lossless artifacts can be chosen."""
+    evaluate step), else accuracy is unverified and only lossless artifacts can be chosen;
+    ``limits``: the job's latency and size constraints."""
+    limits = limits or Limits()
     original = next((c for c in candidates if c.step is None), None)
     base_p50 = original.p50_ms if original else None
 
@@ -197,8 +240,13 @@ def recommend(
         # A lossless conversion needs no measurement to keep the original's accuracy.
         return c.lossless or (evaluated and c.metric is not None)
 
-    # The float references for speed: timed, and not broken in a way the evaluation saw.
-    floats = [c for c in candidates if c.lossless and c.p50_ms is not None and not over_tolerance(c.metric, tolerance)]
+    # The float references for speed: timed, not broken in a way the evaluation saw, and within the
+    # constraints (a float model that misses max_size_mb is no alternative to an INT8 one that meets it).
+    floats = [
+        c
+        for c in candidates
+        if c.lossless and c.p50_ms is not None and not over_tolerance(c.metric, tolerance) and not limits.misses(c)
+    ]
 
     judgements: dict[str, Judgement] = {}
     for c in candidates:
@@ -237,16 +285,56 @@ def recommend(
             parts = ["lossless float conversion (accuracy not measured)"]
         if base_p50:
             parts.append(f"{base_p50 / c.p50_ms:.2f}x the original's speed at batch 1")
-        judgements[c.name] = Judgement("meets_tolerance", "; ".join(parts))
+        missed = limits.misses(c)
+        verdict: Verdict = "misses_constraint" if missed else "meets_tolerance"
+        judgements[c.name] = Judgement(verdict, "; ".join([*missed, *parts]))
 
-    # The original competes: when it wins, nothing is recommended.
+    # The original competes when it meets the constraints: when it wins, nothing is recommended.
     pool = [
         c
         for c in candidates
-        if c.p50_ms is not None and (c.step is None or judgements[c.name].verdict == "meets_tolerance")
+        if c.p50_ms is not None
+        and ((c.step is None and not limits.misses(c)) or judgements[c.name].verdict == "meets_tolerance")
     ]
-    rec = _choose(pool, candidates, judgements, original, tolerance=tolerance, evaluated=evaluated)
+    if not pool and limits:
+        return judgements, _closest(candidates, judgements, limits, tolerance=tolerance, evaluated=evaluated)
+    rec = _choose(pool, candidates, judgements, original, tolerance=tolerance, evaluated=evaluated, limits=limits)
     return judgements, rec
+
+
+def _closest(
+    candidates: Sequence[Candidate],
+    judgements: dict[str, Judgement],
+    limits: Limits,
+    *,
+    tolerance: float,
+    evaluated: bool,
+) -> Recommendation:
+    """Nothing within the tolerance meets the constraints: no recommendation, and the candidate
+    within the tolerance that comes closest (the original included), marked with what it misses."""
+    near = [
+        c
+        for c in candidates
+        if c.p50_ms is not None and (c.step is None or judgements[c.name].verdict == "misses_constraint")
+    ]
+    if not near:
+        return Recommendation(
+            artifact=None,
+            tolerance=tolerance,
+            accuracy_verified=evaluated,
+            reason="nothing meets the constraints: no artifact is both timed and within the tolerance",
+        )
+    best = min(near, key=lambda c: (limits.overshoot(c), _timed(c), c.size_bytes))
+    missed = limits.misses(best)
+    which = "the original" if best.step is None else best.name
+    return Recommendation(
+        artifact=None,
+        tolerance=tolerance,
+        accuracy_verified=evaluated,
+        closest=best.name,
+        missed=missed,
+        reason=f"nothing within the tolerance meets the constraints; the closest is {which} ({'; '.join(missed)})",
+    )
 
 
 @dataclass(frozen=True)
@@ -290,6 +378,7 @@ def _choose(
     *,
     tolerance: float,
     evaluated: bool,
+    limits: Limits,
 ) -> Recommendation:
     unverified = (
         ""
@@ -327,20 +416,28 @@ def _choose(
         if speedup and base_p50  # the one implies the other
         else f"{_ms(_timed(winner))} p50 at batch 1 (the original was not timed)"
     )
+    within = "the tolerance and the constraints" if limits else "the tolerance"
     if winner is fastest:
-        lead = "fastest within the tolerance"
+        lead = f"fastest within {within}"
     else:
         lead = (
-            f"smallest of the fastest within the tolerance ({winner.size_bytes / max(fastest.size_bytes, 1):.2f}x "
+            f"smallest of the fastest within {within} ({winner.size_bytes / max(fastest.size_bytes, 1):.2f}x "
             f"the size of {fastest.name if fastest.step else 'the original'}, whose p50 of "
             f"{_ms(_timed(fastest))} it matches within {TIE_FRACTION:.0%})"
         )
     metric = winner.metric
+    rivals = sorted((c for c in pool if c is not winner), key=_timed)
+    runner_up = ""
+    if rivals:
+        ratio = _timed(rivals[0]) / _timed(winner)
+        runner_up = f"; next: {'the original' if rivals[0].step is None else rivals[0].name} " + (
+            f"at {ratio:.2f}x its p50" if ratio >= 1 else f"({_ms(_timed(rivals[0]))} p50, tied and larger)"
+        )
     return Recommendation(
         artifact=winner.name,
         tolerance=tolerance,
         accuracy_verified=evaluated,
-        reason=f"{lead}: {speed}; {why}{unverified}",
+        reason=f"{lead}: {speed}; {why}{runner_up}{unverified}",
         metrics=RecommendationMetrics(
             p50_ms=winner.p50_ms,
             speedup=speedup,
@@ -379,6 +476,8 @@ def _nothing_beats(
             parts.append(f"{c.name} " + " and ".join(losses))
         elif j.verdict == "slower_than_float":
             parts.append(f"{c.name} is {j.reason}")
+        elif j.verdict == "misses_constraint":
+            parts.append(f"{c.name} misses a constraint ({j.reason.split('; ')[0]})")
         elif j.verdict == "not_measured":
             parts.append(f"{c.name} was not measured ({j.reason})")
         elif c.name in behind:
@@ -410,6 +509,55 @@ class StepFacts:
     name: str
     succeeded: bool
     metrics: dict[str, Any]
+    index: int = 0
+    optional: bool = False
+    failed: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
+    message: str | None = None
+
+
+def pareto_front(points: dict[str, tuple[float, float, float]]) -> set[str]:
+    """The names no other point dominates: at least as good on every objective (all minimised) and
+    better on one."""
+
+    def dominates(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
+        return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
+
+    return {n for n, p in points.items() if not any(dominates(q, p) for m, q in points.items() if m != n)}
+
+
+def _front(entries: Sequence[ReportEntry], lossless: set[str]) -> list[str]:
+    """Marks each entry on or off the front of (batch-1 p50, size, drop on the task's metric) and
+    returns the front, fastest first. A lossless float conversion counts as dropping nothing; an
+    entry under its metric's floor is off the front (pareto null)."""
+    points: dict[str, tuple[float, float, float]] = {}
+    for e in entries:
+        drop = float(e.metric["drop"]) if e.metric else (0.0 if e.step is None or e.name in lossless else None)
+        # A detector under its class-channel floor is broken whatever its drop: not a trade-off to show.
+        if e.latency_ms is not None and drop is not None and _missed_floor(e.metric) is None:
+            points[e.name] = (e.latency_ms["p50_ms"], float(e.size_bytes), drop)
+    front = pareto_front(points)
+    for e in entries:
+        e.pareto = (e.name in front) if e.name in points else None
+    # Ties on p50 ordered by size, drop, then name: the same report on every read (a set has no order).
+    return sorted(front, key=lambda n: (*points[n], n))
+
+
+def _failed_candidates(steps: Sequence[StepFacts], model_format: str) -> list[FailedCandidate]:
+    out = []
+    for s in steps:
+        if s.optional and s.failed:
+            error = s.metrics.get("error") or {}
+            out.append(
+                FailedCandidate(
+                    index=s.index,
+                    step=s.name,
+                    label=candidate_label(s.name, model_format, s.config),
+                    code=error.get("code"),
+                    message=error.get("message") or s.message or "failed",
+                )
+            )
+    return out
 
 
 def _legacy_metric(result: dict[str, Any], original: dict[str, Any]) -> dict[str, Any] | None:
@@ -526,24 +674,11 @@ def _measured(results: _StepResults, name: str, original_eval: dict[str, Any]) -
     )
 
 
-def report_for(
-    *,
-    job_id: str,
-    status: JobStatus,
-    task: str,
-    task_options: dict[str, Any] | None,
-    steps: Sequence[StepFacts],
-    original: ArtifactFacts,
-    artifacts: Sequence[ArtifactFacts],
-) -> ReportRead:
-    """Each artifact against the original, from the last succeeded benchmark and evaluate steps'
-    metrics, with its verdict; the recommendation once the job succeeded. ``artifacts`` in step
-    order."""
-    results = _StepResults.of(steps)
-    tolerance = float((task_options or {}).get("max_accuracy_drop", DEFAULT_TOLERANCE))
-    lossless = lossless_artifacts(artifacts)
+def _entries(
+    results: _StepResults, original: ArtifactFacts, artifacts: Sequence[ArtifactFacts], lossless: set[str]
+) -> tuple[list[ReportEntry], list[Candidate]]:
+    """The report's row for the original and each artifact, and the same as the rules see it."""
     original_eval = results.eval_by_name.get(original.name, {})
-
     entries: list[ReportEntry] = []
     candidates: list[Candidate] = []
     base_p50 = None
@@ -558,6 +693,9 @@ def report_for(
                 name=facts.name,
                 step=facts.step,
                 format=facts.format,
+                label=candidate_label(
+                    facts.step, facts.format, facts.meta, (bench.get("runtime") or {}).get("inference_precision")
+                ),
                 size_bytes=facts.size_bytes,
                 size_ratio=facts.size_bytes / original.size_bytes if original.size_bytes else 1.0,
                 latency_ms=m.latency,
@@ -585,7 +723,34 @@ def report_for(
             )
         )
 
-    judgements, rec = recommend(candidates, tolerance=tolerance, evaluated=any(s.name == "evaluate" for s in steps))
+    return entries, candidates
+
+
+def report_for(
+    *,
+    job_id: str,
+    status: JobStatus,
+    task: str,
+    task_options: dict[str, Any] | None,
+    steps: Sequence[StepFacts],
+    original: ArtifactFacts,
+    artifacts: Sequence[ArtifactFacts],
+) -> ReportRead:
+    """Each artifact against the original, from the last succeeded benchmark and evaluate steps'
+    metrics, with its verdict; the recommendation once the job succeeded. ``artifacts`` in step
+    order."""
+    results = _StepResults.of(steps)
+    options = task_options or {}
+    tolerance = float(options.get("max_accuracy_drop", DEFAULT_TOLERANCE))
+    lossless = lossless_artifacts(artifacts)
+
+    entries, candidates = _entries(results, original, artifacts, lossless)
+    judgements, rec = recommend(
+        candidates,
+        tolerance=tolerance,
+        evaluated=any(s.name == "evaluate" for s in steps),
+        limits=Limits.of(options.get("constraints")),
+    )
     for entry in entries:
         entry.verdict, entry.verdict_reason = judgements[entry.name].verdict, judgements[entry.name].reason
     resolved_task = task
@@ -597,5 +762,10 @@ def report_for(
         recommended=rec if status == JobStatus.succeeded else None,
         task=resolved_task,
         machine=(results.bench or {}).get("machine"),
+        target=options.get("target"),
+        constraints=options.get("constraints"),
         entries=entries,
+        front=_front(entries, lossless | {original.name}),
+        failed_candidates=_failed_candidates(steps, original.format),
+        left_out=[LeftOut.model_validate(x) for x in options.get("left_out", [])],
     )

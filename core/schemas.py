@@ -160,6 +160,31 @@ class StepSpec(BaseModel):
 
     name: str = Field(description="A registered step, e.g. export_onnx, quantize_int8, benchmark.")
     config: dict[str, Any] = Field(default_factory=dict)
+    optional: bool = Field(
+        default=False,
+        description="A candidate: when the step refuses its result (an error with a code, e.g. int8_over_tolerance) "
+        "or runs out of memory, the step ends failed with the reason and the job goes on without its artifact. "
+        "Preset auto marks its candidates so.",
+    )
+
+
+Target = Literal["x86-cpu", "arm-cpu", "nvidia-gpu"]
+
+
+class Constraints(BaseModel):
+    """What the recommended artifact must meet; the recommendation is the fastest that meets them all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_accuracy_drop: float | None = Field(
+        default=None, ge=0, le=1, description="The job's tolerance on the task's metric (same as max_accuracy_drop)."
+    )
+    max_latency_ms: float | None = Field(
+        default=None, gt=0, le=3_600_000, description="p50 at batch 1 on the worker (its threads, its CPU or GPU)."
+    )
+    max_size_mb: float | None = Field(
+        default=None, gt=0, le=1_000_000, description="The artifact's file, in MB (10^6)."
+    )
 
 
 class JobCreate(BaseModel):
@@ -192,6 +217,19 @@ class JobCreate(BaseModel):
         "that loses more is never recommended.",
     )
     detection: DetectionOptions = Field(default_factory=DetectionOptions)
+    target: Target | None = Field(
+        default=None,
+        description="Where the artifact will run: x86-cpu (ONNX Runtime, OpenVINO), arm-cpu (LiteRT with XNNPACK, "
+        "ONNX Runtime; measured on the worker's CPU as a stand-in), nvidia-gpu (TensorRT, AOTInductor FP16). Steps "
+        "that make an artifact for another target are a 422; preset auto builds the target's candidates "
+        "(default x86-cpu).",
+    )
+    constraints: Constraints | None = Field(
+        default=None,
+        description="What the recommendation must meet: max_accuracy_drop, max_latency_ms (batch 1 on the worker), "
+        "max_size_mb. When nothing meets them the job still succeeds; the recommendation is null, says why and "
+        "names the closest candidate.",
+    )
     webhook_url: str | None = Field(
         default=None,
         max_length=2048,
@@ -205,7 +243,18 @@ class JobCreate(BaseModel):
             raise ValueError("give exactly one of 'preset' or 'steps'")
         if self.overrides is not None and self.preset is None:
             raise ValueError("overrides apply to a preset's steps; with steps, give each step's config")
+        given = self.constraints.max_accuracy_drop if self.constraints else None
+        if given is not None and "max_accuracy_drop" in self.model_fields_set and given != self.max_accuracy_drop:
+            raise ValueError(
+                f"max_accuracy_drop {self.max_accuracy_drop:g} and constraints.max_accuracy_drop {given:g} differ: "
+                "give one"
+            )
         return self
+
+    def tolerance(self) -> float:
+        """The job's max_accuracy_drop, from constraints or the top-level field."""
+        given = self.constraints.max_accuracy_drop if self.constraints else None
+        return self.max_accuracy_drop if given is None else given
 
     def step_specs(self) -> list[StepSpec] | None:
         if self.steps is None:
@@ -226,6 +275,7 @@ class StepRead(BaseModel):
     name: str
     config: dict[str, Any]
     queue: str | None = Field(default=None, description="Where the step must run, when not the job's queue.")
+    optional: bool = Field(default=False, description="A candidate whose failure does not fail the job.")
     status: StepStatus
     started_at: datetime | None
     finished_at: datetime | None
@@ -267,6 +317,8 @@ class JobRead(BaseModel):
     task: str = Field(default="auto", description="auto when the outputs did not say; the worker decides then.")
     max_accuracy_drop: float = DEFAULT_TOLERANCE
     detection: dict[str, Any] | None = None
+    target: Target | None = None
+    constraints: Constraints | None = None
     progress: float
     current_step: str | None
     attempts: int
@@ -318,13 +370,16 @@ class ArtifactsRead(BaseModel):
     count: int
 
 
-Verdict = Literal["original", "meets_tolerance", "slower_than_float", "over_tolerance", "not_measured"]
+Verdict = Literal[
+    "original", "meets_tolerance", "slower_than_float", "over_tolerance", "misses_constraint", "not_measured"
+]
 
 
 class ReportEntry(BaseModel):
     name: str
     step: str | None = Field(description="The step that made it; null for the original model.")
     format: str
+    label: str = Field(default="", description='What it is and what runs it, e.g. "OpenVINO INT8 (NNCF)".')
     size_bytes: int
     size_ratio: float = Field(description="size / original size")
     latency_ms: dict[str, float] | None = Field(description="p50/p90/p99 at batch 1 on the worker")
@@ -354,10 +409,16 @@ class ReportEntry(BaseModel):
         default=None,
         description="original (the upload); meets_tolerance; slower_than_float (slower at batch 1 than the fastest "
         "float model: the original or a lossless export); over_tolerance (loses more of the task's metric than "
-        "the job's max_accuracy_drop); not_measured (no latency, or no accuracy for an artifact that changes "
-        "the weights)",
+        "the job's max_accuracy_drop); misses_constraint (within the tolerance, over the job's max_latency_ms or "
+        "max_size_mb); not_measured (no latency, or no accuracy for an artifact that changes the weights)",
     )
     verdict_reason: str | None = Field(default=None, description="The verdict's numbers, in one line.")
+    pareto: bool | None = Field(
+        default=None,
+        description="On the front of (batch-1 p50, size, the task's metric): no other entry is at least as good on "
+        "all three and better on one. Null when it was not both timed and judged (a lossless float conversion "
+        "counts as judged, with the original's metric).",
+    )
 
 
 class RecommendedMetric(BaseModel):
@@ -379,7 +440,8 @@ class RecommendationMetrics(BaseModel):
 class Recommendation(BaseModel):
     artifact: str | None = Field(
         description="The artifact to ship: the fastest one measured on the worker that meets the job's tolerance on "
-        "the task's metric (ties within 2% of p50 go to the smaller file). Null when nothing beats the original."
+        "the task's metric and its constraints (ties within 2% of p50 go to the smaller file). Null when nothing "
+        "beats the original, or when nothing meets the constraints (closest then names the nearest miss)."
     )
     reason: str = Field(description="Why, in one line; when null, why nothing beats the original.")
     metrics: RecommendationMetrics | None = None
@@ -387,6 +449,28 @@ class Recommendation(BaseModel):
     accuracy_verified: bool = Field(
         description="False when the job has no evaluate step: only lossless float conversions were considered."
     )
+    closest: str | None = Field(
+        default=None,
+        description="When no artifact meets the job's constraints: the one within the tolerance that comes "
+        "closest (the least over its worst constraint), never recommended silently.",
+    )
+    missed: list[str] = Field(
+        default_factory=list, description="The constraints the closest candidate misses, with its numbers."
+    )
+
+
+class FailedCandidate(BaseModel):
+    index: int
+    step: str
+    label: str
+    code: str | None
+    message: str
+
+
+class LeftOut(BaseModel):
+    step: str
+    config: dict[str, Any]
+    reason: str
 
 
 class ReportRead(BaseModel):
@@ -395,7 +479,18 @@ class ReportRead(BaseModel):
     recommended: Recommendation | None = Field(default=None, description="Null until the job succeeded.")
     task: str = Field(default="auto", description="The task whose metric decided the verdicts.")
     machine: dict[str, Any] | None
+    target: Target | None = None
+    constraints: Constraints | None = None
     entries: list[ReportEntry]
+    front: list[str] = Field(
+        default_factory=list, description="The entries on the Pareto front (pareto true), fastest first."
+    )
+    failed_candidates: list[FailedCandidate] = Field(
+        default_factory=list, description="Optional steps (candidates) that ended failed, and why; no artifact."
+    )
+    left_out: list[LeftOut] = Field(
+        default_factory=list, description="Candidates of preset auto the job could not build, and why."
+    )
 
 
 # -- tenants and keys ----------------------------------------------------------------------------

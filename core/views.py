@@ -49,7 +49,19 @@ def job_report(session: Session, job: Job) -> ReportRead:
         status=job.status,
         task=job.task or "auto",
         task_options=job.task_options,
-        steps=[StepFacts(s.name, s.status == StepStatus.succeeded, s.metrics or {}) for s in job.steps],
+        steps=[
+            StepFacts(
+                s.name,
+                s.status == StepStatus.succeeded,
+                s.metrics or {},
+                index=s.index,
+                optional=s.optional,
+                failed=s.status == StepStatus.failed,
+                config=dict(s.config or {}),
+                message=s.message,
+            )
+            for s in job.steps
+        ],
         original=ArtifactFacts(model.filename, None, model.format, model.size_bytes, dict(model.details or {})),
         artifacts=[
             ArtifactFacts(a.name, a.step, a.format, a.size_bytes, dict(a.meta or {})) for _, a in rows if a is not None
@@ -107,6 +119,8 @@ def job_to_read(
         task=job.task or "auto",
         max_accuracy_drop=(job.task_options or {}).get("max_accuracy_drop", DEFAULT_TOLERANCE),
         detection=(job.task_options or {}).get("detection"),
+        target=(job.task_options or {}).get("target"),
+        constraints=(job.task_options or {}).get("constraints"),
         progress=job.progress,
         current_step=job.current_step,
         attempts=job.attempts,

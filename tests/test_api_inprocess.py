@@ -309,6 +309,74 @@ def test_a_job_that_cannot_run_is_422_and_queues_nothing(inprocess_api, model, c
     assert inprocess_api.client.get("/v1/jobs").json()["count"] == 0
 
 
+def test_preset_auto_builds_the_targets_candidates_and_keeps_the_constraints(inprocess_api, model):
+    client = inprocess_api.client
+    calibration = upload(client, "/v1/datasets", "calibration.npz", npz())
+    resp = client.post(
+        "/v1/jobs",
+        json={
+            "model_id": model["id"],
+            "preset": "auto",
+            "calibration_dataset_id": calibration["id"],
+            "constraints": {"max_accuracy_drop": 0.02, "max_latency_ms": 5},
+        },
+    )
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    # No target: the worker's kind of machine, x86-cpu. The export is needed by all; the rest are candidates.
+    assert job["target"] == "x86-cpu" and job["preset"] == "auto"
+    assert [(s["name"], s["optional"]) for s in job["steps"]] == [
+        ("export_onnx", False),
+        ("convert_openvino", True),
+        ("convert_openvino", True),
+        ("quantize_openvino", True),
+        ("quantize_int8", True),
+        ("benchmark", False),
+        ("evaluate", False),
+    ]
+    assert [s["config"]["inference_precision"] for s in job["steps"][1:3]] == ["f32", "bf16"]
+    assert job["steps"][4]["config"]["search_speed"] is True
+    # The constraints' tolerance is the job's tolerance: the gates and the report judge by it.
+    assert job["max_accuracy_drop"] == 0.02
+    assert job["constraints"] == {"max_accuracy_drop": 0.02, "max_latency_ms": 5.0, "max_size_mb": None}
+    report = client.get(f"/v1/jobs/{job['id']}/report").json()
+    assert report["target"] == "x86-cpu" and report["constraints"]["max_latency_ms"] == 5.0
+    assert report["left_out"] == []
+
+
+def test_preset_auto_without_datasets_leaves_out_what_needs_them_and_says_why(inprocess_api, model):
+    client = inprocess_api.client
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "preset": "auto", "target": "arm-cpu"}).json()
+    # An ONNX upload on arm-cpu: ONNX Runtime only (LiteRT converts PyTorch models); INT8 needs calibration.
+    assert [s["name"] for s in job["steps"]] == ["export_onnx", "benchmark"]
+    report = client.get(f"/v1/jobs/{job['id']}/report").json()
+    reasons = {(x["step"], x["config"].get("precision")): x["reason"] for x in report["left_out"]}
+    assert "not an ONNX model" in reasons[("convert_tflite", "int8")]
+    assert "calibration_dataset_id" in reasons[("quantize_int8", None)]
+    assert "evaluation_dataset_id" in reasons[("evaluate", None)]
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "words"),
+    [
+        ({"preset": "openvino", "target": "arm-cpu"}, "target_mismatch", "runs on x86-cpu, not on the job's target"),
+        ({"preset": "tensorrt-fp16", "target": "x86-cpu"}, "target_mismatch", "a TensorRT engine"),
+        ({"preset": "auto", "target": "mips"}, "validation_error", "target"),
+        ({"preset": "auto", "overrides": {"distill": {}}}, "unknown_step", "does not run"),
+        (
+            {"preset": "onnx", "max_accuracy_drop": 0.05, "constraints": {"max_accuracy_drop": 0.01}},
+            "validation_error",
+            "give one",
+        ),
+        ({"preset": "onnx", "constraints": {"max_latency_ms": 0}}, "validation_error", "max_latency_ms"),
+    ],
+)
+def test_a_target_or_constraint_the_job_cannot_meet_is_422(inprocess_api, model, body, code, words):
+    err = assert_error(inprocess_api.client.post("/v1/jobs", json={"model_id": model["id"], **body}), 422, code)
+    assert words in str(err), err
+    assert inprocess_api.queue.sent == []
+
+
 def test_a_dataset_that_does_not_fit_the_model_is_422(inprocess_api, model):
     grey = upload(inprocess_api.client, "/v1/datasets", "grey.npz", _grey_npz())
     body = {"model_id": model["id"], "preset": "onnx-int8", "calibration_dataset_id": grey["id"]}

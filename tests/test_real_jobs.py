@@ -179,3 +179,71 @@ def test_the_openvino_preset_on_a_real_classifier_downloads_one_archive_openvino
     compiled = ov.Core().compile_model(ov.Core().read_model(str(tmp_path / "ir" / "model.xml")), "CPU")
     (out,) = compiled(np.zeros((1, 3, 224, 224), np.float32)).to_tuple()
     assert out.shape == (1, 4)
+
+
+def test_preset_auto_on_a_real_classifier_recommends_the_fastest_candidate_within_the_constraints(stack, tmp_path):
+    """Issue 13's `auto` through the real stack on the real PP-LCNet orientation classifier and its
+    hand-labelled pages: every x86 candidate the job allows is built (or fails visibly), timed in one
+    benchmark and judged on top-1; the recommendation is the fastest within the tolerance and says what
+    came next; the report carries the front. The same job with a size nothing meets reuses the
+    artifacts, succeeds, recommends nothing and names the closest with what it misses."""
+    from tests.real_models import ORIENTATION, asset, orientation_zip
+
+    model = upload(stack.client, "/v1/models", asset(ORIENTATION.file), name="orientation")
+    dataset = upload(stack.client, "/v1/datasets", orientation_zip(tmp_path / "pages.zip"))
+    job = stack.wait_for_job(
+        submit(stack, model["id"], dataset["id"], preset="auto", preprocessing=ORIENTATION.preprocessing)["id"],
+        timeout=900,
+    )
+    assert job["status"] == "succeeded", (job["error"], job["log_tail"])
+    assert job["target"] == "x86-cpu"
+    candidates = [s for s in job["steps"] if s["optional"]]
+    assert [s["name"] for s in candidates] == [
+        "convert_openvino",
+        "convert_openvino",
+        "quantize_openvino",
+        "quantize_int8",
+    ]
+    for step in candidates:  # built, or refused with a code and a reason
+        assert step["status"] in ("succeeded", "failed"), step
+        assert step["status"] == "succeeded" or (step["metrics"]["error"]["code"] and step["message"])
+    report = stack.client.get(f"/v1/jobs/{job['id']}/report").json()
+    built = 1 + sum(
+        s["status"] == "succeeded" for s in job["steps"] if s["name"] != "benchmark" and s["name"] != "evaluate"
+    )
+    assert len(report["entries"]) == built
+    assert {e["label"] for e in report["entries"]} >= {"original (ONNX)", "ONNX Runtime FP32"}
+    assert report["front"] and all(
+        next(e for e in report["entries"] if e["name"] == n)["pareto"] for n in report["front"]
+    )
+    assert len(report["failed_candidates"]) == sum(s["status"] == "failed" for s in candidates)
+    rec = job["recommended"]
+    if rec["artifact"] is not None:
+        chosen = next(e for e in report["entries"] if e["name"] == rec["artifact"])
+        assert chosen["verdict"] == "meets_tolerance" and chosen["metric"]["drop"] <= 0.01 + 1e-9
+        fastest = min(e["latency_ms"]["p50_ms"] for e in report["entries"] if e["verdict"] == "meets_tolerance")
+        assert chosen["latency_ms"]["p50_ms"] <= fastest * 1.02 + 1e-9
+        assert chosen["name"] in report["front"]
+    page = stack.client.get(f"/v1/jobs/{job['id']}/report.html")
+    assert page.status_code == 200 and "<svg" in page.text
+
+    tight = stack.wait_for_job(
+        submit(
+            stack,
+            model["id"],
+            dataset["id"],
+            preset="auto",
+            preprocessing=ORIENTATION.preprocessing,
+            constraints={"max_size_mb": 0.001},
+        )["id"],
+        timeout=600,
+    )
+    assert tight["status"] == "succeeded", (tight["error"], tight["log_tail"])
+    made = [s for s in tight["steps"] if s["name"] not in ("benchmark", "evaluate") and s["status"] == "succeeded"]
+    # The constraint only changes the choice: every artifact comes back from the cache.
+    assert made and all(s["metrics"]["cached"] for s in made), [(s["name"], s["metrics"]["cached"]) for s in made]
+    rec = tight["recommended"]
+    assert rec["artifact"] is None and rec["closest"] and rec["missed"][0].startswith("size ")
+    assert "nothing within the tolerance meets the constraints" in rec["reason"]
+    verdicts = {e["verdict"] for e in stack.client.get(f"/v1/jobs/{tight['id']}/report").json()["entries"][1:]}
+    assert "meets_tolerance" not in verdicts

@@ -657,3 +657,311 @@ def test_the_page_lists_the_nodes_kept_in_float_by_rule_one_row_per_reason():
     ) in section
     assert "<summary>3 nodes</summary>/model.22/Sigmoid_0, /model.22/Sigmoid_1, /model.22/Sigmoid_2" in section
     assert "<td>Sigmoid, Mul, Transpose</td>" in section
+
+
+# -- constraints (issue 13): max_latency_ms and max_size_mb bind like the tolerance -------------------
+
+
+def test_constraints_are_limits_beyond_the_tolerance():
+    from core.recommend import Limits
+
+    assert not Limits.of(None) and not Limits.of({}) and not Limits.of({"max_accuracy_drop": 0.02})
+    assert Limits.of({"max_latency_ms": 5.0, "max_accuracy_drop": 0.02}) == Limits(max_latency_ms=5.0)
+    on_the_limit = int8(5.0, size=2_000_000)
+    assert Limits(max_latency_ms=5.0, max_size_mb=2.0).misses(on_the_limit) == []  # at the limit meets it
+    assert Limits(max_latency_ms=4.0, max_size_mb=1.5).misses(on_the_limit) == [
+        "p50 5 ms > max_latency_ms 4",
+        "size 2 MB > max_size_mb 1.5",
+    ]
+    assert Limits(max_latency_ms=4.0, max_size_mb=1.5).overshoot(on_the_limit) == pytest.approx(2.0 / 1.5)
+    assert Limits(max_latency_ms=10.0).overshoot(on_the_limit) == 1.0  # within: counted as on the limit
+
+
+def test_an_artifact_within_the_tolerance_over_max_latency_misses_the_constraint_and_says_by_how_much():
+    from core.recommend import Limits
+
+    fp16 = Candidate("02-x.onnx", "convert_fp16", 2_000_000, 6.0, lossless=False, metric=metric(0.80))
+    verdicts, rec = recommend(
+        [original(10.0), fp32(9.0), int8(4.0), fp16],
+        tolerance=0.01,
+        evaluated=True,
+        limits=Limits(max_latency_ms=5.0),
+    )
+    assert verdicts["00-export_onnx.onnx"].verdict == "misses_constraint"
+    assert verdicts["00-export_onnx.onnx"].reason == (
+        "p50 9 ms > max_latency_ms 5; top-1 0.8000 vs 0.8000, drop 0.0000 <= tolerance 0.01; "
+        "1.11x the original's speed at batch 1"
+    )
+    assert verdicts["02-x.onnx"].verdict == "misses_constraint"
+    assert verdicts["01-quantize_int8.onnx"].verdict == "meets_tolerance"
+    assert rec.artifact == "01-quantize_int8.onnx" and rec.closest is None and rec.missed == []
+    # The pool is what meets every constraint: the export (9 ms) and FP16 (6 ms) are no runner-up.
+    assert "next:" not in rec.reason
+
+
+def test_a_float_model_over_max_size_is_no_speed_reference_for_an_int8_one_that_meets_it():
+    from core.recommend import Limits
+
+    # The FP32 export is faster (5 ms) but 4 MB; INT8 is 6 ms and 1 MB. Without a size limit the export
+    # wins and INT8 is slower_than_float; with max_size_mb 2 INT8 is the only answer that meets everything.
+    verdicts, rec = recommend([original(10.0), fp32(5.0), int8(6.0)], tolerance=0.01, evaluated=True)
+    assert rec.artifact == "00-export_onnx.onnx" and verdicts["01-quantize_int8.onnx"].verdict == "slower_than_float"
+    verdicts, rec = recommend(
+        [original(10.0), fp32(5.0), int8(6.0)], tolerance=0.01, evaluated=True, limits=Limits(max_size_mb=2.0)
+    )
+    assert verdicts["00-export_onnx.onnx"].verdict == "misses_constraint"
+    assert verdicts["00-export_onnx.onnx"].reason.startswith("size 4 MB > max_size_mb 2; ")
+    assert verdicts["01-quantize_int8.onnx"].verdict == "meets_tolerance"
+    assert rec.artifact == "01-quantize_int8.onnx"
+    assert rec.metrics.p50_ms == 6.0 and rec.metrics.size_ratio == pytest.approx(0.25)
+
+
+def test_the_original_that_misses_a_constraint_does_not_win():
+    from core.recommend import Limits
+
+    # The original is the fastest (4 ms) and within everything but size: without limits it wins.
+    _, rec = recommend([original(4.0), int8(5.0)], tolerance=0.01, evaluated=True)
+    assert rec.artifact is None and rec.reason.startswith("nothing beats the original: ")
+    _, rec = recommend([original(4.0), int8(5.0)], tolerance=0.01, evaluated=True, limits=Limits(max_size_mb=2.0))
+    assert rec.artifact == "01-quantize_int8.onnx"
+    assert rec.reason.startswith(
+        "fastest within the tolerance and the constraints: 0.80x the original's speed at batch 1 (5 ms vs 4 ms p50)"
+    )
+    # An original that meets the limits still competes, and a faster artifact over a limit is named.
+    _, rec = recommend(
+        [original(10.0), int8(4.0, size=5_000_000)], tolerance=0.01, evaluated=True, limits=Limits(max_size_mb=4.5)
+    )
+    assert rec.artifact is None and rec.reason == (
+        "nothing beats the original: 01-quantize_int8.onnx misses a constraint (size 5 MB > max_size_mb 4.5)"
+    )
+
+
+def test_when_nothing_meets_the_constraints_nothing_is_recommended_and_the_closest_is_named_with_its_misses():
+    from core.recommend import Limits
+
+    limits = Limits(max_latency_ms=5.0, max_size_mb=0.5)
+    # Over the worst limit: the original 8x (size), the export 8x (size), INT8 2x (size 1 MB / 0.5).
+    verdicts, rec = recommend([original(10.0), fp32(9.0), int8(6.0)], tolerance=0.01, evaluated=True, limits=limits)
+    assert rec.artifact is None and rec.metrics is None
+    assert rec.closest == "01-quantize_int8.onnx"
+    assert rec.missed == ["p50 6 ms > max_latency_ms 5", "size 1 MB > max_size_mb 0.5"]
+    assert rec.reason == (
+        "nothing within the tolerance meets the constraints; the closest is 01-quantize_int8.onnx "
+        "(p50 6 ms > max_latency_ms 5; size 1 MB > max_size_mb 0.5)"
+    )
+    assert verdicts["01-quantize_int8.onnx"].verdict == "misses_constraint"
+    # Equally far over: the faster one is closer.
+    fp16 = Candidate("02-convert_fp16.onnx", "convert_fp16", 1_000_000, 5.5, lossless=False, metric=metric(0.80))
+    _, rec = recommend(
+        [original(10.0), int8(6.0), fp16], tolerance=0.01, evaluated=True, limits=Limits(max_size_mb=0.5)
+    )
+    assert rec.closest == "02-convert_fp16.onnx" and rec.missed == ["size 1 MB > max_size_mb 0.5"]
+
+
+def test_an_artifact_over_the_tolerance_is_never_the_closest_the_original_can_be():
+    from core.recommend import Limits
+
+    # INT8 meets the latency limit but loses 10 points: the closest within the tolerance is the original.
+    verdicts, rec = recommend(
+        [original(10.0), int8(4.0, top1=0.70)], tolerance=0.01, evaluated=True, limits=Limits(max_latency_ms=5.0)
+    )
+    assert verdicts["01-quantize_int8.onnx"].verdict == "over_tolerance"
+    assert rec.artifact is None and rec.closest == ORIGINAL
+    assert rec.reason == (
+        "nothing within the tolerance meets the constraints; the closest is the original (p50 10 ms > max_latency_ms 5)"
+    )
+    # Nothing timed at all: no closest, and the reason says so.
+    _, rec = recommend([original(None), int8(None)], tolerance=0.01, evaluated=True, limits=Limits(max_latency_ms=5.0))
+    assert rec.artifact is None and rec.closest is None and rec.missed == []
+    assert rec.reason == "nothing meets the constraints: no artifact is both timed and within the tolerance"
+
+
+def test_the_reason_names_the_runner_up_and_how_much_slower_it_is():
+    _, rec = recommend([original(10.0), fp32(8.0), int8(4.0)], tolerance=0.01, evaluated=True)
+    assert rec.reason.endswith("drop 0.0050 <= tolerance 0.01; next: 00-export_onnx.onnx at 2.00x its p50")
+    _, rec = recommend([original(10.0), int8(4.0)], tolerance=0.01, evaluated=True)
+    assert rec.reason.endswith("; next: the original at 2.50x its p50")
+    # A win by size within the tie: the runner-up is the faster file it matched.
+    _, rec = recommend([original(10.0), fp32(5.0), int8(5.075)], tolerance=0.01, evaluated=True)
+    assert rec.artifact == "01-quantize_int8.onnx" and rec.reason.endswith(
+        "; next: 00-export_onnx.onnx (5 ms p50, tied and larger)"
+    )
+    # Alone in the pool: no runner-up; without an evaluate step the note still ends the line.
+    _, rec = recommend([original(None), fp32(8.0, m=None)], tolerance=0.01, evaluated=False)
+    assert "next:" not in rec.reason and rec.reason.endswith("only lossless float conversions were considered")
+
+
+# -- the Pareto front ---------------------------------------------------------------------------------
+
+
+def test_the_pareto_front_keeps_what_nothing_dominates_and_both_of_a_duplicate():
+    from core.recommend import pareto_front
+
+    points = {
+        "fast": (1.0, 10.0, 0.0),
+        "small": (2.0, 5.0, 0.0),
+        "slower_same_size": (3.0, 5.0, 0.0),  # dominated by small: slower, same size and drop
+        "fast_but_lossier": (1.0, 10.0, 0.01),  # dominated by fast: ties two objectives, worse on one
+        "fastest_lossy": (0.5, 20.0, 0.05),  # fastest of all: on the front despite its drop
+        "copy_of_fast": (1.0, 10.0, 0.0),  # equal points dominate neither: both stay
+    }
+    assert pareto_front(points) == {"fast", "small", "fastest_lossy", "copy_of_fast"}
+    assert pareto_front({}) == set()
+    assert pareto_front({"only": (5.0, 5.0, 5.0)}) == {"only"}
+    # A trade-off on every objective: all three on the front.
+    assert pareto_front({"a": (1, 3, 2), "b": (2, 1, 3), "c": (3, 2, 1)}) == {"a", "b", "c"}
+
+
+OV = "02-convert_openvino.openvino.zip"
+FRONT_ARTIFACTS = [
+    ArtifactFacts("00-export_onnx.onnx", "export_onnx", "onnx", 4_000_000),
+    ArtifactFacts(
+        "01-convert_openvino.openvino.zip",
+        "convert_openvino",
+        "openvino_ir",
+        4_100_000,
+        {"precision": "fp32", "inference_precision": "f32", "weights": "fp32"},
+    ),
+    ArtifactFacts("04-quantize_int8.onnx", "quantize_int8", "onnx", 1_000_000, {"quant_format": "QOperator"}),
+    ArtifactFacts("05-convert_fp16.onnx", "convert_fp16", "onnx", 2_000_000),
+]
+
+
+def _front_report(constraints: dict | None = None, **options):
+    bench = {
+        "machine": {"cpu": "test"},
+        "results": [
+            bench_result(ORIGINAL, 10.0),
+            bench_result("00-export_onnx.onnx", 9.0),
+            bench_result("01-convert_openvino.openvino.zip", 6.0, runtime={"inference_precision": "f32"}),
+            bench_result("04-quantize_int8.onnx", 5.0),
+            bench_result("05-convert_fp16.onnx", 7.0),
+        ],
+    }
+    evaluation = {
+        "results": [
+            {"artifact": ORIGINAL, "task": "classification", "metric": {**metric(0.80), "drop": 0.0}},
+            {"artifact": "00-export_onnx.onnx", "metric": metric(0.80)},
+            {"artifact": "01-convert_openvino.openvino.zip", "metric": metric(0.80)},
+            {"artifact": "04-quantize_int8.onnx", "metric": metric(0.795)},
+            # FP16 never evaluated: not judged, so neither on nor off the front.
+            {"artifact": "05-convert_fp16.onnx", "skipped": "evaluation ran out of time"},
+        ]
+    }
+    steps = [
+        StepFacts("export_onnx", True, {}, index=0),
+        StepFacts("convert_openvino", True, {}, index=1, optional=True),
+        StepFacts(
+            "convert_openvino",
+            False,
+            {"error": {"code": "conversion_failed", "message": "output SNR 12.0 dB < 20 dB"}},
+            index=2,
+            optional=True,
+            failed=True,
+            config={"inference_precision": "bf16", "weights": "fp32"},
+            message="conversion_failed: output SNR 12.0 dB < 20 dB",
+        ),
+        StepFacts(
+            "quantize_openvino",
+            False,
+            {},
+            index=3,
+            optional=True,
+            failed=True,
+            config={"preset": "performance"},
+            message="out of memory at step quantize_openvino",
+        ),
+        StepFacts("quantize_int8", True, {}, index=4, optional=True),
+        StepFacts("convert_fp16", True, {}, index=5),
+        StepFacts("benchmark", True, bench, index=6),
+        StepFacts("evaluate", True, evaluation, index=7),
+    ]
+    task_options = {"max_accuracy_drop": 0.01, **options}
+    if constraints is not None:
+        task_options["constraints"] = constraints
+    return report_for(
+        job_id="j",
+        status=JobStatus.succeeded,
+        task="auto",
+        task_options=task_options,
+        steps=steps,
+        original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000),
+        artifacts=FRONT_ARTIFACTS,
+    )
+
+
+def test_the_report_draws_the_front_lists_failed_and_left_out_candidates_and_labels_every_entry():
+    left = [{"step": "evaluate", "config": {}, "reason": "needs evaluation_dataset_id"}]
+    report = _front_report({"max_latency_ms": 8.0, "max_accuracy_drop": 0.01}, target="x86-cpu", left_out=left)
+    by_name = {e.name: e for e in report.entries}
+    assert [e.label for e in report.entries] == [
+        "original (ONNX)",
+        "ONNX Runtime FP32",
+        "OpenVINO f32",
+        "ONNX Runtime INT8 QOperator",
+        "ONNX Runtime FP16",
+    ]
+    # INT8 (5 ms, 1 MB, drop 0.005) is the fastest and smallest; OpenVINO f32 (6 ms, 4.1 MB, drop 0) the
+    # fastest lossless; the export (9 ms, 4 MB) the smallest lossless. The original (10 ms, 4 MB, drop 0)
+    # is dominated by the export: as small, as accurate, faster.
+    assert report.front == ["04-quantize_int8.onnx", "01-convert_openvino.openvino.zip", "00-export_onnx.onnx"]
+    assert [by_name[n].pareto for n in report.front] == [True] * 3 and by_name[ORIGINAL].pareto is False
+    assert by_name["05-convert_fp16.onnx"].pareto is None  # timed but not judged
+    # max_latency_ms 8: the export (9 ms) is slower than the OpenVINO float IR that meets it; INT8 wins.
+    assert by_name["00-export_onnx.onnx"].verdict == "slower_than_float"
+    assert by_name["01-convert_openvino.openvino.zip"].verdict == "meets_tolerance"
+    assert report.recommended.artifact == "04-quantize_int8.onnx"
+    assert report.recommended.reason.endswith("; next: 01-convert_openvino.openvino.zip at 1.20x its p50")
+    assert [c.model_dump() for c in report.failed_candidates] == [
+        {
+            "index": 2,
+            "step": "convert_openvino",
+            "label": "OpenVINO bf16",
+            "code": "conversion_failed",
+            "message": "output SNR 12.0 dB < 20 dB",
+        },
+        {
+            "index": 3,
+            "step": "quantize_openvino",
+            "label": "OpenVINO INT8 (NNCF)",
+            "code": None,
+            "message": "out of memory at step quantize_openvino",
+        },
+    ]
+    assert [x.model_dump() for x in report.left_out] == left
+    assert report.target == "x86-cpu"
+    assert report.constraints.max_latency_ms == 8.0 and report.constraints.max_size_mb is None
+
+
+def test_a_dominated_entry_is_off_the_front_and_ties_on_p50_list_the_smaller_first():
+    report = _front_report()
+    assert report.target is None and report.constraints is None and report.left_out == []
+    assert report.recommended.closest is None and report.recommended.artifact == "04-quantize_int8.onnx"
+    tied = [
+        ArtifactFacts("00-export_onnx.onnx", "export_onnx", "onnx", 4_000_000),
+        ArtifactFacts("01-quantize_int8.onnx", "quantize_int8", "onnx", 1_000_000),
+        ArtifactFacts("02-y.onnx", "export_onnx", "onnx", 5_000_000),
+    ]
+    bench = {"results": [bench_result(ORIGINAL, 10.0), *(bench_result(a.name, 5.0) for a in tied)]}
+    evaluation = {
+        "results": [
+            {"artifact": ORIGINAL, "metric": {**metric(0.80), "drop": 0.0}},
+            {"artifact": "00-export_onnx.onnx", "metric": metric(0.80)},
+            {"artifact": "01-quantize_int8.onnx", "metric": metric(0.795)},
+            {"artifact": "02-y.onnx", "metric": metric(0.80)},
+        ]
+    }
+    report = report_for(
+        job_id="j",
+        status=JobStatus.succeeded,
+        task="classification",
+        task_options={},
+        steps=[StepFacts("benchmark", True, bench), StepFacts("evaluate", True, evaluation)],
+        original=ArtifactFacts(ORIGINAL, None, "onnx", 4_000_000),
+        artifacts=tied,
+    )
+    by_name = {e.name: e for e in report.entries}
+    # All at 5 ms: INT8 smaller but lossier, the export lossless; 02-y as fast and lossless but bigger
+    # than the export (dominated), the original slower at the same size (dominated).
+    assert report.front == ["01-quantize_int8.onnx", "00-export_onnx.onnx"]
+    assert by_name["02-y.onnx"].pareto is False and by_name[ORIGINAL].pareto is False

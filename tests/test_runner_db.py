@@ -334,3 +334,68 @@ def test_the_migrations_match_the_models(migrated_pg):
     from core.migrate import alembic_config
 
     command.check(alembic_config(migrated_pg))  # raises when a model change has no migration
+
+
+def test_a_failed_candidate_step_is_recorded_and_the_job_goes_on(sessions, broker, tmp_path):
+    """Optional steps (preset auto's candidates): a step that refuses its result ends failed with its code
+    and reason, in its own process as in production; a step that cannot start from what the chain holds
+    is failed too; the job still succeeds, the measuring step times what was made, and the report lists
+    the failed candidates."""
+    from core.storage import LocalStore
+    from core.views import job_report
+    from tests.test_api_inprocess import tiny_onnx
+
+    url, _ = broker
+    settings = settings_for(url, data_dir=tmp_path / "data")
+    store = LocalStore(tmp_path / "store", signing_key=b"k" * 32, ttl_seconds=60)
+    model_file = tmp_path / "m.onnx"
+    model_file.write_bytes(tiny_onnx())
+    store.put_file("models/x/m.onnx", model_file)
+
+    def step(index: int, name: str, config: dict, optional: bool) -> JobStep:
+        return JobStep(
+            index=index, name=name, config=config, queue="cpu", optional=optional, status=StepStatus.pending, metrics={}
+        )
+
+    with sessions() as s:
+        job = make_job(
+            s,
+            status=JobStatus.queued,
+            steps=[
+                step(0, "export_onnx", {}, False),
+                # FP16 weights cannot keep 200 dB: the IR is refused (openvino_mismatch).
+                step(1, "convert_openvino", {"weights": "fp16", "inference_precision": "f32", "min_snr_db": 200}, True),
+                step(2, "quantize_int8", {}, True),  # no calibration dataset: refused
+                step(3, "compile_gpu", {}, True),  # takes a PyTorch program; the chain holds ONNX
+                step(4, "benchmark", {"batch_sizes": [1], "runs": 5, "warmup": 1}, False),
+            ],
+        )
+        job.input_spec = [{"name": "input", "shape": [1, 3, 8, 8], "dtype": "float32"}]
+        job.task_options = {"max_accuracy_drop": 0.01}
+        s.commit()
+    JobRunner(settings=settings, store=store, sessions=sessions, queues=["cpu"], celery=make_celery(settings)).run(
+        job.id
+    )
+    with sessions() as s:
+        ended = s.get(Job, job.id)
+        assert ended.status == JobStatus.succeeded, (ended.error_code, ended.error_message)
+        statuses = [(st.name, st.status) for st in ended.steps]
+        assert statuses == [
+            ("export_onnx", StepStatus.succeeded),
+            ("convert_openvino", StepStatus.failed),
+            ("quantize_int8", StepStatus.failed),
+            ("compile_gpu", StepStatus.failed),
+            ("benchmark", StepStatus.succeeded),
+        ]
+        codes = [st.metrics["error"]["code"] for st in ended.steps[1:4]]
+        assert codes == ["openvino_mismatch", "calibration_dataset_required", "source_failed"]
+        assert "dB < 200 dB" in ended.steps[1].message
+        timed = [r["artifact"] for r in ended.steps[4].metrics["results"]]
+        assert timed == ["m.onnx", "00-export_onnx.onnx"]  # only what was made
+        report = job_report(s, ended)
+        assert [(f.index, f.step, f.code) for f in report.failed_candidates] == [
+            (1, "convert_openvino", "openvino_mismatch"),
+            (2, "quantize_int8", "calibration_dataset_required"),
+            (3, "compile_gpu", "source_failed"),
+        ]
+        assert report.failed_candidates[0].label == "OpenVINO f32, FP16 weights"

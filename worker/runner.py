@@ -27,7 +27,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import logs
-from core.errors import CvoptError, JobCancelled, NotFound, StorageUnavailable
+from core.errors import CvoptError, JobCancelled, NotFound, PassError, StorageUnavailable
 from core.formats import (
     AOTI_PACKAGE,
     DEPLOY_FORMATS,
@@ -49,7 +49,7 @@ from core.storage import ObjectStore
 from core.workers import is_gpu_queue, live_queues, waiting_for, worker_identity
 from worker.passes.base import ArtifactRef, DatasetRef, PassContext, PassResult
 from worker.passes.registry import get_pass
-from worker.step_process import StepLimits, default_memory_limit_mb, run_step_in_child
+from worker.step_process import StepFailed, StepLimits, default_memory_limit_mb, run_step_in_child
 
 log = logging.getLogger("cvopt.runner")
 
@@ -92,6 +92,10 @@ class _LogTail(logging.Handler):
 
     def text(self) -> str:
         return "\n".join(self.lines)[-LOG_TAIL_CHARS:]
+
+
+# task_options keys that no step reads (core.recommend does), kept out of the artifact cache key.
+_REPORT_ONLY_OPTIONS = frozenset({"target", "constraints", "left_out"})
 
 
 class _ClaimLost(Exception):
@@ -162,6 +166,7 @@ class _StepRow:
     config: dict[str, Any]
     queue: str
     status: StepStatus
+    optional: bool = False
 
 
 @dataclass
@@ -409,7 +414,8 @@ class JobRunner:
             chain = self._fetch_inputs(plan, work)
             for step in plan.steps:
                 current_step = step.name
-                if not self._run_step(job_id, plan, step, chain, work, heartbeat):
+                run = self._run_candidate if step.optional else self._run_step
+                if not run(job_id, plan, step, chain, work, heartbeat):
                     return  # handed over to another queue; the worker there ends the job
             self._finish(job_id, JobStatus.succeeded, tail=tail)
         except _ClaimLost:
@@ -444,7 +450,9 @@ class JobRunner:
                 "original": {"sha256": model.sha256, "format": model.format, "details": model_details},
                 "input_spec": input_spec,
                 "preprocessing": preprocessing.model_dump(mode="json"),
-                "task": {"task": task, **task_options},
+                # What the steps judge by; the target, the latency and size constraints and what auto
+                # left out only decide the recommendation, so a job that changes them reuses the artifacts.
+                "task": {"task": task, **{k: v for k, v in task_options.items() if k not in _REPORT_ONLY_OPTIONS}},
                 "datasets": {
                     "calibration": calibration.sha256 if calibration else None,
                     "evaluation": evaluation.sha256 if evaluation else None,
@@ -452,7 +460,10 @@ class JobRunner:
             }
             artifacts = s.scalars(select(Artifact).where(Artifact.job_id == job_id))
             return _JobPlan(
-                steps=[_StepRow(st.id, st.index, st.name, dict(st.config), st.queue, st.status) for st in job.steps],
+                steps=[
+                    _StepRow(st.id, st.index, st.name, dict(st.config), st.queue, st.status, st.optional)
+                    for st in job.steps
+                ],
                 model_key=model.storage_key,
                 model_name=model.filename,
                 model_format=model.format,
@@ -521,6 +532,50 @@ class JobRunner:
         self._mark_step_done(job_id, step.id, metrics, message=result.metrics.get("warning"))
         log.info("job %s: step %d %s finished in %.2fs", job_id, step.index, step.name, duration)
         return True
+
+    def _run_candidate(
+        self, job_id: str, plan: _JobPlan, step: _StepRow, chain: _Chain, work: Path, heartbeat: _Heartbeat
+    ) -> bool:
+        """An optional step (a candidate of preset auto): when it refuses its result (a PassError: an
+        INT8 model over the tolerance, a conversion that does not verify) or its process hits a limit or
+        dies, the step ends failed with the code and reason, and the job goes on from the same model.
+        Cancellation and the service's own faults (storage, database) still end the job."""
+        cls = get_pass(step.name)
+        if chain.current.format not in cls.accepts:
+            # The producing step it would start from was a candidate too, and failed.
+            message = (
+                f"{step.name} takes {', '.join(sorted(cls.accepts))}; the chain holds {chain.current.format} "
+                "because the candidate it starts from failed"
+            )
+            self._mark_step_failed(job_id, step.id, "source_failed", message)
+            return True
+        try:
+            return self._run_step(job_id, plan, step, chain, work, heartbeat)
+        except (PassError, StepFailed) as exc:
+            code, message = exc.code, exc.message
+        except MemoryError:
+            code, message = "out_of_memory", f"out of memory at step {step.name}"
+        log.warning("job %s: candidate step %d %s failed (%s): %s", job_id, step.index, step.name, code, message)
+        self._mark_step_failed(job_id, step.id, code, message)
+        return True
+
+    def _mark_step_failed(self, job_id: str, step_id: str, code: str, message: str) -> None:
+        def write() -> None:
+            with self.sessions() as s:
+                self._check_owned(s, job_id)
+                s.execute(
+                    update(JobStep)
+                    .where(JobStep.id == step_id)
+                    .values(
+                        status=StepStatus.failed,
+                        finished_at=utcnow(),
+                        metrics={"error": {"code": code, "message": message}},
+                        message=f"{code}: {message}",
+                    )
+                )
+                s.commit()
+
+        self._db("recording a failed candidate", write)
 
     def _context(
         self, plan: _JobPlan, step: _StepRow, chain: _Chain, step_dir: Path, heartbeat: _Heartbeat

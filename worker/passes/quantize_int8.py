@@ -57,6 +57,7 @@ class QuantizeInt8(QuantizeInt8Spec, Pass):
         return PassResult(
             artifact=out,
             format=ONNX,
+            meta={"quant_format": "dynamic"},
             metrics={
                 "mode": "dynamic",
                 "quantized_nodes": quantized,
@@ -95,7 +96,8 @@ class QuantizeInt8(QuantizeInt8Spec, Pass):
         if tolerance is not None or config.search_speed:
             out = _judge_and_search(ctx, config, tolerance, quantizer, spec, fixed_batch, out, metrics)
             metrics["quantize_linear_nodes"] = count_nodes(out, "QuantizeLinear")
-        return PassResult(artifact=out, format=ONNX, metrics=metrics)
+        # The report's label for the artifact (ONNX Runtime INT8 QDQ or QOperator).
+        return PassResult(artifact=out, format=ONNX, metrics=metrics, meta={"quant_format": metrics["quant_format"]})
 
 
 def _calibrated_quantizer(
