@@ -17,6 +17,10 @@ import click
 from core.metric_names import metric_label
 from cvopt.client import ApiError, Client, CvoptClientError, JobFailed, WaitTimeout
 
+# The deployment targets the service knows (core.schemas.Target; core is not imported for it, as the
+# client commands load without pydantic).
+TARGETS = ("x86-cpu", "arm-cpu", "nvidia-gpu")
+
 connection = [
     click.option(
         "--url",
@@ -136,59 +140,114 @@ def _throughput(entry: dict[str, Any]) -> str:
     return "-"
 
 
+def _nothing_meets(rec: dict[str, Any]) -> str | None:
+    """ "nothing meets the constraints; closest: <name> (<what it misses>)" when the job's constraints
+    ruled out every candidate, else None: the closest miss is named, never shipped."""
+    if rec.get("artifact") or not rec.get("closest"):
+        return None
+    missed = "; ".join(rec.get("missed") or [])
+    return f"nothing meets the constraints; closest: {rec['closest']}" + (f" ({missed})" if missed else "")
+
+
 def recommendation_line(report: dict[str, Any]) -> str | None:
-    """ "recommended: <name> (<reason>)", or "recommended: none (<why nothing beats the original>)";
-    None until the job succeeded."""
+    """ "recommended: <name> (<reason>)", "recommended: none (<why nothing beats the original>)", or
+    "recommended: none; nothing meets the constraints; closest: ..."; None until the job succeeded."""
     rec = report.get("recommended")
     if not rec:
         return None
+    if missed := _nothing_meets(rec):
+        return f"recommended: none; {missed}"
     return f"recommended: {rec.get('artifact') or 'none'} ({rec.get('reason', '')})"
 
 
-def report_table(report: dict[str, Any]) -> str:
-    """The report as a text table with each artifact's verdict, one line per artifact that could
-    not be measured, then the recommendation."""
-    rows = [
-        (
-            "artifact",
-            "format",
-            "size",
-            "size ×",
-            "p50 ms",
-            "speed-up",
-            "img/s @ batch",
-            "accuracy / fidelity",
-            "verdict",
-        )
-    ]
-    notes = []
-    for e in report.get("entries") or []:
-        latency = e.get("latency_ms") or {}
-        rows.append(
-            (
-                str(e.get("name", "?")),
-                str(e.get("format", "?")),
-                _fmt_size(e.get("size_bytes")),
-                _num(e.get("size_ratio"), ".2f"),
-                _num(latency.get("p50_ms"), ".2f"),
-                _num(e.get("speedup"), ".2f", "x"),
-                _throughput(e),
-                _quality(e),
-                str(e.get("verdict") or "-"),
-            )
-        )
-        if e.get("throughput_error"):
-            notes.append(f"* {e.get('name')}: no throughput: {e['throughput_error']}")
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+FRONT_MARK = "◆"
+HEADER = (
+    "artifact",
+    "format",
+    "size",
+    "size ×",
+    "p50 ms",
+    "speed-up",
+    "img/s@batch",
+    "accuracy/fidelity",
+    "verdict",
+)
+
+
+def _entry_row(e: dict[str, Any], front: set[str]) -> tuple[str, ...]:
+    latency = e.get("latency_ms") or {}
+    name = str(e.get("name", "?"))
+    return (
+        f"{name} {FRONT_MARK}" if name in front else name,
+        str(e.get("format", "?")),
+        _fmt_size(e.get("size_bytes")),
+        _num(e.get("size_ratio"), ".2f"),
+        _num(latency.get("p50_ms"), ".2f"),
+        _num(e.get("speedup"), ".2f", "x"),
+        _throughput(e),
+        _quality(e),
+        str(e.get("verdict") or "-"),
+    )
+
+
+def _table_lines(entries: list[dict[str, Any]], front: set[str]) -> list[str]:
+    """The header, a rule and a line per artifact. With labels ("OpenVINO INT8 (NNCF)", what the file is
+    and what runs it), each goes on its own indented line under its artifact in place of the format
+    column: a column of them would push a preset auto table (long names, long labels) far past 120
+    characters. A report without labels (an older service) keeps the format column."""
+    labelled = any(e.get("label") for e in entries)
+    keep = [i for i in range(len(HEADER)) if not (labelled and HEADER[i] == "format")]
+    rows = [tuple(HEADER[i] for i in keep)]
+    rows += [tuple(cells[i] for i in keep) for cells in (_entry_row(e, front) for e in entries)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(keep))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if not labelled:
+        return lines
+    out = lines[:2]
+    for line, e in zip(lines[2:], entries, strict=True):
+        out += [line, "  " + str(e.get("label") or e.get("format") or "?")]
+    return out
+
+
+def _config_text(config: dict[str, Any] | None) -> str:
+    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in (config or {}).items())
+
+
+def _notes(report: dict[str, Any], front: set[str]) -> list[str]:
+    """The lines under the table: what the front marks, artifacts without a throughput, candidates
+    that failed (no artifact, so no row) and candidates preset auto could not build."""
+    notes = []
+    if front:
+        order = [n for n in report.get("front") or [] if n in front] or sorted(front)
+        notes.append(f"* {FRONT_MARK} the Pareto front of p50, size and metric, fastest first: {', '.join(order)}")
+    for e in report.get("entries") or []:
+        if e.get("throughput_error"):
+            notes.append(f"* {e.get('name')}: no throughput: {e['throughput_error']}")
+    for f in report.get("failed_candidates") or []:
+        label = f" ({f['label']})" if f.get("label") else ""
+        code = f"{f['code']}: " if f.get("code") else ""
+        notes.append(f"* failed: step {f.get('index', '?')} {f.get('step', '?')}{label}: {code}{f.get('message', '')}")
+    for left in report.get("left_out") or []:
+        config = _config_text(left.get("config"))
+        notes.append(f"* left out: {left.get('step', '?')}{f' ({config})' if config else ''}: {left.get('reason', '')}")
+    return notes
+
+
+def report_table(report: dict[str, Any]) -> str:
+    """The report as a text table with each artifact's verdict and label, the Pareto front marked;
+    under it what the front is, artifacts that could not be measured, failed and left-out
+    candidates; then the recommendation."""
+    entries = report.get("entries") or []
+    front = set(report.get("front") or []) | {str(e.get("name")) for e in entries if e.get("pareto")}
     recommended = recommendation_line(report)
-    return "\n".join(lines + notes + ([recommended] if recommended else []))
+    return "\n".join(_table_lines(entries, front) + _notes(report, front) + ([recommended] if recommended else []))
 
 
 def _say_nothing_recommended(recommended: dict[str, Any] | None) -> None:
-    reason = (recommended or {}).get("reason") or "the job has no recommendation"
-    click.echo(f"nothing downloaded: no artifact is recommended ({reason}); --all fetches every artifact", err=True)
+    rec = recommended or {}
+    why = _nothing_meets(rec) or f"no artifact is recommended ({rec.get('reason') or 'the job has no recommendation'})"
+    click.echo(f"nothing downloaded: {why}; --all fetches every artifact", err=True)
 
 
 class _JsonObject(click.ParamType):
@@ -252,9 +311,19 @@ def _wait_and_show(
         _say_nothing_recommended(report.get("recommended"))
 
 
+def _constraints(**limits: float | None) -> dict[str, float] | None:
+    """The job's constraints from the limits given; None (no key sent) when none was."""
+    given = {k: v for k, v in limits.items() if v is not None}
+    return given or None
+
+
 @click.command("submit")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--preset", help="e.g. onnx-int8, onnx-fp16, prune50-distill-int8, tflite-int8.")
+@click.option(
+    "--preset",
+    help="e.g. auto (every candidate --target allows; the fastest that meets the limits is recommended), "
+    "onnx-int8, onnx-fp16, prune50-distill-int8, tflite-int8.",
+)
 @click.option("--step", "steps", multiple=True, help="A step name, repeated in order (instead of --preset).")
 @click.option(
     "--calibration",
@@ -275,6 +344,26 @@ def _wait_and_show(
     "--overrides",
     type=_JsonObject(),
     help='Step configs over the preset\'s, as JSON, e.g. \'{"distill": {"epochs": 2}}\'.',
+)
+@click.option(
+    "--target",
+    type=click.Choice(TARGETS),
+    help="Where the artifact will run; steps for another target are refused (auto: x86-cpu).",
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=click.FloatRange(0, 1),
+    help="The tolerance on the task's metric (0.01 = 1 point); the service's default when not given.",
+)
+@click.option(
+    "--max-latency-ms",
+    type=click.FloatRange(0, min_open=True),
+    help="The recommendation's p50 at batch 1 on the worker must be at most this.",
+)
+@click.option(
+    "--max-size-mb",
+    type=click.FloatRange(0, min_open=True),
+    help="The recommendation's file must be at most this many MB (10^6 bytes).",
 )
 @click.option("--name", help="A name for the job.")
 @click.option("--webhook-url", help="POSTed the job when it ends (signed).")
@@ -299,6 +388,10 @@ def submit_command(
     input_shape: str | None,
     preprocessing: dict[str, Any] | None,
     overrides: dict[str, Any] | None,
+    target: str | None,
+    max_accuracy_drop: float | None,
+    max_latency_ms: float | None,
+    max_size_mb: float | None,
     name: str | None,
     webhook_url: str | None,
     wait: bool,
@@ -312,7 +405,16 @@ def submit_command(
     """Upload MODEL (and datasets), submit a job, and optionally wait and download."""
     if bool(preset) == bool(steps):
         raise click.UsageError("give --preset or one or more --step")
-    fields = {"name": name, "webhook_url": webhook_url, "preprocessing": preprocessing, "overrides": overrides}
+    fields = {
+        "name": name,
+        "webhook_url": webhook_url,
+        "preprocessing": preprocessing,
+        "overrides": overrides,
+        "target": target,
+        # The tolerance goes top-level, its one place in the CLI (the API also reads it from constraints).
+        "max_accuracy_drop": max_accuracy_drop,
+        "constraints": _constraints(max_latency_ms=max_latency_ms, max_size_mb=max_size_mb),
+    }
     try:
         with Client(url, api_key) as cv:
             job = _upload_and_submit(

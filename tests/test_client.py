@@ -83,6 +83,7 @@ def test_submit_wait_download_checks_every_file_against_the_artifact_list(stack,
 # whatever the report holds (an original's null SNR, a TFLite artifact with no throughput, an
 # accuracy next to an agreement). Each: (model, preset, extra arguments).
 PIPELINES = {
+    "auto": ("onnx", ["--target", "x86-cpu", "--max-latency-ms", "20"]),
     "onnx-int8": ("onnx", []),
     "onnx-fp16": ("onnx", []),
     "tflite-int8": ("pt2", []),
@@ -141,7 +142,9 @@ def test_the_readme_pipeline_line_prints_its_table(stack, digit_assets, request,
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "100.0% succeeded" in done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].split()[:3] == ["artifact", "format", "size"] and set(lines[1]) <= {"-", " "}
+    # Each artifact's label ("ONNX Runtime INT8 QDQ") on its own line under it, in place of a format column.
+    assert lines[0].split()[:3] == ["artifact", "size", "size"] and set(lines[1]) <= {"-", " "}
+    assert lines[3].startswith("  ") and lines[3].strip()
     downloaded = sorted(p.name for p in out.iterdir())
     assert downloaded and all(f"downloaded {out / name}" in done.stderr for name in downloaded)
     names = {line.split()[0] for line in lines[2:] if line and not line.startswith("*")}
