@@ -469,6 +469,8 @@ def _candidates_section(report: ReportRead) -> str:
     facts = [f"target <b>{escape(report.target or 'any')}</b>", f"constraints: {escape(_constraints_text(report))}"]
     if report.front:
         facts.append("on the front, fastest first: " + ", ".join(escape(labels.get(n, n)) for n in report.front))
+    if report.latency_note:
+        facts.append(f"<i>{escape(report.latency_note)}</i>")
     out = [f'<section id="candidates"><h2>Candidates</h2><p>{" · ".join(facts)}</p>']
     if report.failed_candidates:
         rows = "".join(

@@ -25,7 +25,7 @@ from core.models import (
     new_id,
     utcnow,
 )
-from core.recipes import AUTO_PRESET, DatasetFacts, Recipe, job_recipe, plan_job
+from core.recipes import AUTO_PRESET, DatasetFacts, Recipe, job_recipe, plan_job, resolve_input_spec
 from core.schemas import (
     ArtifactRead,
     JobCreate,
@@ -202,6 +202,8 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
     dataset reads exactly like one that does not exist."""
     model = _job_model(session=session, model_id=job_in.model_id, tenant_id=tenant_id)
     has_dataset = bool(job_in.calibration_dataset_id or job_in.evaluation_dataset_id)
+    default_shape = (model.details or {}).get("default_input_shape")
+    input_spec = resolve_input_spec(list(model.inputs), job_in.input_shape, default_shape)
     recipe = job_recipe(
         preset=job_in.preset,
         steps=job_in.step_specs(),
@@ -210,13 +212,14 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
         has_dataset=has_dataset,
         overrides=job_in.overrides,
         target=job_in.target,
+        batch=input_spec[0]["shape"][0] if input_spec else 1,
     )
     plan = plan_job(
         model_format=model.format,
         model_inputs=list(model.inputs),
         model_outputs=list(model.outputs),
         steps=recipe.steps,
-        default_input_shape=(model.details or {}).get("default_input_shape"),
+        default_input_shape=default_shape,
         input_shape=job_in.input_shape,
         calibration=_dataset_facts(
             session=session, dataset_id=job_in.calibration_dataset_id, role="calibration", tenant_id=tenant_id

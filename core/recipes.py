@@ -161,9 +161,10 @@ def job_recipe(
     has_dataset: bool,
     overrides: dict[str, dict[str, Any]] | None = None,
     target: Target | None = None,
+    batch: int = 1,
 ) -> Recipe:
-    """The job's steps from its preset (auto: the target's candidates for this upload) or its own
-    list; with a target, a 422 for a step whose artifact runs elsewhere."""
+    """The job's steps from its preset (auto: the target's candidates for this upload, ``batch`` its
+    input batch) or its own list; with a target, a 422 for a step whose artifact runs elsewhere."""
     if preset == AUTO_PRESET:
         recipe = auto_recipe(
             target or DEFAULT_AUTO_TARGET,
@@ -171,6 +172,7 @@ def job_recipe(
             has_calibration=has_calibration,
             has_dataset=has_dataset,
             overrides=overrides,
+            batch=batch,
         )
         unknown = set(overrides or {}) - {s.name for s in recipe.steps}
         if unknown:

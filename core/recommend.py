@@ -42,7 +42,7 @@ from core.schemas import (
     ReportRead,
     Verdict,
 )
-from core.targets import candidate_label
+from core.targets import STAND_IN_NOTES, candidate_label
 from core.tasks import DEFAULT_TOLERANCE
 
 # Two p50s this close are one speed: the smaller file wins. Timings on a shared worker move by
@@ -296,7 +296,7 @@ def recommend(
         if c.p50_ms is not None
         and ((c.step is None and not limits.misses(c)) or judgements[c.name].verdict == "meets_tolerance")
     ]
-    if not pool and limits:
+    if not pool and limits and any(c.p50_ms is not None for c in candidates):
         return judgements, _closest(candidates, judgements, limits, tolerance=tolerance, evaluated=evaluated)
     rec = _choose(pool, candidates, judgements, original, tolerance=tolerance, evaluated=evaluated, limits=limits)
     return judgements, rec
@@ -419,6 +419,8 @@ def _choose(
     within = "the tolerance and the constraints" if limits else "the tolerance"
     if winner is fastest:
         lead = f"fastest within {within}"
+    elif fastest.name in behind:
+        lead = f"fastest within {within} that keeps up at batch {behind[fastest.name].batch}"
     else:
         lead = (
             f"smallest of the fastest within {within} ({winner.size_bytes / max(fastest.size_bytes, 1):.2f}x "
@@ -426,13 +428,7 @@ def _choose(
             f"{_ms(_timed(fastest))} it matches within {TIE_FRACTION:.0%})"
         )
     metric = winner.metric
-    rivals = sorted((c for c in pool if c is not winner), key=_timed)
-    runner_up = ""
-    if rivals:
-        ratio = _timed(rivals[0]) / _timed(winner)
-        runner_up = f"; next: {'the original' if rivals[0].step is None else rivals[0].name} " + (
-            f"at {ratio:.2f}x its p50" if ratio >= 1 else f"({_ms(_timed(rivals[0]))} p50, tied and larger)"
-        )
+    runner_up = _runner_up(winner, pool, behind)
     return Recommendation(
         artifact=winner.name,
         tolerance=tolerance,
@@ -448,6 +444,23 @@ def _choose(
             else None,
         ),
     )
+
+
+def _runner_up(winner: Candidate, pool: list[Candidate], behind: dict[str, _Behind]) -> str:
+    """ "; next: ..." naming the fastest other candidate in the running and why it lost."""
+    rivals = sorted((c for c in pool if c is not winner), key=_timed)
+    if not rivals:
+        return ""
+    rival = rivals[0]
+    name = "the original" if rival.step is None else rival.name
+    if rival.name in behind:
+        b = behind[rival.name]
+        rates = f"{b.images_per_s:.0f} vs {b.best:.0f} images/s"
+        return f"; next: {name}, tied at batch 1 but behind at batch {b.batch} ({rates})"
+    ratio = _timed(rival) / _timed(winner)
+    if ratio >= 1:
+        return f"; next: {name} at {ratio:.2f}x its p50"
+    return f"; next: {name} ({_ms(_timed(rival))} p50, tied and larger)"
 
 
 def _nothing_beats(
@@ -764,6 +777,7 @@ def report_for(
         machine=(results.bench or {}).get("machine"),
         target=options.get("target"),
         constraints=options.get("constraints"),
+        latency_note=STAND_IN_NOTES.get(options.get("target") or ""),
         entries=entries,
         front=_front(entries, lossless | {original.name}),
         failed_candidates=_failed_candidates(steps, original.format),

@@ -481,6 +481,9 @@ class ReportRead(BaseModel):
     machine: dict[str, Any] | None
     target: Target | None = None
     constraints: Constraints | None = None
+    latency_note: str | None = Field(
+        default=None, description="Where the latencies were measured when that is not the target itself."
+    )
     entries: list[ReportEntry]
     front: list[str] = Field(
         default_factory=list, description="The entries on the Pareto front (pareto true), fastest first."

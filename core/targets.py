@@ -51,6 +51,12 @@ RUNTIMES: dict[str, dict[Target, str]] = {
     **{fmt: {"x86-cpu": "PyTorch", "arm-cpu": "PyTorch", "nvidia-gpu": "PyTorch"} for fmt in TORCH_FORMATS},
 }
 
+# Targets whose latencies the service measures on another machine, said beside every report.
+STAND_IN_NOTES: dict[str, str] = {
+    "arm-cpu": "arm-cpu: latencies are measured on the worker's x86 CPU (LiteRT with XNNPACK, ONNX Runtime), a "
+    "stand-in for the phone's ARM CPU: compare candidates with each other, not with a phone's numbers",
+}
+
 _FORMAT_NAMES = {
     ONNX: "an ONNX model",
     OPENVINO_IR: "an OpenVINO IR",
@@ -107,7 +113,7 @@ _MEASURE = (_Candidate("benchmark", optional=False), _Candidate("evaluate", opti
 _ORT_INT8 = _Candidate("quantize_int8", {"search_speed": True})
 
 AUTO_CANDIDATES: dict[Target, tuple[_Candidate, ...]] = {
-    # x86: ONNX Runtime FP32 (the export) and INT8 (QDQ, QOperator and Conv-only quantization judged
+    # x86: ONNX Runtime FP32 (the export) and INT8 (QDQ, QOperator and Conv/Gemm/MatMul-only INT8 judged
     # and timed inside the step), OpenVINO f32 and bf16 compute, NNCF INT8 in OpenVINO.
     "x86-cpu": (
         _Candidate("export_onnx", optional=False),
@@ -128,10 +134,11 @@ AUTO_CANDIDATES: dict[Target, tuple[_Candidate, ...]] = {
         _Candidate("benchmark", {"batch_sizes": [1]}, optional=False),
         _Candidate("evaluate", optional=False),
     ),
-    # NVIDIA GPUs: AOTInductor FP16 from the PyTorch model, TensorRT FP16 from the ONNX export.
+    # NVIDIA GPUs: AOTInductor FP16 from the PyTorch model, TensorRT FP16 from the ONNX export (the
+    # export is a candidate too: AOTInductor does not need it).
     "nvidia-gpu": (
         _Candidate("compile_gpu", {"precision": "fp16"}),
-        _Candidate("export_onnx", optional=False),
+        _Candidate("export_onnx"),
         _Candidate("build_tensorrt", {"precision": "fp16"}),
         _Candidate("benchmark", {"batch_sizes": [1, 32]}, optional=False),
         _Candidate("evaluate", optional=False),
@@ -146,10 +153,18 @@ class AutoRecipe:
 
 
 def auto_recipe(
-    target: Target, *, model_format: str, has_calibration: bool, has_dataset: bool, overrides: dict[str, Any] | None
+    target: Target,
+    *,
+    model_format: str,
+    has_calibration: bool,
+    has_dataset: bool,
+    overrides: dict[str, Any] | None,
+    batch: int = 1,
 ) -> AutoRecipe:
     """Preset auto's steps for ``target`` and this upload, and the candidates left out with why; a
-    422 when no candidate can be built (the target is out of the model's reach)."""
+    422 when no candidate can be built (the target is out of the model's reach). ``batch``: the job's
+    input batch; the static-shape candidates (compiled for batch 1, where the recommendation is
+    timed) keep an open batch axis when the job runs at another."""
     steps: list[StepSpec] = []
     left_out: list[dict[str, Any]] = []
     current = model_format
@@ -157,6 +172,8 @@ def auto_recipe(
         spec = get_spec(c.name)
         # Judged with the overrides merged: {"quantize_int8": {"mode": "dynamic"}} needs no calibration.
         config = {**c.config, **(overrides or {}).get(c.name, {})}
+        if batch != 1 and c.config.get("static_shape"):
+            config["static_shape"] = False
         reason = _why_not(spec, config, current, has_calibration=has_calibration, has_dataset=has_dataset)
         if reason is not None:
             if c.optional or spec.produces is None:
@@ -230,6 +247,8 @@ def candidate_label(step: str | None, fmt: str, facts: dict[str, Any] | None, ra
     if step == "quantize_openvino":
         return "OpenVINO INT8 (NNCF)"
     if step == "convert_tflite":
+        if precision == "MIXED":  # INT8 with the ops that broke the task's metric kept float
+            return "LiteRT mixed INT8/float"
         return f"LiteRT {precision or 'FP32'}"
     if step == "build_tensorrt":
         return f"TensorRT {precision or 'FP32'}"

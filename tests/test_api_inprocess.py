@@ -344,6 +344,16 @@ def test_preset_auto_builds_the_targets_candidates_and_keeps_the_constraints(inp
     assert report["left_out"] == []
 
 
+def test_preset_auto_at_batch_4_builds_open_batch_openvino_irs(inprocess_api, model):
+    client = inprocess_api.client
+    calibration = upload(client, "/v1/datasets", "calibration.npz", npz())
+    body = {"model_id": model["id"], "preset": "auto", "calibration_dataset_id": calibration["id"]}
+    at_one = client.post("/v1/jobs", json=body).json()
+    at_four = client.post("/v1/jobs", json={**body, "input_shape": [4, 3, 8, 8]}).json()
+    assert [s["config"]["static_shape"] for s in at_one["steps"] if s["name"].endswith("openvino")] == [True] * 3
+    assert [s["config"]["static_shape"] for s in at_four["steps"] if s["name"].endswith("openvino")] == [False] * 3
+
+
 def test_preset_auto_without_datasets_leaves_out_what_needs_them_and_says_why(inprocess_api, model):
     client = inprocess_api.client
     job = client.post("/v1/jobs", json={"model_id": model["id"], "preset": "auto", "target": "arm-cpu"}).json()

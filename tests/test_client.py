@@ -73,8 +73,9 @@ def test_submit_wait_download_checks_every_file_against_the_artifact_list(stack,
     waited = cli(stack, "submit", str(digit_assets.models["onnx"]), "--preset", "onnx", "--wait")
     assert waited.returncode == 0, waited.stderr
     header = waited.stdout.splitlines()[0].split()
-    assert header[:3] == ["artifact", "format", "size"] and "p50" in waited.stdout
+    assert header[:3] == ["artifact", "size", "size"] and "p50" in waited.stdout
     assert "digits.onnx" in waited.stdout and "00-export_onnx.onnx" in waited.stdout
+    assert "ONNX Runtime FP32" in waited.stdout  # each artifact's label under its name
     assert header[-1] == "verdict" and waited.stdout.splitlines()[-1].startswith("recommended: ")
     assert "% " in waited.stderr and "submitted" in waited.stderr  # progress lines while it waited
 

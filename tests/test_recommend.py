@@ -770,10 +770,10 @@ def test_an_artifact_over_the_tolerance_is_never_the_closest_the_original_can_be
     assert rec.reason == (
         "nothing within the tolerance meets the constraints; the closest is the original (p50 10 ms > max_latency_ms 5)"
     )
-    # Nothing timed at all: no closest, and the reason says so.
+    # Nothing timed at all: no closest, and the reason says what to add.
     _, rec = recommend([original(None), int8(None)], tolerance=0.01, evaluated=True, limits=Limits(max_latency_ms=5.0))
     assert rec.artifact is None and rec.closest is None and rec.missed == []
-    assert rec.reason == "nothing meets the constraints: no artifact is both timed and within the tolerance"
+    assert rec.reason == "nothing was timed at batch 1: add a benchmark step to the recipe"
 
 
 def test_the_reason_names_the_runner_up_and_how_much_slower_it_is():
@@ -965,3 +965,16 @@ def test_a_dominated_entry_is_off_the_front_and_ties_on_p50_list_the_smaller_fir
     # than the export (dominated), the original slower at the same size (dominated).
     assert report.front == ["01-quantize_int8.onnx", "00-export_onnx.onnx"]
     assert by_name["02-y.onnx"].pareto is False and by_name[ORIGINAL].pareto is False
+
+
+def test_the_runner_up_set_aside_under_load_is_named_for_that_not_for_size():
+    # FP16 ties the export at batch 1 and is half its size, but falls behind at batch 8: the export wins
+    # because it keeps up, and the reason says so, not that it is the smallest.
+    fp16 = Candidate("01-convert_fp16.onnx", "convert_fp16", 2_000_000, 5.0, False, metric(0.80), throughput=(8, 200.0))
+    export = fp32(5.05, throughput=(8, 800.0))
+    _, rec = recommend([original(10.0), export, fp16], tolerance=0.01, evaluated=True)
+    assert rec.artifact == "00-export_onnx.onnx"
+    assert rec.reason.startswith("fastest within the tolerance that keeps up at batch 8: ")
+    assert rec.reason.endswith(
+        "; next: 01-convert_fp16.onnx, tied at batch 1 but behind at batch 8 (200 vs 800 images/s)"
+    )

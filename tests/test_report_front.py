@@ -300,3 +300,17 @@ def test_the_front_chart_keeps_labels_apart_from_each_other_the_points_and_the_c
         assert all(apart(a, other["box"]) for other in labels[i + 1 :]), labels
         assert all(apart(a, p) for p in geometry["points"] + geometry["fixed"]), (label, geometry)
         assert chart[0] <= a[0] and a[2] <= chart[2] and chart[1] <= a[1] and a[3] <= chart[3], (label, chart)
+
+
+def test_an_arm_cpu_report_says_its_latencies_are_an_x86_stand_in(inprocess_api):
+    from tests.test_api_inprocess import tiny_onnx, upload
+
+    client = inprocess_api.client
+    model = upload(client, "/v1/models", "tiny.onnx", tiny_onnx())
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "preset": "auto", "target": "arm-cpu"}).json()
+    report = client.get(f"/v1/jobs/{job['id']}/report").json()
+    assert report["target"] == "arm-cpu" and "stand-in for the phone's ARM CPU" in report["latency_note"]
+    page = client.get(f"/v1/jobs/{job['id']}/report.html").text
+    assert "stand-in for the phone&#x27;s ARM CPU" in page or "stand-in for the phone's ARM CPU" in page
+    x86 = client.post("/v1/jobs", json={"model_id": model["id"], "preset": "onnx", "target": "x86-cpu"}).json()
+    assert client.get(f"/v1/jobs/{x86['id']}/report").json()["latency_note"] is None

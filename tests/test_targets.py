@@ -174,8 +174,8 @@ def test_a_tensorflow_upload_cannot_reach_x86_or_a_gpu_and_the_422_says_why_and_
     assert err.value.details == {"target": target, "model_format": fmt}
     message = err.value.message
     name = "a Keras model" if fmt == KERAS else "a SavedModel"
-    assert message.startswith(f"target {target} is out of reach for {name}: export_onnx takes ")
-    assert "tf2onnx" in message  # one way forward: convert it to ONNX
+    assert message.startswith(f"target {target} is out of reach for {name}: ")
+    assert "export_onnx takes " in message and "tf2onnx" in message  # one way forward: convert it to ONNX
     assert message.endswith("; TensorFlow uploads convert to TFLite only: target arm-cpu")  # the other
     # Without datasets too: reachability is about the upload, not the data.
     with pytest.raises(InvalidInput) as err:
@@ -188,7 +188,7 @@ def test_auto_on_nvidia_gpu_from_pytorch_builds_aotinductor_and_tensorrt_fp16(fm
     recipe = auto("nvidia-gpu", fmt)
     assert shape(recipe.steps) == [
         ("compile_gpu", {"precision": "fp16"}, True),
-        ("export_onnx", {}, False),
+        ("export_onnx", {}, True),  # AOTInductor does not need it: a failed export fails TensorRT alone
         ("build_tensorrt", {"precision": "fp16"}, True),
         ("benchmark", {"batch_sizes": [1, 32]}, False),
         ("evaluate", {}, False),
@@ -408,6 +408,7 @@ def test_labels_fall_back_to_the_config_when_the_runtime_did_not_say():
     assert candidate_label("quantize_int8", ONNX, {"search_speed": True}) == "ONNX Runtime INT8"
     assert candidate_label("quantize_int8", ONNX, {"quant_format": "dynamic"}) == "ONNX Runtime INT8 dynamic"
     assert candidate_label("convert_tflite", TFLITE, {}) == "LiteRT FP32"
+    assert candidate_label("convert_tflite", TFLITE, {"precision": "mixed"}) == "LiteRT mixed INT8/float"
     assert candidate_label("build_tensorrt", TENSORRT_ENGINE, None) == "TensorRT FP32"
 
 
@@ -424,3 +425,13 @@ def test_labels_fall_back_to_the_config_when_the_runtime_did_not_say():
 )
 def test_the_original_is_labelled_by_its_upload_format(fmt, label):
     assert candidate_label(None, fmt, {"precision": "fp32"}, "f32") == label
+
+
+def test_auto_for_a_job_at_another_batch_keeps_the_openvino_candidates_open_batch():
+    """The static-shape IRs are compiled for batch 1, where the recommendation is timed; a job whose
+    input batch is 4 gets IRs with an open batch axis instead, so the benchmark can time them at 1."""
+    at_one = auto("x86-cpu", ONNX)
+    at_four = auto_recipe("x86-cpu", model_format=ONNX, has_calibration=True, has_dataset=True, overrides=None, batch=4)
+    static = {s.name: s.config.get("static_shape") for s in at_one.steps if "static_shape" in s.config}
+    assert static == {"convert_openvino": True, "quantize_openvino": True}
+    assert [s.config.get("static_shape") for s in at_four.steps if s.name.endswith("openvino")] == [False] * 3

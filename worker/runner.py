@@ -94,6 +94,9 @@ class _LogTail(logging.Handler):
         return "\n".join(self.lines)[-LOG_TAIL_CHARS:]
 
 
+# A candidate that failed with one of these in an earlier run of the job runs again (the machine, not
+# the model, may have been the cause); any other refusal stands.
+_TRANSIENT_CODES = frozenset({"out_of_memory", "step_timeout", "step_cpu_limit", "internal_error"})
 # task_options keys that no step reads (core.recommend does), kept out of the artifact cache key.
 _REPORT_ONLY_OPTIONS = frozenset({"target", "constraints", "left_out"})
 
@@ -167,6 +170,7 @@ class _StepRow:
     queue: str
     status: StepStatus
     optional: bool = False
+    error_code: str | None = None  # a failed step's, from its metrics
 
 
 @dataclass
@@ -461,7 +465,16 @@ class JobRunner:
             artifacts = s.scalars(select(Artifact).where(Artifact.job_id == job_id))
             return _JobPlan(
                 steps=[
-                    _StepRow(st.id, st.index, st.name, dict(st.config), st.queue, st.status, st.optional)
+                    _StepRow(
+                        st.id,
+                        st.index,
+                        st.name,
+                        dict(st.config),
+                        st.queue,
+                        st.status,
+                        st.optional,
+                        ((st.metrics or {}).get("error") or {}).get("code"),
+                    )
                     for st in job.steps
                 ],
                 model_key=model.storage_key,
@@ -541,6 +554,8 @@ class JobRunner:
         dies, the step ends failed with the code and reason, and the job goes on from the same model.
         Cancellation and the service's own faults (storage, database) still end the job."""
         cls = get_pass(step.name)
+        if step.status == StepStatus.failed and step.error_code not in _TRANSIENT_CODES:
+            return True  # refused in an earlier run of this job (a lost worker's): the same inputs refuse again
         if chain.current.format not in cls.accepts:
             # The producing step it would start from was a candidate too, and failed.
             message = (
@@ -549,17 +564,22 @@ class JobRunner:
             )
             self._mark_step_failed(job_id, step.id, "source_failed", message)
             return True
+        log_text = ""
         try:
             return self._run_step(job_id, plan, step, chain, work, heartbeat)
         except (PassError, StepFailed) as exc:
-            code, message = exc.code, exc.message
+            code, message, log_text = exc.code, exc.message, getattr(exc, "log_text", "")
         except MemoryError:
             code, message = "out_of_memory", f"out of memory at step {step.name}"
         log.warning("job %s: candidate step %d %s failed (%s): %s", job_id, step.index, step.name, code, message)
-        self._mark_step_failed(job_id, step.id, code, message)
+        if log_text:  # a crash's traceback from the step's process: kept in the worker's log
+            log.warning("job %s: candidate step %d %s's last words:\n%s", job_id, step.index, step.name, log_text)
+        self._mark_step_failed(job_id, step.id, code, message, log_text)
         return True
 
-    def _mark_step_failed(self, job_id: str, step_id: str, code: str, message: str) -> None:
+    def _mark_step_failed(self, job_id: str, step_id: str, code: str, message: str, log_text: str = "") -> None:
+        error = {"code": code, "message": message, **({"log_tail": log_text[-LOG_TAIL_CHARS:]} if log_text else {})}
+
         def write() -> None:
             with self.sessions() as s:
                 self._check_owned(s, job_id)
@@ -569,7 +589,7 @@ class JobRunner:
                     .values(
                         status=StepStatus.failed,
                         finished_at=utcnow(),
-                        metrics={"error": {"code": code, "message": message}},
+                        metrics={"error": error},
                         message=f"{code}: {message}",
                     )
                 )
