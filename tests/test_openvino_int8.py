@@ -61,7 +61,8 @@ def test_planning_refuses_the_step_without_calibration_data_and_the_preset_chain
     assert [s.name for s in PRESETS["openvino-int8"]] == ["export_onnx", "quantize_openvino", "benchmark", "evaluate"]
 
 
-def test_the_digit_cnn_keeps_its_top1_in_openvino_int8_and_benchmark_measures_it(digit_assets, tmp_path):
+def digit_context(digit_assets, work):
+    """The digit CNN's ONNX and a context with its 256 calibration and 297 labeled samples."""
     source = ArtifactRef("digits.onnx", "onnx", digit_assets.models["onnx"])
     calibration = DatasetRef(
         path=digit_assets.calibration_npz, format="npz", labeled=False, num_samples=256, layout="NCHW",
@@ -71,9 +72,13 @@ def test_the_digit_cnn_keeps_its_top1_in_openvino_int8_and_benchmark_measures_it
         path=digit_assets.labeled_npz, format="npz", labeled=True, num_samples=297, layout="NCHW",
         sample_shape=[1, 8, 8],
     )  # fmt: skip
-    ctx = context(
-        tmp_path / "work", source, DIGITS_SPEC, DIGITS_PREP, calibration_dataset=calibration, evaluation_dataset=labeled
+    return source, context(
+        work, source, DIGITS_SPEC, DIGITS_PREP, calibration_dataset=calibration, evaluation_dataset=labeled
     )
+
+
+def test_the_digit_cnn_keeps_its_top1_in_openvino_int8_and_benchmark_measures_it(digit_assets, tmp_path):
+    source, ctx = digit_context(digit_assets, tmp_path / "work")
     ir, metrics = quantize(ctx, source, tmp_path / "digits.int8.openvino.zip", max_accuracy_drop=0.01)
     with zipfile.ZipFile(ir.path) as archive:
         assert archive.namelist() == ["model.xml", "model.bin"]
@@ -85,7 +90,7 @@ def test_the_digit_cnn_keeps_its_top1_in_openvino_int8_and_benchmark_measures_it
     assert ir.meta["precision"] == "int8" and ir.meta["inference_precision"] == "auto"
 
     bench = get_pass("benchmark")
-    ctx = context(tmp_path / "bench", source, DIGITS_SPEC, DIGITS_PREP, evaluation_dataset=labeled)
+    ctx = context(tmp_path / "bench", source, DIGITS_SPEC, DIGITS_PREP, evaluation_dataset=ctx.evaluation_dataset)
     ctx.artifacts.extend([source, ir])
     rows = bench().run(ctx, ir, bench.Config(runs=5, warmup=1, batch_sizes=[1])).metrics["results"]
     row = {r["artifact"]: r for r in rows}[ir.name]
@@ -95,18 +100,7 @@ def test_the_digit_cnn_keeps_its_top1_in_openvino_int8_and_benchmark_measures_it
 def test_a_static_shape_int8_ir_takes_batch_1_only_is_judged_at_it_and_benchmark_says_so(digit_assets, tmp_path):
     import openvino as ov
 
-    source = ArtifactRef("digits.onnx", "onnx", digit_assets.models["onnx"])
-    calibration = DatasetRef(
-        path=digit_assets.calibration_npz, format="npz", labeled=False, num_samples=256, layout="NCHW",
-        sample_shape=[1, 8, 8],
-    )  # fmt: skip
-    labeled = DatasetRef(
-        path=digit_assets.labeled_npz, format="npz", labeled=True, num_samples=297, layout="NCHW",
-        sample_shape=[1, 8, 8],
-    )  # fmt: skip
-    ctx = context(
-        tmp_path / "work", source, DIGITS_SPEC, DIGITS_PREP, calibration_dataset=calibration, evaluation_dataset=labeled
-    )
+    source, ctx = digit_context(digit_assets, tmp_path / "work")
     dest = tmp_path / "digits.int8.openvino.zip"
     ir, metrics = quantize(ctx, source, dest, max_accuracy_drop=0.01, static_shape=True)
     with zipfile.ZipFile(ir.path) as archive:
@@ -118,7 +112,7 @@ def test_a_static_shape_int8_ir_takes_batch_1_only_is_judged_at_it_and_benchmark
     assert metrics["samples"] == 297 and metrics["drop"] <= 0.01 and metrics["int8"] > 0.85
 
     bench = get_pass("benchmark")
-    ctx = context(tmp_path / "bench", source, DIGITS_SPEC, DIGITS_PREP, evaluation_dataset=labeled)
+    ctx = context(tmp_path / "bench", source, DIGITS_SPEC, DIGITS_PREP, evaluation_dataset=ctx.evaluation_dataset)
     ctx.artifacts.extend([source, ir])
     rows = bench().run(ctx, ir, bench.Config(runs=5, warmup=1, batch_sizes=[1, 8])).metrics["results"]
     latency = {r["artifact"]: r for r in rows}[ir.name]["latency"]

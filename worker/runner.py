@@ -579,23 +579,7 @@ class JobRunner:
 
     def _mark_step_failed(self, job_id: str, step_id: str, code: str, message: str, log_text: str = "") -> None:
         error = {"code": code, "message": message, **({"log_tail": log_text[-LOG_TAIL_CHARS:]} if log_text else {})}
-
-        def write() -> None:
-            with self.sessions() as s:
-                self._check_owned(s, job_id)
-                s.execute(
-                    update(JobStep)
-                    .where(JobStep.id == step_id)
-                    .values(
-                        status=StepStatus.failed,
-                        finished_at=utcnow(),
-                        metrics={"error": error},
-                        message=f"{code}: {message}",
-                    )
-                )
-                s.commit()
-
-        self._db("recording a failed candidate", write)
+        self._mark_step_done(job_id, step_id, {"error": error}, f"{code}: {message}", status=StepStatus.failed)
 
     def _context(
         self, plan: _JobPlan, step: _StepRow, chain: _Chain, step_dir: Path, heartbeat: _Heartbeat
@@ -789,7 +773,14 @@ class JobRunner:
 
         self._db(f"starting step {name}", write)
 
-    def _mark_step_done(self, job_id: str, step_id: str, metrics: dict[str, Any], message: str | None) -> None:
+    def _mark_step_done(
+        self,
+        job_id: str,
+        step_id: str,
+        metrics: dict[str, Any],
+        message: str | None,
+        status: StepStatus = StepStatus.succeeded,
+    ) -> None:
         def write() -> None:
             with self.sessions() as s:
                 self._check_owned(s, job_id)
@@ -797,7 +788,7 @@ class JobRunner:
                     update(JobStep)
                     .where(JobStep.id == step_id)
                     .values(
-                        status=StepStatus.succeeded,
+                        status=status,
                         finished_at=utcnow(),
                         metrics=_json_safe(metrics),
                         message=message,
