@@ -169,8 +169,13 @@ def test_a_score_channel_swamped_by_int8_noise_is_refused_when_asked(digit_asset
     torch.export.save(torch.export.export(Head().eval(), (torch.zeros(1, 1, 8, 8),)), path)
     source = ArtifactRef("head.pt2", "exported_program", path)
     calibration = npz_ref(digit_assets.calibration_npz, False, 256)
+    # Any drop of the task's metric accepted: full INT8 stays (no mixed search), and the floor alone decides.
     lenient = run_pass(
-        "convert_tflite", context(tmp_path / "a", source, calibration_dataset=calibration), source, precision="int8"
+        "convert_tflite",
+        context(tmp_path / "a", source, calibration_dataset=calibration),
+        source,
+        precision="int8",
+        max_accuracy_drop=1.0,
     )
     verification = lenient.metrics["verification"]
     assert verification["snr_db"] > 20 and verification["worst_channel_snr_db"] < 10
@@ -182,6 +187,7 @@ def test_a_score_channel_swamped_by_int8_noise_is_refused_when_asked(digit_asset
             source,
             precision="int8",
             min_channel_snr_db=15,
+            max_accuracy_drop=1.0,
         )
     assert err.value.code == "tflite_mismatch" and "worst output channel" in err.value.message
 
@@ -225,3 +231,128 @@ def test_a_baked_batch_calibrates_the_last_partial_batch_padded_with_its_own_sam
     np.testing.assert_array_equal(last[:3], digit_assets.x[4:7])
     dynamic = list(calibration_batches(dataset, spec, PREP, batch_size=16, baked_batch=None, limit=7))
     assert [(len(x), real) for x, real in dynamic] == [(7, 7)]
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_the_tflite_is_judged_on_the_task_metric_within_the_tolerance(precision, original, digit_assets, tmp_path):
+    """With class labels the metric is top-1 against them; the judged value is the .tflite's own top-1 on
+    the first validation samples, and int8's SNR floor drops to the broken-conversion guard."""
+    from worker.runtime import load_runner
+
+    ctx = context(
+        tmp_path,
+        original,
+        calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256),
+        evaluation_dataset=npz_ref(digit_assets.labeled_npz, True, 297),
+    )
+    ctx.task_options = {"max_accuracy_drop": 0.02}
+    result = run_pass("convert_tflite", ctx, original, precision=precision, validation_samples=200)
+    judged = result.metrics["task_metric"]
+    assert judged["metric"] == "top1" and judged["validated_on"] == "evaluation" and judged["samples"] == 200
+    assert judged["tolerance"] == 0.02 and judged["drop"] <= 0.02
+    assert judged["value"] == pytest.approx(accuracy(TfliteRunner(result.artifact), digit_assets))
+    assert judged["reference"] == pytest.approx(accuracy(load_runner(original), digit_assets))
+    assert [a["route"] for a in judged["attempts"]] == ["litert_torch_pt2e"]
+    assert result.meta["precision"] == result.metrics["precision"] == precision
+    assert result.metrics["verification"]["min_snr_db"] == (0.0 if precision == "int8" else 20.0)
+
+
+@pytest.fixture(scope="module")
+def outlier_original(digit_assets) -> ArtifactRef:
+    """The digit net with one classifier feature 10^4 times the others: exact in FP32, while per-tensor INT8
+    of that activation zeroes every other feature (the shape of a detector head's Concat)."""
+    return ArtifactRef("outlier.pt2", "exported_program", digit_assets.models["outlier_pt2"])
+
+
+def test_an_int8_miss_keeps_the_ops_that_add_the_most_error_float(outlier_original, digit_assets, tmp_path):
+    from worker.runtime import load_runner
+
+    calibration = npz_ref(digit_assets.calibration_npz, False, 256)
+    ctx = context(tmp_path, outlier_original, calibration_dataset=calibration)
+    result = run_pass("convert_tflite", ctx, outlier_original, precision="int8")
+    judged = result.metrics["task_metric"]
+    attempts = judged["attempts"]
+    # Full INT8 (PT2E, then ai-edge-quantizer's) collapses to chance; the search keeps ops float until it holds.
+    assert attempts[0]["route"] == "litert_torch_pt2e" and attempts[0]["drop"] > 0.5
+    assert attempts[1]["route"] == "ai_edge_quantizer" and attempts[1]["float_ops"] == 0
+    assert attempts[-1]["float_ops"] > 0 and attempts[-1]["drop"] <= 0.01
+    assert judged["metric"] == "top1_agreement" and judged["drop"] == attempts[-1]["drop"]
+    mixed = judged["mixed_precision"]
+    assert mixed["tolerance_met"] and mixed["kept_float"][0]["op"] == "FULLY_CONNECTED"
+    assert len(mixed["float_scopes"]) == attempts[-1]["float_ops"]
+    assert result.meta["precision"] == result.metrics["precision"] == "mixed"
+    assert result.artifact.name == "model.mixed.tflite"
+    # Measured again here: the artifact agrees with the source on the calibration images.
+    x = digit_assets.x[:256]
+    source = load_runner(outlier_original)
+    tflite = TfliteRunner(result.artifact)
+    got = np.concatenate([tflite({"image": x[i : i + 1]})[0] for i in range(len(x))]).argmax(1)
+    want = np.concatenate([source({"image": x[i : i + 1]})[0] for i in range(len(x))]).argmax(1)
+    assert (got == want).mean() >= 0.99
+    # Most of the graph still runs in INT8: weights stored as int8.
+    assert result.metrics["size_bytes"] < 0.5 * (tmp_path / "work" / "model.fp32.tflite").stat().st_size
+
+
+def test_an_int8_miss_without_mixed_precision_fails_with_the_attempts(outlier_original, digit_assets, tmp_path):
+    from core.errors import PassError
+
+    calibration = npz_ref(digit_assets.calibration_npz, False, 256)
+    ctx = context(tmp_path, outlier_original, calibration_dataset=calibration)
+    with pytest.raises(PassError) as err:
+        run_pass("convert_tflite", ctx, outlier_original, precision="int8", mixed_precision=False)
+    assert err.value.code == "int8_over_tolerance"
+    assert "mixed_precision off" in err.value.message and "top1_agreement" in err.value.message
+    details = err.value.details
+    assert details["tolerance"] == 0.01 and details["metric"]["drop"] > 0.5
+    assert [a["route"] for a in details["attempts"]] == ["litert_torch_pt2e"]
+
+
+def test_a_keras_int8_miss_becomes_mixed_precision_too(digit_assets, tmp_path):
+    """The TensorFlow route: the converter's full INT8 of a Keras model with an outlier feature collapses;
+    the mixed search starts from the converter's FP32 .tflite and keeps the damaging ops float."""
+    from core.schemas import Preprocessing
+    from worker.passes.base import PassContext
+    from worker.tf_models import import_tensorflow
+
+    import_tensorflow()
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(8, 8, 1), name="image"),
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(16, name="features"),
+            keras.layers.Dense(10, name="logits"),
+        ]
+    )
+    # One feature 10^4 times the others, the next layer's weights for it scaled down: the same function.
+    weights, bias = model.get_layer("features").get_weights()
+    weights[:, 0] *= 1e4
+    bias[0] = 1e4
+    model.get_layer("features").set_weights([weights, bias])
+    weights, bias = model.get_layer("logits").get_weights()
+    weights[0, :] /= 1e4
+    model.get_layer("logits").set_weights([weights, bias])
+    path = tmp_path / "outlier.keras"
+    model.save(path)
+    source = ArtifactRef(path.name, "keras", path)
+    (tmp_path / "work").mkdir()
+    ctx = PassContext(
+        work_dir=tmp_path / "work",
+        original=source,
+        artifacts=[],
+        input_spec=[{"name": "image", "shape": [1, 8, 8, 1], "dtype": "float32"}],
+        preprocessing=Preprocessing(mean=[0.0], std=[1.0]),
+        calibration_dataset=npz_ref(digit_assets.calibration_npz, False, 256),
+    )
+    result = run_pass("convert_tflite", ctx, source, precision="int8")
+    judged = result.metrics["task_metric"]
+    assert judged["attempts"][0]["route"] == "tf_lite_converter" and judged["attempts"][0]["drop"] > 0.5
+    assert judged["drop"] <= 0.01 and judged["mixed_precision"]["kept_float"]
+    assert result.meta["precision"] == "mixed" and result.meta["io_layout"] == "source"
+    x = digit_assets.x[:64].transpose(0, 2, 3, 1)
+    runner = TfliteRunner(result.artifact, layout="source")
+    got = np.concatenate([runner({"image": x[i : i + 1]})[0] for i in range(64)])
+    assert (got.argmax(1) == model.predict(x, verbose=0).argmax(1)).mean() >= 0.95

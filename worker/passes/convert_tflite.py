@@ -16,23 +16,45 @@ quantized on the fly), ``fp16`` (FP16 weights) and ``int8`` (full integer with t
 calibration images as the representative dataset; ``io_dtype`` picks int8, uint8 or float32
 inputs/outputs).
 
-Nothing is handed back unverified: the converted model is loaded in the LiteRT interpreter with
-its default XNNPACK delegate, run on real images from the job (or random inputs without a
-dataset) and compared with the model it was converted from, output channel by output channel.
-The step reports how much of the graph XNNPACK took and which op types fell back.
+Nothing is handed back unverified. With a dataset (evaluation, else calibration), an fp16, dynamic or
+int8 .tflite is judged like every other artifact: run in LiteRT on up to ``validation_samples`` images
+against its source with the INT8 gate's validation set and tallies (worker.quantization.gate,
+worker.metrics.tasks: top-1 or top-1 agreement, mAP or post-NMS F1 with the class-channel floor,
+pixel agreement), within the job's ``max_accuracy_drop`` (or the step's). An int8 that misses becomes
+mixed precision (worker.tflite_mixed: ai-edge-quantizer static INT8 of the FP32 .tflite with the ops
+that add the most error kept float, their number doubling up to ``max_float_ops``); meta["precision"]
+is then "mixed" ("int8" when ai-edge-quantizer's own all-INT8 meets it), and a miss after that fails
+the step with ``int8_over_tolerance`` and every attempt. Its I/O stays int8 with a scale and zero
+point wherever the ops at the graph's ends are quantized (metrics.io says, as for every .tflite).
+
+Then the kept .tflite is compared with its source output channel by output channel on the job's
+images (random inputs without a dataset): an SNR floor per precision catches a broken conversion
+(int8 judged on the task: 0 dB, noise as strong as the output; INT8 noise on a classifier's
+near-zero logits leaves single-digit SNRs while top-1 holds). The step reports how much of the
+graph XNNPACK took and which op types fell back.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from core.errors import PassError
 from core.formats import KERAS, TF_FORMATS, TFLITE
-from core.steps.convert_tflite import DEFAULT_MIN_SNR_DB, ConvertTfliteConfig, ConvertTfliteSpec
+from core.steps.convert_tflite import (
+    DEFAULT_MIN_SNR_DB,
+    TASK_JUDGED_INT8_SNR_DB,
+    ConvertTfliteConfig,
+    ConvertTfliteSpec,
+)
+from worker.metrics.tasks import meets_tolerance
 from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
+from worker.quantization.gate import ValidationSet, attempt_entry
+from worker.runtime import BatchRunner, load_runner
 
 
 class ConvertTflite(ConvertTfliteSpec, Pass):
@@ -86,12 +108,14 @@ class ConvertTflite(ConvertTfliteSpec, Pass):
             ctx,
             config,
             target,
+            source=source,
             layout=config.io_layout,
             reference=_torch_reference(module),
             shape=tuple(args[0].shape),
             against="the model it was converted from",
             calibration_samples=calibration_samples,
             extra={"io_layout": config.io_layout},
+            float_model=lambda path: litert_torch.convert(convert_module, convert_args).export(str(path)),
         )
 
     def _from_tensorflow(self, ctx: PassContext, source: ArtifactRef, config: ConvertTfliteConfig) -> PassResult:
@@ -108,12 +132,15 @@ class ConvertTflite(ConvertTfliteSpec, Pass):
                 "io_layout is for PyTorch models; a TensorFlow model keeps its own layout", code="invalid_step_config"
             )
         tf = import_tensorflow()
-        if source.format == KERAS:
-            converter = tf.lite.TFLiteConverter.from_keras_model(load_keras(source))
-        else:
-            converter = tf.lite.TFLiteConverter.from_saved_model(
+
+        def new_converter():
+            if source.format == KERAS:
+                return tf.lite.TFLiteConverter.from_keras_model(load_keras(source))
+            return tf.lite.TFLiteConverter.from_saved_model(
                 str(extract_saved_model(source)), signature_keys=[source.meta.get("signature") or "serving_default"]
             )
+
+        converter = new_converter()
         spec = ctx.input_spec[0]
         calibration_samples = 0
         if config.precision != "fp32":
@@ -154,12 +181,14 @@ class ConvertTflite(ConvertTfliteSpec, Pass):
             ctx,
             config,
             target,
+            source=source,
             layout="source",
             reference=lambda x: reference({spec["name"]: x})[0],
             shape=tuple(spec["shape"]),
             against="the TensorFlow model",
             calibration_samples=calibration_samples,
             extra={"converter": "tf.lite.TFLiteConverter", "tensorflow": tf.__version__},
+            float_model=lambda path: path.write_bytes(new_converter().convert()),
         )
 
     def _int8(self, ctx: PassContext, config: ConvertTfliteConfig, module, args):
@@ -226,28 +255,36 @@ def calibration_batches(
 def _verified(
     ctx: PassContext,
     config: ConvertTfliteConfig,
-    target,
+    target: Path,
     *,
+    source: ArtifactRef,
     layout: str,
     reference,
     shape: tuple,
     against: str,
     calibration_samples: int,
     extra: dict,
+    float_model: Callable[[Path], Any] | None,
 ) -> PassResult:
-    """Run the .tflite in LiteRT (XNNPACK) against its source, refuse it below the floors, and
-    describe it: fidelity, delegate coverage, I/O types."""
+    """Judge the .tflite on the task's metric against its source when the job has images (an int8 miss turns
+    into the mixed-precision search), then run the one kept in LiteRT (XNNPACK) against its source, refuse it
+    below the SNR floors (a broken conversion), and describe it: fidelity, delegate coverage, I/O types."""
     from worker.litert import TfliteRunner, delegate_coverage, io_details
 
+    precision, task_report = config.precision, None
+    task_judged = precision != "fp32" and (ctx.evaluation_dataset or ctx.calibration_dataset) is not None
+    if task_judged:
+        target, precision, task_report = _on_task(ctx, config, target, source, layout, float_model)
     runner = TfliteRunner(target, threads=ctx.threads, layout=layout)
     fidelity = _compare(ctx, config, reference, runner, shape)
-    ctx.report_progress(0.9)
-    verification, warnings = _judge(config, fidelity, against)
+    ctx.report_progress(0.95)
+    verification, warnings = _judge(config, fidelity, against, task_judged=task_judged)
     coverage = delegate_coverage(target, ctx.threads)
     metrics = {
         **extra,
-        "precision": config.precision,
+        "precision": precision,
         "size_bytes": target.stat().st_size,
+        **({"task_metric": task_report} if task_report else {}),
         "verification": verification,
         "interpreter": coverage,
         "io": io_details(target),
@@ -259,19 +296,152 @@ def _verified(
             f"{coverage['ops_fallback']} of {coverage['ops']} ops run outside XNNPACK "
             f"({', '.join(coverage['fallback_op_types'])})"
         )
+    if task_report and task_report.get("warning"):
+        warnings.append(task_report["warning"])
     if warnings:
         metrics["warning"] = "; ".join(warnings)
     return PassResult(
         artifact=target,
         format=TFLITE,
         metrics=metrics,
-        meta={"precision": config.precision, "io_layout": layout, "runtime": "litert"},
+        meta={"precision": precision, "io_layout": layout, "runtime": "litert"},
     )
 
 
-def _judge(config: ConvertTfliteConfig, fidelity: dict, against: str) -> tuple[dict, list[str]]:
-    """Refuse a .tflite below the floors; warn about output channels INT8 noise swamps."""
-    floor = config.min_snr_db if config.min_snr_db is not None else DEFAULT_MIN_SNR_DB[config.precision]
+class _SourceValidation(ValidationSet):
+    """The INT8 gate's validation set (worker.quantization.gate) with the source model (any format the
+    runtimes load: .pt2, state dict, Keras, SavedModel) as the reference and .tflite files as candidates."""
+
+    def __init__(self, ctx: PassContext, source: ArtifactRef, io_layout: str, samples: int) -> None:
+        self.io_layout = io_layout
+        spec = ctx.input_spec[0]
+        fixed = int(spec["shape"][0])
+        super().__init__(ctx, spec, source, batch_size=max(fixed, 16 - 16 % fixed), samples=samples, fixed_batch=fixed)
+
+    def runner(self, model: ArtifactRef | Path) -> BatchRunner:
+        from worker.litert import TfliteRunner
+
+        if isinstance(model, ArtifactRef):
+            run = load_runner(model, threads=self.ctx.threads)
+        else:
+            run = TfliteRunner(model, threads=self.ctx.threads, layout=self.io_layout)
+        return BatchRunner(run, self.spec["name"], self.fixed_batch)
+
+
+def _on_task(
+    ctx: PassContext,
+    config: ConvertTfliteConfig,
+    target: Path,
+    source: ArtifactRef,
+    layout: str,
+    float_model: Callable[[Path], Any] | None,
+) -> tuple[Path, str, dict[str, Any]]:
+    """(the .tflite to ship, its precision, the report): ``target`` when its task metric is within the
+    tolerance; for int8 that misses, the mixed-precision search's pick; a miss after that fails the step."""
+    validation = _SourceValidation(ctx, source, layout, config.validation_samples)
+    tolerance = config.max_accuracy_drop
+    if tolerance is None:
+        tolerance = float(ctx.task_options.get("max_accuracy_drop", 0.01))
+    metric = validation.judge(target)
+    route = "litert_torch_pt2e" if source.format not in TF_FORMATS else "tf_lite_converter"
+    report: dict[str, Any] = {
+        "task": validation.task,
+        "metric": metric["name"],
+        "validated_on": validation.source,
+        "samples": validation.samples,
+        "tolerance": tolerance,
+        "attempts": [{"route": route, "precision": config.precision, **attempt_entry(metric)}],
+    }
+    if validation.note:
+        report["warning"] = validation.note
+    precision = config.precision
+    if not meets_tolerance(metric, tolerance):
+        if precision != "int8":
+            raise PassError(
+                f"the {precision} .tflite misses the tolerance: {_metric_text(metric, tolerance)}",
+                code="tflite_mismatch",
+                details={**report, "metric": metric},
+            )
+        if not (config.mixed_precision and float_model):
+            raise PassError(
+                f"the full INT8 .tflite misses the tolerance (mixed_precision off): {_metric_text(metric, tolerance)}",
+                code="int8_over_tolerance",
+                details={**report, "metric": metric},
+            )
+        target, metric, precision = _mixed(ctx, config, validation, float_model, tolerance, report)
+    report.update(value=metric["value"], reference=metric["reference"], drop=metric["drop"])
+    if metric.get("floor"):
+        report["floor"] = metric["floor"]
+    return target, precision, report
+
+
+def _mixed(
+    ctx: PassContext,
+    config: ConvertTfliteConfig,
+    validation: _SourceValidation,
+    float_model: Callable[[Path], Any],
+    tolerance: float,
+    report: dict[str, Any],
+) -> tuple[Path, dict[str, Any], str]:
+    """ai-edge-quantizer static INT8 of the FP32 .tflite with the most damaging ops kept float
+    (worker.tflite_mixed); (the pick, its metric, "int8" when no op stayed float else "mixed")."""
+    from worker.tflite_mixed import mixed_precision
+
+    ctx.log.info("full INT8 misses the tolerance: searching mixed precision")
+    float_path = ctx.work_dir / "model.fp32.tflite"
+    float_model(float_path)
+    fixed = validation.fixed_batch
+    total = min(config.num_calibration_samples, ctx.calibration_dataset.num_samples)
+    calibration = []
+    for x, _ in calibration_batches(
+        ctx.calibration_dataset, validation.spec, ctx.preprocessing, batch_size=fixed, baked_batch=fixed, limit=total
+    ):
+        calibration.append(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if validation.io_layout == "nhwc" else x)
+    path, metric, mixed = mixed_precision(
+        float_path,
+        ctx.work_dir,
+        calibration=calibration,
+        judge=validation.judge,
+        tolerance=tolerance,
+        max_float_ops=config.max_float_ops,
+        threads=ctx.threads,
+        check_cancelled=ctx.check_cancelled,
+    )
+    report["attempts"].extend(mixed.pop("attempts"))
+    report["mixed_precision"] = mixed
+    if not mixed["tolerance_met"]:
+        raise PassError(
+            f"INT8 misses the tolerance even with the {mixed.get('max_float_ops', 0)} ops that add the most error "
+            f"kept float (with the ops feeding them); the best attempt kept {len(mixed['float_scopes'])} ops float: "
+            f"{_metric_text(metric, tolerance)}",
+            code="int8_over_tolerance",
+            details={**report, "metric": metric},
+        )
+    precision = "mixed" if mixed["kept_float"] else "int8"
+    chosen = ctx.work_dir / f"model.{precision}.tflite"
+    path.replace(chosen)
+    return chosen, metric, precision
+
+
+def _metric_text(metric: dict[str, Any], tolerance: float) -> str:
+    floor = metric.get("floor")
+    floor_text = f", {floor['name']} {floor['value']:.1f} (floor {floor['min']:g})" if floor else ""
+    return (
+        f"{metric['name']} {metric['value']:.4f} against {metric['reference']:.4f} for the source, drop "
+        f"{metric['drop']:.4f} (tolerance {tolerance:g}){floor_text}"
+    )
+
+
+def _judge(config: ConvertTfliteConfig, fidelity: dict, against: str, *, task_judged: bool) -> tuple[dict, list[str]]:
+    """Refuse a .tflite below the floors; warn about output channels INT8 noise swamps. Judged on the task's
+    metric, an int8 .tflite's floor only catches a broken conversion (TASK_JUDGED_INT8_SNR_DB)."""
+    floor = config.min_snr_db
+    if floor is None:
+        floor = (
+            TASK_JUDGED_INT8_SNR_DB
+            if task_judged and config.precision == "int8"
+            else DEFAULT_MIN_SNR_DB[config.precision]
+        )
     verification = dict(fidelity, min_snr_db=floor, min_channel_snr_db=config.min_channel_snr_db)
     failures = []
     if fidelity["snr_db"] < floor:
