@@ -115,7 +115,9 @@ def test_benchmark_times_the_original_and_each_artifact(exported, digit_assets, 
     rows = result.metrics["results"]
     assert [r["artifact"] for r in rows] == ["digits.pt2", "digits.onnx"]
     for row in rows:
-        assert row["latency"]["1"]["p50_ms"] > 0 and row["latency"]["1"]["runs"] == 10
+        # 10 rounds of at least one call; a sub-millisecond model's blocks grow to MIN_BLOCK_S each.
+        assert row["latency"]["1"]["p50_ms"] > 0
+        assert row["latency"]["1"]["runs"] >= 10 and row["latency"]["1"]["runs"] % 10 == 0
         assert row["latency"]["1"]["p90_ms"] >= row["latency"]["1"]["p50_ms"]
     # The .pt2 upload is fixed at batch 1: its batch-8 run is reported as an error, not faked.
     assert "error" in rows[0]["latency"]["8"] and rows[1]["latency"]["8"]["images_per_s"] > 0

@@ -99,3 +99,15 @@ def test_settling_is_the_default():
     a = Sleeper(1)
     time_round_robin({"a": a}, runs=2, warmup=0, max_block=1)
     assert a.calls == 1 + 2 * (1 + 1)
+
+
+def test_a_minimum_block_time_grows_the_blocks_of_fast_calls_within_the_budget():
+    # Two 1 ms callables: max_block 2 alone gives blocks of 2 calls; min_block_s 0.02 asks for blocks of
+    # about 20 ms of an average call (about 20 calls), and a tight budget caps that again.
+    fast = {"a": Sleeper(1), "b": Sleeper(1)}
+    grown = time_round_robin(fast, runs=3, warmup=0, settle_s=0, max_block=2, min_block_s=0.02, per_call=True)
+    assert 10 <= grown["a"]["calls_per_round"] <= 20 and grown["a"]["runs"] == 3 * grown["a"]["calls_per_round"]
+    capped = time_round_robin(fast, runs=3, warmup=0, settle_s=0, max_block=2, min_block_s=0.02, budget_s=0.03)
+    assert capped["a"]["calls_per_round"] <= 5  # 30 ms for 3 rounds of 2 variants of ~1 ms calls
+    slow = time_round_robin({"c": Sleeper(30)}, runs=2, warmup=0, settle_s=0, max_block=2, min_block_s=0.02)
+    assert slow["c"]["calls_per_round"] == 2  # a call longer than the minimum keeps max_block

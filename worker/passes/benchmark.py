@@ -164,11 +164,16 @@ def _time_batch(ctx, config: BenchmarkConfig, variants, runners, results, *, bat
         results[i]["latency"][str(batch)] = stats[i]
 
 
+# A block of a fast model lasts at least this long (more calls than runs / rounds): sub-millisecond
+# candidates of one auto job otherwise swapped places between runs (AMD EPYC, 2 threads).
+MIN_BLOCK_S = 0.02
+
+
 def _time_cpu(ctx, config: BenchmarkConfig, runners: dict, feeds: dict, *, b_index: int) -> dict[int, dict]:
     """CPU variants (already warmed up) timed round-robin in settled blocks, every call timed on its
-    own so that p90/p99 show single calls: 5 to 10 rounds of about ``config.runs`` calls in all,
-    stopped at ``config.max_seconds`` once 5 rounds are done. A lone variant needs no settle: no
-    other session's threads spin while it runs."""
+    own so that p90/p99 show single calls: 5 to 10 rounds of about ``config.runs`` calls in all (more
+    for fast models: blocks of at least MIN_BLOCK_S), stopped at ``config.max_seconds`` once 5 rounds
+    are done. A lone variant needs no settle: no other session's threads spin while it runs."""
     rounds = min(max(config.runs, 5), 10)
     deadline = time.perf_counter() + config.max_seconds
 
@@ -185,6 +190,7 @@ def _time_cpu(ctx, config: BenchmarkConfig, runners: dict, feeds: dict, *, b_ind
         budget_s=config.max_seconds,
         settle_s=SETTLE_S if len(runners) > 1 else 0.0,
         max_block=math.ceil(config.runs / rounds),
+        min_block_s=MIN_BLOCK_S,
         per_call=True,
         on_round=after_round,
     )
