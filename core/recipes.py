@@ -176,10 +176,12 @@ def job_recipe(
         )
         unknown = set(overrides or {}) - {s.name for s in recipe.steps}
         if unknown:
+            why = {x["step"]: x["reason"] for x in recipe.left_out if x["step"] in unknown}
+            because = "".join(f"; {step} is left out: {reason}" for step, reason in sorted(why.items()))
             raise InvalidInput(
-                f"overrides name steps that preset auto does not run for this job: {sorted(unknown)}",
+                f"overrides name steps that preset auto does not run for this job: {sorted(unknown)}{because}",
                 code="unknown_step",
-                details={"steps": [s.name for s in recipe.steps]},
+                details={"steps": [s.name for s in recipe.steps], "left_out": why},
             )
         return Recipe(steps=recipe.steps, left_out=recipe.left_out)
     resolved = resolve_steps(preset=preset, steps=steps, has_dataset=has_dataset, overrides=overrides)

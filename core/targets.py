@@ -205,7 +205,25 @@ def _why_not(
         return "needs calibration_dataset_id (a few hundred representative images)"
     if NEEDS_DATASET in needs and not has_dataset:
         return "needs evaluation_dataset_id or calibration_dataset_id; without it only lossless candidates count"
+    if not has_dataset and spec.produces is not None and not _keeps_float(spec.name, parsed):
+        # Built, it could only be "not_measured": the report recommends nothing it cannot judge.
+        return (
+            "changes the model's arithmetic: without evaluation_dataset_id or calibration_dataset_id its accuracy "
+            "cannot be judged, and only lossless candidates count"
+        )
     return None
+
+
+def _keeps_float(step: str, config: Any) -> bool:
+    """Whether a candidate with this config keeps its source's float32 arithmetic (as the report's
+    lossless rule reads the artifact it makes: core.recommend.step_keeps_float)."""
+    if step in ("export_onnx", "export_pt2"):
+        return True
+    if step == "convert_openvino":
+        return bool(config.weights == "fp32" and config.inference_precision == "f32")
+    if step in ("convert_tflite", "compile_gpu"):
+        return bool(config.precision == "fp32")
+    return False
 
 
 def _unreachable(target: Target, model_format: str, why: str) -> InvalidInput:

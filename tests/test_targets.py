@@ -40,6 +40,10 @@ from core.targets import (
 PYTORCH_UPLOADS = (EXPORTED_PROGRAM, TORCHSCRIPT, STATE_DICT)
 CALIBRATION_NEEDED = "needs calibration_dataset_id (a few hundred representative images)"
 DATASET_NEEDED = "needs evaluation_dataset_id or calibration_dataset_id; without it only lossless candidates count"
+ARITHMETIC_UNJUDGED = (
+    "changes the model's arithmetic: without evaluation_dataset_id or calibration_dataset_id its accuracy cannot be "
+    "judged, and only lossless candidates count"
+)
 
 
 def auto(target: Target, fmt: str, *, datasets: bool = True, overrides: dict | None = None):
@@ -104,8 +108,15 @@ def test_auto_on_x86_builds_onnx_runtime_and_openvino_candidates_from_one_export
 
 def test_auto_on_x86_without_datasets_builds_the_float_candidates_and_says_what_it_left_out():
     recipe = auto("x86-cpu", STATE_DICT, datasets=False)
-    assert [s.name for s in recipe.steps] == ["export_onnx", "convert_openvino", "convert_openvino", "benchmark"]
+    # Only what keeps the float arithmetic: without images, nothing else could be judged or recommended.
+    assert [s.name for s in recipe.steps] == ["export_onnx", "convert_openvino", "benchmark"]
+    assert recipe.steps[1].config["inference_precision"] == "f32"
     assert recipe.left_out == [
+        {
+            "step": "convert_openvino",
+            "config": {"inference_precision": "bf16", "weights": "fp16", "static_shape": True},
+            "reason": ARITHMETIC_UNJUDGED,
+        },
         {"step": "quantize_openvino", "config": {"static_shape": True}, "reason": CALIBRATION_NEEDED},
         {"step": "quantize_int8", "config": {"search_speed": True}, "reason": CALIBRATION_NEEDED},
         {"step": "evaluate", "config": {}, "reason": DATASET_NEEDED},
@@ -125,8 +136,9 @@ def test_auto_on_arm_from_pytorch_builds_litert_at_three_precisions_and_onnx_run
         ("evaluate", {}, False),
     ]
     without = auto("arm-cpu", fmt, datasets=False)
-    assert [s.config.get("precision") for s in without.steps if s.name == "convert_tflite"] == ["fp32", "fp16"]
+    assert [s.config.get("precision") for s in without.steps if s.name == "convert_tflite"] == ["fp32"]
     assert left_out(without) == {
+        ("convert_tflite", "fp16"): ARITHMETIC_UNJUDGED,
         ("convert_tflite", "int8"): CALIBRATION_NEEDED,
         ("quantize_int8", None): CALIBRATION_NEEDED,
         ("evaluate", None): DATASET_NEEDED,
@@ -235,8 +247,8 @@ def recipe(**kw):
 
 def test_auto_without_a_target_is_x86_and_its_left_out_comes_back():
     made = recipe(preset="auto", has_calibration=False, has_dataset=False)
-    assert [s.name for s in made.steps] == ["export_onnx", "convert_openvino", "convert_openvino", "benchmark"]
-    assert [x["step"] for x in made.left_out] == ["quantize_openvino", "quantize_int8", "evaluate"]
+    assert [s.name for s in made.steps] == ["export_onnx", "convert_openvino", "benchmark"]
+    assert [x["step"] for x in made.left_out] == ["convert_openvino", "quantize_openvino", "quantize_int8", "evaluate"]
     # A plain preset leaves nothing out that the report should list.
     assert recipe(preset="onnx").left_out == []
 
@@ -268,17 +280,19 @@ def test_overrides_naming_a_step_auto_does_not_run_for_this_job_are_a_422(target
     with pytest.raises(InvalidInput) as err:
         recipe(**kw)
     assert err.value.code == "unknown_step"
-    assert err.value.message == f"overrides name steps that preset auto does not run for this job: {unknown}"
+    # A left-out candidate's reason follows (test_an_override_of_a_left_out_candidate_says_why_it_was_left_out).
+    assert err.value.message.startswith(f"overrides name steps that preset auto does not run for this job: {unknown}")
     assert "export_onnx" in err.value.details["steps"] and list(overrides)[0] not in err.value.details["steps"]
 
 
 def test_an_override_that_drops_a_candidates_need_is_judged_with_the_override():
-    # Dynamic INT8 needs no calibration images: auto keeps the candidate instead of a 422 for the override.
+    # Dynamic INT8 needs no calibration images (an evaluation set judges it): auto keeps the candidate
+    # instead of a 422 for the override.
     made = recipe(
-        preset="auto", overrides={"quantize_int8": {"mode": "dynamic"}}, has_calibration=False, has_dataset=False
+        preset="auto", overrides={"quantize_int8": {"mode": "dynamic"}}, has_calibration=False, has_dataset=True
     )
     assert ("quantize_int8", {"search_speed": True, "mode": "dynamic"}, True) in shape(made.steps)
-    assert [x["step"] for x in made.left_out] == ["quantize_openvino", "evaluate"]
+    assert [x["step"] for x in made.left_out] == ["quantize_openvino"]
     # One that adds a need the job cannot give is judged by it too: every LiteRT candidate needs
     # calibration now, none runs, and the override names a step auto does not run for this job.
     overrides = {"convert_tflite": {"precision": "int8"}}
@@ -435,3 +449,11 @@ def test_auto_for_a_job_at_another_batch_keeps_the_openvino_candidates_open_batc
     static = {s.name: s.config.get("static_shape") for s in at_one.steps if "static_shape" in s.config}
     assert static == {"convert_openvino": True, "quantize_openvino": True}
     assert [s.config.get("static_shape") for s in at_four.steps if s.name.endswith("openvino")] == [False] * 3
+
+
+def test_an_override_of_a_left_out_candidate_says_why_it_was_left_out():
+    with pytest.raises(InvalidInput) as err:
+        recipe(preset="auto", overrides={"quantize_openvino": {"accuracy_control": False}}, has_calibration=False)
+    assert err.value.code == "unknown_step"
+    assert err.value.message.endswith(f"; quantize_openvino is left out: {CALIBRATION_NEEDED}")
+    assert err.value.details["left_out"] == {"quantize_openvino": CALIBRATION_NEEDED}
