@@ -42,7 +42,7 @@ from core.schemas import (
     ReportRead,
     Verdict,
 )
-from core.targets import STAND_IN_NOTES, candidate_label
+from core.targets import LOSSLESS_AT_FP32, LOSSLESS_STEPS, STAND_IN_NOTES, candidate_label
 from core.tasks import DEFAULT_TOLERANCE
 
 # Two p50s this close are one speed: the smaller file wins. Timings on a shared worker move by
@@ -50,12 +50,6 @@ from core.tasks import DEFAULT_TOLERANCE
 TIE_FRACTION = 0.02
 # A drop computed as 0.99 - 0.98 is 0.010000000000000009: it meets a tolerance of 0.01.
 DROP_EPSILON = 1e-9
-
-# Steps that keep the float32 weights and arithmetic of their source (each checks its output
-# against its source within float rounding).
-LOSSLESS_STEPS = frozenset({"export_onnx", "export_pt2"})
-# Steps that are lossless only at precision fp32 (meta["precision"]).
-LOSSLESS_AT_FP32 = frozenset({"compile_gpu", "convert_openvino", "convert_tflite"})
 
 
 def step_keeps_float(step: str | None, meta: dict[str, Any] | None) -> bool:

@@ -37,6 +37,13 @@ from core.schemas import StepSpec, Target
 from core.steps.registry import get_spec
 
 TARGETS: tuple[Target, ...] = ("x86-cpu", "arm-cpu", "nvidia-gpu")
+
+# Steps that keep the float32 weights and arithmetic of their source (each checks its output
+# against its source within float rounding); auto without a dataset builds only these, and the
+# report (core.recommend.step_keeps_float) treats their artifacts as lossless.
+LOSSLESS_STEPS = frozenset({"export_onnx", "export_pt2"})
+# Steps that are lossless only at precision fp32 (the artifact's meta["precision"]).
+LOSSLESS_AT_FP32 = frozenset({"compile_gpu", "convert_openvino", "convert_tflite"})
 # Preset auto without a target: the worker's own kind of machine.
 DEFAULT_AUTO_TARGET: Target = "x86-cpu"
 
@@ -215,15 +222,15 @@ def _why_not(
 
 
 def _keeps_float(step: str, config: Any) -> bool:
-    """Whether a candidate with this config keeps its source's float32 arithmetic (as the report's
-    lossless rule reads the artifact it makes: core.recommend.step_keeps_float)."""
-    if step in ("export_onnx", "export_pt2"):
+    """Whether a candidate with this config keeps its source's float32 arithmetic: the config that makes
+    the artifact core.recommend.step_keeps_float calls lossless (meta precision fp32)."""
+    if step in LOSSLESS_STEPS:
         return True
-    if step == "convert_openvino":
+    if step not in LOSSLESS_AT_FP32:
+        return False
+    if step == "convert_openvino":  # precision fp32 = FP32 weights and f32 compute asked for
         return bool(config.weights == "fp32" and config.inference_precision == "f32")
-    if step in ("convert_tflite", "compile_gpu"):
-        return bool(config.precision == "fp32")
-    return False
+    return bool(config.precision == "fp32")
 
 
 def _unreachable(target: Target, model_format: str, why: str) -> InvalidInput:
