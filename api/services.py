@@ -228,6 +228,7 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
             session=session, dataset_id=job_in.evaluation_dataset_id, role="evaluation", tenant_id=tenant_id
         ),
         preprocessing=job_in.preprocessing,
+        model_operators=(model.details or {}).get("operators"),
     )
     # Decided now when the file records its output shapes; otherwise by the worker from real outputs.
     task = resolve_task(

@@ -11,6 +11,11 @@ EXPORTED_PROGRAM = "exported_program"
 STATE_DICT = "state_dict"  # weights of a named torchvision architecture (ArtifactRef.meta)
 TORCH_FORMATS = frozenset({TORCHSCRIPT, EXPORTED_PROGRAM, STATE_DICT})
 ALL_MODEL_FORMATS = frozenset({ONNX, TORCHSCRIPT, EXPORTED_PROGRAM, STATE_DICT})
+# What the training steps (prune, distill, finetune) take: every model format the worker turns into a
+# trainable torch module (ONNX graphs converted, .pt2 programs lifted, TorchScript through ONNX).
+TRAINABLE_FORMATS = ALL_MODEL_FORMATS
+# A step's ``produces`` when its artifact keeps its input's format (an ONNX upload pruned stays ONNX).
+SAME_AS_INPUT = "same_as_input"
 
 # Deployment artifacts: made by the target steps, never uploaded, and the end of a chain
 # (only the measuring steps take them; the next producing step starts from the same model).

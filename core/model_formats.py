@@ -199,6 +199,23 @@ def _fields(fh: BinaryIO, end: int) -> Iterator[tuple[int, int, int, int]]:
         raise _Corrupt("a field runs past the end of its message")
 
 
+def _node_operator(fh: BinaryIO, start: int, length: int) -> str:
+    """A NodeProto's operator as "op_type" (default domain) or "domain::op_type", its attributes (a
+    Constant node's weights) skipped, not read."""
+    here = fh.tell()
+    fh.seek(start)
+    found: dict[int, str] = {}
+    for number, wire, f_start, f_len in _fields(fh, start + length):
+        if number in (4, 7) and wire == 2:
+            inner = fh.tell()
+            fh.seek(f_start)
+            found[number] = fh.read(f_len).decode("utf-8", "replace")
+            fh.seek(inner)
+    fh.seek(here)
+    domain = found.get(7, "")
+    return found.get(4, "") if domain in ("", "ai.onnx") else f"{domain}::{found.get(4, '')}"
+
+
 def _tensor_spec(value_info_bytes: bytes) -> dict[str, Any]:
     import onnx
 
@@ -224,6 +241,7 @@ def _inspect_onnx(path: Path) -> ModelInfo:
     outputs: list[bytes] = []
     initializer_names: set[str] = set()
     node_count = 0
+    operators: set[str] = set()
     saw_graph = False
     try:
         with open(path, "rb") as fh:
@@ -238,6 +256,7 @@ def _inspect_onnx(path: Path) -> ModelInfo:
                             continue
                         if g_num == 1:
                             node_count += 1
+                            operators.add(_node_operator(fh, g_start, g_len))
                         elif g_num in (11, 12):
                             here = fh.tell()
                             fh.seek(g_start)
@@ -274,7 +293,9 @@ def _inspect_onnx(path: Path) -> ModelInfo:
         raise UnsupportedMedia(f"the ONNX graph's inputs are corrupt: {exc}", code="corrupt_model") from exc
     # Old exporters list initializers among the inputs; they are weights, not inputs.
     in_specs = [s for s in in_specs if s["name"] not in initializer_names]
-    return ModelInfo(format=ONNX, inputs=in_specs, outputs=out_specs, details={"nodes": node_count})
+    return ModelInfo(
+        format=ONNX, inputs=in_specs, outputs=out_specs, details={"nodes": node_count, "operators": sorted(operators)}
+    )
 
 
 # -- PyTorch zip archives -----------------------------------------------------------------------

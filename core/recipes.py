@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from core.datasets import dataset_fit_error, model_layout
 from core.errors import InvalidInput
-from core.formats import DEPLOY_FORMATS, NEEDS_CALIBRATION, NEEDS_DATASET
+from core.formats import DEPLOY_FORMATS, NEEDS_CALIBRATION, NEEDS_DATASET, ONNX
+from core.onnx_ops import unsupported_onnx_ops
 from core.schemas import Preprocessing, StepSpec, Target
 from core.steps.base import PassConfig, PassSpec
 from core.steps.registry import get_spec
@@ -295,10 +296,12 @@ def plan_job(
     evaluation: DatasetFacts | None,
     default_input_shape: list[int] | None = None,
     preprocessing: Preprocessing | None = None,
+    model_operators: list[str] | None = None,
 ) -> JobPlan:
     """The job as it will run, or the 422 that says why it cannot: steps that chain, valid configs,
     the datasets the steps need and that fit the model, concrete input shapes."""
     planned, queue = _plan_steps(model_format, steps, calibration=calibration, evaluation=evaluation)
+    _check_trainable(model_format, steps, model_operators)
     input_spec = resolve_input_spec(model_inputs, input_shape, default_input_shape)
     _check_datasets_fit(input_spec, calibration=calibration, evaluation=evaluation)
     _check_classes(evaluation, model_outputs or [])
@@ -336,6 +339,34 @@ def _plan_steps(
             # producing step (an engine for another GPU kind) starts from the same model.
             current = spec().output_format(current)
     return planned, queue
+
+
+def _check_trainable(model_format: str, steps: list[StepSpec], operators: list[str] | None) -> None:
+    """A step that trains an ONNX model needs every operator of the upload converted to torch: refused
+    here, before anything runs, naming the operators it cannot convert (None: the upload predates the list)."""
+    if model_format != ONNX or operators is None:
+        return
+    current = model_format
+    for index, step in enumerate(steps):
+        spec = get_spec(step.name)
+        if spec.trains and current == ONNX:
+            missing = unsupported_onnx_ops(_domain_and_op(op) for op in operators)
+            if missing:
+                raise InvalidInput(
+                    f"step {index} ({step.name}) trains the model as a torch graph, and the ONNX upload has "
+                    f"operators the service cannot convert: {', '.join(missing)}",
+                    code="unsupported_operators",
+                    details={"index": index, "step": step.name, "operators": missing},
+                )
+            return
+        if spec.produces not in DEPLOY_FORMATS:
+            current = spec().output_format(current)
+
+
+def _domain_and_op(operator: str) -> tuple[str, str]:
+    """core.model_formats lists an operator as "op_type" or "domain::op_type"."""
+    domain, _, op = operator.rpartition("::")
+    return domain, op
 
 
 def _check_accepts(spec: type[PassSpec[Any]], index: int, current: str) -> None:

@@ -291,7 +291,7 @@ def test_explicit_steps_with_calibration_and_a_gpu_step(inprocess_api, model):
     [
         ({"preset": "no-such-preset"}, "unknown_preset"),
         ({"steps": ["export_onnx", "no_such_step"]}, "unknown_step"),
-        ({"steps": ["export_onnx", "prune_structured"]}, "steps_do_not_chain"),
+        ({"steps": ["export_onnx", "quantize_int8_torch"]}, "steps_do_not_chain"),
         ({"steps": ["export_onnx", "quantize_int8"]}, "calibration_dataset_required"),
         ({"steps": [{"name": "benchmark", "config": {"batch_sizes": "many"}}]}, "invalid_step_config"),
         ({"preset": "onnx", "preprocessing": {"mean": [0.5, 0.5]}}, "invalid_preprocessing"),

@@ -45,7 +45,8 @@ def test_half_the_parameters_removed_and_the_result_still_exports(architecture, 
     path = tmp_path / f"{architecture}.pt"
     torch.save(torchvision.models.get_model(architecture, weights=None, num_classes=10).state_dict(), path)
     source = ArtifactRef(path.name, "state_dict", path, meta={"architecture": architecture})
-    result, pruned = run_pass("prune_structured", tmp_path / "prune", source)
+    # round_to 1: DenseNet's 32-channel layers move in steps of 8 all at once (0.57, then 0.40 of the parameters).
+    result, pruned = run_pass("prune_structured", tmp_path / "prune", source, config={"round_to": 1})
     m = result.metrics
     assert abs(m["parameters_ratio"] - 0.5) <= 0.03, m
     assert m["macs_after"] < 0.7 * m["macs_before"] and m["size_bytes_after"] < 0.55 * m["size_bytes_before"]

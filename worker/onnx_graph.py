@@ -76,3 +76,33 @@ def with_open_batch(model, batch: int):
         return onnx.shape_inference.infer_shapes(opened)
     except Exception:  # inference is optional here: runtimes infer shapes themselves
         return opened
+
+
+def graph_io_names(path) -> tuple[list[str], list[str]]:
+    """(input names, output names) of an ONNX file's graph, initializers left out, weights not read."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+    return [v.name for v in model.graph.input if v.name not in initializers], [v.name for v in model.graph.output]
+
+
+def rename_io(model, inputs: list[str], outputs: list[str]) -> bool:
+    """Give the graph's inputs and outputs these names (where the counts agree), renaming every use:
+    an ONNX model made from a converted or exported upload answers to the upload's own names."""
+    initializers = {t.name for t in model.graph.initializer}
+    graph_inputs = [v for v in model.graph.input if v.name not in initializers]
+    mapping: dict[str, str] = {}
+    if len(graph_inputs) == len(inputs):
+        mapping.update({v.name: new for v, new in zip(graph_inputs, inputs, strict=True) if v.name != new})
+    if len(model.graph.output) == len(outputs):
+        mapping.update({v.name: new for v, new in zip(model.graph.output, outputs, strict=True) if v.name != new})
+    taken = {o for node in model.graph.node for o in node.output} | initializers
+    if not mapping or any(new in taken and new not in mapping for new in mapping.values()):
+        return False  # a wanted name is already another value's: leave the graph as it is
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        value.name = mapping.get(value.name, value.name)
+    for node in model.graph.node:
+        node.input[:] = [mapping.get(n, n) for n in node.input]
+        node.output[:] = [mapping.get(n, n) for n in node.output]
+    return True

@@ -1,4 +1,5 @@
-"""What the pruning steps share (prune_structured, prune_unstructured): which modules stay as they are."""
+"""What the pruning steps share (prune_structured, prune_unstructured): which modules stay as they are, and
+how big a model is."""
 
 from __future__ import annotations
 
@@ -19,3 +20,11 @@ def protected_modules(module, names: list[str] | None) -> list:
     convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
     linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
     return [m for m in (convs[:1] + linears[-1:])]
+
+
+def measure(module, example) -> tuple[int, int]:
+    """(MACs, parameters) of the module on ``example``, as torch-pruning counts them."""
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(module, example)
+    return int(macs), int(params)

@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from core.formats import SAME_AS_INPUT
+
 
 class PassConfig(BaseModel):
     """Base for every pass's config: unknown keys are an error, not silently ignored."""
@@ -36,10 +38,14 @@ class PassSpec(Generic[ConfigT]):
     description: ClassVar[str]
     Config: ClassVar[type[PassConfig]] = PassConfig
     accepts: ClassVar[frozenset[str]]
-    # The format it produces; None for analysis passes that leave the chain's artifact as is.
+    # The format it produces; None for analysis passes that leave the chain's artifact as is;
+    # core.formats.SAME_AS_INPUT for a step whose artifact keeps its input's format.
     produces: ClassVar[str | None]
     needs: ClassVar[frozenset[str]] = frozenset()
     queue: ClassVar[str] = "cpu"
+    # Turns its input into a torch module to train or prune (worker.trainable): an ONNX model's operators
+    # must all convert (core.onnx_ops), checked at POST /v1/jobs where the upload lists them.
+    trains: ClassVar[bool] = False
     # For input formats it does not accept: what the user should do instead (shown in the 422).
     format_hints: ClassVar[dict[str, str]] = {}
 
@@ -49,7 +55,7 @@ class PassSpec(Generic[ConfigT]):
             raise TypeError(f"step {cls.name!r} declares no version (an int; it enters the cache key)")
 
     def output_format(self, input_format: str) -> str:
-        return self.produces or input_format
+        return input_format if self.produces in (None, SAME_AS_INPUT) else self.produces
 
     def step_queue(self, config: ConfigT) -> str:
         """Where this step must run: cpu (any worker), gpu (any GPU worker) or gpu.<kind>."""

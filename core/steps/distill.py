@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from core.formats import NEEDS_CALIBRATION, STATE_DICT
+from core.formats import NEEDS_CALIBRATION, SAME_AS_INPUT, TRAINABLE_FORMATS
 from core.steps.base import PassConfig, PassSpec
 
 
@@ -25,9 +25,10 @@ class DistillConfig(PassConfig):
 
 class DistillSpec(PassSpec[DistillConfig]):
     name = "distill"
-    version = 1
+    version = 2
     description = "Knowledge distillation from the original model (label-free, or with labels)."
     Config = DistillConfig
-    accepts = frozenset({STATE_DICT})
-    produces = STATE_DICT
+    accepts = TRAINABLE_FORMATS
+    trains = True
+    produces = SAME_AS_INPUT
     needs = frozenset({NEEDS_CALIBRATION})

@@ -23,7 +23,7 @@ class ExportOnnxSpec(PassSpec[ExportOnnxConfig]):
     Config = ExportOnnxConfig
     accepts = ALL_MODEL_FORMATS
     produces = ONNX
-    version = 4
+    version = 5
     format_hints = {
         fmt: "TensorFlow uploads go to TFLite (presets tflite-fp16, tflite-int8, or convert_tflite); for the ONNX "
         "steps, convert the model with tf2onnx and upload the .onnx"

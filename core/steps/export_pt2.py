@@ -1,10 +1,11 @@
-"""export_pt2: a weights-only PyTorch model saved as a whole ExportedProgram (.pt2)."""
+"""export_pt2: a PyTorch model (weights-only, a pruned graph, TorchScript) or an ONNX graph saved as a whole
+ExportedProgram (.pt2)."""
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from core.formats import EXPORTED_PROGRAM, STATE_DICT
+from core.formats import EXPORTED_PROGRAM, TRAINABLE_FORMATS
 from core.steps.base import PassConfig, PassSpec
 
 
@@ -14,8 +15,9 @@ class ExportPt2Config(PassConfig):
 
 class ExportPt2Spec(PassSpec[ExportPt2Config]):
     name = "export_pt2"
-    version = 1
-    description = "Save a weights-only PyTorch model as a whole ExportedProgram (.pt2)."
+    version = 2
+    description = "Save the model (weights-only, a graph, ONNX) as a whole ExportedProgram (.pt2)."
     Config = ExportPt2Config
-    accepts = frozenset({STATE_DICT})
+    accepts = TRAINABLE_FORMATS
+    trains = True
     produces = EXPORTED_PROGRAM

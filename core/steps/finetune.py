@@ -14,6 +14,6 @@ class FinetuneConfig(DistillConfig):
 
 class FinetuneSpec(DistillSpec):
     name = "finetune"
-    version = 1
+    version = 2
     description = "Supervised recovery training on labeled images (no teacher)."
     Config = FinetuneConfig

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from core.formats import STATE_DICT
+from core.formats import SAME_AS_INPUT, TRAINABLE_FORMATS
 from core.steps.base import PassConfig, PassSpec
 
 
@@ -25,8 +25,9 @@ class PruneUnstructuredConfig(PassConfig):
 
 class PruneUnstructuredSpec(PassSpec[PruneUnstructuredConfig]):
     name = "prune_unstructured"
-    version = 1
+    version = 2
     description = "Zero individual weights by magnitude (global/per-layer) or in the 2:4 pattern."
     Config = PruneUnstructuredConfig
-    accepts = frozenset({STATE_DICT})
-    produces = STATE_DICT
+    accepts = TRAINABLE_FORMATS
+    trains = True
+    produces = SAME_AS_INPUT

@@ -9,26 +9,9 @@ import shutil
 from core.errors import PassError
 from core.formats import EXPORTED_PROGRAM, ONNX, STATE_DICT, TORCHSCRIPT
 from core.steps.export_onnx import ExportOnnxConfig, ExportOnnxSpec
-from worker.onnx_graph import constants_to_initializers, input_batch_dims, with_open_batch
+from worker.data import job_feeds
+from worker.onnx_graph import constants_to_initializers, graph_io_names, input_batch_dims, rename_io, with_open_batch
 from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
-
-
-def _check_feeds(ctx: PassContext) -> dict:
-    """What the export is checked on: a few of the job's own images when it has a dataset (random inputs
-    drive a deep net where no image does, and amplify rounding there), else random inputs."""
-    from worker.data import sample_feeds
-
-    dataset = ctx.evaluation_dataset or ctx.calibration_dataset
-    if dataset is None or len(ctx.input_spec) != 1 or not dataset.num_samples:
-        return sample_feeds(ctx.input_spec)
-    from worker.data import iter_batches
-
-    spec = ctx.input_spec[0]
-    x, _ = next(
-        iter_batches(dataset, spec, ctx.preprocessing, batch_size=int(spec["shape"][0]), limit=int(spec["shape"][0])),
-        (None, None),
-    )
-    return {spec["name"]: x} if x is not None and len(x) == int(spec["shape"][0]) else sample_feeds(ctx.input_spec)
 
 
 def _relative_error(reference, candidate) -> float:
@@ -60,10 +43,15 @@ class ExportOnnx(ExportOnnxSpec, Pass):
         ctx.report_progress(0.5)
 
         model = onnx.load(str(out))
+        if source.format != ONNX:
+            # A model exported from a graph the service made (a pruned ONNX upload's .pt2) answers to the
+            # upload's own input and output names, as the job's feeds and the user's code call them.
+            outputs = graph_io_names(ctx.original.path)[1] if ctx.original.format == ONNX else []
+            metrics["renamed_io"] = rename_io(model, [s["name"] for s in ctx.input_spec], outputs)
         metrics["opset"] = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
         metrics["constants_to_initializers"] = constants_to_initializers(model)
         metrics["nodes_before_simplify"] = len(model.graph.node)
-        feeds = _check_feeds(ctx)
+        feeds = job_feeds(ctx)
         reference = load_runner(source, threads=ctx.threads)(feeds)
         error = self._finish(ctx, source, config, model, out, metrics, feeds, reference, simplify=config.simplify)
         if not error <= config.tolerance and config.simplify:

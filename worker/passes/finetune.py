@@ -5,10 +5,10 @@ is worker.distillation's with alpha = 0."""
 from __future__ import annotations
 
 from core.steps.finetune import FinetuneConfig, FinetuneSpec
-from worker.distillation import train_student
 from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
+from worker.recovery import recover
 
 
 class Finetune(FinetuneSpec, Pass):
     def run(self, ctx: PassContext, source: ArtifactRef, config: FinetuneConfig) -> PassResult:
-        return train_student(ctx, source, config, step=self.name)
+        return recover(ctx, source, config, step=self.name)

@@ -2,9 +2,12 @@
 
 Dependency-aware through torch-pruning's DependencyGraph: residual additions, concatenations,
 depthwise and grouped convolutions, squeeze-excite blocks and the classifier stay consistent.
-The channel ratio that reaches the target (a fraction of parameters or MACs removed) is found
-by a few trials on copies of the model (parameters shrink about as (1 - ratio)^2, and each trial
-refits that exponent); the first convolution and the classifier are protected by default.
+The step takes every model format (worker.trainable): an ONNX or .pt2 upload is pruned as a graph
+(worker.graph_pruning protects the layers whose channels the graph hard-codes, and the input and
+output layers) and written back in its own format with its own input/output names and axes; a
+torchvision state_dict keeps its first convolution and classifier. Channel counts stay multiples of
+round_to (8 by default: what vector units and GPU kernels tile by). The channel ratio that reaches the
+target (a fraction of parameters or MACs removed) is found by a few trials on copies of the model.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 from core.errors import PassError
 from core.formats import STATE_DICT
 from core.steps.prune_structured import PruneStructuredConfig, PruneStructuredSpec
+from worker.latency_probe import LatencyProbe
 from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
-from worker.pruning import protected_modules
+from worker.pruning import measure, protected_modules
 
 
 def _importance(name: str):
@@ -27,16 +31,14 @@ def _importance(name: str):
     }[name]()
 
 
-def measure(module, example) -> tuple[int, int]:
-    import torch_pruning as tp
-
-    macs, params = tp.utils.count_ops_and_params(module, example)
-    return int(macs), int(params)
+# Trials of the channel ratio; the latency target is met within LATENCY_TOLERANCE of the goal (relative):
+# the issue's promise is +-10% of the ratio as measured on the worker, and the step aims at half of that.
+MAX_TRIALS = 6
+LATENCY_TOLERANCE = 0.05
 
 
 class PruneStructured(PruneStructuredSpec, Pass):
-    def _prune(self, module, example, config: PruneStructuredConfig, channel_ratio: float, ctx: PassContext):
-        import torch
+    def _prune(self, module, example, config: PruneStructuredConfig, channel_ratio: float, ctx: PassContext, ignored):
         import torch_pruning as tp
 
         importance = _importance(config.importance)
@@ -47,15 +49,14 @@ class PruneStructured(PruneStructuredSpec, Pass):
             pruning_ratio=channel_ratio,
             global_pruning=config.global_pruning,
             iterative_steps=config.iterative_steps,
-            ignored_layers=protected_modules(module, config.protect),
+            ignored_layers=ignored,
+            round_to=config.round_to if config.round_to > 1 else None,
         )
         for _ in range(config.iterative_steps):
             if config.importance == "taylor":
                 self._taylor_gradients(module, ctx)
             pruner.step()
             module.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            module(*example)
         return module
 
     def _taylor_gradients(self, module, ctx: PassContext) -> None:
@@ -71,67 +72,139 @@ class PruneStructured(PruneStructuredSpec, Pass):
         for x, _ in iter_batches(
             ctx.calibration_dataset, ctx.input_spec[0], ctx.preprocessing, batch_size=16, limit=64
         ):
-            out = module(torch.from_numpy(x))
-            # Label-free: the model's own confidence as the loss.
-            torch.nn.functional.cross_entropy(out, out.argmax(1)).backward()
+            with torch.enable_grad():
+                out = module(torch.from_numpy(x))
+                outs = list(out) if isinstance(out, (tuple, list)) else [out]
+                if len(outs) == 1 and outs[0].dim() == 2:
+                    # Label-free: the classifier's own confidence as the loss.
+                    loss = torch.nn.functional.cross_entropy(outs[0], outs[0].argmax(1))
+                else:
+                    # Dense outputs (detectors, maps): how much each channel moves the outputs' energy.
+                    loss = sum(o.float().pow(2).mean() for o in outs)
+                loss.backward()
 
-    def run(self, ctx: PassContext, source: ArtifactRef, config: PruneStructuredConfig) -> PassResult:
+    def _protected(self, trainable, example, config: PruneStructuredConfig) -> dict:
+        """{module name: why it keeps its output channels}."""
+        from worker.graph_pruning import protected_layers
+
+        if trainable.format == STATE_DICT:
+            modules = {id(m): name for name, m in trainable.module.named_modules()}
+            chosen = protected_modules(trainable.module, config.protect)
+            return {modules[id(m)]: "named by the user" if config.protect else "input or output layer" for m in chosen}
+        return protected_layers(trainable.module, example, config.protect, trainable.aliases)
+
+    def _search(self, ctx, original, example, config: PruneStructuredConfig, ignored: list[str], fraction_of):
+        """The channel ratio whose pruned model keeps ``goal`` of what ``fraction_of(module)`` measures
+        (parameters, MACs or latency, as a fraction of the original's), by a few trials on copies: the
+        measure shrinks about as (1 - ratio)^2, and each trial refits that exponent. (module, ratio,
+        rounds): every trial's measures, in order."""
         import copy
-
-        from worker.data import sample_tensors
-        from worker.torch_models import module_from_state_dict, save_module
-
-        original = module_from_state_dict(source)
-        example = sample_tensors(ctx.input_spec)
-        macs0, params0 = measure(original, example)
-        base = params0 if config.target == "params" else macs0
-        wanted = base * (1 - config.target_ratio)
-
         import math
 
-        goal = 1 - config.target_ratio
-        ratio, best, trials = 1 - math.sqrt(goal), None, 6
-        for attempt in range(trials):
+        goal = self._goal(config)
+        ratio, best, rounds = 1 - math.sqrt(goal), None, []
+        for attempt in range(MAX_TRIALS):
             ctx.check_cancelled()
+            candidate = copy.deepcopy(original)
+            modules = dict(candidate.named_modules())
             try:
-                candidate = self._prune(copy.deepcopy(original), example, config, ratio, ctx)
-            except (RuntimeError, ValueError) as exc:  # the graph could not be pruned consistently
+                candidate = self._prune(candidate, example, config, ratio, ctx, [modules[n] for n in ignored])
+            except (RuntimeError, ValueError, IndexError) as exc:  # the graph could not be pruned consistently
                 raise PassError(
                     f"structured pruning failed: {str(exc).splitlines()[0]}", code="pruning_failed"
                 ) from exc
-            macs, params = measure(candidate, example)
-            remaining = params if config.target == "params" else macs
-            if best is None or abs(remaining - wanted) < abs(best[1] - wanted):
-                best = (candidate, remaining, ratio, macs, params)
-            ctx.report_progress((attempt + 1) / trials)
-            if abs(remaining - wanted) <= config.tolerance * base:
+            fraction, record = fraction_of(candidate)
+            rounds.append({"round": attempt + 1, "channel_ratio": round(ratio, 4), **record})
+            if best is None or abs(fraction - goal) < abs(best[2] - goal):
+                best = (candidate, ratio, fraction)
+            ctx.report_progress((attempt + 1) / MAX_TRIALS)
+            if abs(fraction - goal) <= self._tolerance(config) * goal:
                 break
-            fraction = remaining / base
             exponent = math.log(fraction) / math.log(1 - ratio) if 0 < fraction < 1 and 0 < ratio < 1 else 2.0
             ratio = min(0.95, max(0.01, 1 - goal ** (1 / max(exponent, 0.5))))
-        module, remaining, ratio, macs, params = best
-        if abs(remaining - wanted) > config.tolerance * base:
+        assert best is not None
+        if abs(best[2] - goal) > self._tolerance(config) * goal:
             ctx.log.warning(
-                "pruning reached %.3f of the %s, not %.3f", remaining / base, config.target, 1 - config.target_ratio
+                "pruning reached %.3f of the %s, not %.3f (channel counts move in steps of round_to=%d)",
+                best[2],
+                self._measure_name(config),
+                goal,
+                config.round_to,
             )
-        out = ctx.work_dir / "model.pruned.pt"
+        return best[0], best[1], rounds
+
+    @staticmethod
+    def _goal(config: PruneStructuredConfig) -> float:
+        return config.target_latency_ratio if config.target_latency_ratio is not None else 1 - config.target_ratio
+
+    @staticmethod
+    def _tolerance(config: PruneStructuredConfig) -> float:
+        """Relative to the goal: the latency a worker measures is noisier than a count of parameters."""
+        if config.target_latency_ratio is not None:
+            return LATENCY_TOLERANCE
+        return config.tolerance / (1 - config.target_ratio)
+
+    @staticmethod
+    def _measure_name(config: PruneStructuredConfig) -> str:
+        return "latency" if config.target_latency_ratio is not None else config.target
+
+    def _count_fraction(self, config: PruneStructuredConfig, example, macs0: int, params0: int):
+        def fraction_of(candidate):
+            macs, params = measure(candidate, example)
+            fraction = params / params0 if config.target == "params" else macs / macs0
+            return fraction, {"parameters": params, "macs": macs}
+
+        return fraction_of
+
+    def run(self, ctx: PassContext, source: ArtifactRef, config: PruneStructuredConfig) -> PassResult:
+        from worker.data import job_feeds, sample_tensors
+        from worker.graph_pruning import check_pruned
+        from worker.trainable import check_round_trip, check_saved, load_trainable, outputs_of, save_trainable
+
+        trainable = load_trainable(source, ctx)
+        round_trip = check_round_trip(trainable, source, ctx, job_feeds(ctx))
+        original = trainable.module
+        example = sample_tensors(ctx.input_spec)
+        want_shapes = [tuple(o.shape) for o in outputs_of(original, example)]
+        protected = self._protected(trainable, example, config)
+        macs0, params0 = measure(original, example)
+        latency = None
+        if config.target_latency_ratio is not None:
+            latency = LatencyProbe(trainable, ctx, config.latency_runtime)
+            fraction_of = latency.fraction_of(example)
+        else:
+            fraction_of = self._count_fraction(config, example, macs0, params0)
+        try:
+            module, ratio, rounds = self._search(ctx, original, example, config, sorted(protected), fraction_of)
+        finally:
+            if latency is not None:
+                latency.close()
         module.eval()
-        save_module(module, out)
-        return PassResult(
-            artifact=out,
-            format=STATE_DICT,
-            meta=dict(source.meta, pruned=True),
-            metrics={
-                "parameters_before": params0,
-                "parameters_after": params,
-                "parameters_ratio": params / params0,
-                "macs_before": macs0,
-                "macs_after": macs,
-                "macs_ratio": macs / macs0,
-                "channel_ratio": ratio,
-                "importance": config.importance,
-                "global_pruning": config.global_pruning,
-                "size_bytes_before": source.path.stat().st_size,
-                "size_bytes_after": out.stat().st_size,
-            },
-        )
+        check_pruned(module, example, want_shapes)
+        macs, params = measure(module, example)
+        trainable.module = module
+        out = save_trainable(trainable, ctx, "model.pruned")
+        export_error = check_saved(trainable, out, ctx)
+        metrics = {
+            "parameters_before": params0,
+            "parameters_after": params,
+            "parameters_ratio": params / params0,
+            "macs_before": macs0,
+            "macs_after": macs,
+            "macs_ratio": macs / macs0,
+            "channel_ratio": ratio,
+            "round_to": config.round_to,
+            "importance": config.importance,
+            "global_pruning": config.global_pruning,
+            "target": self._measure_name(config),
+            "goal": self._goal(config),
+            "rounds": rounds,
+            "protected": protected,
+            "conversion_error": round_trip,
+            "export_error": export_error,
+            "size_bytes_before": source.path.stat().st_size,
+            "size_bytes_after": out.stat().st_size,
+        }
+        if latency is not None:
+            metrics.update(latency.summary(rounds, ratio))
+        return PassResult(artifact=out, format=trainable.format, meta=dict(source.meta, pruned=True), metrics=metrics)

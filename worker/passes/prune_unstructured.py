@@ -13,16 +13,26 @@ from core.steps.prune_unstructured import PruneUnstructuredConfig, PruneUnstruct
 from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
 
 
-def _prunable(module, protect: list[str] | None):
+def _prunable(trainable, protect: list[str] | None, example) -> list:
+    """(name, layer) for every convolution and linear left dense by nothing: a state_dict keeps its first
+    convolution and classifier, a graph its input and output layers (worker.graph_pruning), and any
+    layer named in protect."""
     import torch
 
+    from worker.graph_pruning import INPUT_LAYER, OUTPUT_LAYER, protected_layers
     from worker.pruning import protected_modules
 
-    kept = {id(m) for m in protected_modules(module, protect)}
+    module = trainable.module
+    if trainable.format == STATE_DICT:
+        kept = {id(m) for m in protected_modules(module, protect)}
+    else:
+        why = protected_layers(module, example, protect, trainable.aliases)
+        modules = dict(module.named_modules())
+        kept = {id(modules[n]) for n, reason in why.items() if protect or reason in (INPUT_LAYER, OUTPUT_LAYER)}
     return [
         (name, m)
         for name, m in module.named_modules()
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and id(m) not in kept
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)) and id(m) not in kept
     ]
 
 
@@ -54,10 +64,13 @@ class PruneUnstructured(PruneUnstructuredSpec, Pass):
 
         import torch
 
-        from worker.torch_models import module_from_state_dict, save_module
+        from worker.data import job_feeds, sample_tensors
+        from worker.trainable import check_round_trip, check_saved, load_trainable, save_trainable
 
-        module = module_from_state_dict(source)
-        layers = _prunable(module, config.protect)
+        trainable = load_trainable(source, ctx)
+        conversion_error = check_round_trip(trainable, source, ctx, job_feeds(ctx))
+        module = trainable.module
+        layers = _prunable(trainable, config.protect, sample_tensors(ctx.input_spec))
         with torch.no_grad():
             if config.pattern == "2:4":
                 masks = {name: _two_of_four(m.weight) for name, m in layers}
@@ -76,23 +89,25 @@ class PruneUnstructured(PruneUnstructuredSpec, Pass):
         per_layer = {name: round(1 - float(masks[name].float().mean()), 4) for name, _ in layers}
         total = sum(p.numel() for p in module.parameters())
         zeros = sum(int((p == 0).sum()) for p in module.parameters())
-        out = ctx.work_dir / "model.sparse.pt"
-        save_module(module.eval(), out)
-        compressed = ctx.work_dir / "model.sparse.pt.gz"
+        out = save_trainable(trainable, ctx, "model.sparse")
+        export_error = check_saved(trainable, out, ctx)
+        compressed = ctx.work_dir / f"{out.name}.gz"
         with open(out, "rb") as src, gzip.open(compressed, "wb", compresslevel=6) as dst:
             shutil.copyfileobj(src, dst)
-        dense_gz = ctx.work_dir / "original.pt.gz"
+        dense_gz = ctx.work_dir / "original.gz"
         with open(source.path, "rb") as src, gzip.open(dense_gz, "wb", compresslevel=6) as dst:
             shutil.copyfileobj(src, dst)
         return PassResult(
             artifact=out,
-            format=STATE_DICT,
+            format=trainable.format,
             meta=dict(source.meta, sparsity=zeros / total, pattern=config.pattern),
             metrics={
                 "sparsity": zeros / total,
                 "sparsity_per_layer": per_layer,
                 "pattern": config.pattern,
                 "scope": config.scope,
+                "conversion_error": conversion_error,
+                "export_error": export_error,
                 "size_bytes": out.stat().st_size,
                 "gzip_bytes": compressed.stat().st_size,
                 "original_gzip_bytes": dense_gz.stat().st_size,
