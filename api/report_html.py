@@ -1,7 +1,8 @@
 """One self-contained HTML page per job: the recipe, each step's duration, and charts (inline
 SVG, no script, no external file) of size, latency (p50 with a p90 whisker) and accuracy or
-fidelity for the original and each artifact, a size-vs-latency scatter, and the layers the INT8
-step kept in float (by rule, and by the fallback). A job that chose among candidates (preset auto,
+fidelity for the original and each artifact, a size-vs-latency scatter, MACs against measured latency
+per round of a pruning step that aimed at a latency, and the layers the INT8 step kept in float (by rule,
+and by the fallback). A job that chose among candidates (preset auto,
 a target, constraints) also gets its front drawn (latency against the drop on the task's metric,
 the constraints as lines) and its candidates listed: the target, the constraints, those that
 failed and those it could not build. Everything the user supplied is escaped."""
@@ -273,6 +274,42 @@ def _scatter(points: list[tuple[str, float, float]]) -> str:
         for name, size, latency in points
     ]
     return _scatter_svg(frame, marks)
+
+
+def _pruning_rounds(job: Job) -> str:
+    """A prune_structured step that pruned toward a latency: each round's MACs against the latency it
+    measured on the worker (the original's at 1.0), so a user sees where fewer MACs stopped paying."""
+    sections = []
+    for step in job.steps:
+        metrics = step.metrics or {}
+        rounds = [r for r in metrics.get("rounds") or [] if "latency_ratio" in r and "macs" in r]
+        if step.name != "prune_structured" or not rounds:
+            continue
+        macs0 = float(metrics.get("macs_before") or 1)
+        frame = Frame(
+            chart_id=f"pruning-rounds-{step.index}",
+            aria="MACs against measured latency, per pruning round",
+            x_title="MACs / original's",
+            y_title=f"latency / original's ({metrics.get('latency_runtime', '')})",
+            x_range=(0, 1.05),
+            y_range=(0, max([1.05] + [float(r["latency_ratio"]) * 1.1 for r in rounds])),
+        )
+        marks = [Mark("original", 1.0, 1.0, "original: 1.00 MACs, 1.00 latency", classes="original")] + [
+            Mark(
+                f"round {r['round']}",
+                float(r["macs"]) / macs0,
+                float(r["latency_ratio"]),
+                f"round {r['round']}: channel ratio {r['channel_ratio']}, {float(r['macs']) / macs0:.2f} MACs, "
+                f"{float(r['latency_ratio']):.2f} latency ({r['latency_ms']} ms)",
+                classes="round",
+            )
+            for r in rounds
+        ]
+        sections.append(
+            f"<h2>Pruning toward a latency (step {step.index}): goal {escape(str(metrics.get('goal')))}, reached "
+            f"{escape(str(metrics.get('latency_ratio')))}</h2>{_scatter_svg(frame, marks)}"
+        )
+    return "".join(sections)
 
 
 # -- the candidates of a job that chose among them (preset auto, a target, constraints) -----------
@@ -819,6 +856,7 @@ def render(job: Job, report: ReportRead) -> str:
 </div>
 <h2>Size against latency</h2>
 {_scatter(points)}
+{_pruning_rounds(job)}
 {_fallback_tables(job)}
 </body></html>
 """

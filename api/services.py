@@ -213,6 +213,7 @@ def create_job(*, session: Session, job_in: JobCreate, tenant_id: str, settings:
         overrides=job_in.overrides,
         target=job_in.target,
         batch=input_spec[0]["shape"][0] if input_spec else 1,
+        allow_training=job_in.allow_training,
     )
     plan = plan_job(
         model_format=model.format,
@@ -289,6 +290,8 @@ def _task_options(job_in: JobCreate, recipe: Recipe) -> dict[str, Any]:
         options["left_out"] = recipe.left_out
     elif job_in.target is not None:
         options["target"] = job_in.target
+    if job_in.allow_training:
+        options["allow_training"] = True
     if job_in.constraints is not None:
         constraints = job_in.constraints.model_dump(exclude_none=True)
         options["constraints"] = {**constraints, "max_accuracy_drop": job_in.tolerance()}

@@ -37,7 +37,6 @@ import numpy as np
 
 from bench.real_models import TOLERANCE, Case, cases, dataset_ref, peer_int8
 from core.errors import CvoptError, PassError
-from core.formats import DEPLOY_FORMATS
 from core.models import JobStatus
 from core.recommend import ArtifactFacts, StepFacts, report_for
 from core.schemas import Preprocessing, ReportRead, Target
@@ -315,7 +314,7 @@ def run_auto_job(case: Case, work: Path, threads: int, target: Target = AUTO_TAR
                 step_index=index,
                 meta=dict(result.meta),
             )
-            if cls.produces not in DEPLOY_FORMATS:
+            if cls.advances_chain():
                 current = ref
             artifacts.append(ref)
         metrics = dict(result.metrics, duration_s=round(duration, 3), cached=False)

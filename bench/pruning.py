@@ -56,11 +56,19 @@ def main() -> None:
     ap.add_argument("--recovery-epochs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--uploads", action="store_true", help="issue 14: ONNX / .pt2 uploads (bench/pruning_uploads.py)")
+    ap.add_argument("--sections", default="digits,yolo,latency", help="with --uploads")
+    ap.add_argument("--qat", action="store_true", help="with --uploads: INT8 by QAT beside PTQ")
     args = ap.parse_args()
+    if args.uploads:
+        from bench.pruning_uploads import main as uploads
+
+        uploads(args.threads, args.rounds, args.recovery_epochs, args.qat, args.sections)
+        return
 
     import torch
 
-    from worker.passes.prune_structured import measure as count_ops
+    from worker.pruning import measure as count_ops
     from worker.torch_models import module_from_state_dict
 
     x, y = mnist_5k()

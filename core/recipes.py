@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from core.datasets import dataset_fit_error, model_layout
 from core.errors import InvalidInput
-from core.formats import DEPLOY_FORMATS, NEEDS_CALIBRATION, NEEDS_DATASET, ONNX
+from core.formats import NEEDS_CALIBRATION, NEEDS_DATASET, ONNX
 from core.onnx_ops import unsupported_onnx_ops
 from core.schemas import Preprocessing, StepSpec, Target
 from core.steps.base import PassConfig, PassSpec
@@ -163,6 +163,7 @@ def job_recipe(
     overrides: dict[str, dict[str, Any]] | None = None,
     target: Target | None = None,
     batch: int = 1,
+    allow_training: bool = False,
 ) -> Recipe:
     """The job's steps from its preset (auto: the target's candidates for this upload, ``batch`` its
     input batch) or its own list; with a target, a 422 for a step whose artifact runs elsewhere."""
@@ -174,6 +175,7 @@ def job_recipe(
             has_dataset=has_dataset,
             overrides=overrides,
             batch=batch,
+            allow_training=allow_training,
         )
         unknown = set(overrides or {}) - {s.name for s in recipe.steps}
         if unknown:
@@ -334,7 +336,7 @@ def _plan_steps(
         planned.append(
             PlannedStep(name=step.name, config=config.model_dump(mode="json"), queue=step_queue, optional=step.optional)
         )
-        if spec.produces not in DEPLOY_FORMATS:
+        if spec.advances_chain():
             # A deployment artifact (engine, .tflite, package) ends its branch: the next
             # producing step (an engine for another GPU kind) starts from the same model.
             current = spec().output_format(current)
@@ -359,7 +361,7 @@ def _check_trainable(model_format: str, steps: list[StepSpec], operators: list[s
                     details={"index": index, "step": step.name, "operators": missing},
                 )
             return
-        if spec.produces not in DEPLOY_FORMATS:
+        if spec.advances_chain():
             current = spec().output_format(current)
 
 

@@ -224,6 +224,11 @@ class JobCreate(BaseModel):
         "that make an artifact for another target are a 422; preset auto builds the target's candidates "
         "(default x86-cpu).",
     )
+    allow_training: bool = Field(
+        default=False,
+        description="Preset auto may add candidates that train the model (quantization-aware INT8, distilled from "
+        "the original on the calibration images: minutes per epoch on a CPU worker); off, they are left out.",
+    )
     constraints: Constraints | None = Field(
         default=None,
         description="What the recommendation must meet: max_accuracy_drop, max_latency_ms (batch 1 on the worker), "

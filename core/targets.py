@@ -19,7 +19,6 @@ from pydantic import ValidationError
 from core.errors import InvalidInput
 from core.formats import (
     AOTI_PACKAGE,
-    DEPLOY_FORMATS,
     EXPORTED_PROGRAM,
     KERAS,
     NEEDS_CALIBRATION,
@@ -102,7 +101,7 @@ def check_steps_for_target(target: Target, steps: list[StepSpec], model_format: 
                     "runs_on": list(runs_on(fmt)),
                 },
             )
-        if fmt not in DEPLOY_FORMATS:
+        if spec.advances_chain():
             current = fmt
 
 
@@ -114,10 +113,14 @@ class _Candidate:
     name: str
     config: dict[str, Any] = field(default_factory=dict)
     optional: bool = True
+    trains: bool = False  # built only when the job allows training (JobCreate.allow_training)
 
 
 _MEASURE = (_Candidate("benchmark", optional=False), _Candidate("evaluate", optional=False))
 _ORT_INT8 = _Candidate("quantize_int8", {"search_speed": True})
+# Beside the post-training INT8 (before it: quantize_qat ends its branch, so quantize_int8 starts from the
+# same FP32 export; the INT8 step advances the chain): recovers by training what post-training INT8 loses.
+_QAT = _Candidate("quantize_qat", trains=True)
 
 AUTO_CANDIDATES: dict[Target, tuple[_Candidate, ...]] = {
     # x86: ONNX Runtime FP32 (the export) and INT8 (QDQ, QOperator and Conv/Gemm/MatMul-only INT8 judged
@@ -127,6 +130,7 @@ AUTO_CANDIDATES: dict[Target, tuple[_Candidate, ...]] = {
         _Candidate("convert_openvino", {"inference_precision": "f32", "static_shape": True}),
         _Candidate("convert_openvino", {"inference_precision": "bf16", "weights": "fp16", "static_shape": True}),
         _Candidate("quantize_openvino", {"static_shape": True}),
+        _QAT,
         _ORT_INT8,
         *_MEASURE,
     ),
@@ -137,6 +141,7 @@ AUTO_CANDIDATES: dict[Target, tuple[_Candidate, ...]] = {
         _Candidate("convert_tflite", {"precision": "fp16"}),
         _Candidate("convert_tflite", {"precision": "int8"}),
         _Candidate("export_onnx"),
+        _QAT,
         _ORT_INT8,
         _Candidate("benchmark", {"batch_sizes": [1]}, optional=False),
         _Candidate("evaluate", optional=False),
@@ -167,6 +172,7 @@ def auto_recipe(
     has_dataset: bool,
     overrides: dict[str, Any] | None,
     batch: int = 1,
+    allow_training: bool = False,
 ) -> AutoRecipe:
     """Preset auto's steps for ``target`` and this upload, and the candidates left out with why; a
     422 when no candidate can be built (the target is out of the model's reach). ``batch``: the job's
@@ -182,13 +188,15 @@ def auto_recipe(
         if batch != 1 and c.config.get("static_shape"):
             config["static_shape"] = False
         reason = _why_not(spec, config, current, has_calibration=has_calibration, has_dataset=has_dataset)
+        if reason is None and c.trains and not allow_training:
+            reason = "trains the model (minutes per epoch on a CPU worker): give allow_training true to build it"
         if reason is not None:
             if c.optional or spec.produces is None:
                 left_out.append({"step": c.name, "config": config, "reason": reason})
                 continue
             raise _unreachable(target, model_format, f"{c.name} {reason}")
         steps.append(StepSpec(name=c.name, config=config, optional=c.optional))
-        if spec.produces is not None and spec.produces not in DEPLOY_FORMATS:
+        if spec.produces is not None and spec.advances_chain():
             current = spec().output_format(current)
     if not any(get_spec(s.name).produces for s in steps):
         raise _unreachable(target, model_format, "; ".join(f"{x['step']} {x['reason']}" for x in left_out))
@@ -264,6 +272,8 @@ def candidate_label(step: str | None, fmt: str, facts: dict[str, Any] | None, ra
     if step == "quantize_int8":
         form = facts.get("quant_format")
         return f"ONNX Runtime INT8 {form}" if form else "ONNX Runtime INT8"
+    if step == "quantize_qat":
+        return "ONNX Runtime INT8 (QAT)"
     if step == "convert_fp16":
         return "ONNX Runtime FP16"
     if step == "convert_openvino":

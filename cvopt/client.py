@@ -198,7 +198,8 @@ class Client:
         """POST /v1/jobs. ``extra`` goes into the body as given (None values dropped): input_shape,
         preprocessing, overrides, name, webhook_url, task, max_accuracy_drop, detection, target
         ("x86-cpu", "arm-cpu", "nvidia-gpu") and constraints ({"max_latency_ms": 5, "max_size_mb": 20};
-        max_accuracy_drop there or top-level, not both with different values). With preset="auto" the
+        max_accuracy_drop there or top-level, not both with different values), allow_training (auto may
+        add candidates that train: quantization-aware INT8). With preset="auto" the
         job builds every candidate the target allows and recommends the fastest that meets the
         tolerance and constraints; when none does, the recommendation's artifact is null and
         ``closest`` names the nearest miss."""

@@ -365,6 +365,11 @@ def _constraints(**limits: float | None) -> dict[str, float] | None:
     type=click.FloatRange(0, min_open=True),
     help="The recommendation's file must be at most this many MB (10^6 bytes).",
 )
+@click.option(
+    "--allow-training",
+    is_flag=True,
+    help="Preset auto may add candidates that train (quantization-aware INT8 distilled from the original).",
+)
 @click.option("--name", help="A name for the job.")
 @click.option("--webhook-url", help="POSTed the job when it ends (signed).")
 @click.option("--wait/--no-wait", default=False, help="Wait for the job to end, showing progress.")
@@ -392,6 +397,7 @@ def submit_command(
     max_accuracy_drop: float | None,
     max_latency_ms: float | None,
     max_size_mb: float | None,
+    allow_training: bool,
     name: str | None,
     webhook_url: str | None,
     wait: bool,
@@ -414,6 +420,7 @@ def submit_command(
         # The tolerance goes top-level, its one place in the CLI (the API also reads it from constraints).
         "max_accuracy_drop": max_accuracy_drop,
         "constraints": _constraints(max_latency_ms=max_latency_ms, max_size_mb=max_size_mb),
+        "allow_training": allow_training or None,
     }
     try:
         with Client(url, api_key) as cv:

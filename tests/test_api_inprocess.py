@@ -341,7 +341,9 @@ def test_preset_auto_builds_the_targets_candidates_and_keeps_the_constraints(inp
     assert job["constraints"] == {"max_accuracy_drop": 0.02, "max_latency_ms": 5.0, "max_size_mb": None}
     report = client.get(f"/v1/jobs/{job['id']}/report").json()
     assert report["target"] == "x86-cpu" and report["constraints"]["max_latency_ms"] == 5.0
-    assert report["left_out"] == []
+    # Quantization-aware training is a candidate only where the job allows training.
+    assert [x["step"] for x in report["left_out"]] == ["quantize_qat"]
+    assert "allow_training" in report["left_out"][0]["reason"]
 
 
 def test_preset_auto_at_batch_4_builds_open_batch_openvino_irs(inprocess_api, model):

@@ -314,3 +314,45 @@ def test_an_arm_cpu_report_says_its_latencies_are_an_x86_stand_in(inprocess_api)
     assert "stand-in for the phone&#x27;s ARM CPU" in page or "stand-in for the phone's ARM CPU" in page
     x86 = client.post("/v1/jobs", json={"model_id": model["id"], "preset": "onnx", "target": "x86-cpu"}).json()
     assert client.get(f"/v1/jobs/{x86['id']}/report").json()["latency_note"] is None
+
+
+def test_a_step_that_pruned_toward_a_latency_draws_macs_against_the_latency_it_measured():
+    from api.report_html import render
+    from core.models import JobStep, StepStatus
+
+    rounds = [
+        {"round": 1, "channel_ratio": 0.2254, "macs": 665_000_000, "latency_ms": 11.0, "latency_ratio": 0.76},
+        {"round": 2, "channel_ratio": 0.6126, "macs": 273_000_000, "latency_ms": 8.6, "latency_ratio": 0.62},
+    ]
+    step = JobStep(
+        index=0,
+        name="prune_structured",
+        status=StepStatus.succeeded,
+        config={"target_latency_ratio": 0.6},
+        metrics={
+            "macs_before": 870_000_000,
+            "rounds": rounds,
+            "goal": 0.6,
+            "latency_ratio": 0.62,
+            "latency_runtime": "onnxruntime",
+        },
+    )
+    job = Job(
+        id="j",
+        name="prune",
+        status=JobStatus.succeeded,
+        preset=None,
+        created_at=utcnow(),
+        task_options={"max_accuracy_drop": 0.01},
+        steps=[step],
+        model=Model(filename="m.onnx", format="onnx"),
+    )
+    page = render(job, auto_report(None))
+    chart = between(page, 'id="pruning-rounds-0"', "</svg>")
+    tips = [m[2] for m in MARKER.findall(chart)]
+    assert tips[0].startswith("original: 1.00 MACs") and len(tips) == 3
+    assert "round 2: channel ratio 0.6126, 0.31 MACs, 0.62 latency (8.6 ms)" in tips
+    assert "goal 0.6, reached 0.62" in page
+    # A step that pruned to a parameter ratio has no latency per round, and no such chart.
+    step.metrics = {"rounds": [{"round": 1, "channel_ratio": 0.3, "macs": 1, "parameters": 1}]}
+    assert "pruning-rounds" not in render(job, auto_report(None))

@@ -41,6 +41,8 @@ from core.targets import (
 PYTORCH_UPLOADS = (EXPORTED_PROGRAM, TORCHSCRIPT, STATE_DICT)
 CALIBRATION_NEEDED = "needs calibration_dataset_id (a few hundred representative images)"
 DATASET_NEEDED = "needs evaluation_dataset_id or calibration_dataset_id; without it only lossless candidates count"
+TRAINING_NOT_ALLOWED = "trains the model (minutes per epoch on a CPU worker): give allow_training true to build it"
+QAT_NOT_ALLOWED = {"step": "quantize_qat", "config": {}, "reason": TRAINING_NOT_ALLOWED}
 ARITHMETIC_UNJUDGED = (
     "changes the model's arithmetic: without evaluation_dataset_id or calibration_dataset_id its accuracy cannot be "
     "judged, and only lossless candidates count"
@@ -56,8 +58,11 @@ def shape(steps: list[StepSpec]) -> list[tuple[str, dict, bool]]:
 
 
 def left_out(recipe) -> dict[tuple[str, str | None], str]:
-    """(step, precision of its config) -> why it was left out."""
-    return {(x["step"], x["config"].get("precision")): x["reason"] for x in recipe.left_out}
+    """(step, precision of its config) -> why it was left out; quantize_qat aside (it is left out of every job
+    that does not allow training, or has no calibration: test_auto_builds_quantization_aware_training_...)."""
+    return {
+        (x["step"], x["config"].get("precision")): x["reason"] for x in recipe.left_out if x["step"] != "quantize_qat"
+    }
 
 
 # -- the tables themselves ------------------------------------------------------------------------
@@ -104,7 +109,7 @@ def test_auto_on_x86_builds_onnx_runtime_and_openvino_candidates_from_one_export
         ("benchmark", {}, False),
         ("evaluate", {}, False),
     ]
-    assert recipe.left_out == []
+    assert recipe.left_out == [QAT_NOT_ALLOWED]  # quantization-aware training: only with allow_training
 
 
 def test_auto_on_x86_without_datasets_builds_the_float_candidates_and_says_what_it_left_out():
@@ -119,6 +124,7 @@ def test_auto_on_x86_without_datasets_builds_the_float_candidates_and_says_what_
             "reason": ARITHMETIC_UNJUDGED,
         },
         {"step": "quantize_openvino", "config": {"static_shape": True}, "reason": CALIBRATION_NEEDED},
+        {"step": "quantize_qat", "config": {}, "reason": CALIBRATION_NEEDED},
         {"step": "quantize_int8", "config": {"search_speed": True}, "reason": CALIBRATION_NEEDED},
         {"step": "evaluate", "config": {}, "reason": DATASET_NEEDED},
     ]
@@ -249,7 +255,13 @@ def recipe(**kw):
 def test_auto_without_a_target_is_x86_and_its_left_out_comes_back():
     made = recipe(preset="auto", has_calibration=False, has_dataset=False)
     assert [s.name for s in made.steps] == ["export_onnx", "convert_openvino", "benchmark"]
-    assert [x["step"] for x in made.left_out] == ["convert_openvino", "quantize_openvino", "quantize_int8", "evaluate"]
+    assert [x["step"] for x in made.left_out] == [
+        "convert_openvino",
+        "quantize_openvino",
+        "quantize_qat",
+        "quantize_int8",
+        "evaluate",
+    ]
     # A plain preset leaves nothing out that the report should list.
     assert recipe(preset="onnx").left_out == []
 
@@ -293,7 +305,7 @@ def test_an_override_that_drops_a_candidates_need_is_judged_with_the_override():
         preset="auto", overrides={"quantize_int8": {"mode": "dynamic"}}, has_calibration=False, has_dataset=True
     )
     assert ("quantize_int8", {"search_speed": True, "mode": "dynamic"}, True) in shape(made.steps)
-    assert [x["step"] for x in made.left_out] == ["quantize_openvino"]
+    assert [x["step"] for x in made.left_out] == ["quantize_openvino", "quantize_qat"]
     # One that adds a need the job cannot give is judged by it too: every LiteRT candidate needs
     # calibration now, none runs, and the override names a step auto does not run for this job.
     overrides = {"convert_tflite": {"precision": "int8"}}
@@ -383,6 +395,7 @@ LABELS = {
     # step: (artifact format, meta or config, runtime's precision, label)
     "export_onnx": (ONNX, {}, None, "ONNX Runtime FP32"),
     "quantize_int8": (ONNX, {"quant_format": "QOperator"}, None, "ONNX Runtime INT8 QOperator"),
+    "quantize_qat": (ONNX, {"quant_format": "QDQ"}, None, "ONNX Runtime INT8 (QAT)"),
     "convert_fp16": (ONNX, {}, None, "ONNX Runtime FP16"),
     "convert_openvino": (
         OPENVINO_IR,
@@ -458,3 +471,28 @@ def test_an_override_of_a_left_out_candidate_says_why_it_was_left_out():
     assert err.value.code == "unknown_step"
     assert err.value.message.endswith(f"; quantize_openvino is left out: {CALIBRATION_NEEDED}")
     assert err.value.details["left_out"] == {"quantize_openvino": CALIBRATION_NEEDED}
+
+
+def test_auto_builds_quantization_aware_training_only_when_the_job_allows_training():
+    without = auto_recipe("x86-cpu", model_format=ONNX, has_calibration=True, has_dataset=True, overrides=None)
+    assert "quantize_qat" not in [s.name for s in without.steps]
+    (why,) = [x["reason"] for x in without.left_out if x["step"] == "quantize_qat"]
+    assert "allow_training" in why
+    with_training = auto_recipe(
+        "x86-cpu", model_format=ONNX, has_calibration=True, has_dataset=True, overrides=None, allow_training=True
+    )
+    names = [s.name for s in with_training.steps]
+    assert names.index("export_onnx") < names.index("quantize_qat") < names.index("quantize_int8")
+    # Beside the post-training INT8, not before it in one chain: QAT ends its branch, so both start from the
+    # FP32 export.
+    assert get_spec("quantize_qat").ends_branch and not get_spec("quantize_qat").advances_chain()
+    assert get_spec("quantize_int8").advances_chain()
+    plan = plan_job(
+        model_format=ONNX,
+        model_inputs=[{"name": "x", "shape": [1, 3, 8, 8], "dtype": "float32"}],
+        steps=with_training.steps,
+        input_shape=None,
+        calibration=DatasetFacts(id="c" * 32, layout="NCHW", sample_shape=[3, 8, 8]),
+        evaluation=None,
+    )
+    assert "quantize_qat" in [s.name for s in plan.steps]

@@ -30,7 +30,6 @@ from core import logs
 from core.errors import CvoptError, JobCancelled, NotFound, PassError, StorageUnavailable
 from core.formats import (
     AOTI_PACKAGE,
-    DEPLOY_FORMATS,
     EXPORTED_PROGRAM,
     KERAS,
     ONNX,
@@ -627,7 +626,7 @@ class JobRunner:
             meta=dict(result.meta),
         )
         digest = self._record_artifact(job_id, step.id, step.index, step.name, ref, cache_key, result, cached)
-        if cls.produces not in DEPLOY_FORMATS:
+        if cls.advances_chain():
             chain.current, chain.sha = ref, digest
         chain.artifacts.append(ref)
 

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from core.formats import SAME_AS_INPUT
+from core.formats import DEPLOY_FORMATS, SAME_AS_INPUT
 
 
 class PassConfig(BaseModel):
@@ -46,6 +46,9 @@ class PassSpec(Generic[ConfigT]):
     # Turns its input into a torch module to train or prune (worker.trainable): an ONNX model's operators
     # must all convert (core.onnx_ops), checked at POST /v1/jobs where the upload lists them.
     trains: ClassVar[bool] = False
+    # Its artifact ends its branch, as deployment formats always do: the next producing step starts from
+    # the model this one started from (quantize_qat: a candidate beside the post-training INT8, not after it).
+    ends_branch: ClassVar[bool] = False
     # For input formats it does not accept: what the user should do instead (shown in the 422).
     format_hints: ClassVar[dict[str, str]] = {}
 
@@ -53,6 +56,11 @@ class PassSpec(Generic[ConfigT]):
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__ and not isinstance(cls.__dict__.get("version"), int):
             raise TypeError(f"step {cls.name!r} declares no version (an int; it enters the cache key)")
+
+    @classmethod
+    def advances_chain(cls) -> bool:
+        """Whether the next step starts from this step's artifact (a measuring step leaves the chain as it is)."""
+        return cls.produces not in DEPLOY_FORMATS and not cls.ends_branch
 
     def output_format(self, input_format: str) -> str:
         return input_format if self.produces in (None, SAME_AS_INPUT) else self.produces

@@ -23,6 +23,7 @@ from core.steps.prune_unstructured import PruneUnstructuredSpec
 from core.steps.quantize_int8 import QuantizeInt8Spec
 from core.steps.quantize_int8_torch import QuantizeInt8TorchSpec
 from core.steps.quantize_openvino import QuantizeOpenvinoSpec
+from core.steps.quantize_qat import QuantizeQatSpec
 
 SPECS: dict[str, type[PassSpec[Any]]] = {
     spec.name: spec
@@ -43,6 +44,7 @@ SPECS: dict[str, type[PassSpec[Any]]] = {
         QuantizeInt8Spec,
         QuantizeInt8TorchSpec,
         QuantizeOpenvinoSpec,
+        QuantizeQatSpec,
     )
 }
 

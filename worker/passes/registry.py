@@ -22,6 +22,7 @@ from worker.passes.prune_unstructured import PruneUnstructured
 from worker.passes.quantize_int8 import QuantizeInt8
 from worker.passes.quantize_int8_torch import QuantizeInt8Torch
 from worker.passes.quantize_openvino import QuantizeOpenvino
+from worker.passes.quantize_qat import QuantizeQat
 
 REGISTRY: dict[str, type[Pass]] = {
     implementation.name: implementation
@@ -42,6 +43,7 @@ REGISTRY: dict[str, type[Pass]] = {
         QuantizeInt8,
         QuantizeInt8Torch,
         QuantizeOpenvino,
+        QuantizeQat,
     )
 }
 
