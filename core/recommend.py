@@ -42,6 +42,7 @@ from core.schemas import (
     ReportRead,
     Verdict,
 )
+from core.steps.registry import SPECS
 from core.targets import LOSSLESS_AT_FP32, LOSSLESS_STEPS, STAND_IN_NOTES, candidate_label
 from core.tasks import DEFAULT_TOLERANCE
 
@@ -95,7 +96,8 @@ def lossless_artifacts(artifacts: Sequence[ArtifactFacts]) -> set[str]:
         lossless = chain_lossless and step_keeps_float(artifact.step, artifact.meta)
         if lossless:
             out.add(artifact.name)
-        if artifact.format not in DEPLOY_FORMATS:
+        spec = SPECS.get(artifact.step or "")
+        if artifact.format not in DEPLOY_FORMATS and not (spec is not None and spec.ends_branch):
             chain_lossless = lossless
     return out
 

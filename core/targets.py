@@ -273,7 +273,8 @@ def candidate_label(step: str | None, fmt: str, facts: dict[str, Any] | None, ra
         form = facts.get("quant_format")
         return f"ONNX Runtime INT8 {form}" if form else "ONNX Runtime INT8"
     if step == "quantize_qat":
-        return "ONNX Runtime INT8 (QAT)"
+        # The step keeps the post-training graph when that judged better: the label says which it is.
+        return "ONNX Runtime INT8 (QAT)" if facts.get("trained", True) else "ONNX Runtime INT8 (QAT judged worse: PTQ)"
     if step == "convert_fp16":
         return "ONNX Runtime FP16"
     if step == "convert_openvino":

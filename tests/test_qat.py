@@ -204,11 +204,12 @@ def test_qat_recovers_what_post_training_int8_loses(digit_models, tmp_path):
     assert m["tensors_not_found_in_model"] == [] and m["rounded_tensors"] > 4 and m["int8_weight_layers"] == 4
     assert m["trained_ranges_applied"] > 0 and m["weight_bits"] == (7 if m["reduce_range"] else 8)
     (head,) = m["kept_float"]
-    assert head["reason"] == "makes the model's output" and head["node"].endswith("Gemm")
+    graph_ops = {n.name: n.op_type for n in onnx.load(str(result.artifact)).graph.node}
+    assert head["reason"] == "makes the model's output" and graph_ops[head["node"]] == "Gemm"
     inputs = node_inputs_dequantized(result.artifact)
     assert inputs[head["node"]][0] and not inputs[head["node"]][1]  # its input rounded, its weight float
     ops = {n.op_type for n in onnx.load(str(result.artifact)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and result.meta == {"quant_format": "QDQ"}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and result.meta == {"quant_format": "QDQ", "trained": True}
     # On digits neither calibration nor training saw: the INT8 graph agrees with FP32.
     x = digit_models["held_out"]
     fp32 = session(source.path).run(None, {"image": x})[0].argmax(1)

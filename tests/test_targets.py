@@ -395,7 +395,7 @@ LABELS = {
     # step: (artifact format, meta or config, runtime's precision, label)
     "export_onnx": (ONNX, {}, None, "ONNX Runtime FP32"),
     "quantize_int8": (ONNX, {"quant_format": "QOperator"}, None, "ONNX Runtime INT8 QOperator"),
-    "quantize_qat": (ONNX, {"quant_format": "QDQ"}, None, "ONNX Runtime INT8 (QAT)"),
+    "quantize_qat": (ONNX, {"quant_format": "QDQ", "trained": True}, None, "ONNX Runtime INT8 (QAT)"),
     "convert_fp16": (ONNX, {}, None, "ONNX Runtime FP16"),
     "convert_openvino": (
         OPENVINO_IR,

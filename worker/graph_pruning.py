@@ -23,6 +23,7 @@ from core.errors import PassError
 
 INPUT_LAYER = "takes the model's input"
 OUTPUT_LAYER = "makes the model's output"
+NAMED = "named by the user"
 
 
 def _weighted_types() -> tuple:
@@ -102,8 +103,9 @@ def channel_unsafe(node, modules: dict[str, Any]) -> str | None:
     return f"{node.name} reshapes, splits or slices the channels ({shapes} -> {', '.join(str(list(o)) for o in outs)})"
 
 
-def _producers(start_nodes, is_weighted) -> list:
-    """The weighted nodes whose outputs reach ``start_nodes`` without passing another weighted node."""
+def _walk(start_nodes, is_weighted, step) -> list:
+    """The weighted nodes reached from ``start_nodes`` along ``step`` (a node's neighbours, or None to stop
+    there) without passing another weighted node."""
     seen, found, stack = set(), [], list(start_nodes)
     while stack:
         node = stack.pop()
@@ -113,22 +115,23 @@ def _producers(start_nodes, is_weighted) -> list:
         if is_weighted(node):
             found.append(node)
             continue
-        stack.extend(node.all_input_nodes)
+        stack.extend(step(node) or ())
     return found
+
+
+def _producers(start_nodes, is_weighted) -> list:
+    """The weighted nodes whose outputs reach ``start_nodes`` without passing another weighted node."""
+    return _walk(start_nodes, is_weighted, lambda node: node.all_input_nodes)
 
 
 def _consumers(start_nodes, is_weighted) -> list:
-    seen, found, stack = set(), [], list(start_nodes)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if is_weighted(node):
-            found.append(node)
-            continue
-        stack.extend(node.users)
-    return found
+    """The weighted nodes the input's activations reach first (not through shape arithmetic: a Shape of the
+    input read deep in the network does not make that layer an input layer)."""
+    return _walk(
+        start_nodes,
+        is_weighted,
+        lambda node: node.users if node.op == "placeholder" or _shapes(node) is not None else None,
+    )
 
 
 def resolve_names(module, names: list[str], aliases: dict[str, str]) -> dict[str, str]:
@@ -141,7 +144,7 @@ def resolve_names(module, names: list[str], aliases: dict[str, str]) -> dict[str
         if target is None or target not in modules:
             missing.append(name)
         else:
-            resolved[target] = "named by the user"
+            resolved[target] = NAMED
     if missing:
         raise PassError(
             f"protect names layers the model does not have: {missing}",

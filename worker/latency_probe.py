@@ -5,6 +5,8 @@ Counting MACs does not say what a runtime does with fewer channels (Torch-Prunin
 3.85x fewer MACs, 2.19x lower latency), so each pruning round writes the candidate as ONNX and times it
 beside the original, round-robin in one run (worker.timing: both see the same machine noise), at the
 job's input shape: in ONNX Runtime, or in OpenVINO (which reads the ONNX file, in its default precision).
+The reference is the upload itself when it is ONNX (the file the user compares with), else the unpruned
+model written the same way as the candidates.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ MIN_BLOCK_S = 0.02
 
 
 class LatencyProbe:
-    def __init__(self, trainable, ctx: PassContext, runtime: str) -> None:
+    def __init__(self, trainable, ctx: PassContext, runtime: str, source: ArtifactRef) -> None:
         from worker.data import sample_feeds, sample_tensors
 
         self.trainable, self.ctx, self.runtime = trainable, ctx, runtime
@@ -30,15 +32,22 @@ class LatencyProbe:
         self.dir.mkdir(exist_ok=True)
         self.args = sample_tensors(ctx.input_spec)
         self.feeds = sample_feeds(ctx.input_spec)
-        self.reference = self._runner(trainable.module, "original")
+        # The upload itself where it is ONNX (what the user compares with), else its unpruned export.
+        self.reference = (
+            self._load(source.path) if source.format == "onnx" else self._runner(trainable.module, "original")
+        )
         self.count = 0
 
     def _runner(self, module, stem: str):
-        from worker.runtime import load_runner
         from worker.trainable import write_onnx
 
         path = self.dir / f"{stem}.onnx"
         write_onnx(self.trainable, module, self.args, path)
+        return self._load(path)
+
+    def _load(self, path):
+        from worker.runtime import load_runner
+
         if self.runtime == "openvino":
             return _openvino_runner(path, self.ctx.threads)
         return load_runner(ArtifactRef(path.name, "onnx", path), threads=self.ctx.threads)

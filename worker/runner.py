@@ -97,7 +97,7 @@ class _LogTail(logging.Handler):
 # the model, may have been the cause); any other refusal stands.
 _TRANSIENT_CODES = frozenset({"out_of_memory", "step_timeout", "step_cpu_limit", "internal_error"})
 # task_options keys that no step reads (core.recommend does), kept out of the artifact cache key.
-_REPORT_ONLY_OPTIONS = frozenset({"target", "constraints", "left_out"})
+_REPORT_ONLY_OPTIONS = frozenset({"target", "constraints", "left_out", "allow_training"})
 
 
 class _ClaimLost(Exception):

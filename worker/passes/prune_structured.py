@@ -15,6 +15,7 @@ from __future__ import annotations
 from core.errors import PassError
 from core.formats import STATE_DICT
 from core.steps.prune_structured import PruneStructuredConfig, PruneStructuredSpec
+from worker.graph_pruning import check_pruned
 from worker.latency_probe import LatencyProbe
 from worker.passes.base import ArtifactRef, Pass, PassContext, PassResult
 from worker.pruning import measure, protected_modules
@@ -93,7 +94,7 @@ class PruneStructured(PruneStructuredSpec, Pass):
             return {modules[id(m)]: "named by the user" if config.protect else "input or output layer" for m in chosen}
         return protected_layers(trainable.module, example, config.protect, trainable.aliases)
 
-    def _search(self, ctx, original, example, config: PruneStructuredConfig, ignored: list[str], fraction_of):
+    def _search(self, ctx, original, example, config: PruneStructuredConfig, ignored: list[str], fraction_of, want):
         """The channel ratio whose pruned model keeps ``goal`` of what ``fraction_of(module)`` measures
         (parameters, MACs or latency, as a fraction of the original's), by a few trials on copies: the
         measure shrinks about as (1 - ratio)^2, and each trial refits that exponent. (module, ratio,
@@ -113,6 +114,7 @@ class PruneStructured(PruneStructuredSpec, Pass):
                 raise PassError(
                     f"structured pruning failed: {str(exc).splitlines()[0]}", code="pruning_failed"
                 ) from exc
+            check_pruned(candidate, example, want)  # before anything measures it: a clear pruning_failed
             fraction, record = fraction_of(candidate)
             rounds.append({"round": attempt + 1, "channel_ratio": round(ratio, 4), **record})
             if best is None or abs(fraction - goal) < abs(best[2] - goal):
@@ -120,7 +122,10 @@ class PruneStructured(PruneStructuredSpec, Pass):
             ctx.report_progress((attempt + 1) / MAX_TRIALS)
             if abs(fraction - goal) <= self._tolerance(config) * goal:
                 break
-            exponent = math.log(fraction) / math.log(1 - ratio) if 0 < fraction < 1 and 0 < ratio < 1 else 2.0
+            if fraction >= 1:  # not faster (noise, or a model too small to gain): prune harder, never the same
+                ratio = min(0.95, ratio * 1.5 + 0.05)
+                continue
+            exponent = math.log(fraction) / math.log(1 - ratio) if 0 < fraction and 0 < ratio < 1 else 2.0
             ratio = min(0.95, max(0.01, 1 - goal ** (1 / max(exponent, 0.5))))
         assert best is not None
         if abs(best[2] - goal) > self._tolerance(config) * goal:
@@ -158,7 +163,6 @@ class PruneStructured(PruneStructuredSpec, Pass):
 
     def run(self, ctx: PassContext, source: ArtifactRef, config: PruneStructuredConfig) -> PassResult:
         from worker.data import job_feeds, sample_tensors
-        from worker.graph_pruning import check_pruned
         from worker.trainable import check_round_trip, check_saved, load_trainable, outputs_of, save_trainable
 
         trainable = load_trainable(source, ctx)
@@ -170,12 +174,14 @@ class PruneStructured(PruneStructuredSpec, Pass):
         macs0, params0 = measure(original, example)
         latency = None
         if config.target_latency_ratio is not None:
-            latency = LatencyProbe(trainable, ctx, config.latency_runtime)
+            latency = LatencyProbe(trainable, ctx, config.latency_runtime, source)
             fraction_of = latency.fraction_of(example)
         else:
             fraction_of = self._count_fraction(config, example, macs0, params0)
         try:
-            module, ratio, rounds = self._search(ctx, original, example, config, sorted(protected), fraction_of)
+            module, ratio, rounds = self._search(
+                ctx, original, example, config, sorted(protected), fraction_of, want_shapes
+            )
         finally:
             if latency is not None:
                 latency.close()

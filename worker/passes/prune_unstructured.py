@@ -19,7 +19,7 @@ def _prunable(trainable, protect: list[str] | None, example) -> list:
     layer named in protect."""
     import torch
 
-    from worker.graph_pruning import INPUT_LAYER, OUTPUT_LAYER, protected_layers
+    from worker.graph_pruning import INPUT_LAYER, NAMED, OUTPUT_LAYER, protected_layers
     from worker.pruning import protected_modules
 
     module = trainable.module
@@ -28,7 +28,8 @@ def _prunable(trainable, protect: list[str] | None, example) -> list:
     else:
         why = protected_layers(module, example, protect, trainable.aliases)
         modules = dict(module.named_modules())
-        kept = {id(modules[n]) for n, reason in why.items() if protect or reason in (INPUT_LAYER, OUTPUT_LAYER)}
+        # The reasons structured pruning has (hard-coded channel counts) do not concern zeroed weights.
+        kept = {id(modules[n]) for n, reason in why.items() if reason in (INPUT_LAYER, OUTPUT_LAYER, NAMED)}
     return [
         (name, m)
         for name, m in module.named_modules()

@@ -250,7 +250,9 @@ class QuantizeQat(QuantizeQatSpec, Pass):
         artifact = ptq.path if chosen == "ptq" else qat.path
         metrics["quantize_linear_nodes"] = count_nodes(artifact, "QuantizeLinear")
         _check_tolerance(metrics, qat_metric, tolerance)
-        return PassResult(artifact=artifact, format=ONNX, metrics=metrics, meta={"quant_format": "QDQ"})
+        return PassResult(
+            artifact=artifact, format=ONNX, metrics=metrics, meta={"quant_format": "QDQ", "trained": chosen == "qat"}
+        )
 
 
 def _quantization_aware(
