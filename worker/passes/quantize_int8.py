@@ -106,23 +106,14 @@ def _calibrated_quantizer(
     """(the quantizer of the prepared graph with its calibration reader, the input spec as the graph
     names it, the graph's fixed batch or None, the opset metrics). Every calibration sample counts:
     a fixed-batch model's last, short batch is padded, never dropped."""
-    from worker.quantization.calibration import CalibrationReader
+    from worker.quantization.calibration import job_calibration_reader
     from worker.quantization.graph import graph_input, prepared_graph, quantizable_graph
     from worker.quantization.quantizer import Quantizer, reduce_range_for
 
     graph, per_channel, opset_metrics = quantizable_graph(source.path, ctx.work_dir, config.per_channel, ctx.log)
     prepared = prepared_graph(graph, ctx.work_dir, ctx.log)
     input_name, fixed_batch = graph_input(prepared)
-    spec = dict(ctx.input_spec[0], name=input_name)
-    dataset = ctx.calibration_dataset
-    reader = CalibrationReader(
-        ctx,
-        dataset,
-        spec,
-        batch_size=fixed_batch or config.batch_size,
-        total=min(config.num_calibration_samples, dataset.num_samples),
-        fixed_batch=fixed_batch,
-    )
+    reader = job_calibration_reader(ctx, input_name, fixed_batch, config)
     if reader.total == 0:
         raise PassError("the calibration dataset has no samples", code="empty_dataset")
     quantizer = Quantizer(
@@ -133,7 +124,7 @@ def _calibrated_quantizer(
         ranges=ctx.work_dir / "calibration.json",
         reduce_range=reduce_range_for(config),
     )
-    return quantizer, spec, fixed_batch, opset_metrics
+    return quantizer, reader.spec, fixed_batch, opset_metrics
 
 
 def _judge_and_search(

@@ -117,7 +117,7 @@ def _int8_graph(
     ({tensor: trained range}) those replace the calibrated ones."""
     from worker.data import sample_tensors
     from worker.qat import onnx_layers, write_trained_ranges
-    from worker.quantization.calibration import CalibrationReader
+    from worker.quantization.calibration import job_calibration_reader
     from worker.quantization.graph import graph_input, prepared_graph, quantizable_graph
     from worker.quantization.quantizer import Quantizer, reduce_range_for
     from worker.trainable import write_onnx
@@ -134,17 +134,7 @@ def _int8_graph(
     if heads is not None:
         update["keep_mixed_scale_heads_float"] = False
     config = qconfig.model_copy(update=update)
-    spec = dict(ctx.input_spec[0], name=input_name)
-    dataset = ctx.calibration_dataset
-    assert dataset is not None
-    reader = CalibrationReader(
-        ctx,
-        dataset,
-        spec,
-        batch_size=fixed_batch or config.batch_size,
-        total=min(config.num_calibration_samples, dataset.num_samples),
-        fixed_batch=fixed_batch,
-    )
+    reader = job_calibration_reader(ctx, input_name, fixed_batch, config)
     cache = work / "calibration.json"
     cache.unlink(missing_ok=True)  # a rerun in the same directory calibrates its own model again
     quantizer = Quantizer(
@@ -160,7 +150,7 @@ def _int8_graph(
     if ranges is not None:
         written = write_trained_ranges(quantizer.ranges, ranges)
         out = quantizer.quantize([], work / "model.int8.qat.onnx")
-    return _Int8Graph(out, prepared, spec, fixed_batch, nodes, float_nodes, reader.seen, written)
+    return _Int8Graph(out, prepared, reader.spec, fixed_batch, nodes, float_nodes, reader.seen, written)
 
 
 def _rounding_model(ctx: PassContext, model: _Model, ptq: _Int8Graph, scheme: Any) -> tuple[Any, Any, dict]:

@@ -65,3 +65,19 @@ class CalibrationReader:
         self.seen += len(x)
         self.ctx.report_progress(CALIBRATION_PROGRESS * self.seen / self.total)
         return {self.spec["name"]: pad_batch(x, self.fixed_batch) if self.fixed_batch else x}
+
+
+def job_calibration_reader(ctx, input_name: str, fixed_batch: int | None, config) -> CalibrationReader:
+    """The job's calibration images for a graph whose input is ``input_name`` (``fixed_batch``: its batch
+    when fixed), in the batches and number ``config`` (a QuantizeInt8Config) asks: what quantize_int8 and
+    quantize_qat both calibrate on."""
+    dataset = ctx.calibration_dataset
+    assert dataset is not None  # the step's spec needs one: POST /v1/jobs checked it
+    return CalibrationReader(
+        ctx,
+        dataset,
+        dict(ctx.input_spec[0], name=input_name),
+        batch_size=fixed_batch or config.batch_size,
+        total=min(config.num_calibration_samples, dataset.num_samples),
+        fixed_batch=fixed_batch,
+    )
