@@ -7,7 +7,9 @@ the packages pyproject.toml installs).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
 import json
 import os
 import re
@@ -203,14 +205,24 @@ def resolved_services(services) -> dict:
     return interpolate_tree(services, {"CVOPT_SECRET_KEY": TEST_SECRET_KEY})
 
 
+# Each Dockerfile reads its dependency lists in a first stage of this name (no image is built
+# from it); the fixtures below give the image stages.
+REQUIREMENTS_STAGE = "requirements"
+
+
+def image_stages(stages: list[dict]) -> list[dict]:
+    return [s for s in stages if s["name"] != REQUIREMENTS_STAGE]
+
+
 @pytest.fixture(scope="module")
 def api_stages():
-    return parse_dockerfile(API_DOCKERFILE)[1]
+    return image_stages(parse_dockerfile(API_DOCKERFILE)[1])
 
 
 @pytest.fixture(scope="module")
 def worker_dockerfile():
-    return parse_dockerfile(WORKER_DOCKERFILE)
+    preamble, stages = parse_dockerfile(WORKER_DOCKERFILE)
+    return preamble, image_stages(stages)
 
 
 # -- compose: services, health, ordering -----------------------------------------------------
@@ -295,14 +307,23 @@ def test_workers_build_the_worker_dockerfile_with_their_target(services, name, t
     assert build["target"] == target
 
 
-def test_api_serves_on_port_8000_without_an_embedded_worker(services):
+def published(service: dict) -> dict[int, str]:
+    """{container port: "host address:host port"} of a resolved service's ports."""
+    out = {}
+    for entry in service.get("ports", []):
+        *host, container = str(entry).rsplit(":", 2)
+        out[int(container)] = ":".join(host)
+    return out
+
+
+def test_api_serves_on_port_8000_without_an_embedded_worker(services, resolved_services):
     api = services["api"]
     cmd = command_of(api)
     assert cmd[:2] == ["cvopt", "serve"]
     assert "--no-worker" in cmd
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
     assert cmd[cmd.index("--port") + 1] == "8000"
-    assert "8000:8000" in [str(p) for p in api["ports"]]
+    assert published(resolved_services["api"])[8000] == "0.0.0.0:8000"
 
 
 @pytest.mark.parametrize("name,queue", [("worker-cpu", "cpu"), ("worker-gpu", "gpu")])
@@ -437,7 +458,7 @@ def test_s3_settings_point_at_minio_with_its_root_credentials(resolved_services)
     # Presigned URLs are signed for the public endpoint, which must reach MinIO's S3 port.
     public = urlparse(env["CVOPT_S3_PUBLIC_ENDPOINT_URL"])
     assert public.hostname == "localhost"
-    assert f"{public.port}:9000" in [str(p) for p in minio["ports"]]
+    assert published(minio)[9000].endswith(f":{public.port}")
 
 
 def test_bucket_created_by_minio_init_is_the_storage_url_bucket(resolved_services):
@@ -456,33 +477,164 @@ def test_bucket_created_by_minio_init_is_the_storage_url_bucket(resolved_service
 # -- Dockerfiles -----------------------------------------------------------------------------
 
 
-def test_api_dockerfile_installs_only_the_base_package(api_stages):
-    assert len(api_stages) == 1
+def arg_defaults(preamble_or_stage) -> dict[str, str]:
+    items = preamble_or_stage if isinstance(preamble_or_stage, list) else preamble_or_stage["instructions"]
+    return dict(a.split("=", 1) for kw, a in items if kw == "ARG" and "=" in a)
+
+
+def test_api_dockerfile_installs_only_the_base_package(services, api_stages):
+    preamble, _ = parse_dockerfile(API_DOCKERFILE)
     (stage,) = api_stages
-    assert stage["base"] == "python:3.11-slim"
+    assert stage["base"] == "${PYTHON_BASE}"
+    assert arg_defaults(preamble)["PYTHON_BASE"] == "python:3.11-slim-bookworm"
+    # compose passes the same default, overridable (CI builds on a local stand-in)
+    for name in ("api", "migrate"):
+        assert services[name]["build"]["args"]["PYTHON_BASE"] == "${PYTHON_BASE:-python:3.11-slim-bookworm}"
     runs = " ".join(instructions(stage, "RUN"))
     assert "pip install ." in runs
     for heavy in ("[worker]", "torch", "onnxruntime", "tensorrt", "optional-dependencies"):
-        assert heavy not in runs, f"Dockerfile.api installs {heavy}"
+        assert heavy not in re.sub(r'python -c "import importlib.util[^"]*"', "", runs), (
+            f"Dockerfile.api installs {heavy}"
+        )
+    # ... and the build fails if a dependency brought an ML runtime in anyway
+    assert "u.find_spec(m)]; assert not heavy" in runs and "'torch'" in runs and "'onnxruntime'" in runs
 
 
-def test_worker_dockerfile_has_gpu_stage_and_cpu_as_the_default_final_stage(worker_dockerfile):
+def test_worker_dockerfile_builds_cpu_without_the_gpu_stage(services, worker_dockerfile):
+    """The classic builder builds every stage before the target: cpu comes before gpu (after
+    only the requirements stage, on the same small base) and takes nothing from gpu, so
+    `--target cpu` never pulls the multi-GB NGC base."""
     preamble, stages = worker_dockerfile
-    assert [s["name"] for s in stages] == ["gpu", "cpu"]
-    args = dict(a.split("=", 1) for kw, a in preamble if kw == "ARG" and "=" in a)
+    assert [s["name"] for s in parse_dockerfile(WORKER_DOCKERFILE)[1]] == [REQUIREMENTS_STAGE, "cpu", "gpu"]
+    assert parse_dockerfile(WORKER_DOCKERFILE)[1][0]["base"] == "${CPU_BASE}"
+    cpu = stage_named(stages, "cpu")
+    assert {a.split()[0] for a in instructions(cpu, "COPY") if a.startswith("--from")} == {"--from=requirements"}
+    args = arg_defaults(preamble)
     assert stage_named(stages, "gpu")["base"] == "${GPU_BASE}"
     assert args["GPU_BASE"].startswith("nvcr.io/nvidia/pytorch:")
-    cpu_base = stage_named(stages, "cpu")["base"]
-    assert (args.get(cpu_base.strip("${}"), cpu_base)) == "python:3.11-slim"
+    assert cpu["base"] == "${CPU_BASE}" and args["CPU_BASE"] == "python:3.11-slim-bookworm"
+    build = services["worker-cpu"]["build"]
+    assert build["target"] == "cpu"
+    assert build["args"]["CPU_BASE"] == "${PYTHON_BASE:-python:3.11-slim-bookworm}"
 
 
-def test_cpu_worker_gets_torch_from_the_cpu_wheel_index_and_the_worker_extra(worker_dockerfile):
+def test_cpu_worker_gets_torch_from_a_build_argument_index_and_the_worker_extra(services, worker_dockerfile):
     _, stages = worker_dockerfile
-    runs = instructions(stage_named(stages, "cpu"), "RUN")
-    torch_runs = [r for r in runs if "torch==" in r]
-    assert torch_runs and all("--index-url https://download.pytorch.org/whl/cpu" in r for r in torch_runs)
+    cpu = stage_named(stages, "cpu")
+    runs = instructions(cpu, "RUN")
+    torch_runs = [r for r in runs if "torch==" in r and "pip install" in r]
+    assert torch_runs and all('--index-url "${TORCH_INDEX_URL}"' in r for r in torch_runs)
+    cpu_index = "https://download.pytorch.org/whl/cpu"
+    assert arg_defaults(cpu)["TORCH_INDEX_URL"] == cpu_index  # users get the CPU build by default
+    assert services["worker-cpu"]["build"]["args"]["TORCH_INDEX_URL"] == "${TORCH_INDEX_URL:-" + cpu_index + "}"
+    assert any("torch.version.cuda" in r and "download.pytorch.org/whl/cpu" in r for r in runs)
     assert any("pip install '.[worker,tflite]'" in r for r in runs)
-    assert any("['tflite']" in r for r in runs)  # the dependency layer has the TFLite extra too
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "lists"),
+    [
+        (API_DOCKERFILE, {"/requirements.txt": ["dependencies"]}),
+        (
+            WORKER_DOCKERFILE,
+            {
+                "/requirements-cpu.txt": ["dependencies", "worker", "tflite"],
+                "/requirements-gpu.txt": ["dependencies", "worker"],
+            },
+        ),
+    ],
+)
+def test_dependency_lists_come_from_pyproject_in_a_first_stage_and_feed_the_install_layers(dockerfile, lists):
+    """The requirements stage runs its own script on pyproject.toml: run here, it writes the lists
+    the images install, and each image stage installs one before it copies pyproject.toml and
+    README.md (so that editing those does not reinstall the dependencies)."""
+    _, stages = parse_dockerfile(dockerfile)
+    assert stages[0]["name"] == REQUIREMENTS_STAGE
+    (script,) = instructions(stages[0], "RUN")
+    code = shlex.split(script)[2]
+    assert shlex.split(script)[:2] == ["python", "-c"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    written = {}
+    real_open = open
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if path == "/src/pyproject.toml":
+            return real_open(ROOT / "pyproject.toml", mode)
+        assert mode == "w"
+        written[path] = io.StringIO()
+        written[path].close = lambda: None
+        return written[path]
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code, {"open": fake_open})
+    if not written:  # the API's script prints its one list
+        written["/requirements.txt"] = out
+    for path, groups in lists.items():
+        expected = [
+            r for g in groups for r in (project[g] if g == "dependencies" else project["optional-dependencies"][g])
+        ]
+        assert written[path].getvalue().split() == expected, path
+    for stage in image_stages(stages):
+        copies = instructions(stage, "COPY")
+        install = next(i for i, a in enumerate(copies) if a.startswith(f"--from={REQUIREMENTS_STAGE} "))
+        assert copies[install].split()[1] in lists
+        assert install < next(i for i, a in enumerate(copies) if a.startswith("pyproject.toml README.md"))
+
+
+def test_images_install_under_the_pinned_constraints(api_stages, worker_dockerfile):
+    """Both pip-installing images read deploy/constraints.txt before their first dependency
+    install, and it pins (==) every dependency pyproject.toml names for them, inside the
+    ranges pyproject.toml allows."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "deploy/constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", line
+            pins[canonicalize_name(req.name)] = spec.version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for requirement in [*project["dependencies"], *extras["worker"], *extras["tflite"]]:
+        req = Requirement(requirement)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"deploy/constraints.txt does not pin {req.name}"
+        assert req.specifier.contains(pins[name], prereleases=True), (requirement, pins[name])
+    assert not {"torch", "torchvision"} & set(pins)  # the worker pins those by build argument
+    for stage in [*api_stages, stage_named(worker_dockerfile[1], "cpu")]:
+        body = stage["instructions"]
+        copy = next(i for i, (kw, a) in enumerate(body) if kw == "COPY" and a.startswith("deploy/constraints.txt "))
+        env = next(
+            i for i, (kw, a) in enumerate(body) if kw == "ENV" and "PIP_CONSTRAINT=/etc/cvopt/constraints.txt" in a
+        )
+        deps = next(i for i, (kw, a) in enumerate(body) if kw == "RUN" and "requirements.txt" in a)
+        assert copy < env < deps, stage["base"]
+
+
+def test_every_service_image_is_overridable_and_ci_has_a_stand_in_for_it(services):
+    """The official images stay the defaults; .ci/compose swaps in the stand-ins it builds."""
+    stand_ins = (ROOT / ".ci/compose").read_text()
+    for name, service in services.items():
+        image = service["image"]
+        m = re.fullmatch(r"\$\{([A-Z0-9_]+):-([^}]+)\}", image)
+        assert m, f"{name}: image {image!r} is not ${{VAR:-default}}"
+        variable, default = m.groups()
+        if "build" in service:
+            assert default.startswith("cvopt-"), (name, default)  # the name the build tags
+        else:
+            assert "/" not in default.split(":")[0] or default.startswith("minio/"), (name, default)
+            assert re.search(rf"\b{variable}=cvopt-ci/", stand_ins), f".ci/compose has no stand-in for {variable}"
+
+
+def test_ci_runs_the_compose_check_after_the_readme_test_command():
+    run = (ROOT / ".ci/run").read_text()
+    assert run.index(".venv/bin/pytest -q") < run.index("bash .ci/compose")
+    compose = (ROOT / ".ci/compose").read_text()
+    assert '"${COMPOSE[@]}" up -d' in compose and "compose_check.py" in compose
+    assert '-f "$ROOT/docker-compose.yml"' in compose  # the real compose file, unchanged
 
 
 def test_gpu_worker_keeps_the_base_images_torch(worker_dockerfile):
@@ -553,7 +705,7 @@ def test_every_image_copies_every_installed_package(api_stages, worker_dockerfil
         missing = set(packages) - copied - omitted
         assert not missing, f"stage {stage['name'] or stage['base']} does not copy {sorted(missing)}"
         assert {"pyproject.toml", "README.md"} <= {
-            src for args in instructions(stage, "COPY") for src in args.split()[:-1]
+            src for args in instructions(stage, "COPY") if not args.startswith("--from") for src in args.split()[:-1]
         }
 
 
@@ -588,6 +740,6 @@ def test_dockerignore_keeps_local_state_out_and_lets_the_copied_sources_in(api_s
         assert ignored(local_state), f".dockerignore lets {local_state} into the build context"
     for stage in [*api_stages, *worker_dockerfile[1]]:
         for args in instructions(stage, "COPY"):
-            for src in args.split()[:-1]:
+            for src in [] if args.startswith("--from") else args.split()[:-1]:
                 assert (ROOT / src).exists(), f"COPY source {src} does not exist"
                 assert not ignored(src.rstrip("/")), f"COPY source {src} is excluded by .dockerignore"
