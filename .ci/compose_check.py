@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -34,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.digits import load_digits_arrays, save_model_files, train_digit_net, write_npz  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.trace in save_model_files
 
 URL = os.environ["CVOPT_URL"]
 API_KEY = os.environ["CVOPT_API_KEY"]

@@ -2,7 +2,8 @@
 
 Nothing is built or started here (no Docker engine needed): the files are parsed and held
 against each other and against the code they run (core.settings.Settings, the CLI commands,
-the packages pyproject.toml installs).
+the packages pyproject.toml installs). `.ci/compose` (run by `.ci/run`) builds the images and
+runs a job through the stack; .ci/compose_check.py says what it checks there.
 """
 
 from __future__ import annotations
