@@ -5,19 +5,22 @@
 2. A job through the whole stack: a real CNN (trained here on scikit-learn's digits) and a
    calibration set uploaded with the CLI, `cvopt submit --preset onnx-int8 --wait --download`;
    every downloaded file's sha256 equals the listing's, and came from a presigned URL of the S3
-   server (its published port, a SigV4 signature, no API key), not through the API.
+   server (its published port, a SigV4 signature of the store's credentials checked here, no
+   API key), not through the API.
 3. /metrics as Prometheus scrapes it.
 4. A restart through compose: with a job running its benchmark, the worker container is killed
    (SIGKILL: no goodbye) and started again; the job is taken up again and finishes once.
 
 Run by .ci/compose with the project's venv (it imports tests.digits, which trains with torch);
-environment: CVOPT_URL, CVOPT_API_KEY, CVOPT_COMPOSE (the compose command line), CVOPT_S3_PUBLIC.
+environment: CVOPT_URL, CVOPT_API_KEY, CVOPT_COMPOSE (the compose command line), CVOPT_S3_PUBLIC,
+CVOPT_S3_ACCESS_KEY and CVOPT_S3_SECRET_KEY (the store's credentials).
 The last line names the job and says `succeeded`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import shlex
@@ -27,7 +30,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qsl, quote, urlparse
 
 import httpx
 
@@ -42,6 +45,8 @@ URL = os.environ["CVOPT_URL"]
 API_KEY = os.environ["CVOPT_API_KEY"]
 COMPOSE = shlex.split(os.environ["CVOPT_COMPOSE"])
 S3_PUBLIC = urlparse(os.environ["CVOPT_S3_PUBLIC"])
+S3_ACCESS_KEY = os.environ["CVOPT_S3_ACCESS_KEY"]
+S3_SECRET_KEY = os.environ["CVOPT_S3_SECRET_KEY"]
 CLI = str(Path(sys.executable).with_name("cvopt"))
 ML_RUNTIMES = ("torch", "onnxruntime", "openvino", "nncf", "tensorflow", "tensorrt", "worker")
 
@@ -111,13 +116,36 @@ def submit_and_download(model: Path, calibration: Path, scratch: Path) -> dict:
 
 def check_presigned(artifact: dict, digest: str) -> None:
     """The listing's URL is one the S3 server answers by itself: its public address, a SigV4
-    query signature; fetched with no credentials at all, it gives the same bytes."""
+    query signature made with the store's credentials for that address (computed again here:
+    the stand-in server does not check signatures, MinIO and S3 do); fetched with no
+    credentials at all, it gives the same bytes."""
     url = urlparse(artifact["url"])
-    query = parse_qs(url.query)
+    query = dict(parse_qsl(url.query, keep_blank_values=True))
     assert (url.hostname, url.port) == (S3_PUBLIC.hostname, S3_PUBLIC.port), artifact["url"]
-    assert query.get("X-Amz-Algorithm") == ["AWS4-HMAC-SHA256"] and "X-Amz-Signature" in query, artifact["url"]
+    assert query.get("X-Amz-Algorithm") == "AWS4-HMAC-SHA256", artifact["url"]
+    assert query["X-Amz-Credential"].startswith(S3_ACCESS_KEY + "/"), query["X-Amz-Credential"]
+    assert query["X-Amz-Signature"] == sigv4_query_signature(url, query), "the URL's signature is not the store's"
     body = httpx.get(artifact["url"], timeout=60).raise_for_status().content
     assert hashlib.sha256(body).hexdigest() == digest
+
+
+def sigv4_query_signature(url, query: dict[str, str]) -> str:
+    """AWS Signature Version 4 of a presigned GET (query-string authentication, unsigned
+    payload), from the specification, with the store's secret key."""
+    enc = lambda v: quote(v, safe="-_.~")  # noqa: E731
+    canonical_query = "&".join(f"{enc(k)}={enc(v)}" for k, v in sorted(query.items()) if k != "X-Amz-Signature")
+    signed = query["X-Amz-SignedHeaders"]
+    assert signed == "host", signed
+    canonical = "\n".join(["GET", url.path, canonical_query, f"host:{url.netloc}", "", signed, "UNSIGNED-PAYLOAD"])
+    _, date, region, service, terminal = query["X-Amz-Credential"].split("/")
+    scope = f"{date}/{region}/{service}/{terminal}"
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", query["X-Amz-Date"], scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+    key = ("AWS4" + S3_SECRET_KEY).encode()
+    for part in (date, region, service, terminal):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
 
 
 def show_metrics() -> None:

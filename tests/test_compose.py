@@ -583,6 +583,22 @@ def test_dependency_lists_come_from_pyproject_in_a_first_stage_and_feed_the_inst
         assert install < next(i for i, a in enumerate(copies) if a.startswith("pyproject.toml README.md"))
 
 
+def test_worker_image_torch_is_the_version_the_tests_run(worker_dockerfile):
+    """TORCH_VERSION / TORCHVISION_VERSION (the image) and the `torch` extra (the venv the tests
+    pass in) name the same releases."""
+    cpu = arg_defaults(stage_named(worker_dockerfile[1], "cpu"))
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["torch"]
+    assert sorted(extra) == sorted([f"torch=={cpu['TORCH_VERSION']}", f"torchvision=={cpu['TORCHVISION_VERSION']}"])
+
+
+def test_docs_build_the_worker_image_with_a_target():
+    """Without --target a build gives the last stage, gpu: every documented build names one."""
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), WORKER_DOCKERFILE]:
+        for line in path.read_text().splitlines():
+            if "docker build" in line and "Dockerfile.worker" in line:
+                assert re.search(r"--target (cpu|gpu)\b", line), f"{path.name}: {line.strip()}"
+
+
 def test_images_install_under_the_pinned_constraints(api_stages, worker_dockerfile):
     """Both pip-installing images read deploy/constraints.txt before their first dependency
     install, and it pins (==) every dependency pyproject.toml names for them, inside the
