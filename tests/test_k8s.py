@@ -370,110 +370,114 @@ _TRIGGER = {
         "useCachedMetrics": {"type": "boolean"},
     },
 }
-_METADATA = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}}
-SCALED_OBJECT_SCHEMA = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "keda.sh/v1alpha1"},
-        "kind": {"const": "ScaledObject"},
-        "metadata": _METADATA,
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["scaleTargetRef", "triggers"],
-            "properties": {
-                "scaleTargetRef": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["name"],
-                    "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "name": {"type": "string", "minLength": 1},
-                        "envSourceContainerName": {"type": "string"},
-                    },
-                },
-                "pollingInterval": {**_INT, "minimum": 1},
-                "cooldownPeriod": {**_INT, "minimum": 0},
-                "initialCooldownPeriod": {**_INT, "minimum": 0},
-                "idleReplicaCount": {**_INT, "minimum": 0},
-                "minReplicaCount": {**_INT, "minimum": 0},
-                "maxReplicaCount": {**_INT, "minimum": 1},
-                "fallback": {
-                    "type": "object",
-                    "required": ["failureThreshold", "replicas"],
-                    "properties": {"failureThreshold": {**_INT, "minimum": 0}, "replicas": {**_INT, "minimum": 0}},
-                },
-                "advanced": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "restoreToOriginalReplicaCount": {"type": "boolean"},
-                        "horizontalPodAutoscalerConfig": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "properties": {
-                                "name": {"type": "string"},
-                                "behavior": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "properties": {"scaleUp": _SCALING_RULES, "scaleDown": _SCALING_RULES},
-                                },
-                            },
-                        },
-                        "scalingModifiers": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["formula", "target"],  # KEDA's webhook: a formula needs a target
-                            "properties": {
-                                "formula": {"type": "string", "minLength": 1},
-                                "target": {"type": "string", "pattern": r"^[0-9]*\.?[0-9]+$"},
-                                "activationTarget": {"type": "string"},
-                                "metricType": {"enum": ["AverageValue", "Value"]},
-                            },
-                        },
-                    },
-                },
-                "triggers": {"type": "array", "minItems": 1, "items": _TRIGGER},
-            },
+
+
+def _keda_resource(kind: str, spec: dict) -> dict:
+    """A keda.sh/v1alpha1 object of this kind: apiVersion, kind, metadata with a name, and spec;
+    nothing else."""
+    metadata = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "keda.sh/v1alpha1"},
+            "kind": {"const": kind},
+            "metadata": metadata,
+            "spec": spec,
         },
-    },
-}
-# The connection parameters KEDA's redis scaler takes from a TriggerAuthentication (authParams).
-REDIS_AUTH_PARAMETERS = ["address", "addresses", "host", "hosts", "port", "ports", "username", "password", "tls"]
-TRIGGER_AUTHENTICATION_SCHEMA = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "keda.sh/v1alpha1"},
-        "kind": {"const": "TriggerAuthentication"},
-        "metadata": _METADATA,
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["secretTargetRef"],
-            "properties": {
-                "secretTargetRef": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
+    }
+
+
+SCALED_OBJECT_SCHEMA = _keda_resource(
+    "ScaledObject",
+    {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["scaleTargetRef", "triggers"],
+        "properties": {
+            "scaleTargetRef": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name"],
+                "properties": {
+                    "apiVersion": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "name": {"type": "string", "minLength": 1},
+                    "envSourceContainerName": {"type": "string"},
+                },
+            },
+            "pollingInterval": {**_INT, "minimum": 1},
+            "cooldownPeriod": {**_INT, "minimum": 0},
+            "initialCooldownPeriod": {**_INT, "minimum": 0},
+            "idleReplicaCount": {**_INT, "minimum": 0},
+            "minReplicaCount": {**_INT, "minimum": 0},
+            "maxReplicaCount": {**_INT, "minimum": 1},
+            "fallback": {
+                "type": "object",
+                "required": ["failureThreshold", "replicas"],
+                "properties": {"failureThreshold": {**_INT, "minimum": 0}, "replicas": {**_INT, "minimum": 0}},
+            },
+            "advanced": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "restoreToOriginalReplicaCount": {"type": "boolean"},
+                    "horizontalPodAutoscalerConfig": {
                         "type": "object",
                         "additionalProperties": False,
-                        "required": ["parameter", "name", "key"],
                         "properties": {
-                            "parameter": {"enum": REDIS_AUTH_PARAMETERS},
-                            "name": {"type": "string", "minLength": 1},
-                            "key": {"type": "string", "minLength": 1},
+                            "name": {"type": "string"},
+                            "behavior": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"scaleUp": _SCALING_RULES, "scaleDown": _SCALING_RULES},
+                            },
                         },
                     },
-                }
+                    "scalingModifiers": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["formula", "target"],  # KEDA's webhook: a formula needs a target
+                        "properties": {
+                            "formula": {"type": "string", "minLength": 1},
+                            "target": {"type": "string", "pattern": r"^[0-9]*\.?[0-9]+$"},
+                            "activationTarget": {"type": "string"},
+                            "metricType": {"enum": ["AverageValue", "Value"]},
+                        },
+                    },
+                },
             },
+            "triggers": {"type": "array", "minItems": 1, "items": _TRIGGER},
         },
     },
-}
+)
+# The connection parameters KEDA's redis scaler takes from a TriggerAuthentication (authParams).
+REDIS_AUTH_PARAMETERS = ["address", "addresses", "host", "hosts", "port", "ports", "username", "password", "tls"]
+TRIGGER_AUTHENTICATION_SCHEMA = _keda_resource(
+    "TriggerAuthentication",
+    {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["secretTargetRef"],
+        "properties": {
+            "secretTargetRef": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["parameter", "name", "key"],
+                    "properties": {
+                        "parameter": {"enum": REDIS_AUTH_PARAMETERS},
+                        "name": {"type": "string", "minLength": 1},
+                        "key": {"type": "string", "minLength": 1},
+                    },
+                },
+            }
+        },
+    },
+)
 KEDA_SCHEMAS = {"ScaledObject": SCALED_OBJECT_SCHEMA, "TriggerAuthentication": TRIGGER_AUTHENTICATION_SCHEMA}
 
 
