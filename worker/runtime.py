@@ -276,8 +276,10 @@ def _engine_unavailable(ref: ArtifactRef) -> str | None:
 def _load_aoti(ref: ArtifactRef, threads: int, device: str | None) -> Runner:
     import torch
 
+    from worker.gpu_compile import load_aoti
+
     torch.set_num_threads(threads)
-    return TorchRunner(torch._inductor.aoti_load_package(str(ref.path)), ref.meta.get("device", "cuda"))
+    return TorchRunner(load_aoti(ref.path), ref.meta.get("device", "cuda"))
 
 
 def _aoti_info(ref: ArtifactRef, threads: int, device: str | None) -> dict[str, Any]:
@@ -294,12 +296,11 @@ def _load_module(ref: ArtifactRef, threads: int, device: str | None) -> Runner:
     torch.set_num_threads(threads)
     module = load_module(ref)
     device = device or ref.meta.get("device") or "cpu"
-    if device == "cuda":
-        module = module.to("cuda")
-        if ref.meta.get("compile_at_load"):
-            # CUDA graphs ("reduce-overhead") remove the launch overhead that dominates batch 1.
-            module = torch.compile(module, mode="reduce-overhead")
-    return TorchRunner(module, device)
+    if ref.meta.get("compile_at_load"):
+        from worker.gpu_compile import compile_at_load
+
+        return TorchRunner(compile_at_load(module, device), device)
+    return TorchRunner(module.to(device), device)
 
 
 def _module_info(ref: ArtifactRef, threads: int, device: str | None) -> dict[str, Any]:
