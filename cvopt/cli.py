@@ -249,6 +249,29 @@ def worker(queues: str, concurrency: int | None, loglevel: str, parent_pid: int 
     app.worker_main(argv)
 
 
+@main.command()
+@click.option("--gpu", is_flag=True, help="Also build, load, check and time the GPU steps' artifacts on this GPU.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of checks instead of the table.")
+def doctor(gpu: bool, as_json: bool) -> None:
+    """Check what this worker can run, by running it: the CPU and each runtime; with --gpu, the GPU,
+    compile_gpu (AOTInductor FP16 and its compiled-at-load fallback) and TensorRT FP16/INT8 engines
+    built from the service's own artifacts. Exits 1 when a check fails."""
+    import json
+
+    from worker import doctor as checks_
+
+    logging.basicConfig(level=logging.WARNING)
+    gpu_kind = ""
+    if gpu:
+        from core.settings import get_settings
+
+        gpu_kind = get_settings().gpu_kind
+    checks = checks_.run_checks(gpu=gpu, gpu_kind=gpu_kind)
+    click.echo(json.dumps(checks_.as_json(checks), indent=1) if as_json else checks_.render(checks))
+    if any(c.status == checks_.FAIL for c in checks):
+        sys.exit(1)
+
+
 @main.group()
 def tenants() -> None:
     """Manage tenants (the same as POST/GET /v1/tenants with an admin key)."""
