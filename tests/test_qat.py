@@ -32,6 +32,7 @@ from worker.qat import (
     weight_scales,
     write_trained_ranges,
 )
+from worker.quantization.graph import cpu_has_vnni
 from worker.quantization.quantizer import Quantizer, reduce_range_for
 
 DIGIT_SPEC = [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32"}]
@@ -114,6 +115,11 @@ def test_fake_quantized_conv_is_onnx_runtimes_qdq_conv(tmp_path, per_channel, re
         pytest.approx(highest, abs=scale),
     )
 
+    if not reduce_range and not cpu_has_vnni():
+        pytest.skip(
+            "ONNX Runtime's u8s8 convolution on an x86 CPU without VNNI saturates full 8-bit weights (why "
+            "reduce_range defaults on there): ORT's output is compared on a CPU with VNNI"
+        )
     got = session(out).run(None, {"x": x.numpy()})[0]
     y_step = (max(calibrated["y"][1], 0) - min(calibrated["y"][0], 0)) / 255
     assert np.abs(got - fake).max() <= 0.51 * y_step  # ORT rounds the fake-quantized output once more: no other error
