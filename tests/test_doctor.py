@@ -33,13 +33,15 @@ def test_doctor_checks_each_runtime_by_running_it():
 
 @pytest.mark.integration
 def test_doctor_gpu_on_a_machine_without_one_fails_and_says_what_waits():
-    proc = cvopt("--gpu")
+    proc = cvopt("--gpu", "--json")
     assert proc.returncode == 1
-    lines = {line.split()[1]: line for line in proc.stdout.splitlines() if line[:4] in ("ok  ", "fail", "skip")}
-    assert lines["gpu"].startswith("fail") and "no CUDA GPU" in lines["gpu"]
-    for name in ("compile_gpu", "tensorrt"):
-        assert lines[name].startswith("skip") and "needs a CUDA GPU" in lines[name]
-    assert proc.stdout.strip().splitlines()[-1].endswith("failed: gpu")
+    checks = {c["name"]: c for c in json.loads(proc.stdout)}
+    assert checks["gpu"]["status"] == "fail" and "no CUDA GPU" in checks["gpu"]["detail"]
+    waiting = [n for n in doctor.GPU_CHECK_NAMES if n != "gpu"]
+    assert all(checks[n]["status"] == "skip" and checks[n]["detail"] == "needs a CUDA GPU" for n in waiting)
+    assert [n for n, c in checks.items() if c["status"] == "fail"] == ["gpu"]
+    table = cvopt("--gpu").stdout.strip().splitlines()
+    assert table[-1] == f"{len(checks) - 1} of {len(checks)} checks passed or skipped; failed: gpu"
 
 
 def test_a_missing_optional_runtime_is_a_skip_and_a_broken_one_a_failure(monkeypatch):

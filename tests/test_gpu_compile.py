@@ -82,3 +82,72 @@ def test_bench_gpu_runs_on_a_bare_python_and_writes_its_table(bare_python, tmp_p
         assert rows[(batch, "fp32 eager")]["speedup_vs_fp32_eager"] == 1.0
     assert not log.get("errors"), log.get("errors")
     assert "| 2 | aoti fp32 |" in proc.stdout and log["machine"]["cuda_device"] is False
+
+
+@pytest.mark.integration
+def test_bench_gpu_over_its_budget_still_returns_what_it_has(bare_python, tmp_path):
+    """A budget too short for the compiles: they are stopped (their children too), the eager rows
+    are timed all the same, and the JSON says what was cut."""
+    out = tmp_path / "gpu-bench.json"
+    args = ["bench/gpu.py", "--device", "cpu", "--models", "tiny", "--batches", "1", "--rounds", "1"]
+    args += ["--iters", "1", "--budget-s", "85", "--out", str(out)]  # compiles stopped after ~10 s
+    proc = run_bare(bare_python, *args, tmp_path=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    log = json.loads(out.read_text())  # strict JSON: json.loads would take NaN, the check below would not
+    assert "NaN" not in out.read_text() and "Infinity" not in out.read_text()
+    assert "not finished (stopped at the budget)" in log["compile"]["tiny"]["errors"]["compile"]
+    variants = {r["variant"] for r in log["rows"]}
+    assert {"fp32 eager", "fp32 eager channels-last"} <= variants and "aoti fp32" not in variants
+    assert log["seconds"] < 85 + 30
+
+
+# -- worker.gpu_compile's branches, on a small model on the CPU --------------------------------------
+
+
+@pytest.fixture()
+def small(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten()).eval()
+    example = (torch.rand(2, 3, 8, 8),)
+    with torch.no_grad():
+        return model, example, model(*example).numpy()
+
+
+def test_a_failed_aoti_compile_falls_back_and_says_why(small, tmp_path, monkeypatch):
+    from worker import gpu_compile
+
+    monkeypatch.setattr(gpu_compile, "aoti_package", lambda program, out: "AOTInductor compile failed: boom")
+    warned = []
+    compiled = gpu_compile.compile_model(
+        *small, work_dir=tmp_path, precision="fp32", max_batch=4, device="cpu", warn=warned.append
+    )
+    assert compiled.format == "exported_program" and compiled.meta["compile_at_load"] is True
+    assert compiled.metrics["warning"] == (
+        "AOTInductor package not used (AOTInductor compile failed: boom); the program is compiled at load"
+    )
+    assert warned == ["falling back to an ExportedProgram compiled at load: AOTInductor compile failed: boom"]
+    assert compiled.metrics["dynamic_batch"] is True and "max_batch" not in compiled.metrics
+
+
+def test_a_package_that_crashes_its_loader_falls_back(small, tmp_path, monkeypatch):
+    from worker import gpu_compile
+
+    monkeypatch.setattr(gpu_compile, "aoti_package", lambda program, out: None)
+    crashed = {"error": "the AOTInductor package crashed its loader (signal 11): "}
+    monkeypatch.setattr(gpu_compile, "check_in_child", lambda *a: crashed)
+    compiled = gpu_compile.compile_model(*small, work_dir=tmp_path, precision="fp32", max_batch=4, device="cpu")
+    assert compiled.format == "exported_program" and "crashed its loader (signal 11)" in compiled.metrics["warning"]
+
+
+def test_a_program_that_disagrees_with_the_model_is_an_error_not_an_artifact(small, tmp_path):
+    from core.errors import PassError
+    from worker import gpu_compile
+
+    model, example, reference = small
+    with pytest.raises(PassError) as err:
+        gpu_compile.compile_model(
+            model, example, reference + 1.0, work_dir=tmp_path, package="exported_program", device="cpu"
+        )
+    assert err.value.code == "compile_mismatch" and "< 30 dB" in str(err.value)

@@ -111,16 +111,18 @@ def compile_model(
     min_snr_db: float | None = None,
     progress: Callable[[float], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    exported: tuple | None = None,
 ) -> Compiled:
     """Compile ``module`` (already on ``device``, FP32) for ``device``: an AOTInductor package
     checked in a child process, or (``package="exported_program"``, or when the package fails) the
     low-precision ExportedProgram for compile at load. ``reference`` is the FP32 model's first
     output on ``example``; a result whose SNR against it is under the floor is a PassError
-    (``compile_mismatch``), never an artifact."""
+    (``compile_mismatch``), never an artifact. ``exported``: export_low_precision's result, when
+    the caller has it already (the benchmark makes both packages from one export)."""
     import torch
 
     work_dir = Path(work_dir)
-    program, dynamic = export_low_precision(
+    program, dynamic = exported or export_low_precision(
         module, example, precision=precision, channels_last=channels_last, max_batch=max_batch
     )
     if progress:

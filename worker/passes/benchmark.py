@@ -63,24 +63,27 @@ def _rss_mib() -> float:
         return 0.0
 
 
-def machine_info(threads: int) -> dict:
-    import onnxruntime
-
-    info = {
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-        "onnxruntime": onnxruntime.__version__,
-    }
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return info
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int) -> dict:
+    import onnxruntime
+
+    return {
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 
 class Benchmark(BenchmarkSpec, Pass):
