@@ -10,6 +10,7 @@ import pytest
 from tests import digits
 from tests.synthetic_detector import FIXTURE_FILES, FIXTURES, HELD_OUT_SEED, PREPROCESSING, write_yolo_zip
 from tests.test_end_to_end import upload
+from worker.quantization.graph import cpu_has_vnni
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +114,10 @@ def test_a_real_yolov8n_through_int8_auto_is_never_shipped_with_damaged_scores(s
     assert any(n["op_type"] == "Concat" for n in quantize["float_nodes"])  # the box/score concat
     report = check_recommendation(stack, job, "f1_vs_float")
     int8 = next(e for e in report["entries"] if e["step"] == "quantize_int8")
-    assert int8["fidelity"]["f1"] >= 0.95
+    if cpu_has_vnni():  # full 8-bit weights keep the detections (without VNNI, 7-bit weights: F1 0.86 seen)
+        assert int8["fidelity"]["f1"] >= 0.95
+    if int8["fidelity"]["f1"] < 0.95:  # detections lost: never the answer
+        assert job["recommended"]["artifact"] != int8["name"]
     floor = int8["metric"]["floor"]
     if floor["met"]:
         assert floor["value"] >= 15
