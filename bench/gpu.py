@@ -55,11 +55,13 @@ import torch  # noqa: E402
 
 from worker.gpu_compile import (  # noqa: E402
     MIN_SNR_DB,
+    batch_norm_statistics_from,
     compile_model,
     export_low_precision,
     first_output,
     load_aoti,
     load_exported,
+    torch_dtype,
 )
 from worker.metrics.fidelity import snr_db  # noqa: E402
 
@@ -100,16 +102,8 @@ def realistic_model(name: str, device: str):
     per-image input shape)."""
     torch.manual_seed(0)
     model, shape = gpu_models.build(name)
-    model = model.to(device)
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches below
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn(8, *shape, device=device))
-    return model.eval(), shape
+    model = batch_norm_statistics_from(model.to(device), lambda: torch.randn(8, *shape, device=device))
+    return model, shape
 
 
 # -- phase 1: one model's artifacts, in its own process ------------------------------------------
@@ -256,7 +250,7 @@ def variants_of(name: str, compiled: dict, device: str, precision: str, log: dic
         model, shape = realistic_model(name, device)
     model = model.to(device).eval()
     variants = {"fp32 eager": model}
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    dtype = torch_dtype(precision)
     low = gpu_models.build(name)[0].to(device).eval()
     low.load_state_dict(model.state_dict())
     low = low.to(dtype=dtype, memory_format=torch.channels_last)

@@ -251,19 +251,14 @@ class _Fixture:
             import torch
             import torchvision
 
+            from worker.gpu_compile import batch_norm_statistics_from
             from worker.passes.base import ArtifactRef
 
             torch.manual_seed(0)
-            model = torchvision.models.resnet18(weights=None)
-            for m in model.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.momentum = None  # cumulative statistics over the batches below
-            model.train()
-            with torch.no_grad():
-                for _ in range(4):
-                    model(torch.rand(8, *self.spec[0]["shape"][1:]))
+            shape = self.spec[0]["shape"][1:]
+            model = batch_norm_statistics_from(torchvision.models.resnet18(weights=None), lambda: torch.rand(8, *shape))
             path = self.work_dir / "resnet18.pt"
-            torch.save(model.eval().state_dict(), path)
+            torch.save(model.state_dict(), path)
             self._original = ArtifactRef("resnet18.pt", "state_dict", path, meta={"architecture": "resnet18"})
         return self._original
 

@@ -57,6 +57,23 @@ def torch_dtype(precision: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
+def batch_norm_statistics_from(model, sample: Callable[[], Any], batches: int = 4):
+    """``model`` (randomly initialised) in eval mode with its BatchNorm running statistics averaged over
+    ``batches`` calls of ``sample()``, so that its activations have a trained model's scale: identity
+    statistics let them grow through a residual stack, past FP16's range. For benchmarks and checks."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(sample())
+    return model.eval()
+
+
 def cast_module(module, precision: str, channels_last: bool):
     """``module`` wrapped to take FP32 NCHW, compute in ``precision`` (channels-last), return FP32."""
     import torch
