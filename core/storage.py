@@ -82,7 +82,8 @@ def sign_local(key: str, expires: int, signing_key: bytes, filename: str | None 
 def verify_local(key: str, expires: int, signature: str, signing_key: bytes, filename: str | None = None) -> bool:
     if expires < int(time.time()):
         return False
-    return hmac.compare_digest(sign_local(key, expires, signing_key, filename), signature)
+    # As bytes: compare_digest refuses a str with non-ASCII characters (a TypeError, a 500 for a forged link).
+    return hmac.compare_digest(sign_local(key, expires, signing_key, filename).encode(), signature.encode())
 
 
 class LocalStore:

@@ -511,6 +511,10 @@ def test_an_artifact_downloads_through_its_signed_url(inprocess_api, model, tmp_
     assert_error(
         anonymous.get(url.path, params={**tampered, "filename": "model.onnx", "expires": 1}), 401, "invalid_signature"
     )
+    # Found by the schema fuzzer: a signature with non-ASCII characters and a far-off expiry is refused, not a 500.
+    assert_error(
+        anonymous.get(url.path, params={**tampered, "sig": "0\u00c0\u009e", "expires": 2**65}), 401, "invalid_signature"
+    )
 
 
 def test_the_report_as_json_and_as_a_page(inprocess_api, model):
@@ -528,6 +532,8 @@ def test_the_report_as_json_and_as_a_page(inprocess_api, model):
     anonymous = inprocess_api.client_for(None)
     assert anonymous.get(f"{signed.path}?{signed.query}").status_code == 200
     assert_error(anonymous.get(signed.path, params={"expires": 9999999999, "sig": "0" * 64}), 401, "invalid_signature")
+    forged = {"expires": 32589158477190044731, "sig": "0\u00c0\u009e\u00b1]"}  # what the schema fuzzer sent: was a 500
+    assert_error(anonymous.get(signed.path, params=forged), 401, "invalid_signature")
     assert_error(anonymous.get(signed.path), 401, "missing_api_key")
 
 

@@ -126,6 +126,7 @@ def test_the_signature_verifies_and_resists_tampering_and_replay():
     assert not verify("s3cret", body + b" ", header)
     assert not verify("other", body, header)
     assert not verify("s3cret", body, sign("s3cret", body, now - 3600))  # too old: a replay
+    assert not verify("s3cret", body, header.replace("v1=", "v1=\u00e9"))  # non-ASCII: False, not a TypeError
 
 
 class Receiver:
