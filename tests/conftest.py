@@ -226,17 +226,34 @@ def migrated_pg(pg_url):
 
 def claim_redis_db() -> str:
     """A Redis database number no other test session on this machine is using: two sessions
-    sharing one would consume each other's job messages."""
+    sharing one would consume each other's job messages. A claim whose process is gone (a session
+    killed before its teardown) is taken over."""
     import redis
 
     for db in range(1, 16):
         client = redis.Redis.from_url(f"{REDIS_SERVER}/{db}")
+        holder = client.get("cvopt:test-session")
+        if holder is not None and not _alive(int(holder)):  # a session killed before its teardown
+            client.eval(_DELETE_IF_EQUAL, 1, "cvopt:test-session", holder)  # unless another took it meanwhile
         if client.set("cvopt:test-session", str(os.getpid()), nx=True, ex=6 * 3600):
             for key in client.scan_iter():
                 if key != b"cvopt:test-session":
                     client.delete(key)
             return f"{REDIS_SERVER}/{db}"
     raise RuntimeError("every Redis database 1-15 is claimed by another test session")
+
+
+_DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def release_redis_db(url: str) -> None:
